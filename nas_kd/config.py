@@ -1,0 +1,151 @@
+"""Typed configuration: every default lives here; YAML files and flags override it.
+
+`SearchConfig` is the whole job; `TrainConfig` one training schedule; `DistillConfig` the KD
+recipe. `from_dict` refuses unknown keys and wrong types with an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nas_kd.errors import InputError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One-cycle SGD: the learning rate rises linearly for `warmup` of the steps, then falls to 0."""
+
+    batch_size: int = 256
+    lr: float = 0.2  # peak learning rate
+    momentum: float = 0.9  # Nesterov
+    weight_decay: float = 5e-4  # on conv/linear weights; not on BatchNorm or biases
+    warmup: float = 0.2  # fraction of all steps
+    label_smoothing: float = 0.0
+    augment: bool = True  # padding-crop and flips, where the dataset allows them
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A weighted sum of registered losses (see `losses.LOSSES`) and the softmax temperature."""
+
+    losses: tuple[tuple[str, float], ...] = (("ce", 1.0), ("kl", 1.0), ("hint", 1.0))
+    temperature: float = 4.0
+
+    def weights(self) -> dict[str, float]:
+        return dict(self.losses)
+
+    def __str__(self) -> str:
+        return ",".join(f"{name}={weight:g}" for name, weight in self.losses)
+
+
+def parse_distill(text: str) -> tuple[tuple[str, float], ...]:
+    """'kl,hint=0.5' -> (('kl', 1.0), ('hint', 0.5)); names are checked against the registry later."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = part.partition("=")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise InputError(f"--distill: weight of {name!r} must be a number, got {weight!r}; "
+                             "expected e.g. 'ce=1,kl=1,hint=0.5'") from None
+        if not w >= 0:
+            raise InputError(f"--distill: weight of {name!r} must be >= 0, got {weight!r}")
+        out.append((name.strip(), w))
+    if not out:
+        raise InputError(f"--distill needs at least one loss, e.g. 'ce=1,kl=1', got {text!r}")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    # budget (MACs of one forward pass of one input; see cost.py)
+    flops_budget: int | None = None
+    params_budget: int | None = None
+    # data
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    subset: int | None = 10000  # training images per trial; None = all
+    # teachers
+    teachers: tuple[str, ...] = ("resnet20", "resnet14")
+    teacher_epochs: int = 3
+    teacher_ckpts: tuple[tuple[str, str], ...] = ()  # (arch, path) pairs
+    ensemble_views: int = 4  # augmented views whose teacher outputs are cached
+    # search
+    search_space: str = "resnet"
+    trials: int = 12  # trained trials in this run
+    timeout: float | None = None  # seconds for the search phase
+    trial_epochs: int = 2
+    objective: str = "accuracy"  # or "pareto"
+    storage: str | None = None  # default sqlite:///studies/<study>.db
+    study_name: str | None = None
+    # final model
+    final_epochs: int = 4
+    retrain_trial: int | None = None
+    # recipe
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    # environment
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "studies"
+    cache_dir: str | None = None  # default <out_dir>/cache
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.out_dir) / "cache"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML or JSON value to the annotated type, naming `key` on failure."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except InputError as e:
+                errors.append(str(e))
+        raise InputError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise InputError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{key}: expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise InputError(f"{key}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise InputError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(f"unknown config key {prefix}{unknown[0]!r}; known: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})

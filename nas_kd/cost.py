@@ -1,0 +1,87 @@
+"""What a network costs, and budgets.
+
+MACs are multiply-accumulates of one forward pass of one input, counted by ptflops with its
+`aten` backend pinned: it counts convolutions (depthwise and grouped included, plus their bias
+adds) and matrix products (linear layers), and nothing else; BatchNorm, activations, pooling,
+residual adds and the squeeze-excite multiply are free. This is the figure the NAS literature
+calls "FLOPs" (CIFAR ResNet-20 at 3x32x32: 40.8M). Parameters are every trainable parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+from ptflops import get_model_complexity_info
+
+from nas_kd.errors import InputError
+
+MAC_BACKEND = "aten"
+
+
+@dataclass(frozen=True)
+class Cost:
+    macs: int
+    params: int
+
+
+def count(model: nn.Module, input_shape: tuple[int, int, int]) -> Cost:
+    """MACs and parameters of one forward pass of one (C, H, W) input."""
+    probe = copy.deepcopy(model).cpu()  # ptflops switches the model to eval mode and runs it
+    macs, _ = get_model_complexity_info(probe, tuple(input_shape), as_strings=False, backend=MAC_BACKEND,
+                                        print_per_layer_stat=False, verbose=False)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Cost(int(macs), int(params))
+
+
+_COUNT = re.compile(r"^\s*(?P<num>(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?)\s*(?P<suffix>[kKmMgG]?)\s*$")
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_count(text: str, what: str = "budget") -> int:
+    """'300K', '50M', '1.5G', '2.5e6' -> an integer count (decimal suffixes: 1M = 1e6)."""
+    m = _COUNT.match(str(text))
+    value = float(m["num"]) * _SUFFIX[m["suffix"].lower()] if m else math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise InputError(f"{what} {text!r} is not a positive count; use a number with an optional "
+                         "K/M/G suffix (decimal), e.g. 300K, 50M, 1.5G or 2.5e6")
+    return int(round(value))
+
+
+def format_count(n: float) -> str:
+    """12_345_678 -> '12.35M' (decimal suffixes, as the budgets take them)."""
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.4g}{suffix}"
+    return f"{n:.4g}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Upper bounds on MACs and/or parameters; None = unbounded."""
+
+    macs: int | None = None
+    params: int | None = None
+
+    def violations(self, cost: Cost) -> dict[str, float]:
+        """Relative excess per bound, Optuna's convention: <= 0 is feasible, 0.25 is 25% over."""
+        out = {}
+        if self.macs is not None:
+            out["macs"] = cost.macs / self.macs - 1.0
+        if self.params is not None:
+            out["params"] = cost.params / self.params - 1.0
+        return out
+
+    def fits(self, cost: Cost) -> bool:
+        return all(v <= 0 for v in self.violations(cost).values())
+
+    def __str__(self) -> str:
+        parts = []
+        if self.macs is not None:
+            parts.append(f"MACs <= {format_count(self.macs)}")
+        if self.params is not None:
+            parts.append(f"params <= {format_count(self.params)}")
+        return ", ".join(parts) or "unbounded"

@@ -1,0 +1,261 @@
+"""The study as a table, its Pareto fronts as data, and both as one self-contained HTML file.
+
+Compute first, render second: `trials_frame` turns a study into a pandas frame, `pareto_data`
+turns the frame into a small `ParetoData` tuple, `pareto_figure` draws it with Plotly. Every
+number shown is a validation accuracy except the winner's and the teachers' final test figures,
+which come from the retrain and are never used to choose anything.
+
+    python -m nas_kd.report --storage sqlite:///studies/NAME.db --study-name NAME
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+from optuna.trial import TrialState
+
+from nas_kd.cli import base_parser, fail, quiet_libraries
+from nas_kd.cost import format_count
+from nas_kd.errors import InputError
+from nas_kd.objective import is_feasible, was_trained
+from nas_kd.study import STUDY_ATTR, WINNER_ATTR, load_existing
+
+COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "val_acc",
+           "val_acc_per_epoch", "train_seconds", "feasible"]
+
+
+def status(trial: optuna.trial.FrozenTrial) -> str:
+    """complete, pruned (stopped early by the pruner), over_budget (never trained), failed or running."""
+    if trial.state == TrialState.PRUNED:
+        return "pruned" if was_trained(trial) else "over_budget"
+    return {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.RUNNING: "running",
+            TrialState.WAITING: "waiting"}[trial.state]
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        accs = a.get("val_acc_per_epoch", [])
+        rows.append({"number": t.number, "status": status(t), "spec": a.get("spec"), "macs": a.get("macs"),
+                     "params": a.get("params"), "macs_compression": a.get("macs_compression"),
+                     "params_compression": a.get("params_compression"),
+                     "val_acc": accs[-1] if accs else None,
+                     "val_acc_per_epoch": json.dumps(accs) if accs else None,
+                     "train_seconds": a.get("train_seconds"), "feasible": is_feasible(t) if t.constraints else None})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
+    """Indices of the points no other point beats: fewer-or-equal cost and higher-or-equal
+    accuracy, strictly better in one. Sorted by cost."""
+    order = sorted(range(len(xs)), key=lambda i: (xs[i], -ys[i]))
+    front, best = [], float("-inf")
+    for i in order:
+        if ys[i] > best:
+            front.append(i)
+            best = ys[i]
+    return front
+
+
+class Points(NamedTuple):
+    x: list[float]
+    acc: list[float]
+    number: list[int]  # trial numbers (teachers: -1)
+    label: list[str]  # spec strings (teachers: names)
+
+
+class ParetoData(NamedTuple):
+    cost: str  # "macs" or "params"
+    front: Points  # feasible trained trials on the front, by cost
+    feasible: Points  # every feasible trained trial (complete or pruned: last validation accuracy)
+    infeasible: Points  # over budget: cost only, acc is NaN (never trained)
+    pruned: Points  # stopped early by the pruner
+    teachers: Points  # validation accuracy of each teacher
+    budget: float | None
+    reference: float  # the largest teacher's cost: compression = reference / cost
+    winner: int | None  # trial number
+
+
+def _points(frame: pd.DataFrame, cost: str) -> Points:
+    return Points([float(v) for v in frame[cost]], [float(v) for v in frame["val_acc"]],
+                  [int(v) for v in frame["number"]], [str(v) for v in frame["spec"]])
+
+
+def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: list[dict[str, Any]],
+                winner: int | None = None) -> ParetoData:
+    if cost not in ("macs", "params"):
+        raise ValueError(f"cost must be 'macs' or 'params', got {cost!r}")
+    has_cost = frame[cost].notna()
+    trained = frame[has_cost & frame["val_acc"].notna()]
+    feasible = trained[trained["feasible"] != False]  # noqa: E712 (None: no budget on this study)
+    complete = feasible[feasible["status"] == "complete"]
+    front_idx = pareto_front([float(v) for v in complete[cost]], [float(v) for v in complete["val_acc"]])
+    front = complete.iloc[front_idx]
+    infeasible = frame[has_cost & (frame["status"] == "over_budget")].assign(val_acc=float("nan"))
+    pruned = trained[trained["status"] == "pruned"]
+    teacher_points = Points([float(t[cost]) for t in teachers], [float(t["val_acc"]) for t in teachers],
+                            [-1] * len(teachers), [str(t["name"]) for t in teachers])
+    reference = max((float(t[cost]) for t in teachers), default=float("nan"))
+    return ParetoData(cost, _points(front, cost), _points(feasible, cost), _points(infeasible, cost),
+                      _points(pruned, cost), teacher_points, budget, reference, winner)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _hover(points: Points, data: ParetoData, what: str) -> list[str]:
+    out = []
+    for x, acc, n, label in zip(*points):
+        ratio = data.reference / x if x else float("nan")
+        head = f"teacher {label}" if n < 0 else f"trial {n} ({what})"
+        acc_text = "not trained" if acc != acc else f"val acc {acc:.4f}"
+        out.append(f"{head}<br>{label if n >= 0 else ''}<br>{data.cost} {format_count(x)} "
+                   f"(compression x{ratio:.2f})<br>{acc_text}")
+    return out
+
+
+def pareto_figure(data: ParetoData) -> go.Figure:
+    fig = go.Figure()
+    name = "MACs" if data.cost == "macs" else "parameters"
+    layers = [
+        (data.feasible, "trained within budget", dict(color="#1f77b4", size=8, opacity=0.55)),
+        (data.pruned, "pruned early", dict(color="#ff7f0e", size=8, symbol="x")),
+        (data.front, "Pareto front", dict(color="#d62728", size=11, line=dict(width=1, color="black"))),
+        (data.teachers, "teachers", dict(color="#2ca02c", size=15, symbol="star")),
+    ]
+    for points, label, marker in layers:
+        mode = "lines+markers" if label == "Pareto front" else "markers"
+        fig.add_trace(go.Scatter(x=points.x, y=points.acc, mode=mode, name=label, marker=marker,
+                                 line=dict(shape="hv", color="#d62728") if mode != "markers" else None,
+                                 hovertext=_hover(points, data, label), hoverinfo="text"))
+    if data.infeasible.x:  # never trained: shown as a rug under the plot, at their cost
+        fig.add_trace(go.Scatter(x=data.infeasible.x, y=[0] * len(data.infeasible.x), yaxis="y2", mode="markers",
+                                 name="over budget (not trained)", marker=dict(color="#7f7f7f", symbol="line-ns-open", size=12),
+                                 hovertext=_hover(data.infeasible, data, "over budget"), hoverinfo="text"))
+    if data.winner is not None and data.winner in data.feasible.number:
+        i = data.feasible.number.index(data.winner)
+        fig.add_trace(go.Scatter(x=[data.feasible.x[i]], y=[data.feasible.acc[i]], mode="markers", name="winner",
+                                 marker=dict(size=20, color="rgba(0,0,0,0)", line=dict(width=3, color="black")),
+                                 hovertext=[f"winner: trial {data.winner}"], hoverinfo="text"))
+    if data.budget:
+        fig.add_vline(x=data.budget, line_dash="dash", line_color="black",
+                      annotation_text=f"budget {format_count(data.budget)}", annotation_position="top left")
+    xs = data.feasible.x + data.infeasible.x + data.teachers.x
+    ticks = _log_ticks(min(xs), max(xs)) if xs else []
+    ticktext = [f"{format_count(v)}<br>x{data.reference / v:.1f}" if data.reference == data.reference else format_count(v)
+                for v in ticks]
+    fig.update_layout(
+        title=f"Validation accuracy vs {name} (second tick row: compression vs the largest teacher)",
+        xaxis=dict(title=f"{name} (log scale)", type="log", tickvals=ticks, ticktext=ticktext),
+        yaxis=dict(title="validation accuracy", domain=[0.08, 1.0]),
+        yaxis2=dict(domain=[0.0, 0.05], showticklabels=False, showgrid=False, zeroline=False),
+        template="plotly_white", height=520, legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    out = []
+    decade = 10 ** int(f"{lo:e}".split("e")[1])
+    while decade <= hi * 10:
+        for m in (1, 2, 5):
+            if lo / 1.5 <= m * decade <= hi * 1.5:
+                out.append(float(m * decade))
+        decade *= 10
+    return out
+
+
+def epochs_figure(frame: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    for _, row in frame[frame["val_acc_per_epoch"].notna()].iterrows():
+        accs = json.loads(row["val_acc_per_epoch"])
+        fig.add_trace(go.Scatter(x=list(range(1, len(accs) + 1)), y=accs, mode="lines+markers",
+                                 name=f"trial {row['number']}", hovertext=str(row["spec"]), showlegend=False))
+    fig.update_layout(title="Validation accuracy per epoch of each trial", xaxis_title="epoch",
+                      yaxis_title="validation accuracy", template="plotly_white", height=380)
+    return fig
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+td:nth-child(3), th:nth-child(3) { text-align: left; font-family: monospace; }
+.note { color: #555; }
+"""
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    return pd.DataFrame(rows).to_html(index=False, border=0, escape=True, na_rep="")
+
+
+def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
+    info = study.user_attrs.get(STUDY_ATTR, {})
+    winner = study.user_attrs.get(WINNER_ATTR)
+    teachers = info.get("teachers", [])
+    budget = info.get("budget", {})
+    figures = [pareto_figure(pareto_data(frame, cost, budget.get(cost), teachers, winner and winner.get("trial")))
+               for cost in ("macs", "params")]
+    figures.append(epochs_figure(frame))
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%")
+             for i, fig in enumerate(figures)]
+    counts = frame["status"].value_counts().to_dict()
+    summary = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(counts.items()))
+    esc = html.escape
+    sections = [
+        f"<h1>nas_kd study {esc(study.study_name)}</h1>",
+        f"<p>Dataset <b>{esc(str(info.get('guarded', {}).get('dataset', '?')))}</b>; budget "
+        f"<b>{esc(info.get('budget_text', 'none'))}</b> (MACs of one forward pass, ptflops aten backend); "
+        f"search space <b>{esc(str(info.get('space', '?')))}</b>; distillation <b>{esc(str(info.get('recipe', '?')))}</b>. "
+        f"Trials: {esc(summary)}.</p>",
+        "<p class=note>Accuracies in the plots and the trial table are on the validation split carved from the "
+        "training set; the test set is used only for the retrained winner and the teachers below. Compression is "
+        f"the largest teacher's cost over the student's ({esc(str(info.get('reference_name', '?')))}).</p>",
+    ]
+    if winner:
+        sections += ["<h2>Winner</h2>", _table([{k: v for k, v in winner.items() if not isinstance(v, (dict, list))}])]
+    if teachers:
+        sections += ["<h2>Teachers</h2>", _table(teachers + ([{"name": "ensemble", **info["ensemble"]}]
+                                                             if info.get("ensemble") else []))]
+    sections += ["<h2>Pareto fronts</h2>", *parts, "<h2>All trials</h2>", frame.to_html(index=False, border=0, na_rep="")]
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>nas_kd {esc(study.study_name)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>")
+
+
+def write_report(study: optuna.Study, out_dir: Path) -> tuple[Path, Path]:
+    """Write `report.html` and `trials.csv` into out_dir; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = trials_frame(study)
+    csv_path, html_path = out_dir / "trials.csv", out_dir / "report.html"
+    frame.to_csv(csv_path, index=False)
+    tmp = html_path.with_suffix(".html.tmp")
+    tmp.write_text(render_html(study, frame), encoding="utf-8")
+    tmp.replace(html_path)
+    return html_path, csv_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("python -m nas_kd.report", "Rebuild a study's report.html and trials.csv from its storage.")
+    parser.add_argument("--study-name", required=True)
+    parser.add_argument("--storage", help="storage URL (default: sqlite:///studies/<study-name>.db)")
+    parser.add_argument("--out-dir", default="studies", help="the report goes to OUT_DIR/<study-name>/ (default: studies)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        study = load_existing(args.storage, args.study_name, Path(args.out_dir))
+        html_path, csv_path = write_report(study, Path(args.out_dir) / args.study_name)
+    except InputError as e:
+        return fail(str(e))
+    print(f"report: {html_path}\ntrials: {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Retrain the winner with the full schedule, test it once beside the teachers, export it.
+
+    python -m nas_kd.retrain --study-name NAME [--trial N] [--final-epochs E]
+
+The retrain runs the teachers live on every batch (any augmentation, a fresh view every epoch)
+rather than caching their outputs for the whole training set. The export is a safetensors file
+whose metadata carries the spec, the input shape and normalisation, the config and the library
+versions, so `load_student(path)` rebuilds the network from the file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from safetensors import safe_open
+
+from nas_kd import versions
+from nas_kd.arch import Network, Spec, build
+from nas_kd.cli import base_parser, fail, log, quiet_libraries
+from nas_kd.config import SearchConfig, from_dict
+from nas_kd.cost import count
+from nas_kd.data import BatchIterator, Dataset, load_dataset
+from nas_kd.distill import criterion_for, distill
+from nas_kd.errors import InputError
+from nas_kd.objective import compression
+from nas_kd.report import write_report
+from nas_kd.study import STUDY_ATTR, WINNER_ATTR, load_existing, pick_winner
+from nas_kd.teachers import Ensemble, LiveTargets, ensemble_from_config, load_state, save_model, soft_targets
+from nas_kd.train import accuracy, evaluate, predict, resolve_device
+
+STUDENT_FORMAT = "nas_kd.student"
+
+
+def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
+            progress: bool = True) -> tuple[Network, float]:
+    """Distil a fresh `spec` network for `epochs` with the study's recipe; returns it and the seconds."""
+    torch.manual_seed(cfg.seed)
+    device = dataset.train.x.device
+    model = build(spec, dataset.input_shape, dataset.num_classes).to(device)
+    criterion = criterion_for(model, cfg.distill, ensemble.feature_channels)
+    batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=None,
+                            augment=cfg.train.augment)
+    targets = LiveTargets(ensemble, criterion.uses_features) if criterion.uses_teachers else None
+    seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc="retrain", progress=progress)
+    return model.eval(), seconds
+
+
+def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
+    """The one look at the test set: the student, each teacher and the ensemble."""
+    teacher_logits = torch.stack([predict(t.model, dataset.test, dataset) for t in ensemble.members])
+    return {
+        "test_acc": evaluate(model, dataset.test, dataset),
+        "val_acc": evaluate(model, dataset.val, dataset),
+        "teachers_test_acc": {t.name: accuracy(logits, dataset.test.y)
+                              for t, logits in zip(ensemble.members, teacher_logits)},
+        "ensemble_test_acc": accuracy(soft_targets(teacher_logits, 1.0), dataset.test.y),
+    }
+
+
+def export(model: Network, dataset: Dataset, cfg: SearchConfig, metrics: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """`model.safetensors` (weights + self-describing metadata) and `metrics.json` in out_dir."""
+    meta = {"format": STUDENT_FORMAT, "spec": str(model.spec), "spec_json": model.spec.to_json(),
+            "input_shape": json.dumps(list(dataset.input_shape)), "num_classes": str(dataset.num_classes),
+            "classes": json.dumps(list(dataset.classes)), "mean": json.dumps(dataset.mean),
+            "std": json.dumps(dataset.std), "config": cfg.to_json(), "versions": json.dumps(versions()),
+            "metrics": json.dumps(metrics)}
+    weights = out_dir / "model.safetensors"
+    save_model(model, weights, meta)
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return weights, metrics_path
+
+
+def load_student(path: str | Path) -> tuple[Network, dict[str, Any]]:
+    """Rebuild an exported student from its file alone; returns (model in eval mode, metadata).
+
+    Inputs are normalised as `(pixels / 255 - mean) / std` per channel with the stored mean/std.
+    """
+    path = Path(path)
+    state = load_state(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        meta = {}
+    if meta.get("format") != STUDENT_FORMAT:
+        raise InputError(f"{path} is not a nas_kd student export (metadata format {meta.get('format')!r}, "
+                         f"expected {STUDENT_FORMAT!r})")
+    spec = Spec.from_json(meta["spec_json"])
+    shape = tuple(json.loads(meta["input_shape"]))
+    model = build(spec, shape, int(meta["num_classes"]), channels_last=False)
+    model.load_state_dict(state)
+    decoded = {k: (json.loads(v) if k in ("input_shape", "classes", "mean", "std", "config", "versions", "metrics")
+                   else v) for k, v in meta.items()}
+    return model.eval(), decoded
+
+
+def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
+                   out_dir: Path, progress: bool = True, log=print) -> dict[str, Any]:
+    """Pick the winner (or cfg.retrain_trial), retrain, test, export, and store the figures in the study."""
+    trial = pick_winner(study, cfg.retrain_trial)
+    spec = Spec.parse(trial.user_attrs["spec"])
+    log(f"retraining trial {trial.number} ({spec}) for {cfg.final_epochs} epochs")
+    start = time.perf_counter()
+    model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress)
+    metrics = test_metrics(model, dataset, ensemble)
+    cost = count(model, dataset.input_shape)
+    macs_c, params_c = compression(cost, ensemble.largest())
+    metrics = {"trial": trial.number, "spec": str(spec), "macs": cost.macs, "params": cost.params,
+               "macs_compression": round(macs_c, 4), "params_compression": round(params_c, 4),
+               "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,
+               "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
+               "recipe": str(cfg.distill), "temperature": cfg.distill.temperature}
+    weights, metrics_path = export(model, dataset, cfg, metrics, out_dir)
+    metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)
+    study.set_user_attr(WINNER_ATTR, metrics)
+    return metrics
+
+
+def finish_retrain(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
+                   progress: bool = True, log=log) -> dict[str, Any]:
+    """Retrain the winner into OUT_DIR/<study>/winner/ and rewrite the study's report."""
+    out = Path(cfg.out_dir) / study.study_name
+    metrics = retrain_winner(study, dataset, ensemble, cfg, out / "winner", progress, log)
+    html_path, _ = write_report(study, out)
+    log(f"winner: trial {metrics['trial']} test acc {metrics['test_acc']:.4f} "
+        f"(ensemble {metrics['ensemble_test_acc']:.4f}); report {html_path}")
+    return metrics
+
+
+def config_of(study: optuna.Study) -> SearchConfig:
+    """The SearchConfig the study's search ran with (stored in the study by the command line)."""
+    stored = study.user_attrs.get(STUDY_ATTR, {}).get("config")
+    if stored is None:
+        raise InputError(f"study {study.study_name!r} was not made by nas_kd.search (no stored config)")
+    return from_dict(SearchConfig, stored)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("python -m nas_kd.retrain",
+                         "Retrain a study's winner (or --trial N) with the full schedule, test it and export it.")
+    parser.add_argument("--study-name", required=True)
+    parser.add_argument("--storage", help="storage URL (default: sqlite:///<out-dir>/<study-name>.db)")
+    parser.add_argument("--trial", type=int, help="retrain this trial instead of the best feasible one")
+    parser.add_argument("--final-epochs", type=int, help="epochs of the retrain (default: the search's)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--out-dir", default="studies")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        study = load_existing(args.storage, args.study_name, Path(args.out_dir))
+        cfg = config_of(study)
+        overrides = {"device": args.device, "retrain_trial": args.trial, "out_dir": args.out_dir}
+        if args.final_epochs is not None:
+            if args.final_epochs < 1:
+                raise InputError(f"--final-epochs must be >= 1, got {args.final_epochs}")
+            overrides["final_epochs"] = args.final_epochs
+        cfg = from_dict(SearchConfig, {**cfg.to_dict(), **overrides})
+        dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None).to(resolve_device(cfg.device))
+        ensemble = ensemble_from_config(cfg, dataset, not args.quiet, log)
+        metrics = finish_retrain(study, dataset, ensemble, cfg, not args.quiet, log)
+    except InputError as e:
+        return fail(str(e))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""The command line: `python -m nas_kd.search --flops-budget 50M`.
+
+Parses flags into a `SearchConfig`, then wires the pipeline: data -> teachers -> cached
+ensemble targets -> Optuna trials -> report -> retrain of the winner -> report again.
+Bad input of any kind ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from nas_kd.cli import OneLineParser, base_parser, fail, log, quiet_libraries
+from nas_kd.config import SearchConfig, from_dict, parse_distill
+from nas_kd.cost import Budget, format_count, parse_count
+from nas_kd.data import BatchIterator, Dataset, load_dataset, seeded_subset
+from nas_kd.errors import InputError
+from nas_kd.losses import Criterion, loss_class
+from nas_kd.objective import TrialContext, run_trial, was_trained
+from nas_kd.report import write_report
+from nas_kd.retrain import finish_retrain
+from nas_kd.space import SHIPPED, SearchSpace, describe, load_space
+from nas_kd.study import (
+    GUARDED_KEYS,
+    STUDY_ATTR,
+    WINNER_ATTR,
+    default_study_name,
+    open_storage,
+    open_study,
+    run,
+    storage_url,
+    update_study_attr,
+)
+from nas_kd.teachers import TEACHERS, CachedTargets, ensemble_from_config, ensemble_summary
+from nas_kd.train import resolve_device
+
+DEFAULTS = SearchConfig()
+
+
+def _count(flag: str):
+    def parse(text: str) -> int:
+        try:
+            return parse_count(text, flag)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _positive(kind: type, flag: str, minimum: float = 1):
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _ckpt(text: str) -> tuple[str, str]:
+    arch, sep, path = text.partition("=")
+    if not sep or not arch or not path:
+        raise argparse.ArgumentTypeError(f"expected ARCH=PATH, e.g. resnet56=weights.safetensors; got {text!r}")
+    return arch, path
+
+
+EPILOG = """
+budgets: MACs (multiply-accumulates of one forward pass of one input image) as counted by
+ptflops' aten backend: convolutions and linear layers, which is what the NAS literature calls
+"FLOPs". K/M/G are decimal: 50M = 50e6. A student over any budget is recorded as infeasible and
+never trained.
+
+outputs (OUT_DIR defaults to ./studies):
+  OUT_DIR/<study>.db                Optuna storage (unless --storage); open it with
+                                    optuna-dashboard sqlite:///studies/<study>.db
+  OUT_DIR/<study>/report.html       self-contained Pareto report; trials.csv beside it
+  OUT_DIR/<study>/winner/           model.safetensors (weights + spec + config) and metrics.json
+  OUT_DIR/cache/teachers/           trained teachers, reused by later searches
+
+examples:
+  python -m nas_kd.search --flops-budget 50M
+  python -m nas_kd.search --flops-budget 10M --params-budget 100K --teachers resnet56,wrn40_2 --trials 40
+  python -m nas_kd.search --dataset cifar10 --flops-budget 20M --objective pareto --storage postgresql://u:p@host/db
+"""
+
+
+def build_parser() -> OneLineParser:
+    p = base_parser("python -m nas_kd.search", "Search the most accurate student CNN within a MACs/params budget, "
+                    "distilled from an ensemble of teachers; report the Pareto front; retrain and export the winner.")
+    p.epilog = EPILOG
+    g = p.add_argument_group("budget")
+    g.add_argument("--flops-budget", type=_count("--flops-budget"), metavar="MACS",
+                   help="most MACs of one forward pass, e.g. 300K, 50M, 1.5G, 2.5e6 (ptflops 'FLOPs')")
+    g.add_argument("--params-budget", type=_count("--params-budget"), metavar="N",
+                   help="most trainable parameters, e.g. 100K, 1.5M")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=DEFAULTS.dataset,
+                   help="fashion-mnist (default), mnist, cifar10, cifar100, svhn, or folder:PATH with "
+                        "PATH/train/<class>/*.png [and PATH/test/<class>/*.png]")
+    g.add_argument("--data-dir", help="where datasets are looked for and downloaded (default: ./data; "
+                                      "Fashion-MNIST also /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--subset", type=_positive(int, "--subset", 10), default=DEFAULTS.subset, metavar="N",
+                   help=f"training images per trial, a fixed seeded subset (default {DEFAULTS.subset})")
+    g = p.add_argument_group("teachers")
+    g.add_argument("--teachers", default=",".join(DEFAULTS.teachers),
+                   help=f"comma-separated ensemble (default {','.join(DEFAULTS.teachers)}); known: {', '.join(TEACHERS)}")
+    g.add_argument("--teacher-epochs", type=_positive(int, "--teacher-epochs"), default=DEFAULTS.teacher_epochs,
+                   help=f"epochs to train a missing teacher (default {DEFAULTS.teacher_epochs}); trained teachers are cached")
+    g.add_argument("--teacher-ckpt", type=_ckpt, action="append", default=[], metavar="ARCH=PATH",
+                   help="use your own weights for teacher ARCH (safetensors, or a torch state dict); repeatable")
+    g = p.add_argument_group("search")
+    g.add_argument("--search-space", default=DEFAULTS.search_space,
+                   help="a shipped space (resnet, mobilenetv2) or a path to a YAML file (default resnet)")
+    g.add_argument("--trials", type=_positive(int, "--trials", 0), default=DEFAULTS.trials,
+                   help=f"trained trials to run now; over-budget specs do not count (default {DEFAULTS.trials})")
+    g.add_argument("--timeout", type=_positive(float, "--timeout", 1), metavar="SECONDS",
+                   help="stop starting trials after this many seconds")
+    g.add_argument("--trial-epochs", type=_positive(int, "--trial-epochs"), default=DEFAULTS.trial_epochs,
+                   help=f"distillation epochs per trial (default {DEFAULTS.trial_epochs})")
+    g.add_argument("--objective", choices=["accuracy", "pareto"], default=DEFAULTS.objective,
+                   help="accuracy: maximise validation accuracy with the budgets as constraints, with a median "
+                        "pruner; pareto: maximise accuracy and minimise MACs (no pruning: Optuna cannot prune "
+                        "multi-objective studies)")
+    g.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT_DIR/<study>.db; postgresql://... "
+                                     "lets several workers share one study)")
+    g.add_argument("--study-name", help="the same name resumes a study (default: derived from dataset, budget "
+                                        "and a hash of the settings trials depend on)")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--distill", default=str(DEFAULTS.distill),
+                   help=f"weighted losses, NAME[=WEIGHT],... (default {DEFAULTS.distill}); known: ce, kl, hint")
+    g.add_argument("--temperature", type=_positive(float, "--temperature", 1e-3), default=DEFAULTS.distill.temperature,
+                   help=f"softmax temperature of the KL loss (default {DEFAULTS.distill.temperature:g})")
+    g.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=DEFAULTS.train.batch_size)
+    g.add_argument("--lr", type=_positive(float, "--lr", 1e-6), default=DEFAULTS.train.lr,
+                   help=f"peak learning rate of the one-cycle SGD schedule (default {DEFAULTS.train.lr:g})")
+    g.add_argument("--no-augment", action="store_true", help="no padding-crop/flip augmentation")
+    g = p.add_argument_group("final model")
+    g.add_argument("--final-epochs", type=_positive(int, "--final-epochs", 0), default=DEFAULTS.final_epochs,
+                   help=f"epochs of the winner's retrain (default {DEFAULTS.final_epochs}; 0 = no retrain)")
+    g.add_argument("--retrain-trial", type=_positive(int, "--retrain-trial", 0), metavar="N",
+                   help="retrain trial N instead of the best feasible one")
+    g = p.add_argument_group("run")
+    g.add_argument("--config", metavar="YAML", help="a YAML file of SearchConfig keys; flags given override it")
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=DEFAULTS.device,
+                   help="auto: the GPU when there is one (default)")
+    g.add_argument("--out-dir", default=DEFAULTS.out_dir, help="where storage, reports and exports go (default studies)")
+    g.add_argument("--cache-dir", help="where trained teachers are cached (default OUT_DIR/cache)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The dests of the flags actually typed (so a YAML --config is overridden only by them)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
+    """Defaults, then the --config YAML, then the flags the user actually typed."""
+    base: dict[str, Any] = SearchConfig().to_dict()
+    if args.config:
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text())
+        except OSError as e:
+            raise InputError(f"cannot read --config {args.config}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise InputError(f"{args.config}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise InputError(f"{args.config}: expected a mapping of SearchConfig keys")
+        for key in ("train", "distill"):
+            if isinstance(loaded.get(key), dict):
+                loaded[key] = {**base[key], **loaded[key]}
+        base.update(loaded)
+        from_dict(SearchConfig, base)  # names the bad key, with the file's values
+
+    def flag(name: str, key: str | None = None, convert=lambda v: v) -> None:
+        if name in given:
+            base[key or name] = convert(getattr(args, name))
+
+    for name in ("flops_budget", "params_budget", "dataset", "data_dir", "subset", "teacher_epochs",
+                 "search_space", "trials", "timeout", "trial_epochs", "objective", "storage", "study_name",
+                 "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir"):
+        flag(name)
+    flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])
+    flag("teacher_ckpt", "teacher_ckpts", convert=lambda v: [list(x) for x in v])
+    train = dict(base["train"])
+    if "batch_size" in given:
+        train["batch_size"] = args.batch_size
+    if "lr" in given:
+        train["lr"] = args.lr
+    if args.no_augment:
+        train["augment"] = False
+    base["train"] = train
+    distill = dict(base["distill"])
+    if "distill" in given:
+        distill["losses"] = [list(x) for x in parse_distill(args.distill)]
+    if "temperature" in given:
+        distill["temperature"] = args.temperature
+    base["distill"] = distill
+    return validate(from_dict(SearchConfig, base))
+
+
+def validate(cfg: SearchConfig) -> SearchConfig:
+    if cfg.flops_budget is None and cfg.params_budget is None:
+        raise InputError("give a budget: --flops-budget (MACs, e.g. 50M) and/or --params-budget (e.g. 500K)")
+    if cfg.objective not in ("accuracy", "pareto"):
+        raise InputError(f"objective must be 'accuracy' or 'pareto', got {cfg.objective!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+    names = list(cfg.teachers) + [a for a, _ in cfg.teacher_ckpts if a not in cfg.teachers]
+    if not names:
+        raise InputError("no teachers: pass --teachers, e.g. --teachers resnet20")
+    for name in names:
+        if name not in TEACHERS:
+            raise InputError(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}")
+    if len(set(cfg.teachers)) != len(cfg.teachers):
+        raise InputError(f"--teachers lists a teacher twice: {','.join(cfg.teachers)}")
+    for name, _ in cfg.distill.losses:
+        loss_class(name)
+    Criterion(cfg.distill.weights(), [8], [8], cfg.distill.temperature)  # weights and temperature
+    for key in ("trial_epochs", "teacher_epochs", "ensemble_views"):
+        if getattr(cfg, key) < 1:
+            raise InputError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.train.batch_size < 1 or cfg.train.lr <= 0:
+        raise InputError(f"batch size and learning rate must be positive, got {cfg.train.batch_size}, {cfg.train.lr}")
+    return cfg
+
+
+def space_id(space: SearchSpace) -> str:
+    """A shipped space by name; any other by its absolute path."""
+    path = Path(space.source).resolve()
+    return space.name if path.parent == SHIPPED.resolve() else str(path)
+
+
+def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
+    d = cfg.to_dict()
+    d["search_space"] = space_source
+    d["distill"] = {"losses": [list(x) for x in cfg.distill.losses], "temperature": cfg.distill.temperature}
+    return {k: d[k] for k in GUARDED_KEYS}
+
+
+def load_data(cfg: SearchConfig) -> Dataset:
+    """The dataset, on the training device."""
+    device = resolve_device(cfg.device)
+    dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
+    log(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test "
+        f"images of {'x'.join(map(str, dataset.input_shape))}, {dataset.num_classes} classes; device {device}")
+    return dataset.to(device)
+
+
+def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: float) -> str:
+    info = study.user_attrs.get(STUDY_ATTR, {})
+    winner = study.user_attrs.get(WINNER_ATTR)
+    trials = study.get_trials(deepcopy=False)
+    trained = sum(was_trained(t) for t in trials)
+    rows = [("study", study.study_name), ("storage", url), ("budget", info.get("budget_text", "")),
+            ("trials", f"{len(trials)} in the study, {trained} trained, {len(trials) - trained} not trained")]
+    for t in info.get("teachers", []):
+        rows.append((f"teacher {t['name']}", f"{format_count(t['macs'])} MACs, {format_count(t['params'])} params, "
+                                             f"val acc {t['val_acc']:.4f}"))
+    if winner:
+        rows += [("winner", f"trial {winner['trial']}: {winner['spec']}"),
+                 ("winner cost", f"{format_count(winner['macs'])} MACs (x{winner['macs_compression']:.2f} smaller), "
+                                 f"{format_count(winner['params'])} params (x{winner['params_compression']:.2f} smaller)"),
+                 ("winner accuracy", f"test {winner['test_acc']:.4f}, val {winner['val_acc']:.4f} after "
+                                     f"{winner['final_epochs']} epochs; teacher ensemble test {winner['ensemble_test_acc']:.4f}"),
+                 ("winner files", str(Path(winner["weights"]).parent))]
+    out = Path(cfg.out_dir) / study.study_name
+    rows += [("report", str(out / "report.html")), ("dashboard", f"optuna-dashboard {url}"),
+             ("wall time", f"{seconds / 60:.1f} min")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
+    """The whole job for a validated config; returns the study."""
+    start = time.perf_counter()
+    space = load_space(cfg.search_space)
+    budget = Budget(cfg.flops_budget, cfg.params_budget)
+    dataset = load_data(cfg)
+    (min_macs_spec, min_macs), (_, min_params) = space.smallest(dataset.input_shape, dataset.num_classes)
+    if (budget.macs is not None and min_macs.macs > budget.macs) or (budget.params is not None and min_params.params > budget.params):
+        raise InputError(f"no student of search space {space.name!r} fits {budget}: the smallest reach "
+                         f"{format_count(min_macs.macs)} MACs ({min_macs_spec}) and {format_count(min_params.params)} "
+                         f"params at input {'x'.join(map(str, dataset.input_shape))}; raise the budget or use another space")
+    log(f"search space {describe(space)}; budget {budget}")
+
+    keys = guarded(cfg, space_id(space))
+    name = cfg.study_name or default_study_name(keys)
+    url = storage_url(cfg.storage, name, Path(cfg.out_dir))
+    study = open_study(open_storage(url), name, cfg.objective == "pareto", cfg.seed, keys)
+    log(f"study {name} in {url} ({len(study.trials)} trials already)")
+
+    ensemble = ensemble_from_config(cfg, dataset, progress, log)
+    ensemble_val = ensemble.accuracy(dataset.val, dataset)
+    reference = max(ensemble.members, key=lambda t: t.cost.macs)
+    update_study_attr(study, STUDY_ATTR, {
+        "config": cfg.to_dict(), "space": space.name, "budget": {"macs": budget.macs, "params": budget.params},
+        "budget_text": str(budget), "teachers": ensemble_summary(ensemble), "ensemble": {"val_acc": ensemble_val},
+        "reference_name": f"{reference.name} for MACs, "
+                          f"{max(ensemble.members, key=lambda t: t.cost.params).name} for params",
+        "recipe": f"{cfg.distill} (T={cfg.distill.temperature:g})", "input_shape": list(dataset.input_shape)})
+    log(f"ensemble of {len(ensemble.members)}: val acc {ensemble_val:.4f}")
+
+    subset = seeded_subset(len(dataset.train), cfg.subset, cfg.seed).to(dataset.train.x.device)
+    train_split = dataset.train.subset(subset)
+    views = min(cfg.ensemble_views, cfg.trial_epochs) if cfg.train.augment else 1
+    batches = BatchIterator(train_split, dataset, cfg.train.batch_size, cfg.seed, views=views, augment=cfg.train.augment)
+    probe = Criterion(cfg.distill.weights(), [8], [8], cfg.distill.temperature)
+    targets = None
+    if probe.uses_teachers:
+        targets = CachedTargets(ensemble, batches, probe.uses_features, progress=progress)
+        log(f"cached ensemble targets for {len(train_split)} images x {views} views ({targets.nbytes() / 1e6:.0f} MB)")
+    ctx = TrialContext(space, dataset, ensemble, budget, batches, targets, cfg.distill, cfg.train, cfg.trial_epochs,
+                       cfg.objective == "pareto", cfg.seed, progress)
+
+    bar = tqdm(total=cfg.trials, desc="trials", unit="trained", disable=not progress or None, dynamic_ncols=True)
+
+    def on_trial(trial: optuna.trial.FrozenTrial) -> None:
+        if was_trained(trial):
+            bar.update(1)
+            bar.set_postfix_str(f"#{trial.number} val {trial.user_attrs['val_acc_per_epoch'][-1]:.4f} "
+                                f"{format_count(trial.user_attrs['macs'])} MACs")
+
+    out = Path(cfg.out_dir) / name
+    try:
+        trained = run(study, lambda trial: run_trial(ctx, trial), cfg.trials, cfg.timeout, on_trial)
+    finally:
+        bar.close()
+        write_report(study, out)
+    log(f"{trained} trials trained in this run; report {out / 'report.html'}")
+    if cfg.final_epochs > 0:
+        finish_retrain(study, dataset, ensemble, cfg, progress, log)
+    print(f"\nnas_kd search finished\n{summary_table(study, cfg, url, time.perf_counter() - start)}")
+    return study
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    given = given_flags(argv)
+    quiet_libraries()
+    try:
+        cfg = config_from_args(args, given)
+        search(cfg, progress=not args.quiet)
+    except InputError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished trial is in the storage; run the same command again to resume "
+              "(the interrupted trial is retried)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

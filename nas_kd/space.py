@@ -1,0 +1,234 @@
+"""Search spaces: YAML files of per-stage choices, and the only place that calls `suggest_*`.
+
+A space file looks like
+
+    name: resnet
+    description: ResNet-style students
+    stem: [16, 24]                  # a value, or a list of choices
+    head: 0
+    stages:
+      - {block: [basic, bottleneck], depth: [1, 2], width: [16, 24], stride: 1,
+         kernel: 3, expand: [2, 4], se: false}
+      - ...
+
+Per stage: `block` (see `arch.BLOCKS`), `depth`, `width`, `stride` (fixed per stage: 1 or 2),
+`kernel`, `expand` (asked only of blocks that use it) and `se`. A field with one value is fixed
+and not shown to Optuna; a list is a categorical choice named `s<i>_<field>` (`stem`, `head`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from nas_kd.arch import BLOCKS, Spec, StageSpec, build
+from nas_kd.cost import Cost, count
+from nas_kd.errors import InputError
+
+SHIPPED = Path(__file__).resolve().parent.parent / "search_spaces"
+
+_STAGE_FIELDS = {"block": str, "depth": int, "width": int, "stride": int, "kernel": int, "expand": int, "se": bool}
+_STAGE_DEFAULTS = {"stride": 1, "kernel": 3, "expand": 1, "se": False}
+_TOP_FIELDS = {"name", "description", "stem", "head", "stages"}
+
+
+@dataclass(frozen=True)
+class StageChoices:
+    block: tuple[str, ...]
+    depth: tuple[int, ...]
+    width: tuple[int, ...]
+    stride: int
+    kernel: tuple[int, ...]
+    expand: tuple[int, ...]
+    se: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    description: str
+    stem: tuple[int, ...]
+    head: tuple[int, ...]
+    stages: tuple[StageChoices, ...]
+    source: str  # the file it came from
+
+    # ------------------------------------------------------------ sampling
+
+    def sample(self, trial: optuna.Trial) -> Spec:
+        """One spec, every choice asked of `trial` (conditional: expand only for blocks that use it)."""
+        def pick(name: str, choices: tuple[Any, ...]) -> Any:
+            return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
+
+        stages = []
+        for i, st in enumerate(self.stages):
+            block = pick(f"s{i}_block", st.block)
+            expand = pick(f"s{i}_expand", st.expand) if BLOCKS[block].uses_expand else 1
+            stages.append(StageSpec(block, pick(f"s{i}_depth", st.depth), pick(f"s{i}_width", st.width),
+                                    st.stride, pick(f"s{i}_kernel", st.kernel), expand, pick(f"s{i}_se", st.se)))
+        return Spec(pick("stem", self.stem), tuple(stages), pick("head", self.head))
+
+    def params_of(self, spec: Spec) -> dict[str, Any]:
+        """The Optuna params that make `sample` return `spec` (for `study.enqueue_trial`)."""
+        if len(spec.stages) != len(self.stages):
+            raise InputError(f"spec {spec} has {len(spec.stages)} stages; space {self.name!r} has {len(self.stages)}")
+        params: dict[str, Any] = {}
+
+        def put(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+            if value not in choices:
+                raise InputError(f"spec {spec}: {name}={value!r} is not in space {self.name!r} (choices {list(choices)})")
+            if len(choices) > 1:
+                params[name] = value
+
+        put("stem", spec.stem, self.stem)
+        put("head", spec.head, self.head)
+        for i, (s, st) in enumerate(zip(spec.stages, self.stages)):
+            if s.stride != st.stride:
+                raise InputError(f"spec {spec}: stage {i} stride {s.stride} is fixed to {st.stride} in space {self.name!r}")
+            put(f"s{i}_block", s.block, st.block)
+            put(f"s{i}_depth", s.depth, st.depth)
+            put(f"s{i}_width", s.width, st.width)
+            put(f"s{i}_kernel", s.kernel, st.kernel)
+            if BLOCKS[s.block].uses_expand:
+                put(f"s{i}_expand", s.expand, st.expand)
+            put(f"s{i}_se", s.se, st.se)
+        return params
+
+    def size(self) -> int:
+        """How many distinct specs the space holds."""
+        n = len(self.stem) * len(self.head)
+        for st in self.stages:
+            per_block = sum(len(st.expand) if BLOCKS[b].uses_expand else 1 for b in st.block)
+            n *= per_block * len(st.depth) * len(st.width) * len(st.kernel) * len(st.se)
+        return n
+
+    def smallest(self, input_shape: tuple[int, int, int], num_classes: int) -> tuple[tuple[Spec, Cost], tuple[Spec, Cost]]:
+        """The spec of fewest MACs and the spec of fewest params, with their costs.
+
+        Cost grows with stem, depth, width, kernel, head and SE, so each takes its least value;
+        with widths fixed, each stage's cost does not depend on the others' block type, so each
+        stage's (block, expand) is chosen on its own among all of its options.
+        """
+        def cost(spec: Spec) -> Cost:
+            return count(build(spec, input_shape, num_classes, channels_last=False), input_shape)
+
+        base_stages = [StageSpec(st.block[0], min(st.depth), min(st.width), st.stride, min(st.kernel),
+                                 min(st.expand) if BLOCKS[st.block[0]].uses_expand else 1, min(st.se))
+                       for st in self.stages]
+        best = {}
+        for key in ("macs", "params"):
+            stages = list(base_stages)
+            for i, st in enumerate(self.stages):
+                options = [replace(stages[i], block=b, expand=e) for b in st.block
+                           for e in (st.expand if BLOCKS[b].uses_expand else (1,))]
+                scored = [(getattr(cost(Spec(min(self.stem), tuple(stages[:i] + [o] + stages[i + 1:]), min(self.head))), key), o)
+                          for o in options]
+                stages[i] = min(scored, key=lambda t: t[0])[1]
+            spec = Spec(min(self.stem), tuple(stages), min(self.head))
+            best[key] = (spec, cost(spec))
+        return best["macs"], best["params"]
+
+    def random_specs(self, n: int, seed: int) -> list[Spec]:
+        """`n` specs drawn uniformly with `seed` (for tests and benchmarks)."""
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+        study = optuna.create_study(sampler=sampler)
+        specs = []
+        for _ in range(n):
+            trial = study.ask()
+            specs.append(self.sample(trial))
+            study.tell(trial, 0.0)
+        return specs
+
+
+# ---------------------------------------------------------------- loading
+
+
+def shipped_spaces() -> list[str]:
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def resolve(name_or_path: str) -> Path:
+    """A shipped space by name (`resnet`), or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise InputError(f"search space file {path} does not exist")
+        return path
+    shipped = SHIPPED / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise InputError(f"unknown search space {name_or_path!r}; shipped: {', '.join(shipped_spaces())}, "
+                         "or pass a path to a YAML file")
+    return shipped
+
+
+def load_space(name_or_path: str) -> SearchSpace:
+    path = resolve(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_space(data, str(path))
+
+
+def parse_space(data: Any, source: str) -> SearchSpace:
+    def fail(key: str, message: str) -> InputError:
+        return InputError(f"{source}: {key}: {message}")
+
+    def choices(value: Any, tp: type, key: str) -> tuple[Any, ...]:
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise fail(key, "empty list of choices")
+        for v in values:
+            if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
+                raise fail(key, f"expected {tp.__name__} or a list of them, got {v!r}")
+        if len(set(values)) != len(values):
+            raise fail(key, f"repeated choices {values}")
+        return tuple(values)
+
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a mapping with keys {sorted(_TOP_FIELDS)}, got {type(data).__name__}")
+    unknown = sorted(set(data) - _TOP_FIELDS)
+    if unknown:
+        raise fail(unknown[0], f"unknown key; known: {', '.join(sorted(_TOP_FIELDS))}")
+    for required in ("stem", "stages"):
+        if required not in data:
+            raise fail(required, "missing")
+    if not isinstance(data["stages"], list) or not data["stages"]:
+        raise fail("stages", "expected a non-empty list of stages")
+    stages = []
+    for i, raw in enumerate(data["stages"]):
+        key = f"stages[{i}]"
+        if not isinstance(raw, dict):
+            raise fail(key, f"expected a mapping, got {raw!r}")
+        unknown = sorted(set(raw) - set(_STAGE_FIELDS))
+        if unknown:
+            raise fail(f"{key}.{unknown[0]}", f"unknown key; known: {', '.join(_STAGE_FIELDS)}")
+        fields = {}
+        for name, tp in _STAGE_FIELDS.items():
+            if name not in raw and name not in _STAGE_DEFAULTS:
+                raise fail(f"{key}.{name}", "missing")
+            fields[name] = choices(raw.get(name, _STAGE_DEFAULTS.get(name)), tp, f"{key}.{name}")
+        for b in fields["block"]:
+            if b not in BLOCKS:
+                raise fail(f"{key}.block", f"unknown block {b!r}; known: {', '.join(BLOCKS)}")
+        if len(fields["stride"]) != 1 or fields["stride"][0] not in (1, 2):
+            raise fail(f"{key}.stride", f"must be one value, 1 or 2, got {list(fields['stride'])}")
+        for name in ("depth", "width", "kernel", "expand"):
+            bad = [v for v in fields[name] if v < 1 or (name == "kernel" and v % 2 == 0)]
+            if bad:
+                raise fail(f"{key}.{name}", f"{bad[0]} is not allowed (must be >= 1{', odd' if name == 'kernel' else ''})")
+        stages.append(StageChoices(fields["block"], fields["depth"], fields["width"], fields["stride"][0],
+                                   fields["kernel"], fields["expand"], fields["se"]))
+    stem = choices(data["stem"], int, "stem")
+    head = choices(data.get("head", 0), int, "head")
+    if min(stem) < 1 or min(head) < 0:
+        raise fail("stem" if min(stem) < 1 else "head", "widths must be >= 1 (head: >= 0)")
+    name = data.get("name", Path(source).stem)
+    return SearchSpace(str(name), str(data.get("description", "")), stem, head, tuple(stages), source)
+
+
+def describe(space: SearchSpace) -> str:
+    return f"{space.name} ({space.source}; {space.size():,} specs, {len(space.stages)} stages)"

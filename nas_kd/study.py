@@ -1,0 +1,166 @@
+"""The Optuna study: storage, sampler, pruner, resume, and running until N trials are trained."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from nas_kd.errors import InputError
+from nas_kd.objective import was_trained
+
+STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, reference
+WINNER_ATTR = "winner"  # study user attribute: the retrained winner's final numbers
+
+# What a study's trials depend on: resuming with any of these changed would mix incomparable trials.
+GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "teachers", "teacher_epochs",
+                "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed")
+
+
+def default_study_name(guarded: dict[str, Any]) -> str:
+    """'fashion-mnist-macs50M-<hash>': the same flags resume the same study, other flags start anew."""
+    from nas_kd.cost import format_count
+
+    parts = [str(guarded["dataset"]).replace(":", "_").replace("/", "_")]
+    if guarded.get("flops_budget"):
+        parts.append(f"macs{format_count(guarded['flops_budget'])}")
+    if guarded.get("params_budget"):
+        parts.append(f"params{format_count(guarded['params_budget'])}")
+    digest = hashlib.sha1(json.dumps(guarded, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return "-".join(parts + [digest])
+
+
+def storage_url(url: str | None, study_name: str, out_dir: Path) -> str:
+    return url or f"sqlite:///{out_dir / (study_name + '.db')}"
+
+
+def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
+    """An RDB storage (SQLite or PostgreSQL). With heartbeats, a trial whose process died is
+    marked failed after `grace_period` seconds and re-queued once with the same spec."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise InputError(f"bad storage URL {url!r}; expected sqlite:///PATH.db or "
+                         "postgresql://USER:PASSWORD@HOST:PORT/DB") from None
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise InputError(f"storage URL {url!r} uses {backend!r}; supported: sqlite:///PATH.db, postgresql://...")
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise InputError(f"storage URL {url!r} names no database file; expected sqlite:///PATH.db")
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        kwargs = {"heartbeat_interval": 15, "grace_period": 45,
+                  "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
+    try:
+        return RDBStorage(url, **kwargs)
+    except (SQLAlchemyError, ImportError, ModuleNotFoundError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot open storage {url!r}: {first}") from None
+
+
+def load_existing(url: str | None, name: str, out_dir: Path) -> optuna.Study:
+    """A study that must already exist (for retrain and report), with a clear error if not."""
+    url = storage_url(url, name, out_dir)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise InputError(f"no storage at {url}; pass --storage with the URL the search used")
+    storage = open_storage(url, heartbeat=False)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        raise InputError(f"no study {name!r} in {url}; it holds: {', '.join(names) or 'none'}") from None
+
+
+def directions(pareto: bool) -> list[str]:
+    return ["maximize", "minimize"] if pareto else ["maximize"]
+
+
+def open_study(storage: RDBStorage, name: str, pareto: bool, seed: int, guarded: dict[str, Any]) -> optuna.Study:
+    """Create the study, or load it if it exists and was made with the same settings."""
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    n_existing = existing[name].n_trials if name in existing else 0
+    # reseed on resume so the random start-up phase does not propose the first run's specs again
+    sampler = optuna.samplers.TPESampler(seed=seed + n_existing, multivariate=True, group=True,
+                                         n_startup_trials=8, constant_liar=True)
+    pruner = optuna.pruners.NopPruner() if pareto else optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions(pareto), sampler=sampler,
+                                pruner=pruner, load_if_exists=True)
+    wanted = [optuna.study.StudyDirection.MAXIMIZE] + ([optuna.study.StudyDirection.MINIMIZE] if pareto else [])
+    if study.directions != wanted:
+        raise InputError(f"study {name!r} was created with {'pareto' if len(study.directions) == 2 else 'accuracy'} "
+                         f"objective; pass the same --objective or another --study-name")
+    recorded = study.user_attrs.get(STUDY_ATTR, {}).get("guarded")
+    if recorded is None:
+        study.set_user_attr(STUDY_ATTR, {"guarded": json.loads(json.dumps(guarded, default=str))})
+    else:
+        now = json.loads(json.dumps(guarded, default=str))
+        for key in GUARDED_KEYS:
+            if recorded.get(key) != now.get(key):
+                raise InputError(f"study {name!r} was created with {key}={recorded.get(key)!r}, this run has "
+                                 f"{key}={now.get(key)!r}; use the same settings to resume, or another --study-name")
+    return study
+
+
+def update_study_attr(study: optuna.Study, key: str, values: dict[str, Any]) -> None:
+    merged = dict(study.user_attrs.get(key, {}))
+    merged.update(values)
+    study.set_user_attr(key, merged)
+
+
+def run(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trained: int, timeout: float | None,
+        on_trial: Callable[[FrozenTrial], None] | None = None, max_rejections: int = 500) -> int:
+    """Run trials until `trained` of them were trained in this call (budget rejections do not
+    count), `timeout` seconds passed, or `max_rejections` specs in a row were over budget.
+    Returns the number trained."""
+    count = {"trained": 0, "rejected_in_a_row": 0}
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        if was_trained(trial) and trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            count["trained"] += 1
+            count["rejected_in_a_row"] = 0
+        elif trial.state == TrialState.PRUNED:
+            count["rejected_in_a_row"] += 1
+        if on_trial is not None:
+            on_trial(trial)
+        if count["trained"] >= trained or count["rejected_in_a_row"] >= max_rejections:
+            study.stop()
+
+    if trained > 0:
+        study.optimize(objective, timeout=timeout, callbacks=[callback], gc_after_trial=False,
+                       show_progress_bar=False)
+    return count["trained"]
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and was_trained(t)]
+
+
+def pick_winner(study: optuna.Study, trial_number: int | None = None) -> FrozenTrial:
+    """The feasible trial of best validation accuracy (ties: fewer MACs), or the one asked for."""
+    from nas_kd.objective import is_feasible
+
+    trials = completed(study)
+    if trial_number is not None:
+        for t in study.get_trials(deepcopy=False):
+            if t.number == trial_number:
+                if not was_trained(t) or t.state != TrialState.COMPLETE:
+                    raise InputError(f"trial {trial_number} of study {study.study_name!r} is {t.state.name.lower()}"
+                                     f"{'' if was_trained(t) else ' and was never trained'}; pick a completed trial")
+                return t
+        raise InputError(f"study {study.study_name!r} has no trial {trial_number} (it has {len(study.trials)})")
+    feasible = [t for t in trials if is_feasible(t)]
+    if not feasible:
+        raise InputError(f"study {study.study_name!r} has no completed trial within the budget yet; "
+                         "run more trials (--trials) first")
+    return max(feasible, key=lambda t: (t.values[0], -t.user_attrs["macs"]))

@@ -1,0 +1,322 @@
+"""Teacher zoo, offline ensemble training with an on-disk cache, and the ensemble's targets.
+
+The zoo holds CIFAR-style architectures written as `Spec`s, so they adapt to any input
+channels, size and class count. A teacher is trained once and cached under a key of everything
+that determines it (architecture, dataset fingerprint, epochs, seed, schedule); later searches
+load it. The ensemble's soft targets are the *mean of the members' temperature-softened
+probabilities*, mean_m softmax(z_m / T); its prediction is the argmax of that mean at T = 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nas_kd import versions
+from nas_kd.arch import Network, Spec, StageSpec, build
+from nas_kd.config import SearchConfig, TrainConfig
+from nas_kd.cost import Cost, count, format_count
+from nas_kd.data import Batch, BatchIterator, Dataset, Split
+from nas_kd.errors import InputError
+from nas_kd.train import accuracy, fit, predict
+
+# ---------------------------------------------------------------- zoo
+
+TEACHERS: dict[str, Callable[[], Spec]] = {}
+
+
+def register_teacher(name: str, factory: Callable[[], Spec]) -> None:
+    TEACHERS[name] = factory
+
+
+def teacher_spec(name: str) -> Spec:
+    if name not in TEACHERS:
+        raise InputError(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}")
+    return TEACHERS[name]()
+
+
+def _resnet(blocks_per_stage: int, widen: int = 1) -> Callable[[], Spec]:
+    """CIFAR ResNet-(6n+2) (He et al. 2016) and, with widen = k, WRN-(6n+4)-k (Zagoruyko &
+    Komodakis 2016; here with post-activation basic blocks and no dropout)."""
+    def factory() -> Spec:
+        widths = (16 * widen, 32 * widen, 64 * widen)
+        return Spec(16, tuple(StageSpec("basic", blocks_per_stage, w, 1 if i == 0 else 2)
+                              for i, w in enumerate(widths)))
+    return factory
+
+
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+    register_teacher(f"resnet{_depth}", _resnet((_depth - 2) // 6))
+for _depth, _k in ((16, 2), (16, 4), (40, 2)):
+    register_teacher(f"wrn{_depth}_{_k}", _resnet((_depth - 4) // 6, _k))
+
+
+def _vgg(layers: tuple[int, ...]) -> Callable[[], Spec]:
+    """CIFAR VGG with BatchNorm: five stages of widths 64..512, max-pool between them."""
+    def factory() -> Spec:
+        widths = (64, 128, 256, 512, 512)
+        return Spec(32, tuple(StageSpec("conv", n, w, 1 if i == 0 else 2) for i, (n, w) in enumerate(zip(layers, widths))))
+    return factory
+
+
+register_teacher("vgg8_bn", _vgg((1, 1, 1, 1, 1)))
+register_teacher("vgg11_bn", _vgg((1, 1, 2, 2, 2)))
+register_teacher("vgg13_bn", _vgg((2, 2, 2, 2, 2)))
+
+
+def _mobilenetv2(width: float) -> Callable[[], Spec]:
+    """MobileNetV2 (Sandler et al. 2018) with the CIFAR strides: the first two downsamplings removed."""
+    def factory() -> Spec:
+        def w(c: int) -> int:
+            return max(8, int(c * width + 4) // 8 * 8)
+        table = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+        return Spec(w(32), tuple(StageSpec("inverted", n, w(c), s, 3, t) for t, c, n, s in table), head=1280)
+    return factory
+
+
+register_teacher("mobilenetv2", _mobilenetv2(1.0))
+register_teacher("mobilenetv2_x0_5", _mobilenetv2(0.5))
+
+
+# ---------------------------------------------------------------- trained teachers
+
+
+@dataclass
+class Teacher:
+    name: str
+    model: Network
+    cost: Cost
+    val_acc: float
+    source: str  # "trained", "cache" or the user's checkpoint path
+
+
+def cache_key(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig) -> str:
+    blob = json.dumps({"spec": str(teacher_spec(name)), "dataset": dataset.name, "data": dataset.fingerprint(),
+                       "epochs": epochs, "seed": seed, "train": cfg.__dict__, "format": 1}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def save_model(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """safetensors weights (and BN buffers) with string metadata; written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file (loaded with weights_only=True)."""
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise InputError(f"cannot read checkpoint {path}: expected safetensors or a torch state dict "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"checkpoint {path} holds no state dict of tensors")
+    return {re.sub(r"^module\.", "", k): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, path: Path, what: str) -> None:
+    state = load_state(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}" if unexpected
+                  else f"{wrong[0]!r} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
+        raise InputError(f"checkpoint {path} does not fit {what}: {detail} "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped keys)")
+    model.load_state_dict(state)
+
+
+def train_teacher(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig,
+                  device: torch.device, progress: bool = True) -> Network:
+    torch.manual_seed(seed)
+    model = build(teacher_spec(name), dataset.input_shape, dataset.num_classes).to(device)
+    batches = BatchIterator(dataset.train, dataset, cfg.batch_size, seed, views=None, augment=cfg.augment)
+
+    def step(batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch.x), batch.y, label_smoothing=cfg.label_smoothing)
+
+    fit(model, batches, step, cfg, epochs, desc=f"teacher {name}", progress=progress)
+    return model
+
+
+def load_or_train(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig, cache_dir: Path,
+                  device: torch.device, checkpoint: Path | None = None, progress: bool = True,
+                  log: Callable[[str], None] = print) -> Teacher:
+    """The user's checkpoint if given, else the cached teacher, else a freshly trained (and cached) one."""
+    spec = teacher_spec(name)
+    cost = count(build(spec, dataset.input_shape, dataset.num_classes, channels_last=False), dataset.input_shape)
+    if checkpoint is not None:
+        model = build(spec, dataset.input_shape, dataset.num_classes)
+        load_weights(model, checkpoint, f"teacher {name} ({dataset.num_classes} classes, input {dataset.input_shape})")
+        source = str(checkpoint)
+    else:
+        key = cache_key(name, dataset, epochs, seed, cfg)
+        path = cache_dir / "teachers" / f"{name}-{dataset.name.replace(':', '_').replace('/', '_')}-{key}.safetensors"
+        if path.is_file():
+            model = build(spec, dataset.input_shape, dataset.num_classes)
+            load_weights(model, path, f"teacher {name}")
+            source = "cache"
+        else:
+            log(f"training teacher {name} ({cost.macs / 1e6:.1f}M MACs) for {epochs} epochs; cached at {path}")
+            model = train_teacher(name, dataset, epochs, seed, cfg, device, progress)
+            source = "trained"
+            save_model(model, path, {"format": "nas_kd.teacher", "arch": name, "spec": str(spec),
+                                     "dataset": dataset.name, "data_fingerprint": dataset.fingerprint(),
+                                     "epochs": str(epochs), "seed": str(seed), "train": json.dumps(cfg.__dict__),
+                                     "versions": json.dumps(versions())})
+    model = model.to(device).eval()
+    val_acc = accuracy(predict(model, dataset.val, dataset), dataset.val.y)
+    return Teacher(name, model, cost, val_acc, source)
+
+
+# ---------------------------------------------------------------- ensemble and targets
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the teachers say about one batch of B images."""
+
+    logits: torch.Tensor  # (M, B, num_classes), one row per ensemble member
+    features: list[torch.Tensor] | None  # per member: its deepest stage, (B, C_m, H_m, W_m)
+
+
+def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(M, B, K) member logits -> (B, K) mean of the members' softened probabilities."""
+    return F.softmax(logits / temperature, dim=-1).mean(0)
+
+
+class Ensemble:
+    """An offline ensemble of trained teachers."""
+
+    def __init__(self, members: list[Teacher]):
+        if not members:
+            raise InputError("the teacher ensemble is empty; pass --teachers, e.g. --teachers resnet20")
+        self.members = members
+        for t in members:
+            t.model.eval().requires_grad_(False)
+
+    @property
+    def feature_channels(self) -> list[int]:
+        return [t.model.stage_channels[-1] for t in self.members]
+
+    def largest(self) -> Cost:
+        """The reference for compression ratios: the largest member's MACs and params."""
+        return Cost(max(t.cost.macs for t in self.members), max(t.cost.params for t in self.members))
+
+    @torch.no_grad()  # not inference_mode: live targets enter the student's autograd graph
+    def __call__(self, x: torch.Tensor, features: bool = True) -> Targets:
+        logits, feats = [], []
+        for t in self.members:
+            f = t.model.forward_features(x)[-1]
+            logits.append(t.model.forward_head(f).float())
+            feats.append(f.float())
+        return Targets(torch.stack(logits), feats if features else None)
+
+    def accuracy(self, split: Split, dataset: Dataset) -> float:
+        logits = torch.stack([predict(t.model, split, dataset) for t in self.members])
+        return accuracy(soft_targets(logits, 1.0), split.y)
+
+
+class TargetSource(Protocol):
+    def __call__(self, batch: Batch) -> Targets: ...
+
+
+class LiveTargets:
+    """Runs the teachers on every batch: any augmentation, at the cost of their forward passes."""
+
+    def __init__(self, ensemble: Ensemble, features: bool):
+        self.ensemble = ensemble
+        self.features = features
+
+    def __call__(self, batch: Batch) -> Targets:
+        return self.ensemble(batch.x, self.features)
+
+
+class CachedTargets:
+    """The teachers' outputs for every (image, view) of a `BatchIterator`, computed once.
+
+    Logits are kept in float32 (V, M, N, K); deepest-stage features, when asked for, in float16
+    (V, N, C, H, W) per member. A trial then looks its targets up by (view, index) and never runs
+    a teacher; because view v of image i is the same pixels every time (see `data`), the cached
+    targets are exactly what the teachers would say about the augmented batch.
+    """
+
+    def __init__(self, ensemble: Ensemble, batches: BatchIterator, features: bool, chunk: int = 1000,
+                 progress: bool = True):
+        from tqdm.auto import tqdm
+
+        n, views = len(batches.split), batches.views
+        if views is None:
+            raise ValueError("CachedTargets needs a BatchIterator with a fixed number of views")
+        self.logits: torch.Tensor | None = None
+        self.features: list[torch.Tensor] | None = None
+        steps = [(v, s) for v in range(views) for s in range(0, n, chunk)]
+        for v, start in tqdm(steps, desc="ensemble targets", leave=False, disable=not progress or None):
+            index = torch.arange(start, min(n, start + chunk), device=batches.split.x.device)
+            out = ensemble(batches.images(index, v), features)
+            if self.logits is None:
+                self.logits = torch.empty((views, *out.logits.shape[:1], n, out.logits.shape[-1]),
+                                          device=out.logits.device)
+                if features:
+                    self.features = [torch.empty((views, n, *f.shape[1:]), dtype=torch.float16, device=f.device)
+                                     for f in out.features]
+            self.logits[v, :, index] = out.logits
+            if features:
+                for store, f in zip(self.features, out.features):
+                    store[v, index] = f.half()
+
+    def nbytes(self) -> int:
+        total = self.logits.numel() * 4 if self.logits is not None else 0
+        return total + sum(f.numel() * 2 for f in self.features or [])
+
+    def __call__(self, batch: Batch) -> Targets:
+        logits = self.logits[batch.view][:, batch.index]
+        feats = [f[batch.view][batch.index].float() for f in self.features] if self.features else None
+        return Targets(logits, feats)
+
+
+def ensemble_summary(ensemble: Ensemble) -> list[dict[str, float | str | int]]:
+    return [{"name": t.name, "macs": t.cost.macs, "params": t.cost.params, "val_acc": t.val_acc,
+             "source": t.source} for t in ensemble.members]
+
+
+def ensemble_from_config(cfg: SearchConfig, dataset: Dataset, progress: bool = True,
+                         log: Callable[[str], None] = print) -> Ensemble:
+    """The ensemble of cfg.teachers plus any teacher given only by --teacher-ckpt; member i is
+    trained (if not cached) with seed cfg.seed + i."""
+    ckpts = dict(cfg.teacher_ckpts)
+    names = list(cfg.teachers) + [a for a in ckpts if a not in cfg.teachers]
+    members = []
+    for i, name in enumerate(names):
+        path = Path(ckpts[name]) if name in ckpts else None
+        t = load_or_train(name, dataset, cfg.teacher_epochs, cfg.seed + i, cfg.train, cfg.cache_path(),
+                          dataset.train.x.device, path, progress, log)
+        log(f"teacher {name}: {format_count(t.cost.macs)} MACs, {format_count(t.cost.params)} params, "
+            f"val acc {t.val_acc:.4f} ({t.source})")
+        members.append(t)
+    return Ensemble(members)
+

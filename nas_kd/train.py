@@ -1,0 +1,92 @@
+"""Training primitives shared by teachers and students: optimiser, schedule, loop, evaluation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from nas_kd.config import TrainConfig
+from nas_kd.data import Batch, BatchIterator, Dataset, Split, eval_batches
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.SGD:
+    decay, no_decay = [], []
+    for _, p in params:
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)  # BN weights and biases are 1-D
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    rise = max(1, int(total_steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < rise:
+            return (step + 1) / rise
+        return max(0.0, (total_steps - step) / max(1, total_steps - rise))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+StepLoss = Callable[[Batch], torch.Tensor]
+
+
+def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: TrainConfig, epochs: int,
+        on_epoch: Callable[[int], None] | None = None, desc: str = "train", progress: bool = True) -> float:
+    """Train every parameter of `modules` (a model, or a model with its adapters) for `epochs`.
+
+    `step_loss(batch)` returns the scalar loss of one batch; `on_epoch(epoch)` runs after each
+    epoch (evaluation, reporting, pruning: it may raise). Returns the seconds spent training,
+    evaluation callbacks excluded.
+    """
+    optimizer = make_optimizer(modules.named_parameters(), cfg)
+    scheduler = one_cycle(optimizer, epochs * len(batches), cfg.warmup)
+    seconds = 0.0
+    for epoch in range(epochs):
+        modules.train()
+        start = time.perf_counter()
+        bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"{desc} {epoch + 1}/{epochs}",
+                   leave=False, disable=not progress or None, dynamic_ncols=True)
+        for batch in bar:
+            loss = step_loss(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        seconds += time.perf_counter() - start
+        if on_epoch is not None:
+            on_epoch(epoch)
+    return seconds
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: Split, dataset: Dataset, batch_size: int = 1000) -> torch.Tensor:
+    """Logits (N, num_classes) of the un-augmented split."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x).float() for x, _ in eval_batches(split, dataset, batch_size)])
+    model.train(was_training)
+    return out
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def evaluate(model: nn.Module, split: Split, dataset: Dataset) -> float:
+    """Top-1 accuracy in [0, 1] on the un-augmented split."""
+    return accuracy(predict(model, split, dataset), split.y)
