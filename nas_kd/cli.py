@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import warnings
 from typing import NoReturn
@@ -12,7 +13,22 @@ from tqdm.auto import tqdm
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (and exit 2), not the usage block."""
+    """argparse, but a bad flag is one line on stderr (and exit 2), not the usage block, and a
+    negative value (`--flops-budget -5M`) reaches the flag's own check instead of being taken
+    for an unknown option."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        joined, i = [], 0
+        while i < len(args):
+            if (args[i].startswith("--") and "=" not in args[i] and i + 1 < len(args)
+                    and re.match(r"^-[\d.]", args[i + 1])):
+                joined.append(f"{args[i]}={args[i + 1]}")
+                i += 2
+            else:
+                joined.append(args[i])
+                i += 1
+        return super().parse_args(joined, namespace)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,8 +55,8 @@ def parse_distill(text: str) -> tuple[tuple[str, float], ...]:
         except ValueError:
             raise InputError(f"--distill: weight of {name!r} must be a number, got {weight!r}; "
                              "expected e.g. 'ce=1,kl=1,hint=0.5'") from None
-        if not w >= 0:
-            raise InputError(f"--distill: weight of {name!r} must be >= 0, got {weight!r}")
+        if not (math.isfinite(w) and w >= 0):
+            raise InputError(f"--distill: weight of {name!r} must be a finite number >= 0, got {weight!r}")
         out.append((name.strip(), w))
     if not out:
         raise InputError(f"--distill needs at least one loss, e.g. 'ce=1,kl=1', got {text!r}")
@@ -145,7 +146,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping; unknown keys and wrong types are errors."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise InputError(f"unknown config key {prefix}{unknown[0]!r}; known: {', '.join(sorted(names))}")
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,8 +148,11 @@ def _carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
 def _read_idx(path: Path) -> np.ndarray:
     """Read an idx file (optionally gzipped): the format of MNIST and Fashion-MNIST."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut gzip an EOFError
+        raise InputError(f"{path} cannot be read as an idx file: {e}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise InputError(f"{path} is not an idx file of unsigned bytes")
     ndim = data[3]
@@ -180,9 +184,14 @@ def load_fashion_mnist(data_dir: Path | None) -> RawData:
     dirs.append(DEBIAN_FASHION_MNIST)
     stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
-    paths = [_find_idx(dirs, s) for s in stems]
-    if all(paths):
+    # all four files from one folder: never Debian's labels with the images of --data-dir
+    found = ([_find_idx([d], s) for s in stems] for d in dirs)
+    paths = next((p for p in found if all(p)), None)
+    if paths:
         xtr, ytr, xte, yte = (_read_idx(p) for p in paths)  # type: ignore[arg-type]
+        for x, y, px in ((xtr, ytr, paths[0]), (xte, yte, paths[2])):
+            if len(x) != len(y):
+                raise InputError(f"{px} holds {len(x)} images but its labels file {len(y)} labels")
         train = Split(torch.from_numpy(xtr.copy()).unsqueeze(1), torch.from_numpy(ytr.astype(np.int64)))
         test = Split(torch.from_numpy(xte.copy()).unsqueeze(1), torch.from_numpy(yte.astype(np.int64)))
         return RawData(train, test, FASHION_CLASSES, Augment(pad=2, flip=True))
@@ -208,7 +217,8 @@ def _torchvision(cls_name: str, data_dir: Path | None, augment: Augment) -> RawD
         else:
             sets = [cls(root, train=t, download=True) for t in (True, False)]
     except Exception as e:  # torchvision raises URLError, RuntimeError, ... when offline
-        raise InputError(f"could not load or download {cls_name} into {root}: {e}") from None
+        detail = " ".join(str(e).split())  # torchvision's messages span lines; ours is one
+        raise InputError(f"could not load or download {cls_name} into {root}: {detail}") from None
     splits = []
     for s in sets:
         x = np.asarray(s.data)
@@ -343,7 +353,7 @@ class Batch:
 
 
 class BatchIterator:
-    """Shuffled, augmented batches of a split.
+    """Shuffled, augmented full batches of a split (one batch of all when the split is smaller).
 
     With `views=V`, epoch e shows view e % V of every image (view 0 un-augmented), so the
     teachers' outputs for those V views can be cached. With `views=None` every epoch is a fresh
@@ -363,7 +373,7 @@ class BatchIterator:
         self._params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
-        return (len(self.split) + self.batch_size - 1) // self.batch_size
+        return max(1, len(self.split) // self.batch_size)
 
     def view_of(self, epoch: int) -> int:
         return epoch + 1 if self.views is None else epoch % self.views
@@ -382,8 +392,11 @@ class BatchIterator:
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
         order = torch.randperm(len(self.split), generator=g).to(self.split.x.device)
         view = self.view_of(epoch)
-        for start in range(0, len(order), self.batch_size):
-            index = order[start: start + self.batch_size]
+        # full batches only (the ragged rest differs every epoch): a batch of one would break
+        # BatchNorm, and odd small batches hit a oneDNN crash (see arch.shortcut)
+        size = min(self.batch_size, len(order))
+        for start in range(0, len(order) - size + 1, size):
+            index = order[start: start + size]
             yield Batch(self.images(index, view), self.split.y[index], index, view)
 
 

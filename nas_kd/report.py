@@ -59,7 +59,8 @@ def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
     order = sorted(range(len(xs)), key=lambda i: (xs[i], -ys[i]))
     front, best = [], float("-inf")
     for i in order:
-        if ys[i] > best:
+        tie = front and (xs[i], ys[i]) == (xs[front[-1]], ys[front[-1]])  # equal points do not beat each other
+        if ys[i] > best or tie:
             front.append(i)
             best = ys[i]
     return front
@@ -224,7 +225,8 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     if teachers:
         sections += ["<h2>Teachers</h2>", _table(teachers + ([{"name": "ensemble", **info["ensemble"]}]
                                                              if info.get("ensemble") else []))]
-    sections += ["<h2>Pareto fronts</h2>", *parts, "<h2>All trials</h2>", frame.to_html(index=False, border=0, na_rep="")]
+    sections += ["<h2>Pareto fronts</h2>", *parts, "<h2>All trials</h2>",
+                 frame.astype({"feasible": "boolean"}).to_html(index=False, border=0, na_rep="")]
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>nas_kd {esc(study.study_name)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>")
 

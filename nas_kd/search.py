@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from nas_kd.cli import OneLineParser, base_parser, fail, log, quiet_libraries
 from nas_kd.config import SearchConfig, from_dict, parse_distill
 from nas_kd.cost import Budget, format_count, parse_count
-from nas_kd.data import BatchIterator, Dataset, load_dataset, seeded_subset
+from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.errors import InputError
 from nas_kd.losses import Criterion, loss_class
 from nas_kd.objective import TrialContext, run_trial, was_trained
@@ -32,6 +32,7 @@ from nas_kd.study import (
     GUARDED_KEYS,
     STUDY_ATTR,
     WINNER_ATTR,
+    check_url,
     default_study_name,
     open_storage,
     open_study,
@@ -253,15 +254,6 @@ def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
     return {k: d[k] for k in GUARDED_KEYS}
 
 
-def load_data(cfg: SearchConfig) -> Dataset:
-    """The dataset, on the training device."""
-    device = resolve_device(cfg.device)
-    dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
-    log(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test "
-        f"images of {'x'.join(map(str, dataset.input_shape))}, {dataset.num_classes} classes; device {device}")
-    return dataset.to(device)
-
-
 def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: float) -> str:
     info = study.user_attrs.get(STUDY_ATTR, {})
     winner = study.user_attrs.get(WINNER_ATTR)
@@ -289,14 +281,21 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
 def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     """The whole job for a validated config; returns the study."""
     start = time.perf_counter()
+    # every check of the user's input comes before the first progress line and any training
     space = load_space(cfg.search_space)
     budget = Budget(cfg.flops_budget, cfg.params_budget)
-    dataset = load_data(cfg)
+    if cfg.storage:
+        check_url(cfg.storage)
+    dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
     (min_macs_spec, min_macs), (_, min_params) = space.smallest(dataset.input_shape, dataset.num_classes)
     if (budget.macs is not None and min_macs.macs > budget.macs) or (budget.params is not None and min_params.params > budget.params):
         raise InputError(f"no student of search space {space.name!r} fits {budget}: the smallest reach "
                          f"{format_count(min_macs.macs)} MACs ({min_macs_spec}) and {format_count(min_params.params)} "
                          f"params at input {'x'.join(map(str, dataset.input_shape))}; raise the budget or use another space")
+    device = resolve_device(cfg.device)
+    log(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test "
+        f"images of {'x'.join(map(str, dataset.input_shape))}, {dataset.num_classes} classes; device {device}")
+    dataset = dataset.to(device)
     log(f"search space {describe(space)}; budget {budget}")
 
     keys = guarded(cfg, space_id(space))

@@ -18,14 +18,16 @@ and not shown to Optuna; a list is a categorical choice named `s<i>_<field>` (`s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch.nn as nn
 import yaml
 
-from nas_kd.arch import BLOCKS, Spec, StageSpec, build
+from nas_kd.arch import BLOCKS, Spec, StageSpec, build, conv_bn
 from nas_kd.cost import Cost, count
 from nas_kd.errors import InputError
 
@@ -108,27 +110,50 @@ class SearchSpace:
     def smallest(self, input_shape: tuple[int, int, int], num_classes: int) -> tuple[tuple[Spec, Cost], tuple[Spec, Cost]]:
         """The spec of fewest MACs and the spec of fewest params, with their costs.
 
-        Cost grows with stem, depth, width, kernel, head and SE, so each takes its least value;
-        with widths fixed, each stage's cost does not depend on the others' block type, so each
-        stage's (block, expand) is chosen on its own among all of its options.
+        A network costs its stem plus its stages plus its head, and a stage's cost depends only on
+        its own choices and on the width and size of its input (a stage as wide as its input needs
+        no shortcut convolution, so neither the least stem nor the least width is always the
+        cheapest). Depth, kernel and SE only ever add cost and take their least value; the stem,
+        each stage's (block, expand, width) and the head are chosen exactly, by dynamic programming
+        over the (width, size) entering each stage.
         """
-        def cost(spec: Spec) -> Cost:
-            return count(build(spec, input_shape, num_classes, channels_last=False), input_shape)
+        @functools.cache
+        def part(kind: str, cin: int, size: tuple[int, int], arg: Any) -> Cost:
+            if kind == "stage":
+                cls = BLOCKS[arg.block]
+                module = nn.Sequential(*(cls(cin if j == 0 else arg.width, arg.width, arg.stride if j == 0 else 1,
+                                             arg.kernel, arg.expand, arg.se) for j in range(arg.depth)))
+            else:  # the head conv (if any), pooling and the classifier
+                module = nn.Sequential(*([conv_bn(cin, arg, 1)] if arg else []), nn.AdaptiveAvgPool2d(1),
+                                       nn.Flatten(), nn.Linear(arg or cin, num_classes))
+            return count(module, (cin, *size))
 
-        base_stages = [StageSpec(st.block[0], min(st.depth), min(st.width), st.stride, min(st.kernel),
-                                 min(st.expand) if BLOCKS[st.block[0]].uses_expand else 1, min(st.se))
-                       for st in self.stages]
+        def after(stage: StageSpec, size: tuple[int, int]) -> tuple[int, int]:
+            s = stage.stride  # as Network: a conv stage max-pools (floor), the others pad (ceil)
+            return tuple(n // s if stage.block == "conv" else -(-n // s) for n in size)  # type: ignore[return-value]
+
+        options = [[StageSpec(b, min(st.depth), width, st.stride, min(st.kernel), e, min(st.se))
+                    for b in st.block for e in (st.expand if BLOCKS[b].uses_expand else (1,)) for width in st.width]
+                   for st in self.stages]
+        c, h, w = input_shape
         best = {}
         for key in ("macs", "params"):
-            stages = list(base_stages)
-            for i, st in enumerate(self.stages):
-                options = [replace(stages[i], block=b, expand=e) for b in st.block
-                           for e in (st.expand if BLOCKS[b].uses_expand else (1,))]
-                scored = [(getattr(cost(Spec(min(self.stem), tuple(stages[:i] + [o] + stages[i + 1:]), min(self.head))), key), o)
-                          for o in options]
-                stages[i] = min(scored, key=lambda t: t[0])[1]
-            spec = Spec(min(self.stem), tuple(stages), min(self.head))
-            best[key] = (spec, cost(spec))
+            # (width, size) leaving what is placed so far -> (its cost, stem, stages)
+            frontier = {(stem, (h, w)): (getattr(count(conv_bn(c, stem, 3), input_shape), key), stem, ())
+                        for stem in self.stem}
+            for opts in options:
+                nxt: dict[tuple[int, tuple[int, int]], tuple[int, int, tuple[StageSpec, ...]]] = {}
+                for (cin, size), (total, stem, stages) in frontier.items():
+                    for o in opts:
+                        t = total + getattr(part("stage", cin, size, o), key)
+                        state = (o.width, after(o, size))
+                        if state not in nxt or t < nxt[state][0]:
+                            nxt[state] = (t, stem, (*stages, o))
+                frontier = nxt
+            _, _, spec = min((t + getattr(part("head", cin, size, head), key), str(spec), spec)
+                             for (cin, size), (t, stem, stages) in frontier.items() for head in self.head
+                             for spec in [Spec(stem, stages, head)])
+            best[key] = (spec, count(build(spec, input_shape, num_classes, channels_last=False), input_shape))
         return best["macs"], best["params"]
 
     def random_specs(self, n: int, seed: int) -> list[Spec]:
@@ -190,7 +215,7 @@ def parse_space(data: Any, source: str) -> SearchSpace:
 
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping with keys {sorted(_TOP_FIELDS)}, got {type(data).__name__}")
-    unknown = sorted(set(data) - _TOP_FIELDS)
+    unknown = sorted(set(data) - _TOP_FIELDS, key=str)
     if unknown:
         raise fail(unknown[0], f"unknown key; known: {', '.join(sorted(_TOP_FIELDS))}")
     for required in ("stem", "stages"):
@@ -203,7 +228,7 @@ def parse_space(data: Any, source: str) -> SearchSpace:
         key = f"stages[{i}]"
         if not isinstance(raw, dict):
             raise fail(key, f"expected a mapping, got {raw!r}")
-        unknown = sorted(set(raw) - set(_STAGE_FIELDS))
+        unknown = sorted(set(raw) - set(_STAGE_FIELDS), key=str)
         if unknown:
             raise fail(f"{key}.{unknown[0]}", f"unknown key; known: {', '.join(_STAGE_FIELDS)}")
         fields = {}

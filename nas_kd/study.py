@@ -40,11 +40,10 @@ def storage_url(url: str | None, study_name: str, out_dir: Path) -> str:
     return url or f"sqlite:///{out_dir / (study_name + '.db')}"
 
 
-def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
-    """An RDB storage (SQLite or PostgreSQL). With heartbeats, a trial whose process died is
-    marked failed after `grace_period` seconds and re-queued once with the same spec."""
+def check_url(url: str) -> None:
+    """Refuse a storage URL that is not SQLite or PostgreSQL, before anything is loaded or trained."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    from sqlalchemy.exc import ArgumentError
 
     try:
         parsed = make_url(url)
@@ -57,6 +56,16 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
     if backend == "sqlite":
         if not parsed.database or parsed.database == ":memory:":
             raise InputError(f"storage URL {url!r} names no database file; expected sqlite:///PATH.db")
+
+def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
+    """An RDB storage (SQLite or PostgreSQL). With heartbeats, a trial whose process died is
+    marked failed after `grace_period` seconds and re-queued once with the same spec."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    check_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
     if heartbeat:

@@ -1,0 +1,80 @@
+"""Shared fixtures: a few hundred Fashion-MNIST images as idx files, and one small finished search.
+
+The mini dataset is cut from the Debian package's files (`apt-get install dataset-fashion-mnist`,
+which .ci/run does) and written in the same idx format, so the real loader reads it via --data-dir.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nas_kd.data import DEBIAN_FASHION_MNIST, _read_idx, load_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI_TRAIN, MINI_TEST = 600, 200
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def mini_fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fashion-MNIST cut to 600 train / 200 test images, as idx.gz files."""
+    out = tmp_path_factory.mktemp("fashion-mini")
+    for split, n in (("train", MINI_TRAIN), ("t10k", MINI_TEST)):
+        x = _read_idx(DEBIAN_FASHION_MNIST / f"{split}-images-idx3-ubyte.gz")[:n]
+        y = _read_idx(DEBIAN_FASHION_MNIST / f"{split}-labels-idx1-ubyte.gz")[:n]
+        write_idx(out / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(out / f"{split}-labels-idx1-ubyte.gz", y)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mini_dataset(mini_fashion_dir: Path):
+    return load_dataset("fashion-mnist", mini_fashion_dir)
+
+
+def run_cli(module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in `cwd`, as a user would run it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+# The small search every end-to-end test reads: 2 trained trials of 1 epoch on 300 images.
+E2E_STUDY = "e2e"
+E2E_ARGS = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--trials", "2",
+            "--trial-epochs", "1", "--subset", "300", "--final-epochs", "1", "--study-name", E2E_STUDY,
+            "--seed", "3", "--quiet")
+
+
+@pytest.fixture(scope="session")
+def e2e_run(tmp_path_factory: pytest.TempPathFactory, mini_fashion_dir: Path) -> dict:
+    """Run the main command once on the mini dataset; returns paths and the process result."""
+    work = tmp_path_factory.mktemp("e2e")
+    result = run_cli("nas_kd.search", *E2E_ARGS, "--data-dir", str(mini_fashion_dir), cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = work / "studies"
+    return {"work": work, "out": out, "db": out / f"{E2E_STUDY}.db", "url": f"sqlite:///{out / (E2E_STUDY + '.db')}",
+            "study_dir": out / E2E_STUDY, "result": result, "data_dir": mini_fashion_dir}
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

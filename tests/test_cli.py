@@ -1,0 +1,96 @@
+"""Bad input on the command line: one line on stderr naming what was wrong, exit status 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nas_kd import search
+from tests.conftest import run_cli
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    try:
+        code = search.main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--flops-budget", "-5M"], "argument --flops-budget: --flops-budget '-5M' is not a positive count"),
+    (["--flops-budget", "abc"], "'abc' is not a positive count; use a number with an optional K/M/G suffix"),
+    (["--flops-budget", "50MB"], "'50MB' is not a positive count"),
+    (["--flops-budget", "0"], "'0' is not a positive count"),
+    (["--params-budget", "1.5X"], "--params-budget '1.5X' is not a positive count"),
+    ([], "give a budget: --flops-budget (MACs, e.g. 50M) and/or --params-budget"),
+    (["--flops-budget", "50M", "--trials", "x"], "argument --trials: expected an integer, got 'x'"),
+    (["--flops-budget", "50M", "--trial-epochs", "0"], "argument --trial-epochs: must be >= 1, got '0'"),
+    (["--flops-budget", "50M", "--objective", "speed"], "argument --objective: invalid choice: 'speed'"),
+    (["--flops-budget", "50M", "--teachers", "resnet19"], "unknown teacher 'resnet19'; known: resnet8"),
+    (["--flops-budget", "50M", "--teachers", "resnet8,resnet8"], "lists a teacher twice"),
+    (["--flops-budget", "50M", "--teacher-ckpt", "resnet8"], "expected ARCH=PATH"),
+    (["--flops-budget", "50M", "--distill", "kl=abc"], "--distill: weight of 'kl' must be a number, got 'abc'"),
+    (["--flops-budget", "50M", "--distill", "kl,mystery"], "unknown distillation loss 'mystery'; known: ce, kl, hint"),
+    (["--flops-budget", "50M", "--distill", "ce=0"], "every loss of the recipe has weight 0"),
+    (["--flops-budget", "50M", "--dataset", "imagenet"], "unknown dataset 'imagenet'; known: fashion-mnist, mnist"),
+    (["--flops-budget", "50M", "--search-space", "tiny"], "unknown search space 'tiny'; shipped: mobilenetv2, resnet"),
+    (["--flops-budget", "100K"], "no student of search space 'resnet' fits MACs <= 100K: the smallest reach 1.054M MACs"),
+    (["--params-budget", "5K"], "the smallest reach 1.054M MACs (c16|bottleneck_d1_w16_s1_k3_e4"),
+    (["--flops-budget", "50M", "--storage", "mysql://u@h/db"], "storage URL 'mysql://u@h/db' uses 'mysql'; supported: sqlite"),
+    (["--flops-budget", "50M", "--storage", "not a url"], "bad storage URL 'not a url'"),
+    (["--flops-budget", "50M", "--config", "missing.yaml"], "cannot read --config missing.yaml"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0]
+    assert not (tmp_path / "studies" / "cache").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("trials: many\n", "trials: expected int, got 'many'"),
+    ("colour: blue\n", "unknown config key 'colour'"),
+    ("train: {lr: fast}\n", "train.lr: expected float, got 'fast'"),
+    ("[1, 2\n", "not valid YAML"),
+])
+def test_bad_config_yaml(content: str, message: str, capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(content)
+    code, err = run_main(["--flops-budget", "50M", "--config", "c.yaml"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_bad_search_space_yaml_names_file_and_key(capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text("stem: 16\nstages:\n  - {block: basic, depth: 1, widht: 16}\n")
+    code, err = run_main(["--flops-budget", "50M", "--search-space", "s.yaml"], capsys)
+    assert code == 2
+    assert err.strip() == "error: s.yaml: stages[0].widht: unknown key; known: block, depth, width, stride, kernel, expand, se"
+
+
+def test_config_yaml_is_overridden_by_typed_flags(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("trials: 7\nseed: 4\ndistill: {temperature: 2.0}\n")
+    argv = ["--flops-budget", "5M", "--config", str(tmp_path / "c.yaml"), "--seed", "9"]
+    cfg = search.config_from_args(search.build_parser().parse_args(argv), search.given_flags(argv))
+    assert (cfg.trials, cfg.seed, cfg.distill.temperature, cfg.flops_budget) == (7, 9, 2.0, 5_000_000)
+    assert cfg.distill.losses == (("ce", 1.0), ("kl", 1.0), ("hint", 1.0))
+
+
+@pytest.mark.parametrize("argv", [["--flops-budget", "50MB"], ["--flops-budget", "50M", "--dataset", "nope"]])
+def test_real_process_prints_no_traceback(argv: list[str], tmp_path: Path) -> None:
+    result = run_cli("nas_kd.search", *argv, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
+
+
+def test_help_explains_macs() -> None:
+    text = search.build_parser().format_help()
+    for phrase in ("MACs", "ptflops", "FLOPs", "50M = 50e6", "optuna-dashboard", "--teacher-ckpt"):
+        assert phrase in text

@@ -1,0 +1,121 @@
+"""Teacher training, the on-disk cache, user checkpoints, the ensemble and its cached targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nas_kd.arch import build
+from nas_kd.config import TrainConfig
+from nas_kd.data import BatchIterator
+from nas_kd.errors import InputError
+from nas_kd.teachers import CachedTargets, Ensemble, LiveTargets, Teacher, load_or_train, soft_targets, teacher_spec
+
+CPU = torch.device("cpu")
+QUICK = TrainConfig(batch_size=128)
+
+
+@pytest.fixture(scope="module")
+def cached_teacher(tmp_path_factory: pytest.TempPathFactory, mini_dataset) -> tuple[Teacher, Path]:
+    cache = tmp_path_factory.mktemp("cache")
+    teacher = load_or_train("resnet8", mini_dataset, 1, 0, QUICK, cache, CPU, progress=False, log=lambda m: None)
+    return teacher, cache
+
+
+def test_trained_teacher_is_cached_and_reused(cached_teacher, mini_dataset) -> None:
+    teacher, cache = cached_teacher
+    assert teacher.source == "trained"
+    files = list((cache / "teachers").glob("resnet8-fashion-mnist-*.safetensors"))
+    assert len(files) == 1
+    again = load_or_train("resnet8", mini_dataset, 1, 0, QUICK, cache, CPU, progress=False, log=lambda m: None)
+    assert again.source == "cache"
+    assert again.val_acc == teacher.val_acc
+    for (k, a), b in zip(teacher.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("change", [{"epochs": 2}, {"seed": 1}, {"cfg": TrainConfig(batch_size=64)}])
+def test_cache_key_covers_what_determines_a_teacher(cached_teacher, mini_dataset, change) -> None:
+    from nas_kd.teachers import cache_key
+
+    base = {"epochs": 1, "seed": 0, "cfg": QUICK}
+    assert cache_key("resnet8", mini_dataset, **base) != cache_key("resnet8", mini_dataset, **{**base, **change})
+
+
+def test_user_checkpoints_torch_and_safetensors(cached_teacher, mini_dataset, tmp_path) -> None:
+    teacher, _ = cached_teacher
+    pt = tmp_path / "resnet8.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in teacher.model.state_dict().items()}}, pt)
+    loaded = load_or_train("resnet8", mini_dataset, 1, 0, QUICK, tmp_path / "unused", CPU, checkpoint=pt,
+                           progress=False, log=lambda m: None)
+    assert loaded.source == str(pt)
+    assert loaded.val_acc == teacher.val_acc
+    assert not (tmp_path / "unused").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"not a checkpoint", "cannot read checkpoint"),
+    (None, "does not exist"),
+])
+def test_unreadable_checkpoints(mini_dataset, tmp_path, content, message) -> None:
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        load_or_train("resnet8", mini_dataset, 1, 0, QUICK, tmp_path, CPU, checkpoint=path, progress=False)
+
+
+def test_checkpoint_of_another_architecture_is_refused(mini_dataset, tmp_path) -> None:
+    path = tmp_path / "resnet14.pt"
+    torch.save(build(teacher_spec("resnet14"), mini_dataset.input_shape, 10).state_dict(), path)
+    with pytest.raises(InputError, match=r"does not fit teacher resnet8 .*: unexpected 'stages.0.1.conv1.0.weight'"):
+        load_or_train("resnet8", mini_dataset, 1, 0, QUICK, tmp_path, CPU, checkpoint=path, progress=False)
+
+
+def test_unknown_teacher_lists_the_zoo() -> None:
+    with pytest.raises(InputError, match="unknown teacher 'resnet19'; known: resnet8, resnet14, resnet20"):
+        teacher_spec("resnet19")
+
+
+def test_soft_targets_average_softened_probabilities() -> None:
+    logits = torch.tensor([[[2.0, 0.0]], [[0.0, 4.0]]])  # (M=2, B=1, K=2)
+    expected = (F.softmax(logits[0] / 2, -1) + F.softmax(logits[1] / 2, -1)) / 2
+    assert torch.allclose(soft_targets(logits, 2.0), expected)
+
+
+def two_member_ensemble(mini_dataset) -> Ensemble:
+    members = []
+    for name in ("resnet8", "mobilenetv2_x0_5"):
+        model = build(teacher_spec(name), mini_dataset.input_shape, mini_dataset.num_classes).eval()
+        members.append(Teacher(name, model, None, 0.0, "test"))  # type: ignore[arg-type]
+    return Ensemble(members)
+
+
+def test_cached_targets_equal_live_targets_for_every_view(mini_dataset) -> None:
+    torch.manual_seed(0)
+    ensemble = two_member_ensemble(mini_dataset)
+    batches = BatchIterator(mini_dataset.train, mini_dataset, 64, seed=5, views=3)
+    cached = CachedTargets(ensemble, batches, features=True, chunk=100, progress=False)
+    assert cached.logits.shape == (3, 2, len(mini_dataset.train), 10)
+    n = len(mini_dataset.train)
+    assert [tuple(f.shape) for f in cached.features] == [(3, n, 64, 7, 7), (3, n, 160, 4, 4)]
+    live = LiveTargets(ensemble, features=True)
+    for epoch in range(4):  # epoch 3 wraps around to view 0
+        batch = next(iter(batches.epoch(epoch)))
+        assert batch.view == epoch % 3
+        a, b = cached(batch), live(batch)
+        assert torch.allclose(a.logits, b.logits, atol=1e-5)
+        for fa, fb in zip(a.features, b.features):
+            assert torch.allclose(fa, fb, atol=2e-2, rtol=1e-2)  # cached in float16
+
+
+def test_ensemble_accuracy_uses_the_mean_of_probabilities(mini_dataset) -> None:
+    ensemble = two_member_ensemble(mini_dataset)
+    from nas_kd.train import predict
+
+    logits = torch.stack([predict(t.model, mini_dataset.val, mini_dataset) for t in ensemble.members])
+    expected = (F.softmax(logits, -1).mean(0).argmax(1) == mini_dataset.val.y).float().mean().item()
+    assert ensemble.accuracy(mini_dataset.val, mini_dataset) == expected
