@@ -57,9 +57,10 @@ def check_url(url: str) -> None:
         if not parsed.database or parsed.database == ":memory:":
             raise InputError(f"storage URL {url!r} names no database file; expected sqlite:///PATH.db")
 
-def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
-    """An RDB storage (SQLite or PostgreSQL). With heartbeats, a trial whose process died is
-    marked failed after `grace_period` seconds and re-queued once with the same spec."""
+def open_storage(url: str, heartbeat: bool = True, interval: int = 15, grace: int = 45) -> RDBStorage:
+    """An RDB storage (SQLite or PostgreSQL). With heartbeats (every `interval` s), a trial whose
+    process died is marked failed once `grace` s pass without one, and re-queued once with the same
+    spec: a killed search that is started again retries the trial it was killed in."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -69,7 +70,7 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
     if heartbeat:
-        kwargs = {"heartbeat_interval": 15, "grace_period": 45,
+        kwargs = {"heartbeat_interval": interval, "grace_period": grace,
                   "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
     try:
         return RDBStorage(url, **kwargs)

@@ -1,0 +1,196 @@
+"""The command line end to end on a few hundred Fashion-MNIST images: storage, report, winner,
+resume, refusal to mix settings, a killed run started again, retrain, pareto mode, export."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from nas_kd.data import load_dataset
+from nas_kd.objective import is_feasible, was_trained
+from nas_kd.retrain import load_student
+from nas_kd.study import open_storage, run
+from nas_kd.train import evaluate
+from tests.conftest import E2E_ARGS, E2E_STUDY, load_json, run_cli
+
+TRIAL_ATTRS = {"spec", "macs", "params", "macs_compression", "params_compression", "val_acc_per_epoch", "train_seconds"}
+
+
+def load(url: str, name: str = E2E_STUDY) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url, heartbeat=False))
+
+
+@pytest.fixture
+def e2e_copy(e2e_run: dict, tmp_path: Path) -> dict:
+    """A private copy of the finished e2e search (storage, cached teacher, outputs) to run more on."""
+    shutil.copytree(e2e_run["work"] / "studies", tmp_path / "studies")
+    return {**e2e_run, "work": tmp_path, "url": f"sqlite:///{tmp_path / 'studies' / (E2E_STUDY + '.db')}"}
+
+
+def test_storage_holds_every_trial_with_its_attributes(e2e_run: dict) -> None:
+    study = load(e2e_run["url"])
+    trained = [t for t in study.trials if was_trained(t)]
+    assert len(trained) == 2  # --trials 2 counts trained trials only
+    for t in study.trials:
+        assert {"spec", "macs", "params", "macs_compression", "params_compression"} <= set(t.user_attrs)
+        # Optuna 5's named constraint, and the legacy list optuna-dashboard 0.21 reads (Optuna names it "0")
+        assert set(t.constraints) == {"macs", "0"} and t.constraints["macs"] == t.constraints["0"]
+        assert is_feasible(t) == (t.user_attrs["macs"] <= 12_000_000)
+        if not was_trained(t):  # over budget: recorded, pruned, never trained
+            assert t.state == optuna.trial.TrialState.PRUNED and not is_feasible(t)
+    for t in trained:
+        assert TRIAL_ATTRS <= set(t.user_attrs)
+        assert len(t.user_attrs["val_acc_per_epoch"]) == 1 and t.user_attrs["train_seconds"] > 0
+        assert t.values[0] == t.user_attrs["val_acc_per_epoch"][-1]
+    info = study.user_attrs["nas_kd"]
+    assert [m["name"] for m in info["teachers"]] == ["resnet8"]
+    assert info["budget"] == {"macs": 12_000_000, "params": None}
+
+
+def test_outputs_and_summary(e2e_run: dict) -> None:
+    study_dir = e2e_run["study_dir"]
+    for name in ("report.html", "trials.csv", "winner/model.safetensors", "winner/metrics.json"):
+        assert (study_dir / name).is_file(), name
+    metrics = load_json(study_dir / "winner" / "metrics.json")
+    study = load(e2e_run["url"])
+    best = max((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and is_feasible(t)),
+               key=lambda t: (t.values[0], -t.user_attrs["macs"]))
+    assert metrics["trial"] == best.number and metrics["spec"] == best.user_attrs["spec"]
+    assert metrics["macs"] <= 12_000_000
+    assert study.user_attrs["winner"]["test_acc"] == metrics["test_acc"]
+    out = e2e_run["result"].stdout
+    assert "nas_kd search finished" in out and f"trial {best.number}: {best.user_attrs['spec']}" in out
+    assert f"optuna-dashboard {e2e_run['url'].replace(str(e2e_run['work']) + '/', '')}" in out
+
+
+def test_exported_student_reloads_from_its_file_alone(e2e_run: dict) -> None:
+    model, meta = load_student(e2e_run["study_dir"] / "winner" / "model.safetensors")
+    metrics = load_json(e2e_run["study_dir"] / "winner" / "metrics.json")
+    assert str(model.spec) == metrics["spec"] and meta["metrics"]["test_acc"] == metrics["test_acc"]
+    assert meta["input_shape"] == [1, 28, 28] and len(meta["classes"]) == 10
+    assert {"torch", "optuna", "ptflops", "nas_kd"} <= set(meta["versions"])
+    dataset = load_dataset("fashion-mnist", e2e_run["data_dir"])
+    assert meta["mean"] == pytest.approx(list(dataset.mean))
+    assert evaluate(model, dataset.test, dataset) == pytest.approx(metrics["test_acc"], abs=1e-6)
+
+
+def test_same_study_name_adds_trials_to_the_same_study(e2e_copy: dict) -> None:
+    before = len([t for t in load(e2e_copy["url"]).trials if was_trained(t)])
+    args = list(E2E_ARGS)
+    args[args.index("--trials") + 1] = "1"
+    result = run_cli("nas_kd.search", *args, "--final-epochs", "0", "--data-dir", str(e2e_copy["data_dir"]),
+                     cwd=e2e_copy["work"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = load(e2e_copy["url"])
+    assert len([t for t in study.trials if was_trained(t)]) == before + 1
+    assert len(optuna.get_all_study_summaries(study._storage)) == 1
+    assert "(cache)" in result.stderr  # the teacher was not trained again
+
+
+def test_resuming_with_other_settings_is_refused(e2e_copy: dict) -> None:
+    args = list(E2E_ARGS)
+    args[args.index("--trial-epochs") + 1] = "2"
+    result = run_cli("nas_kd.search", *args, "--data-dir", str(e2e_copy["data_dir"]), cwd=e2e_copy["work"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: study 'e2e' was created with trial_epochs=1, this run has trial_epochs=2; "
+        "use the same settings to resume, or another --study-name")
+
+
+def test_killed_run_starts_again(e2e_copy: dict) -> None:
+    args = list(E2E_ARGS)
+    args[args.index("--trials") + 1] = "20"
+    cmd = [sys.executable, "-m", "nas_kd.search", *args, "--data-dir", str(e2e_copy["data_dir"])]
+    proc = subprocess.Popen(cmd, cwd=e2e_copy["work"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = e2e_copy["work"] / "studies" / f"{E2E_STUDY}.db"
+    query = "select count(*) from trials where state = 'COMPLETE'"
+    done_before = sqlite3.connect(db).execute(query).fetchone()[0]
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and sqlite3.connect(db).execute(query).fetchone()[0] == done_before:
+            time.sleep(0.5)  # wait for one more trained trial, then kill during the next
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    result = run_cli("nas_kd.search", *E2E_ARGS, "--final-epochs", "0", "--data-dir", str(e2e_copy["data_dir"]),
+                     cwd=e2e_copy["work"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = load(e2e_copy["url"])
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= done_before + 3
+
+
+def test_stale_trial_of_a_killed_process_is_retried(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage = open_storage(url, interval=1, grace=1)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.enqueue_trial({"x": 3})
+    dead = study.ask()  # a trial whose process was killed: one heartbeat, then silence
+    dead.suggest_int("x", 0, 9)
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.5)
+    seen = []
+
+    def objective(trial: optuna.Trial) -> float:
+        seen.append(trial.suggest_int("x", 0, 9))
+        trial.set_user_attr("val_acc_per_epoch", [0.5])
+        return 0.5
+
+    assert run(study, objective, trained=1, timeout=None) == 1
+    assert seen == [3]  # the killed trial's parameters ran again first
+    states = [t.state for t in study.trials]
+    assert states[0] == optuna.trial.TrialState.FAIL and states[1] == optuna.trial.TrialState.COMPLETE
+
+
+def test_retrain_command_retrains_the_trial_asked_for(e2e_copy: dict) -> None:
+    study = load(e2e_copy["url"])
+    trained = sorted(t.number for t in study.trials if was_trained(t) and t.state == optuna.trial.TrialState.COMPLETE)
+    result = run_cli("nas_kd.retrain", "--study-name", E2E_STUDY, "--trial", str(trained[0]), "--final-epochs", "1",
+                     "--quiet", cwd=e2e_copy["work"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = load_json(e2e_copy["work"] / "studies" / E2E_STUDY / "winner" / "metrics.json")
+    assert metrics["trial"] == trained[0]
+    assert load(e2e_copy["url"]).user_attrs["winner"]["trial"] == trained[0]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--study-name", "nope"], "no storage at sqlite:///studies/nope.db"),
+    (["--study-name", E2E_STUDY, "--trial", "999"], "study 'e2e' has no trial 999"),
+    (["--study-name", E2E_STUDY, "--final-epochs", "0"], "--final-epochs must be >= 1, got 0"),
+])
+def test_retrain_command_bad_input(e2e_copy: dict, args: list[str], message: str) -> None:
+    result = run_cli("nas_kd.retrain", *args, "--quiet", cwd=e2e_copy["work"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_pareto_objective(e2e_copy: dict) -> None:
+    args = list(E2E_ARGS)
+    args[args.index("--study-name") + 1] = "pareto"
+    result = run_cli("nas_kd.search", *args, "--objective", "pareto", "--final-epochs", "0",
+                     "--data-dir", str(e2e_copy["data_dir"]), cwd=e2e_copy["work"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = load(f"sqlite:///{e2e_copy['work'] / 'studies' / 'pareto.db'}", "pareto")
+    assert len(study.directions) == 2
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.values == [t.user_attrs["val_acc_per_epoch"][-1], float(t.user_attrs["macs"])]
+            assert t.intermediate_values == {}  # no pruning in multi-objective studies
+    assert (e2e_copy["work"] / "studies" / "pareto" / "report.html").is_file()
+
+
+def test_search_uses_the_gpu_when_there_is_one() -> None:
+    from nas_kd.train import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
