@@ -28,7 +28,10 @@ class TrainConfig:
     weight_decay: float = 5e-4  # on conv/linear weights; not on BatchNorm or biases
     warmup: float = 0.2  # fraction of all steps
     label_smoothing: float = 0.0
-    augment: bool = True  # padding-crop and flips, where the dataset allows them
+    # padding-crop and flips where the dataset allows them. Off by default: at the short default
+    # schedules it cost accuracy (ResNet-8, 3 epochs of Fashion-MNIST: 87.7% val with crop+flip,
+    # 89.5% with flips, 90.0% without); turn it on for long schedules
+    augment: bool = False
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def open_storage(url: str, heartbeat: bool = True, interval: int = 15, grace: in
     process died is marked failed once `grace` s pass without one, and re-queued once with the same
     spec: a killed search that is started again retries the trial it was killed in."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
     check_url(url)
     parsed = make_url(url)
@@ -73,7 +74,13 @@ def open_storage(url: str, heartbeat: bool = True, interval: int = 15, grace: in
         kwargs = {"heartbeat_interval": interval, "grace_period": grace,
                   "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
     try:
-        return RDBStorage(url, **kwargs)
+        for attempt in range(4):
+            try:
+                return RDBStorage(url, **kwargs)
+            except IntegrityError:  # another worker is creating the same tables right now
+                if attempt == 3:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except (SQLAlchemyError, ImportError, ModuleNotFoundError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot open storage {url!r}: {first}") from None
