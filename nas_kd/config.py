@@ -22,7 +22,7 @@ from nas_kd.errors import InputError
 class TrainConfig:
     """One-cycle SGD: the learning rate rises linearly for `warmup` of the steps, then falls to 0."""
 
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 0.2  # peak learning rate
     momentum: float = 0.9  # Nesterov
     weight_decay: float = 5e-4  # on conv/linear weights; not on BatchNorm or biases
@@ -74,12 +74,13 @@ class SearchConfig:
     # data
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
-    subset: int | None = 10000  # training images per trial; None = all
+    subset: int | None = 6000  # training images per trial; None = all
     # teachers
     teachers: tuple[str, ...] = ("resnet20", "resnet14")
     teacher_epochs: int = 3
     teacher_ckpts: tuple[tuple[str, str], ...] = ()  # (arch, path) pairs
-    ensemble_views: int = 4  # augmented views whose teacher outputs are cached
+    ensemble_views: int = 4  # augmented views whose teacher outputs are cached (with --augment)
+    target_cache_gb: float = 4.0  # most memory for cached teacher outputs; beyond it teachers run live
     # search
     search_space: str = "resnet"
     trials: int = 12  # trained trials in this run
@@ -89,7 +90,7 @@ class SearchConfig:
     storage: str | None = None  # default sqlite:///studies/<study>.db
     study_name: str | None = None
     # final model
-    final_epochs: int = 4
+    final_epochs: int = 3
     retrain_trial: int | None = None
     # recipe
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -353,7 +353,9 @@ class Batch:
 
 
 class BatchIterator:
-    """Shuffled, augmented full batches of a split (one batch of all when the split is smaller).
+    """Shuffled, augmented full batches of a split, or of the positions `indices` of it (one batch
+    of all when there are fewer than a batch). `Batch.index` holds positions in the whole split,
+    so a trial on a subset and the retrain on everything look up the same cached targets.
 
     With `views=V`, epoch e shows view e % V of every image (view 0 un-augmented), so the
     teachers' outputs for those V views can be cached. With `views=None` every epoch is a fresh
@@ -361,10 +363,12 @@ class BatchIterator:
     """
 
     def __init__(self, split: Split, dataset: Dataset, batch_size: int, seed: int,
-                 views: int | None = None, augment: bool = True, channels_last: bool = True):
+                 views: int | None = None, augment: bool = True, channels_last: bool = True,
+                 indices: torch.Tensor | None = None):
         if views is not None and views < 1:
             raise ValueError(f"views must be >= 1 or None, got {views}")
         self.split = split
+        self.indices = (torch.arange(len(split)) if indices is None else indices.cpu()).to(split.x.device)
         self.batch_size = batch_size
         self.seed = seed
         self.views = views
@@ -373,7 +377,7 @@ class BatchIterator:
         self._params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
-        return max(1, len(self.split) // self.batch_size)
+        return max(1, len(self.indices) // self.batch_size)
 
     def view_of(self, epoch: int) -> int:
         return epoch + 1 if self.views is None else epoch % self.views
@@ -390,7 +394,7 @@ class BatchIterator:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-        order = torch.randperm(len(self.split), generator=g).to(self.split.x.device)
+        order = self.indices[torch.randperm(len(self.indices), generator=g).to(self.indices.device)]
         view = self.view_of(epoch)
         # full batches only (the ragged rest differs every epoch): a batch of one would break
         # BatchNorm, and odd small batches hit a oneDNN crash (see arch.shortcut)

@@ -28,25 +28,58 @@ from nas_kd.cost import count
 from nas_kd.data import BatchIterator, Dataset, load_dataset
 from nas_kd.distill import criterion_for, distill
 from nas_kd.errors import InputError
+from nas_kd.losses import Criterion
 from nas_kd.objective import compression
 from nas_kd.report import write_report
 from nas_kd.study import STUDY_ATTR, WINNER_ATTR, load_existing, pick_winner
-from nas_kd.teachers import Ensemble, LiveTargets, ensemble_from_config, load_state, save_model, soft_targets
+from nas_kd.teachers import (
+    CachedTargets,
+    Ensemble,
+    LiveTargets,
+    TargetSource,
+    ensemble_from_config,
+    load_state,
+    save_model,
+    soft_targets,
+)
 from nas_kd.train import accuracy, evaluate, predict, resolve_device
 
 STUDENT_FORMAT = "nas_kd.student"
 
 
+def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion,
+                    cached: CachedTargets | None = None, progress: bool = True) -> tuple[BatchIterator, TargetSource | None]:
+    """Batches over the whole training split and where their targets come from.
+
+    Without augmentation every epoch shows the same pixels, so the teachers' outputs are computed
+    once (or taken from the search's cache) and reused by every epoch; with augmentation, or when
+    the cache would not fit in `cfg.target_cache_gb`, the teachers run live on fresh views.
+    """
+    def iterator(views: int | None) -> BatchIterator:
+        return BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
+                             augment=cfg.train.augment)
+
+    if not criterion.uses_teachers:
+        return iterator(None), None
+    if cfg.train.augment:
+        return iterator(None), LiveTargets(ensemble, criterion.uses_features)
+    batches = iterator(1)
+    if cached is not None and cached.covers(batches.indices):
+        return batches, cached
+    size = CachedTargets.estimate_bytes(ensemble, dataset.input_shape, len(dataset.train), 1, criterion.uses_features)
+    if size > cfg.target_cache_gb * 1e9:
+        return iterator(None), LiveTargets(ensemble, criterion.uses_features)
+    return batches, CachedTargets(ensemble, batches, criterion.uses_features, progress=progress)
+
+
 def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
-            progress: bool = True) -> tuple[Network, float]:
+            progress: bool = True, cached: CachedTargets | None = None) -> tuple[Network, float]:
     """Distil a fresh `spec` network for `epochs` with the study's recipe; returns it and the seconds."""
     torch.manual_seed(cfg.seed)
     device = dataset.train.x.device
     model = build(spec, dataset.input_shape, dataset.num_classes).to(device)
     criterion = criterion_for(model, cfg.distill, ensemble.feature_channels)
-    batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=None,
-                            augment=cfg.train.augment)
-    targets = LiveTargets(ensemble, criterion.uses_features) if criterion.uses_teachers else None
+    batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress)
     seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc="retrain", progress=progress)
     return model.eval(), seconds
 
@@ -102,13 +135,13 @@ def load_student(path: str | Path) -> tuple[Network, dict[str, Any]]:
 
 
 def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
-                   out_dir: Path, progress: bool = True, log=print) -> dict[str, Any]:
+                   out_dir: Path, progress: bool = True, log=print, cached: CachedTargets | None = None) -> dict[str, Any]:
     """Pick the winner (or cfg.retrain_trial), retrain, test, export, and store the figures in the study."""
     trial = pick_winner(study, cfg.retrain_trial)
     spec = Spec.parse(trial.user_attrs["spec"])
     log(f"retraining trial {trial.number} ({spec}) for {cfg.final_epochs} epochs")
     start = time.perf_counter()
-    model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress)
+    model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached)
     metrics = test_metrics(model, dataset, ensemble)
     cost = count(model, dataset.input_shape)
     macs_c, params_c = compression(cost, ensemble.largest())
@@ -124,10 +157,10 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
 
 
 def finish_retrain(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
-                   progress: bool = True, log=log) -> dict[str, Any]:
+                   progress: bool = True, log=log, cached: CachedTargets | None = None) -> dict[str, Any]:
     """Retrain the winner into OUT_DIR/<study>/winner/ and rewrite the study's report."""
     out = Path(cfg.out_dir) / study.study_name
-    metrics = retrain_winner(study, dataset, ensemble, cfg, out / "winner", progress, log)
+    metrics = retrain_winner(study, dataset, ensemble, cfg, out / "winner", progress, log, cached)
     html_path, _ = write_report(study, out)
     log(f"winner: trial {metrics['trial']} test acc {metrics['test_acc']:.4f} "
         f"(ensemble {metrics['ensemble_test_acc']:.4f}); report {html_path}")

@@ -317,15 +317,21 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         "recipe": f"{cfg.distill} (T={cfg.distill.temperature:g})", "input_shape": list(dataset.input_shape)})
     log(f"ensemble of {len(ensemble.members)}: val acc {ensemble_val:.4f}")
 
-    subset = seeded_subset(len(dataset.train), cfg.subset, cfg.seed).to(dataset.train.x.device)
-    train_split = dataset.train.subset(subset)
+    subset = seeded_subset(len(dataset.train), cfg.subset, cfg.seed)
     views = min(cfg.ensemble_views, cfg.trial_epochs) if cfg.train.augment else 1
-    batches = BatchIterator(train_split, dataset, cfg.train.batch_size, cfg.seed, views=views, augment=cfg.train.augment)
+    batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
+                            augment=cfg.train.augment, indices=subset)
     probe = Criterion(cfg.distill.weights(), [8], [8], cfg.distill.temperature)
     targets = None
     if probe.uses_teachers:
-        targets = CachedTargets(ensemble, batches, probe.uses_features, progress=progress)
-        log(f"cached ensemble targets for {len(train_split)} images x {views} views ({targets.nbytes() / 1e6:.0f} MB)")
+        # without augmentation the retrain sees the same pixels every epoch: cache its targets too
+        whole = cfg.final_epochs > 0 and not cfg.train.augment and CachedTargets.estimate_bytes(
+            ensemble, dataset.input_shape, len(dataset.train), views, probe.uses_features) <= cfg.target_cache_gb * 1e9
+        cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
+                              augment=cfg.train.augment, indices=None if whole else subset)
+        targets = CachedTargets(ensemble, cover, probe.uses_features, progress=progress)
+        log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
+            f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}")
     ctx = TrialContext(space, dataset, ensemble, budget, batches, targets, cfg.distill, cfg.train, cfg.trial_epochs,
                        cfg.objective == "pareto", cfg.seed, progress)
 
@@ -345,7 +351,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         write_report(study, out)
     log(f"{trained} trials trained in this run; report {out / 'report.html'}")
     if cfg.final_epochs > 0:
-        finish_retrain(study, dataset, ensemble, cfg, progress, log)
+        finish_retrain(study, dataset, ensemble, cfg, progress, log, targets)
     print(f"\nnas_kd search finished\n{summary_table(study, cfg, url, time.perf_counter() - start)}")
     return study
 

@@ -261,42 +261,65 @@ class CachedTargets:
     """The teachers' outputs for every (image, view) of a `BatchIterator`, computed once.
 
     Logits are kept in float32 (V, M, N, K); deepest-stage features, when asked for, in float16
-    (V, N, C, H, W) per member. A trial then looks its targets up by (view, index) and never runs
-    a teacher; because view v of image i is the same pixels every time (see `data`), the cached
-    targets are exactly what the teachers would say about the augmented batch.
+    (V, N, C, H, W) per member, N being the iterator's positions. A trial then looks its targets
+    up by (view, position) and never runs a teacher; because view v of image i is the same pixels
+    every time (see `data`), the cached targets are exactly what the teachers would say about the
+    augmented batch. Any iterator over the same split, views and seed can use the cache for the
+    positions it covers (a trial subset of the retrain's whole split, say).
     """
 
     def __init__(self, ensemble: Ensemble, batches: BatchIterator, features: bool, chunk: int = 1000,
                  progress: bool = True):
         from tqdm.auto import tqdm
 
-        n, views = len(batches.split), batches.views
+        positions, views = batches.indices, batches.views
         if views is None:
             raise ValueError("CachedTargets needs a BatchIterator with a fixed number of views")
+        # position in the split -> row of the cache (-1: not cached)
+        self.slot = torch.full((len(batches.split),), -1, dtype=torch.long, device=positions.device)
+        self.slot[positions] = torch.arange(len(positions), device=positions.device)
+        self.views = views
+        n = len(positions)
         self.logits: torch.Tensor | None = None
         self.features: list[torch.Tensor] | None = None
         steps = [(v, s) for v in range(views) for s in range(0, n, chunk)]
         for v, start in tqdm(steps, desc="ensemble targets", leave=False, disable=not progress or None):
-            index = torch.arange(start, min(n, start + chunk), device=batches.split.x.device)
-            out = ensemble(batches.images(index, v), features)
+            rows = torch.arange(start, min(n, start + chunk), device=positions.device)
+            out = ensemble(batches.images(positions[rows], v), features)
             if self.logits is None:
-                self.logits = torch.empty((views, *out.logits.shape[:1], n, out.logits.shape[-1]),
+                self.logits = torch.empty((views, out.logits.shape[0], n, out.logits.shape[-1]),
                                           device=out.logits.device)
                 if features:
                     self.features = [torch.empty((views, n, *f.shape[1:]), dtype=torch.float16, device=f.device)
                                      for f in out.features]
-            self.logits[v, :, index] = out.logits
+            self.logits[v, :, rows] = out.logits
             if features:
                 for store, f in zip(self.features, out.features):
-                    store[v, index] = f.half()
+                    store[v, rows] = f.half()
+
+    @staticmethod
+    def estimate_bytes(ensemble: Ensemble, input_shape: tuple[int, int, int], positions: int, views: int,
+                       features: bool) -> int:
+        """What a cache of `positions` images x `views` would hold, measured on one image."""
+        device = next(ensemble.members[0].model.parameters()).device
+        out = ensemble(torch.zeros(1, *input_shape, device=device), features)
+        per_image = out.logits.numel() * 4 + (sum(f.numel() * 2 for f in out.features) if features else 0)
+        return per_image * positions * views
 
     def nbytes(self) -> int:
         total = self.logits.numel() * 4 if self.logits is not None else 0
         return total + sum(f.numel() * 2 for f in self.features or [])
 
+    def covers(self, positions: torch.Tensor) -> bool:
+        return bool((self.slot[positions.to(self.slot.device)] >= 0).all())
+
     def __call__(self, batch: Batch) -> Targets:
-        logits = self.logits[batch.view][:, batch.index]
-        feats = [f[batch.view][batch.index].float() for f in self.features] if self.features else None
+        rows = self.slot[batch.index]
+        if (rows < 0).any():
+            raise RuntimeError("batch holds images whose targets were not cached")
+        view = batch.view % self.views
+        logits = self.logits[view][:, rows]
+        feats = [f[view][rows].float() for f in self.features] if self.features else None
         return Targets(logits, feats)
 
 

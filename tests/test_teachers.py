@@ -119,3 +119,48 @@ def test_ensemble_accuracy_uses_the_mean_of_probabilities(mini_dataset) -> None:
     logits = torch.stack([predict(t.model, mini_dataset.val, mini_dataset) for t in ensemble.members])
     expected = (F.softmax(logits, -1).mean(0).argmax(1) == mini_dataset.val.y).float().mean().item()
     assert ensemble.accuracy(mini_dataset.val, mini_dataset) == expected
+
+
+def test_a_subset_iterator_reads_the_whole_split_cache(mini_dataset) -> None:
+    ensemble = two_member_ensemble(mini_dataset)
+    whole = BatchIterator(mini_dataset.train, mini_dataset, 64, seed=1, views=1, augment=False)
+    cache = CachedTargets(ensemble, whole, features=False, progress=False)
+    subset = torch.tensor([3, 17, 100, 250, 400, 401, 537])
+    trials = BatchIterator(mini_dataset.train, mini_dataset, 4, seed=1, views=1, augment=False, indices=subset)
+    assert cache.covers(subset)
+    for batch in trials.epoch(0):
+        assert set(batch.index.tolist()) <= set(subset.tolist())
+        assert torch.allclose(cache(batch).logits, LiveTargets(ensemble, False)(batch).logits, atol=1e-5)
+    only_subset = CachedTargets(ensemble, trials, features=False, progress=False)
+    assert only_subset.logits.shape[2] == len(subset) and not only_subset.covers(whole.indices)
+    with pytest.raises(RuntimeError, match="not cached"):
+        only_subset(next(iter(whole.epoch(0))))
+
+
+@pytest.mark.parametrize(("augment", "limit_gb", "pass_cache", "recipe", "expected"), [
+    (False, 4.0, True, "ce=1,kl=1,hint=1", "cached"),  # the search's cache covers the whole split: reused
+    (False, 1e-6, True, "ce=1,kl=1,hint=1", "cached"),  # reusing it costs no more memory
+    (False, 4.0, False, "ce=1,kl=1,hint=1", "cached"),  # none given: built, it fits
+    (False, 1e-6, False, "ce=1,kl=1,hint=1", "live"),  # none given and too big for the memory limit
+    (True, 4.0, True, "ce=1,kl=1", "live"),  # fresh augmented views every epoch
+    (False, 4.0, True, "ce=1", "none"),  # no teacher in the recipe
+])
+def test_retrain_targets(mini_dataset, augment: bool, limit_gb: float, pass_cache: bool, recipe: str,
+                         expected: str) -> None:
+    from nas_kd.config import DistillConfig, SearchConfig, TrainConfig, parse_distill
+    from nas_kd.distill import criterion_for
+    from nas_kd.retrain import retrain_targets
+
+    ensemble = two_member_ensemble(mini_dataset)
+    cfg = SearchConfig(train=TrainConfig(augment=augment), target_cache_gb=limit_gb,
+                       distill=DistillConfig(losses=parse_distill(recipe)))
+    criterion = criterion_for(build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), cfg.distill,
+                              ensemble.feature_channels)
+    whole = BatchIterator(mini_dataset.train, mini_dataset, 128, cfg.seed, views=1, augment=False)
+    search_cache = CachedTargets(ensemble, whole, criterion.uses_features, progress=False)
+    batches, source = retrain_targets(ensemble, mini_dataset, cfg, criterion, search_cache if pass_cache else None,
+                                      progress=False)
+    kind = "none" if source is None else "cached" if isinstance(source, CachedTargets) else "live"
+    assert kind == expected
+    assert (source is search_cache) == (kind == "cached" and pass_cache)
+    assert batches.views == (1 if kind == "cached" else None)
