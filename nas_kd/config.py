@@ -74,7 +74,7 @@ class SearchConfig:
     # data
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
-    subset: int | None = 6000  # training images per trial; None = all
+    subset: int | None = 4000  # training images per trial; None = all
     # teachers
     teachers: tuple[str, ...] = ("resnet20", "resnet14")
     teacher_epochs: int = 3
@@ -83,7 +83,7 @@ class SearchConfig:
     target_cache_gb: float = 4.0  # most memory for cached teacher outputs; beyond it teachers run live
     # search
     search_space: str = "resnet"
-    trials: int = 12  # trained trials in this run
+    trials: int = 10  # trained trials in this run
     timeout: float | None = None  # seconds for the search phase
     trial_epochs: int = 2
     objective: str = "accuracy"  # or "pareto"

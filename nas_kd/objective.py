@@ -82,7 +82,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, fl
         trial.set_user_attr("val_acc_per_epoch", accuracies)
         if not ctx.pareto:  # Trial.report raises in multi-objective studies
             trial.report(accuracies[-1], epoch)
-            if trial.should_prune():
+            # pruning after the last epoch would only throw finished work away
+            if epoch + 1 < ctx.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val acc {accuracies[-1]:.4f}")
 
     start = time.perf_counter()

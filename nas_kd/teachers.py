@@ -100,6 +100,7 @@ class Teacher:
     cost: Cost
     val_acc: float
     source: str  # "trained", "cache" or the user's checkpoint path
+    val_logits: torch.Tensor | None = None  # (N_val, K), kept so the ensemble's figure costs nothing
 
 
 def cache_key(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig) -> str:
@@ -190,8 +191,8 @@ def load_or_train(name: str, dataset: Dataset, epochs: int, seed: int, cfg: Trai
                                      "epochs": str(epochs), "seed": str(seed), "train": json.dumps(cfg.__dict__),
                                      "versions": json.dumps(versions())})
     model = model.to(device).eval()
-    val_acc = accuracy(predict(model, dataset.val, dataset), dataset.val.y)
-    return Teacher(name, model, cost, val_acc, source)
+    val_logits = predict(model, dataset.val, dataset)
+    return Teacher(name, model, cost, accuracy(val_logits, dataset.val.y), source, val_logits)
 
 
 # ---------------------------------------------------------------- ensemble and targets
@@ -238,7 +239,9 @@ class Ensemble:
         return Targets(torch.stack(logits), feats if features else None)
 
     def accuracy(self, split: Split, dataset: Dataset) -> float:
-        logits = torch.stack([predict(t.model, split, dataset) for t in self.members])
+        """Accuracy of the mean of the members' probabilities (their stored logits for the val split)."""
+        logits = torch.stack([t.val_logits if split is dataset.val and t.val_logits is not None
+                              else predict(t.model, split, dataset) for t in self.members])
         return accuracy(soft_targets(logits, 1.0), split.y)
 
 
