@@ -179,7 +179,7 @@ def epochs_figure(frame: pd.DataFrame) -> go.Figure:
         accs = json.loads(row["val_acc_per_epoch"])
         fig.add_trace(go.Scatter(x=list(range(1, len(accs) + 1)), y=accs, mode="lines+markers",
                                  name=f"trial {row['number']}", hovertext=str(row["spec"]), showlegend=False))
-    fig.update_layout(title="Validation accuracy per epoch of each trial", xaxis_title="epoch",
+    fig.update_layout(title="Validation accuracy per epoch of each trial", xaxis=dict(title="epoch", dtick=1),
                       yaxis_title="validation accuracy", template="plotly_white", height=380)
     return fig
 
@@ -188,13 +188,33 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 table { border-collapse: collapse; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
-td:nth-child(3), th:nth-child(3) { text-align: left; font-family: monospace; }
+table.trials td:nth-child(3), table.trials th:nth-child(3), td.spec { text-align: left; font-family: monospace; }
+table.facts th { text-align: left; }
 .note { color: #555; }
 """
 
 
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, float) and ("acc" in key):
+        return f"{value:.2%}"
+    if key in ("macs", "params") and isinstance(value, (int, float)):
+        return format_count(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _facts(facts: dict[str, Any]) -> str:
+    """A vertical two-column table: one fact a row."""
+    rows = "".join(f"<tr><th>{html.escape(k.replace('_', ' '))}</th>"
+                   f"<td{' class=spec' if k == 'spec' else ''}>{html.escape(_fmt(k, v))}</td></tr>"
+                   for k, v in facts.items() if not isinstance(v, (dict, list)))
+    return f"<table class=facts>{rows}</table>"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    return pd.DataFrame(rows).to_html(index=False, border=0, escape=True, na_rep="")
+    frame = pd.DataFrame([{k: _fmt(k, v) for k, v in row.items()} for row in rows])
+    return frame.to_html(index=False, border=0, escape=True, na_rep="")
 
 
 def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
@@ -221,12 +241,16 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
         f"the largest teacher's cost over the student's ({esc(str(info.get('reference_name', '?')))}).</p>",
     ]
     if winner:
-        sections += ["<h2>Winner</h2>", _table([{k: v for k, v in winner.items() if not isinstance(v, (dict, list))}])]
+        test = winner.get("teachers_test_acc", {})
+        sections += ["<h2>Winner</h2>", _facts(winner)]
+        teachers = [{**t, "test_acc": test.get(t["name"])} for t in teachers]
+        ensemble = {"name": "ensemble", **info.get("ensemble", {}), "test_acc": winner.get("ensemble_test_acc")}
+    else:
+        ensemble = {"name": "ensemble", **info.get("ensemble", {})}
     if teachers:
-        sections += ["<h2>Teachers</h2>", _table(teachers + ([{"name": "ensemble", **info["ensemble"]}]
-                                                             if info.get("ensemble") else []))]
+        sections += ["<h2>Teachers</h2>", _table(teachers + [ensemble])]
     sections += ["<h2>Pareto fronts</h2>", *parts, "<h2>All trials</h2>",
-                 frame.astype({"feasible": "boolean"}).to_html(index=False, border=0, na_rep="")]
+                 frame.astype({"feasible": "boolean"}).to_html(index=False, border=0, na_rep="", classes="trials")]
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>nas_kd {esc(study.study_name)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>")
 

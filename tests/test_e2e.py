@@ -67,6 +67,8 @@ def test_outputs_and_summary(e2e_run: dict) -> None:
     assert metrics["trial"] == best.number and metrics["spec"] == best.user_attrs["spec"]
     assert metrics["macs"] <= 12_000_000
     assert study.user_attrs["winner"]["test_acc"] == metrics["test_acc"]
+    report = (study_dir / "report.html").read_text()
+    assert f"<th>test acc</th><td>{metrics['test_acc']:.2%}</td>" in report
     out = e2e_run["result"].stdout
     assert "nas_kd search finished" in out and f"trial {best.number}: {best.user_attrs['spec']}" in out
     assert f"optuna-dashboard {e2e_run['url'].replace(str(e2e_run['work']) + '/', '')}" in out
