@@ -38,6 +38,16 @@ def base_parser(prog: str, description: str) -> OneLineParser:
     return OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def study_parser(prog: str, description: str) -> OneLineParser:
+    """A parser for commands that work on a finished study: --study-name, --storage, --out-dir."""
+    parser = base_parser(prog, description)
+    parser.add_argument("--study-name", required=True)
+    parser.add_argument("--storage", help="storage URL (default: sqlite:///<out-dir>/<study-name>.db)")
+    parser.add_argument("--out-dir", default="studies",
+                        help="where the search wrote its outputs; this command writes to OUT_DIR/<study-name>/ (default: studies)")
+    return parser
+
+
 def quiet_libraries() -> None:
     """Optuna logs every trial at INFO; nas_kd shows its own progress instead."""
     import optuna

@@ -21,7 +21,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from optuna.trial import TrialState
 
-from nas_kd.cli import base_parser, fail, quiet_libraries
+from nas_kd.cli import fail, quiet_libraries, study_parser
 from nas_kd.cost import format_count
 from nas_kd.errors import InputError
 from nas_kd.objective import is_feasible, was_trained
@@ -268,10 +268,7 @@ def write_report(study: optuna.Study, out_dir: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser("python -m nas_kd.report", "Rebuild a study's report.html and trials.csv from its storage.")
-    parser.add_argument("--study-name", required=True)
-    parser.add_argument("--storage", help="storage URL (default: sqlite:///studies/<study-name>.db)")
-    parser.add_argument("--out-dir", default="studies", help="the report goes to OUT_DIR/<study-name>/ (default: studies)")
+    parser = study_parser("python -m nas_kd.report", "Rebuild a study's report.html and trials.csv from its storage.")
     args = parser.parse_args(argv)
     quiet_libraries()
     try:

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from nas_kd import versions
 from nas_kd.arch import Network, Spec, build
-from nas_kd.cli import base_parser, fail, log, quiet_libraries
+from nas_kd.cli import fail, log, quiet_libraries, study_parser
 from nas_kd.config import SearchConfig, from_dict
 from nas_kd.cost import count
 from nas_kd.data import BatchIterator, Dataset, load_dataset
@@ -176,14 +176,11 @@ def config_of(study: optuna.Study) -> SearchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser("python -m nas_kd.retrain",
-                         "Retrain a study's winner (or --trial N) with the full schedule, test it and export it.")
-    parser.add_argument("--study-name", required=True)
-    parser.add_argument("--storage", help="storage URL (default: sqlite:///<out-dir>/<study-name>.db)")
+    parser = study_parser("python -m nas_kd.retrain",
+                          "Retrain a study's winner (or --trial N) with the full schedule, test it and export it.")
     parser.add_argument("--trial", type=int, help="retrain this trial instead of the best feasible one")
     parser.add_argument("--final-epochs", type=int, help="epochs of the retrain (default: the search's)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--out-dir", default="studies")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     quiet_libraries()

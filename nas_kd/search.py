@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -212,7 +211,7 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
     if "temperature" in given:
         distill["temperature"] = args.temperature
     base["distill"] = distill
-    return validate(from_dict(SearchConfig, base))
+    return from_dict(SearchConfig, base)
 
 
 def validate(cfg: SearchConfig) -> SearchConfig:
@@ -220,10 +219,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         raise InputError("give a budget: --flops-budget (MACs, e.g. 50M) and/or --params-budget (e.g. 500K)")
     if cfg.objective not in ("accuracy", "pareto"):
         raise InputError(f"objective must be 'accuracy' or 'pareto', got {cfg.objective!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+    resolve_device(cfg.device)
     names = list(cfg.teachers) + [a for a, _ in cfg.teacher_ckpts if a not in cfg.teachers]
     if not names:
         raise InputError("no teachers: pass --teachers, e.g. --teachers resnet20")
@@ -281,8 +277,9 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
 
 
 def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
-    """The whole job for a validated config; returns the study."""
+    """The whole job; returns the study. Bad settings raise `InputError` before any work."""
     start = time.perf_counter()
+    validate(cfg)
     # every check of the user's input comes before the first progress line and any training
     space = load_space(cfg.search_space)
     budget = Budget(cfg.flops_budget, cfg.params_budget)

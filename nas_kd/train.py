@@ -11,12 +11,17 @@ from tqdm.auto import tqdm
 
 from nas_kd.config import TrainConfig
 from nas_kd.data import Batch, BatchIterator, Dataset, Split, eval_batches
+from nas_kd.errors import InputError
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
+    """'auto' -> cuda when available, else cpu; 'cuda' must be available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here; use --device auto or cpu")
     return torch.device(name)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from nas_kd import search
+from nas_kd.errors import InputError
 from tests.conftest import run_cli
 
 
@@ -94,3 +95,14 @@ def test_help_explains_macs() -> None:
     text = search.build_parser().format_help()
     for phrase in ("MACs", "ptflops", "FLOPs", "50M = 50e6", "optuna-dashboard", "--teacher-ckpt"):
         assert phrase in text
+
+
+def test_python_api_validates_too(tmp_path: Path, monkeypatch) -> None:
+    from nas_kd.config import SearchConfig
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="give a budget"):
+        search.search(SearchConfig())
+    with pytest.raises(InputError, match="unknown teacher 'resnet19'"):
+        search.search(SearchConfig(flops_budget=10**7, teachers=("resnet19",)))
+    assert not (tmp_path / "studies").exists()

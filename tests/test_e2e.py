@@ -169,6 +169,8 @@ def test_retrain_command_retrains_the_trial_asked_for(e2e_copy: dict) -> None:
     (["--study-name", "nope"], "no storage at sqlite:///studies/nope.db"),
     (["--study-name", E2E_STUDY, "--trial", "999"], "study 'e2e' has no trial 999"),
     (["--study-name", E2E_STUDY, "--final-epochs", "0"], "--final-epochs must be >= 1, got 0"),
+    *([(["--study-name", E2E_STUDY, "--device", "cuda"], "--device cuda: no CUDA device is available here")]
+      if not torch.cuda.is_available() else []),
 ])
 def test_retrain_command_bad_input(e2e_copy: dict, args: list[str], message: str) -> None:
     result = run_cli("nas_kd.retrain", *args, "--quiet", cwd=e2e_copy["work"])
