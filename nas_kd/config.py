@@ -152,5 +152,5 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names, key=str)
     if unknown:
-        raise InputError(f"unknown config key {prefix}{unknown[0]!r}; known: {', '.join(sorted(names))}")
+        raise InputError(f"unknown config key {prefix + str(unknown[0])!r}; known: {', '.join(sorted(names))}")
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})

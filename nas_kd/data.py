@@ -255,8 +255,10 @@ def load_svhn(data_dir: Path | None) -> RawData:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def _read_image_folder(root: Path, classes: tuple[str, ...] | None) -> tuple[Split, tuple[str, ...]]:
-    """Read `root/<class>/*.<image>` into tensors; every image is resized to the first one's size."""
+def _read_image_folder(root: Path, classes: tuple[str, ...] | None, like: tuple[str, tuple[int, int]] | None = None
+                       ) -> tuple[Split, tuple[str, ...], tuple[str, tuple[int, int]]]:
+    """Read `root/<class>/*.<image>` into tensors. Every image takes the mode ('L' or 'RGB') and
+    size of `like`, or else of the first image; returns the split, the classes and that (mode, size)."""
     from PIL import Image
 
     if classes is None:
@@ -264,7 +266,7 @@ def _read_image_folder(root: Path, classes: tuple[str, ...] | None) -> tuple[Spl
         if len(classes) < 2:
             raise InputError(f"{root} must hold one folder per class (at least 2), found {len(classes)}")
     images, labels = [], []
-    mode, size = None, None
+    mode, size = like if like is not None else (None, None)
     for label, cls in enumerate(classes):
         folder = root / cls
         files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
@@ -281,7 +283,7 @@ def _read_image_folder(root: Path, classes: tuple[str, ...] | None) -> tuple[Spl
             labels.append(label)
     if not images:
         raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}/<class>/")
-    return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)), classes
+    return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)), classes, (mode, size)
 
 
 def load_folder(path: Path) -> RawData:
@@ -289,13 +291,10 @@ def load_folder(path: Path) -> RawData:
     if not (path / "train").is_dir():
         raise InputError(f"folder dataset {path} needs {path}/train/<class>/<images> "
                          "(and optionally {path}/test/<class>/<images>)")
-    train, classes = _read_image_folder(path / "train", None)
+    train, classes, look = _read_image_folder(path / "train", None)
     test = None
-    if (path / "test").is_dir():
-        test, _ = _read_image_folder(path / "test", classes)
-        if test.x.shape[1:] != train.x.shape[1:]:
-            raise InputError(f"test images of {path} are {tuple(test.x.shape[1:])}, "
-                             f"train images {tuple(train.x.shape[1:])}; they must match")
+    if (path / "test").is_dir():  # test images take the training images' mode and size
+        test, _, _ = _read_image_folder(path / "test", classes, look)
     return RawData(train, test, classes, Augment(pad=max(1, train.x.shape[-1] // 8), flip=True))
 
 

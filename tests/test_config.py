@@ -56,7 +56,7 @@ def test_unknown_key(data, key):
     message = str(e.value)
     assert key in message
     if "train" in data:
-        assert "train." in message and "momentum" in message  # the path, and the keys it knows
+        assert "'train.learning_rate'" in message and "momentum" in message  # the path, and the keys it knows
     if "trails" in data:
         assert "trials" in message
 

@@ -235,11 +235,11 @@ def test_folder_resizes_to_first_image(tmp_path):
     assert everything[chw(as_rgb).tobytes() + (1).to_bytes(2, "big")] == 1
 
 
-def test_folder_test_images_of_another_size(tmp_path):
+def test_folder_test_images_take_the_training_mode_and_size(tmp_path):
     write_folder(tmp_path / "train", ["a", "b"], 3, (8, 8), "L")
-    write_folder(tmp_path / "test", ["a", "b"], 1, (6, 6), "L")
-    with pytest.raises(InputError, match=r"\(1, 6, 6\).*\(1, 8, 8\)"):
-        load_dataset(f"folder:{tmp_path}")
+    write_folder(tmp_path / "test", ["a", "b"], 1, (6, 6), "RGB")
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert tuple(ds.test.x.shape) == (2, 1, 8, 8) and ds.input_shape == (1, 8, 8)
 
 
 @pytest.mark.parametrize("setup,match", [
