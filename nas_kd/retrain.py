@@ -66,8 +66,8 @@ def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, cri
     batches = iterator(1)
     if cached is not None and cached.covers(batches.indices):
         return batches, cached
-    size = CachedTargets.estimate_bytes(ensemble, dataset.input_shape, len(dataset.train), 1, criterion.uses_features)
-    if size > cfg.target_cache_gb * 1e9:
+    if not CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), 1, criterion.uses_features,
+                              cfg.target_cache_gb):
         return iterator(None), LiveTargets(ensemble, criterion.uses_features)
     return batches, CachedTargets(ensemble, batches, criterion.uses_features, progress=progress)
 

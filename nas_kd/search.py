@@ -322,8 +322,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     targets = None
     if probe.uses_teachers:
         # without augmentation the retrain sees the same pixels every epoch: cache its targets too
-        whole = cfg.final_epochs > 0 and not cfg.train.augment and CachedTargets.estimate_bytes(
-            ensemble, dataset.input_shape, len(dataset.train), views, probe.uses_features) <= cfg.target_cache_gb * 1e9
+        whole = cfg.final_epochs > 0 and not cfg.train.augment and CachedTargets.fits(
+            ensemble, dataset.input_shape, len(dataset.train), views, probe.uses_features, cfg.target_cache_gb)
         cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
                               augment=cfg.train.augment, indices=None if whole else subset)
         targets = CachedTargets(ensemble, cover, probe.uses_features, progress=progress)

@@ -301,13 +301,14 @@ class CachedTargets:
                     store[v, rows] = f.half()
 
     @staticmethod
-    def estimate_bytes(ensemble: Ensemble, input_shape: tuple[int, int, int], positions: int, views: int,
-                       features: bool) -> int:
-        """What a cache of `positions` images x `views` would hold, measured on one image."""
+    def fits(ensemble: Ensemble, input_shape: tuple[int, int, int], positions: int, views: int, features: bool,
+             limit_gb: float) -> bool:
+        """Whether a cache of `positions` images x `views` stays within `limit_gb` (1 GB = 1e9 bytes);
+        its size is measured on one image."""
         device = next(ensemble.members[0].model.parameters()).device
         out = ensemble(torch.zeros(1, *input_shape, device=device), features)
         per_image = out.logits.numel() * 4 + (sum(f.numel() * 2 for f in out.features) if features else 0)
-        return per_image * positions * views
+        return per_image * positions * views <= limit_gb * 1e9
 
     def nbytes(self) -> int:
         total = self.logits.numel() * 4 if self.logits is not None else 0
