@@ -58,9 +58,9 @@ def main() -> None:
     criterion_probe = criterion_for(build(Spec.parse(STUDENTS["small (resnet8-like)"]), dataset.input_shape, 10),
                                     recipe, ensemble.feature_channels)
     start = time.perf_counter()
-    cached = CachedTargets(ensemble, batches, criterion_probe.uses_features, progress=False)
+    cached = CachedTargets(ensemble, batches, criterion_probe.features, progress=False)
     cache_seconds = time.perf_counter() - start
-    live = LiveTargets(ensemble, criterion_probe.uses_features)
+    live = LiveTargets(ensemble, criterion_probe.features)
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {device}")

@@ -7,8 +7,10 @@ pooling and a linear classifier. A `Spec` names one such network and has a short
     c16|basic_d3_w16_s1_k3_e1|basic_d3_w32_s2_k3_e1|inverted_d2_w64_s2_k5_e6_se|h128
 
 (stem width; one token per stage: block, depth, width = output channels, stride of the first
-block, kernel, expansion, optional squeeze-excite; optional head width), and a JSON form. Both
-round-trip, so a trial, a checkpoint and a report name a student the same way.
+block, kernel, expansion, optional internal width `_m<mid>`, optional squeeze-excite; optional head
+width), and a JSON form. Both round-trip, so a trial, a checkpoint and a report name a student the
+same way. The internal width is what filter pruning (nas_kd.prune) shrinks, e.g.
+`basic_d3_w16_s1_k3_e1_m9`: conv1 of every block has 9 filters instead of 16.
 """
 
 from __future__ import annotations
@@ -60,18 +62,31 @@ class Block(nn.Module):
     """Base of the registered blocks: (B, cin, H, W) -> (B, cout, H/stride, W/stride)."""
 
     uses_expand = False  # whether the expansion ratio means anything to this block
+    uses_mid = False  # whether the block has an internal width that `mid` can set
 
-    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool):
+    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool, mid: int = 0):
         super().__init__()
+
+    @classmethod
+    def default_mid(cls, cin: int, cout: int, expand: int) -> int:
+        """The internal width when `mid` is 0; 0 where the block has none."""
+        return 0
 
 
 class BasicBlock(Block):
-    """ResNet basic block (He et al. 2016): two kxk convolutions and a residual."""
+    """ResNet basic block (He et al. 2016): two kxk convolutions and a residual; `mid` = filters of the first."""
 
-    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool):
-        super().__init__(cin, cout, stride, kernel, expand, se)
-        self.conv1 = conv_bn(cin, cout, kernel, stride)
-        self.conv2 = conv_bn(cout, cout, kernel)
+    uses_mid = True
+
+    @classmethod
+    def default_mid(cls, cin: int, cout: int, expand: int) -> int:
+        return cout
+
+    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool, mid: int = 0):
+        super().__init__(cin, cout, stride, kernel, expand, se, mid)
+        mid = mid or self.default_mid(cin, cout, expand)
+        self.conv1 = conv_bn(cin, mid, kernel, stride)
+        self.conv2 = conv_bn(mid, cout, kernel)
         nn.init.zeros_(self.conv2[1].weight)  # each block starts as the identity: trains faster
         self.se = SqueezeExcite(cout) if se else nn.Identity()
         self.shortcut = shortcut(cin, cout, stride)
@@ -82,13 +97,18 @@ class BasicBlock(Block):
 
 
 class Bottleneck(Block):
-    """ResNet bottleneck: 1x1 reduce to cout/expand, kxk, 1x1 back to cout, and a residual."""
+    """ResNet bottleneck: 1x1 reduce to cout/expand (or `mid`), kxk, 1x1 back to cout, and a residual."""
 
     uses_expand = True
+    uses_mid = True
 
-    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool):
-        super().__init__(cin, cout, stride, kernel, expand, se)
-        mid = max(1, cout // expand)
+    @classmethod
+    def default_mid(cls, cin: int, cout: int, expand: int) -> int:
+        return max(1, cout // expand)
+
+    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool, mid: int = 0):
+        super().__init__(cin, cout, stride, kernel, expand, se, mid)
+        mid = mid or self.default_mid(cin, cout, expand)
         self.reduce = conv_bn(cin, mid, 1)
         self.conv = conv_bn(mid, mid, kernel, stride)
         self.restore = conv_bn(mid, cout, 1)
@@ -102,14 +122,20 @@ class Bottleneck(Block):
 
 
 class InvertedResidual(Block):
-    """MobileNetV2 block (Sandler et al. 2018): 1x1 expand to cin*expand, depthwise kxk, linear 1x1
-    projection; residual when the shape is kept."""
+    """MobileNetV2 block (Sandler et al. 2018): 1x1 expand to cin*expand (or `mid`), depthwise kxk,
+    linear 1x1 projection; residual when the shape is kept. Without expansion (expand 1) the hidden
+    width is the input's, so there is no internal width to set."""
 
     uses_expand = True
+    uses_mid = True
 
-    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool):
-        super().__init__(cin, cout, stride, kernel, expand, se)
-        hidden = cin * expand
+    @classmethod
+    def default_mid(cls, cin: int, cout: int, expand: int) -> int:
+        return cin * expand if expand != 1 else 0
+
+    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool, mid: int = 0):
+        super().__init__(cin, cout, stride, kernel, expand, se, mid)
+        hidden = mid or cin * expand
         self.expand = conv_bn(cin, hidden, 1) if expand != 1 else nn.Identity()
         self.depthwise = conv_bn(hidden, hidden, kernel, stride, groups=hidden)
         self.se = SqueezeExcite(hidden) if se else nn.Identity()
@@ -127,8 +153,8 @@ class InvertedResidual(Block):
 class DepthwiseSeparable(Block):
     """MobileNetV1 block (Howard et al. 2017): depthwise kxk then pointwise 1x1, no residual."""
 
-    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool):
-        super().__init__(cin, cout, stride, kernel, expand, se)
+    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool, mid: int = 0):
+        super().__init__(cin, cout, stride, kernel, expand, se, mid)
         self.depthwise = conv_bn(cin, cin, kernel, stride, groups=cin)
         self.se = SqueezeExcite(cin) if se else nn.Identity()
         self.pointwise = conv_bn(cin, cout, 1)
@@ -141,8 +167,8 @@ class PlainConv(Block):
     """VGG layer (Simonyan & Zisserman 2015, with BN): kxk conv, BN, ReLU; a stride of 2 is a
     2x2 max-pool before the convolution, as in VGG."""
 
-    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool):
-        super().__init__(cin, cout, stride, kernel, expand, se)
+    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expand: int, se: bool, mid: int = 0):
+        super().__init__(cin, cout, stride, kernel, expand, se, mid)
         self.pool = nn.MaxPool2d(stride) if stride > 1 else nn.Identity()
         self.conv = conv_bn(cin, cout, kernel)
         self.se = SqueezeExcite(cout) if se else nn.Identity()
@@ -178,6 +204,7 @@ class StageSpec:
     kernel: int = 3  # odd
     expand: int = 1  # see the block; must be 1 for blocks that do not use it
     se: bool = False
+    mid: int = 0  # internal width of every block of the stage (see the block); 0 = the block's default
 
     def __post_init__(self) -> None:
         cls = block_class(self.block)
@@ -189,6 +216,11 @@ class StageSpec:
             (self.expand >= 1, f"expand must be >= 1, got {self.expand}"),
             (cls.uses_expand or self.expand == 1,
              f"block {self.block!r} has no expansion ratio; expand must be 1, got {self.expand}"),
+            (self.mid >= 0, f"mid must be >= 0, got {self.mid}"),
+            (cls.uses_mid or self.mid == 0,
+             f"block {self.block!r} has no internal width; mid must be 0, got {self.mid}"),
+            (self.mid == 0 or cls.default_mid(self.width, self.width, self.expand) > 0,
+             f"block {self.block!r} has no internal width at expand {self.expand}; mid must be 0, got {self.mid}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -196,10 +228,11 @@ class StageSpec:
 
     def token(self) -> str:
         s = f"{self.block}_d{self.depth}_w{self.width}_s{self.stride}_k{self.kernel}_e{self.expand}"
-        return s + ("_se" if self.se else "")
+        return s + (f"_m{self.mid}" if self.mid else "") + ("_se" if self.se else "")
 
 
-_TOKEN = re.compile(r"^(?P<block>[a-z]+)_d(?P<d>\d+)_w(?P<w>\d+)_s(?P<s>\d+)_k(?P<k>\d+)_e(?P<e>\d+)(?P<se>_se)?$")
+_TOKEN = re.compile(r"^(?P<block>[a-z]+)_d(?P<d>\d+)_w(?P<w>\d+)_s(?P<s>\d+)_k(?P<k>\d+)_e(?P<e>\d+)"
+                    r"(_m(?P<m>\d+))?(?P<se>_se)?$")
 
 
 @dataclass(frozen=True)
@@ -230,9 +263,9 @@ class Spec:
             m = _TOKEN.match(token)
             if not m:
                 raise InputError(f"bad stage {token!r} in spec {text!r}: expected "
-                                 "'<block>_d<depth>_w<width>_s<stride>_k<kernel>_e<expand>[_se]'")
+                                 "'<block>_d<depth>_w<width>_s<stride>_k<kernel>_e<expand>[_m<mid>][_se]'")
             stages.append(StageSpec(m["block"], int(m["d"]), int(m["w"]), int(m["s"]), int(m["k"]),
-                                    int(m["e"]), bool(m["se"])))
+                                    int(m["e"]), bool(m["se"]), int(m["m"] or 0)))
         return cls(int(parts[0][1:]), tuple(stages), head)
 
     def to_json(self) -> str:
@@ -271,7 +304,7 @@ class Network(nn.Module):
                     raise InputError(f"spec {spec} downsamples {image_size}px inputs below one pixel")
             cls = BLOCKS[st.block]
             blocks = [cls(cin if i == 0 else st.width, st.width, st.stride if i == 0 else 1, st.kernel,
-                          st.expand, st.se) for i in range(st.depth)]
+                          st.expand, st.se, st.mid) for i in range(st.depth)]
             stages.append(nn.Sequential(*blocks))
             cin = st.width
         self.stages = nn.ModuleList(stages)

@@ -40,12 +40,26 @@ class DistillConfig:
 
     losses: tuple[tuple[str, float], ...] = (("ce", 1.0), ("kl", 1.0), ("hint", 1.0))
     temperature: float = 4.0
+    # two-stage training (APSIPA 2021 cross-layer KD): this fraction of the epochs trains on the
+    # feature losses only (stage one, alignment), the rest on the logit losses only (stage two,
+    # KL + CE). 0 = one stage with every loss at once
+    two_stage: float = 0.0
+    ensemble_weighting: str = "mean"  # or "val_acc": members weighted by validation accuracy
 
     def weights(self) -> dict[str, float]:
         return dict(self.losses)
 
     def __str__(self) -> str:
         return ",".join(f"{name}={weight:g}" for name, weight in self.losses)
+
+    def describe(self) -> str:
+        """The whole recipe in one line, for logs, reports and checkpoint metadata."""
+        extra = [f"T={self.temperature:g}"]
+        if self.two_stage:
+            extra.append(f"two-stage {self.two_stage:g}")
+        if self.ensemble_weighting != "mean":
+            extra.append(f"ensemble weighted by {self.ensemble_weighting}")
+        return f"{self} ({', '.join(extra)})"
 
 
 def parse_distill(text: str) -> tuple[tuple[str, float], ...]:
@@ -86,12 +100,19 @@ class SearchConfig:
     trials: int = 10  # trained trials in this run
     timeout: float | None = None  # seconds for the search phase
     trial_epochs: int = 2
+    # how a trial is scored: "distill" = validation accuracy after brief whole-network distillation;
+    # "blockwise" = DNA-style block-wise score, each student stage trained alone to reproduce a
+    # teacher stage (see blockwise.py)
+    trial_score: str = "distill"
     objective: str = "accuracy"  # or "pareto"
     storage: str | None = None  # default sqlite:///studies/<study>.db
     study_name: str | None = None
     # final model
     final_epochs: int = 3
     retrain_trial: int | None = None
+    # also L1-prune the largest teacher to the budget and distil it with the same recipe and epochs
+    # as the winner (KD in place of fine-tuning after pruning); shown in the report
+    pruned_baseline: bool = False
     # recipe
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

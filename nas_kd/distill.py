@@ -1,4 +1,5 @@
-"""Distil a student from the ensemble's targets (cached or live) with a weighted sum of losses."""
+"""Distil a student from the ensemble's targets (cached or live) with a weighted sum of losses,
+in one stage or two (feature alignment first, then KL + CE)."""
 
 from __future__ import annotations
 
@@ -10,31 +11,63 @@ import torch.nn as nn
 from nas_kd.arch import Network
 from nas_kd.config import DistillConfig, TrainConfig
 from nas_kd.data import Batch, BatchIterator
+from nas_kd.errors import InputError
 from nas_kd.losses import Criterion, StudentOutput
 from nas_kd.teachers import TargetSource
 from nas_kd.train import fit
 
 
-def criterion_for(student: Network, recipe: DistillConfig, teacher_channels: list[int]) -> Criterion:
+def criterion_for(student: Network, recipe: DistillConfig, teacher_channels: list[list[int]]) -> Criterion:
     device = next(student.parameters()).device
     criterion = Criterion(recipe.weights(), student.stage_channels, teacher_channels, recipe.temperature)
     return criterion.to(device).to(memory_format=torch.channels_last)
 
 
+def check_two_stage(recipe: DistillConfig) -> None:
+    """Two-stage training needs a feature loss for stage one and a logit loss for stage two."""
+    from nas_kd.losses import loss_class
+
+    if not 0 <= recipe.two_stage < 1:
+        raise InputError(f"--two-stage must be a fraction of the epochs in [0, 1), got {recipe.two_stage:g}")
+    if recipe.two_stage:
+        kinds = {loss_class(name).kind for name, w in recipe.losses if w > 0}
+        if kinds != {"logits", "features"}:
+            raise InputError(f"--two-stage needs a feature loss (hint, crosslayer, at, rtk) for stage one and a "
+                             f"logit loss (ce, kl) for stage two; the recipe is {recipe}")
+
+
+def stage_epochs(epochs: int, fraction: float) -> tuple[int, int]:
+    """(stage-one epochs, stage-two epochs): each stage gets at least one when there are two."""
+    if fraction <= 0 or epochs < 2:
+        return 0, epochs
+    first = min(epochs - 1, max(1, round(epochs * fraction)))
+    return first, epochs - first
+
+
 def distill(student: Network, batches: BatchIterator, targets: TargetSource | None, criterion: Criterion,
             cfg: TrainConfig, epochs: int, on_epoch: Callable[[int], None] | None = None,
-            desc: str = "distill", progress: bool = True) -> float:
+            desc: str = "distill", progress: bool = True, two_stage: float = 0.0) -> float:
     """Train `student` (and the criterion's adapters) for `epochs`; returns training seconds.
 
-    `targets` may be None only when no loss of the criterion uses the teachers.
+    With `two_stage` > 0 the first `two_stage` of the epochs train on the feature losses only and
+    the rest on the logit losses only, each stage with its own one-cycle schedule; `on_epoch`
+    sees the epochs numbered through both. `targets` may be None only when no loss of the
+    criterion uses the teachers.
     """
     if criterion.uses_teachers and targets is None:
         raise ValueError("this recipe needs teacher targets")
 
-    def step(batch: Batch) -> torch.Tensor:
-        features = student.forward_features(batch.x)
-        out = StudentOutput(student.forward_head(features[-1]), features)
-        return criterion(out, targets(batch) if criterion.uses_teachers else None, batch.y)
+    def step_of(kind: str | None) -> Callable[[Batch], torch.Tensor]:
+        def step(batch: Batch) -> torch.Tensor:
+            features = student.forward_features(batch.x)
+            out = StudentOutput(student.forward_head(features[-1]), features)
+            return criterion(out, targets(batch) if criterion.uses_teachers else None, batch.y, kind)
+        return step
 
     modules = nn.ModuleDict({"student": student, "criterion": criterion})
-    return fit(modules, batches, step, cfg, epochs, on_epoch, desc, progress)
+    first, second = stage_epochs(epochs, two_stage) if criterion.kinds() == {"logits", "features"} else (0, epochs)
+    if not first:
+        return fit(modules, batches, step_of(None), cfg, epochs, on_epoch, desc, progress)
+
+    seconds = fit(modules, batches, step_of("features"), cfg, first, on_epoch, f"{desc} align", progress)
+    return seconds + fit(modules, batches, step_of("logits"), cfg, second, on_epoch, desc, progress, first_epoch=first)

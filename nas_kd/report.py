@@ -24,8 +24,8 @@ from optuna.trial import TrialState
 from nas_kd.cli import fail, quiet_libraries, study_parser
 from nas_kd.cost import format_count
 from nas_kd.errors import InputError
-from nas_kd.objective import is_feasible, was_trained
-from nas_kd.study import STUDY_ATTR, WINNER_ATTR, load_existing
+from nas_kd.objective import is_feasible, trial_score, was_trained
+from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR, load_existing
 
 COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "val_acc",
            "val_acc_per_epoch", "train_seconds", "feasible"]
@@ -47,7 +47,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         rows.append({"number": t.number, "status": status(t), "spec": a.get("spec"), "macs": a.get("macs"),
                      "params": a.get("params"), "macs_compression": a.get("macs_compression"),
                      "params_compression": a.get("params_compression"),
-                     "val_acc": accs[-1] if accs else None,
+                     "val_acc": trial_score(t),  # the block-wise score in blockwise studies
                      "val_acc_per_epoch": json.dumps(accs) if accs else None,
                      "train_seconds": a.get("train_seconds"), "feasible": is_feasible(t) if t.constraints else None})
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -83,6 +83,14 @@ class ParetoData(NamedTuple):
     budget: float | None
     reference: float  # the largest teacher's cost: compression = reference / cost
     winner: int | None  # trial number
+    # what the y axis holds: validation accuracy, or the block-wise score of a blockwise study
+    score_label: str = "validation accuracy"
+    # baselines retrained with the winner's schedule (pruned teacher + KD / + fine-tuning): their
+    # validation accuracy after that retrain, labelled by method
+    baselines: Points = Points([], [], [], [])
+
+
+SCORE_LABELS = {"distill": "validation accuracy", "blockwise": "block-wise score (mean R^2 of stages)"}
 
 
 def _points(frame: pd.DataFrame, cost: str) -> Points:
@@ -91,7 +99,8 @@ def _points(frame: pd.DataFrame, cost: str) -> Points:
 
 
 def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: list[dict[str, Any]],
-                winner: int | None = None) -> ParetoData:
+                winner: int | None = None, score_label: str = SCORE_LABELS["distill"],
+                baselines: list[dict[str, Any]] = ()) -> ParetoData:
     if cost not in ("macs", "params"):
         raise ValueError(f"cost must be 'macs' or 'params', got {cost!r}")
     has_cost = frame[cost].notna()
@@ -105,8 +114,10 @@ def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: 
     teacher_points = Points([float(t[cost]) for t in teachers], [float(t["val_acc"]) for t in teachers],
                             [-1] * len(teachers), [str(t["name"]) for t in teachers])
     reference = max((float(t[cost]) for t in teachers), default=float("nan"))
+    baseline_points = Points([float(b[cost]) for b in baselines], [float(b["val_acc"]) for b in baselines],
+                             [-2] * len(baselines), [str(b["method"]) for b in baselines])
     return ParetoData(cost, _points(front, cost), _points(feasible, cost), _points(infeasible, cost),
-                      _points(pruned, cost), teacher_points, budget, reference, winner)
+                      _points(pruned, cost), teacher_points, budget, reference, winner, score_label, baseline_points)
 
 
 # ---------------------------------------------------------------- rendering
@@ -116,8 +127,8 @@ def _hover(points: Points, data: ParetoData, what: str) -> list[str]:
     out = []
     for x, acc, n, label in zip(*points):
         ratio = data.reference / x if x else float("nan")
-        head = f"teacher {label}" if n < 0 else f"trial {n} ({what})"
-        acc_text = "not trained" if acc != acc else f"val acc {acc:.4f}"
+        head = {-1: f"teacher {label}", -2: f"baseline: {label}"}.get(n, f"trial {n} ({what})")
+        acc_text = "not trained" if acc != acc else f"{'val acc' if n < 0 else data.score_label} {acc:.4f}"
         out.append(f"{head}<br>{label if n >= 0 else ''}<br>{data.cost} {format_count(x)} "
                    f"(compression x{ratio:.2f})<br>{acc_text}")
     return out
@@ -131,6 +142,8 @@ def pareto_figure(data: ParetoData) -> go.Figure:
         (data.pruned, "pruned early", dict(color="#ff7f0e", size=8, symbol="x")),
         (data.front, "Pareto front", dict(color="#d62728", size=11, line=dict(width=1, color="black"))),
         (data.teachers, "teachers", dict(color="#2ca02c", size=15, symbol="star")),
+        (data.baselines, "pruned-teacher baselines (val acc after the full retrain)",
+         dict(color="#9467bd", size=12, symbol="diamond")),
     ]
     for points, label, marker in layers:
         mode = "lines+markers" if label == "Pareto front" else "markers"
@@ -149,14 +162,14 @@ def pareto_figure(data: ParetoData) -> go.Figure:
     if data.budget:
         fig.add_vline(x=data.budget, line_dash="dash", line_color="black",
                       annotation_text=f"budget {format_count(data.budget)}", annotation_position="top left")
-    xs = data.feasible.x + data.infeasible.x + data.teachers.x
+    xs = data.feasible.x + data.infeasible.x + data.teachers.x + data.baselines.x
     ticks = _log_ticks(min(xs), max(xs)) if xs else []
     ticktext = [f"{format_count(v)}<br>x{data.reference / v:.1f}" if data.reference == data.reference else format_count(v)
                 for v in ticks]
     fig.update_layout(
-        title=f"Validation accuracy vs {name} (second tick row: compression vs the largest teacher)",
+        title=f"{data.score_label.capitalize()} vs {name} (second tick row: compression vs the largest teacher)",
         xaxis=dict(title=f"{name} (log scale)", type="log", tickvals=ticks, ticktext=ticktext),
-        yaxis=dict(title="validation accuracy", domain=[0.08, 1.0]),
+        yaxis=dict(title=data.score_label, domain=[0.08, 1.0]),
         yaxis2=dict(domain=[0.0, 0.05], showticklabels=False, showgrid=False, zeroline=False),
         template="plotly_white", height=520, legend=dict(orientation="h", y=-0.2))
     return fig
@@ -222,7 +235,10 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     winner = study.user_attrs.get(WINNER_ATTR)
     teachers = info.get("teachers", [])
     budget = info.get("budget", {})
-    figures = [pareto_figure(pareto_data(frame, cost, budget.get(cost), teachers, winner and winner.get("trial")))
+    score_label = SCORE_LABELS.get(info.get("config", {}).get("trial_score", "distill"), SCORE_LABELS["distill"])
+    baselines = study.user_attrs.get(BASELINE_ATTR, {}).get("methods", [])
+    figures = [pareto_figure(pareto_data(frame, cost, budget.get(cost), teachers, winner and winner.get("trial"),
+                                         score_label, baselines))
                for cost in ("macs", "params")]
     figures.append(epochs_figure(frame))
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%")
@@ -249,6 +265,19 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
         ensemble = {"name": "ensemble", **info.get("ensemble", {})}
     if teachers:
         sections += ["<h2>Teachers</h2>", _table(teachers + [ensemble])]
+    if baselines:
+        info_b = study.user_attrs[BASELINE_ATTR]
+        sections += ["<h2>Pruned-teacher baseline</h2>",
+                     f"<p>{esc(str(info_b.get('teacher')))} with its filters L1-pruned to the budget (keep "
+                     f"{info_b.get('keep', float('nan')):.3f} of each prunable layer), its surviving weights kept, "
+                     f"then trained for the winner's {esc(str(info_b.get('epochs')))} epochs: distilled with the "
+                     "search's recipe (KD in place of fine-tuning), and fine-tuned with cross-entropy alone.</p>",
+                     _table([{k: v for k, v in b.items() if not isinstance(v, (dict, list))} for b in baselines])]
+    online = study.user_attrs.get(ONLINE_ATTR)
+    if online and isinstance(online.get("students"), list):
+        sections += ["<h2>Online ensemble of students</h2>",
+                     _table([{k: v for k, v in st.items() if not isinstance(v, (dict, list))}
+                             for st in online["students"]])]
     sections += ["<h2>Pareto fronts</h2>", *parts, "<h2>All trials</h2>",
                  frame.astype({"feasible": "boolean"}).to_html(index=False, border=0, na_rep="", classes="trials")]
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>nas_kd {esc(study.study_name)}</title>"

@@ -62,14 +62,14 @@ def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, cri
     if not criterion.uses_teachers:
         return iterator(None), None
     if cfg.train.augment:
-        return iterator(None), LiveTargets(ensemble, criterion.uses_features)
+        return iterator(None), LiveTargets(ensemble, criterion.features)
     batches = iterator(1)
-    if cached is not None and cached.covers(batches.indices):
+    if cached is not None and cached.covers(batches.indices) and cached.serves(criterion.features):
         return batches, cached
-    if not CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), 1, criterion.uses_features,
+    if not CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), 1, criterion.features,
                               cfg.target_cache_gb):
-        return iterator(None), LiveTargets(ensemble, criterion.uses_features)
-    return batches, CachedTargets(ensemble, batches, criterion.uses_features, progress=progress)
+        return iterator(None), LiveTargets(ensemble, criterion.features)
+    return batches, CachedTargets(ensemble, batches, criterion.features, progress=progress)
 
 
 def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
@@ -80,7 +80,8 @@ def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
     model = build(spec, dataset.input_shape, dataset.num_classes).to(device)
     criterion = criterion_for(model, cfg.distill, ensemble.feature_channels)
     batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress)
-    seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc="retrain", progress=progress)
+    seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc="retrain", progress=progress,
+                      two_stage=cfg.distill.two_stage)
     return model.eval(), seconds
 
 
@@ -92,7 +93,7 @@ def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[s
         "val_acc": evaluate(model, dataset.val, dataset),
         "teachers_test_acc": {t.name: accuracy(logits, dataset.test.y)
                               for t, logits in zip(ensemble.members, teacher_logits)},
-        "ensemble_test_acc": accuracy(soft_targets(teacher_logits, 1.0), dataset.test.y),
+        "ensemble_test_acc": accuracy(soft_targets(teacher_logits, 1.0, ensemble.weights), dataset.test.y),
     }
 
 
@@ -149,7 +150,7 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
                "macs_compression": round(macs_c, 4), "params_compression": round(params_c, 4),
                "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,
                "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
-               "recipe": str(cfg.distill), "temperature": cfg.distill.temperature}
+               "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature}
     weights, metrics_path = export(model, dataset, cfg, metrics, out_dir)
     metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)
     study.set_user_attr(WINNER_ATTR, metrics)
@@ -177,17 +178,40 @@ def config_of(study: optuna.Study) -> SearchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     parser = study_parser("python -m nas_kd.retrain",
-                          "Retrain a study's winner (or --trial N) with the full schedule, test it and export it.")
+                          "Retrain a study's winner (or --trial N) with the full schedule, test it and export it;\n"
+                          "or, with --online-ensemble K, retrain the top K students of its Pareto front together,\n"
+                          "each learning from the ensemble of all of them (into OUT_DIR/<study>/online/).")
     parser.add_argument("--trial", type=int, help="retrain this trial instead of the best feasible one")
     parser.add_argument("--final-epochs", type=int, help="epochs of the retrain (default: the search's)")
+    parser.add_argument("--online-ensemble", type=int, metavar="K",
+                        help="retrain the K (>= 2) most accurate feasible students of the Pareto front together, "
+                             "as an online ensemble (Walawalkar et al., ECCV 2020)")
+    parser.add_argument("--with-teachers", action="store_true",
+                        help="with --online-ensemble: each student also learns from the offline teachers "
+                             "with the study's recipe")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     quiet_libraries()
     try:
+        online = args.online_ensemble is not None
+        if online and args.online_ensemble < 2:
+            raise InputError(f"--online-ensemble needs at least 2 students, got {args.online_ensemble}")
+        if args.with_teachers and not online:
+            raise InputError("--with-teachers applies to an online ensemble only; add --online-ensemble K")
+        if online and args.trial is not None:
+            raise InputError(f"--trial picks one student, --online-ensemble the top {args.online_ensemble}; "
+                             "pass one of them")
         study = load_existing(args.storage, args.study_name, Path(args.out_dir))
         cfg = config_of(study)
-        overrides = {"device": args.device, "retrain_trial": args.trial, "out_dir": args.out_dir}
+        if online:
+            from nas_kd.online import retrain_online, top_students  # online imports this module
+
+            top_students(study, args.online_ensemble)  # too few students: fail before any teacher is loaded
+        overrides: dict[str, Any] = {"device": args.device, "retrain_trial": args.trial, "out_dir": args.out_dir}
+        if cfg.cache_dir is None and cfg.cache_path().is_dir():
+            # the teachers stay where the search cached them when --out-dir moves only this command's outputs
+            overrides["cache_dir"] = str(cfg.cache_path())
         if args.final_epochs is not None:
             if args.final_epochs < 1:
                 raise InputError(f"--final-epochs must be >= 1, got {args.final_epochs}")
@@ -195,7 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = from_dict(SearchConfig, {**cfg.to_dict(), **overrides})
         dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None).to(resolve_device(cfg.device))
         ensemble = ensemble_from_config(cfg, dataset, not args.quiet, log)
-        metrics = finish_retrain(study, dataset, ensemble, cfg, not args.quiet, log)
+        if online:
+            out = Path(cfg.out_dir) / study.study_name / "online"
+            metrics = retrain_online(study, dataset, ensemble, cfg, args.online_ensemble, args.with_teachers, out,
+                                     not args.quiet, log)
+            write_report(study, out.parent)
+        else:
+            metrics = finish_retrain(study, dataset, ensemble, cfg, not args.quiet, log)
     except InputError as e:
         return fail(str(e))
     print(json.dumps(metrics, indent=2))

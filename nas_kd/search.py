@@ -17,18 +17,23 @@ import optuna
 import yaml
 from tqdm.auto import tqdm
 
+from nas_kd.baselines import check_prunable, pruned_baseline
+from nas_kd.blockwise import BlockwiseScorer
 from nas_kd.cli import OneLineParser, base_parser, fail, log, quiet_libraries
 from nas_kd.config import SearchConfig, from_dict, parse_distill
 from nas_kd.cost import Budget, format_count, parse_count
 from nas_kd.data import BatchIterator, load_dataset, seeded_subset
+from nas_kd.distill import check_two_stage
 from nas_kd.errors import InputError
-from nas_kd.losses import Criterion, loss_class
-from nas_kd.objective import TrialContext, run_trial, was_trained
+from nas_kd.losses import LOSSES, Criterion, loss_class, recipe_features, recipe_uses_teachers
+from nas_kd.objective import TRIAL_SCORES, TrialContext, run_trial, stored_blockwise_scores, trial_score, was_trained
 from nas_kd.report import write_report
 from nas_kd.retrain import finish_retrain
 from nas_kd.space import SHIPPED, SearchSpace, describe, load_space
 from nas_kd.study import (
+    BASELINE_ATTR,
     GUARDED_KEYS,
+    LATE_GUARDED_KEYS,
     STUDY_ATTR,
     WINNER_ATTR,
     check_url,
@@ -39,7 +44,7 @@ from nas_kd.study import (
     storage_url,
     update_study_attr,
 )
-from nas_kd.teachers import TEACHERS, CachedTargets, ensemble_from_config, ensemble_summary
+from nas_kd.teachers import ENSEMBLE_WEIGHTINGS, TEACHERS, CachedTargets, ensemble_from_config, ensemble_summary
 from nas_kd.train import resolve_device
 
 DEFAULTS = SearchConfig()
@@ -62,6 +67,18 @@ def _positive(kind: type, flag: str, minimum: float = 1):
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _fraction(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
         return value
     return parse
 
@@ -126,6 +143,11 @@ def build_parser() -> OneLineParser:
                    help="stop starting trials after this many seconds")
     g.add_argument("--trial-epochs", type=_positive(int, "--trial-epochs"), default=DEFAULTS.trial_epochs,
                    help=f"distillation epochs per trial (default {DEFAULTS.trial_epochs})")
+    g.add_argument("--trial-score", choices=list(TRIAL_SCORES), default=DEFAULTS.trial_score,
+                   help="distill: a trial's score is its validation accuracy after --trial-epochs of whole-network "
+                        "distillation (default); blockwise: each student stage is trained alone to reproduce a "
+                        "teacher stage from the teacher's input (DNA), the score is the mean R^2 over stages, and "
+                        "stages shared between trials are scored once")
     g.add_argument("--objective", choices=["accuracy", "pareto"], default=DEFAULTS.objective,
                    help="accuracy: maximise validation accuracy with the budgets as constraints, with a median "
                         "pruner; pareto: maximise accuracy and minimise MACs (no pruning: Optuna cannot prune "
@@ -136,7 +158,14 @@ def build_parser() -> OneLineParser:
                                         "and a hash of the settings trials depend on)")
     g = p.add_argument_group("distillation")
     g.add_argument("--distill", default=str(DEFAULTS.distill),
-                   help=f"weighted losses, NAME[=WEIGHT],... (default {DEFAULTS.distill}); known: ce, kl, hint")
+                   help=f"weighted losses, NAME[=WEIGHT],... (default {DEFAULTS.distill}); known: {', '.join(LOSSES)} "
+                        "(see the README for each method's paper)")
+    g.add_argument("--two-stage", type=_fraction("--two-stage"), default=DEFAULTS.distill.two_stage, metavar="FRACTION",
+                   help="two-stage training: this fraction of every training's epochs uses only the feature losses "
+                        "(hint, crosslayer, at, rtk), the rest only the logit losses (ce, kl); 0 = one stage (default)")
+    g.add_argument("--ensemble-weighting", choices=list(ENSEMBLE_WEIGHTINGS), default=DEFAULTS.distill.ensemble_weighting,
+                   help="how the teachers' outputs are combined: mean (default), or val_acc: weighted by each "
+                        "teacher's validation accuracy")
     g.add_argument("--temperature", type=_positive(float, "--temperature", 1e-3), default=DEFAULTS.distill.temperature,
                    help=f"softmax temperature of the KL loss (default {DEFAULTS.distill.temperature:g})")
     g.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=DEFAULTS.train.batch_size)
@@ -148,6 +177,10 @@ def build_parser() -> OneLineParser:
     g = p.add_argument_group("final model")
     g.add_argument("--final-epochs", type=_positive(int, "--final-epochs", 0), default=DEFAULTS.final_epochs,
                    help=f"epochs of the winner's retrain (default {DEFAULTS.final_epochs}; 0 = no retrain)")
+    g.add_argument("--pruned-baseline", action="store_true",
+                   help="also L1-prune the largest teacher's filters until it fits the budget, keep its weights, and "
+                        "distil it with the winner's recipe and epochs (and fine-tune it, for comparison); shown "
+                        "in the report")
     g.add_argument("--retrain-trial", type=_positive(int, "--retrain-trial", 0), metavar="N",
                    help="retrain trial N instead of the best feasible one")
     g = p.add_argument_group("run")
@@ -193,30 +226,31 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
 
     for name in ("flops_budget", "params_budget", "dataset", "data_dir", "subset", "teacher_epochs",
                  "search_space", "trials", "timeout", "trial_epochs", "objective", "storage", "study_name",
-                 "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir"):
+                 "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score"):
         flag(name)
     flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])
     flag("teacher_ckpt", "teacher_ckpts", convert=lambda v: [list(x) for x in v])
-    train = dict(base["train"])
-    if "batch_size" in given:
-        train["batch_size"] = args.batch_size
-    if "lr" in given:
-        train["lr"] = args.lr
+    # flags of the nested configs: (flag dest, section, key)
+    nested = (("batch_size", "train", "batch_size"), ("lr", "train", "lr"), ("temperature", "distill", "temperature"),
+              ("two_stage", "distill", "two_stage"), ("ensemble_weighting", "distill", "ensemble_weighting"))
+    base["train"], base["distill"] = dict(base["train"]), dict(base["distill"])
+    for dest, section, key in nested:
+        if dest in given:
+            base[section][key] = getattr(args, dest)
     if args.augment:
-        train["augment"] = True
-    base["train"] = train
-    distill = dict(base["distill"])
+        base["train"]["augment"] = True
     if "distill" in given:
-        distill["losses"] = [list(x) for x in parse_distill(args.distill)]
-    if "temperature" in given:
-        distill["temperature"] = args.temperature
-    base["distill"] = distill
+        base["distill"]["losses"] = [list(x) for x in parse_distill(args.distill)]
+    if args.pruned_baseline:
+        base["pruned_baseline"] = True
     return from_dict(SearchConfig, base)
 
 
 def validate(cfg: SearchConfig) -> SearchConfig:
     if cfg.flops_budget is None and cfg.params_budget is None:
         raise InputError("give a budget: --flops-budget (MACs, e.g. 50M) and/or --params-budget (e.g. 500K)")
+    if cfg.trial_score not in TRIAL_SCORES:
+        raise InputError(f"unknown trial score {cfg.trial_score!r}; known: {', '.join(TRIAL_SCORES)}")
     if cfg.objective not in ("accuracy", "pareto"):
         raise InputError(f"objective must be 'accuracy' or 'pareto', got {cfg.objective!r}")
     resolve_device(cfg.device)
@@ -230,7 +264,11 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         raise InputError(f"--teachers lists a teacher twice: {','.join(cfg.teachers)}")
     for name, _ in cfg.distill.losses:
         loss_class(name)
-    Criterion(cfg.distill.weights(), [8], [8], cfg.distill.temperature)  # weights and temperature
+    Criterion(cfg.distill.weights(), [8], [[8]], cfg.distill.temperature)  # weights and temperature
+    check_two_stage(cfg.distill)
+    if cfg.distill.ensemble_weighting not in ENSEMBLE_WEIGHTINGS:
+        raise InputError(f"unknown ensemble weighting {cfg.distill.ensemble_weighting!r}; "
+                         f"known: {', '.join(ENSEMBLE_WEIGHTINGS)}")
     for key in ("trial_epochs", "teacher_epochs", "ensemble_views"):
         if getattr(cfg, key) < 1:
             raise InputError(f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -246,10 +284,16 @@ def space_id(space: SearchSpace) -> str:
 
 
 def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
+    """The settings a study's trials depend on. Settings added after a study format was first
+    released are included only when they differ from their default, so that older studies keep
+    their names and still resume."""
     d = cfg.to_dict()
     d["search_space"] = space_source
     d["distill"] = {"losses": [list(x) for x in cfg.distill.losses], "temperature": cfg.distill.temperature}
-    return {k: d[k] for k in GUARDED_KEYS}
+    for key in ("two_stage", "ensemble_weighting"):
+        if getattr(cfg.distill, key) != getattr(DEFAULTS.distill, key):
+            d["distill"][key] = getattr(cfg.distill, key)
+    return {k: d[k] for k in GUARDED_KEYS if k in d and (k not in LATE_GUARDED_KEYS or d[k] != getattr(DEFAULTS, k))}
 
 
 def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: float) -> str:
@@ -269,6 +313,8 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
                  ("winner accuracy", f"test {winner['test_acc']:.4f}, val {winner['val_acc']:.4f} after "
                                      f"{winner['final_epochs']} epochs; teacher ensemble test {winner['ensemble_test_acc']:.4f}"),
                  ("winner files", str(Path(winner["weights"]).parent))]
+    for b in study.user_attrs.get(BASELINE_ATTR, {}).get("methods", []):
+        rows.append((b["method"], f"{format_count(b['macs'])} MACs, test {b['test_acc']:.4f} after {b['final_epochs']} epochs"))
     out = Path(cfg.out_dir) / study.study_name
     rows += [("report", str(out / "report.html")), ("dashboard", f"optuna-dashboard {url}"),
              ("wall time", f"{seconds / 60:.1f} min")]
@@ -291,6 +337,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         raise InputError(f"no student of search space {space.name!r} fits {budget}: the smallest reach "
                          f"{format_count(min_macs.macs)} MACs ({min_macs_spec}) and {format_count(min_params.params)} "
                          f"params at input {'x'.join(map(str, dataset.input_shape))}; raise the budget or use another space")
+    if cfg.pruned_baseline:
+        check_prunable(cfg, dataset.input_shape, dataset.num_classes)
     device = resolve_device(cfg.device)
     log(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test "
         f"images of {'x'.join(map(str, dataset.input_shape))}, {dataset.num_classes} classes; device {device}")
@@ -311,33 +359,38 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         "budget_text": str(budget), "teachers": ensemble_summary(ensemble), "ensemble": {"val_acc": ensemble_val},
         "reference_name": f"{reference.name} for MACs, "
                           f"{max(ensemble.members, key=lambda t: t.cost.params).name} for params",
-        "recipe": f"{cfg.distill} (T={cfg.distill.temperature:g})", "input_shape": list(dataset.input_shape)})
+        "recipe": cfg.distill.describe(), "input_shape": list(dataset.input_shape)})
     log(f"ensemble of {len(ensemble.members)}: val acc {ensemble_val:.4f}")
 
     subset = seeded_subset(len(dataset.train), cfg.subset, cfg.seed)
     views = min(cfg.ensemble_views, cfg.trial_epochs) if cfg.train.augment else 1
     batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
                             augment=cfg.train.augment, indices=subset)
-    probe = Criterion(cfg.distill.weights(), [8], [8], cfg.distill.temperature)
-    targets = None
-    if probe.uses_teachers:
+    features = recipe_features(cfg.distill.weights())
+    targets, scorer = None, None
+    if cfg.trial_score == "blockwise":
+        best = max(ensemble.members, key=lambda t: t.val_acc)
+        scorer = BlockwiseScorer(best, dataset, batches, cfg.train, cfg.trial_epochs, cfg.seed)
+        scorer.preload(stored_blockwise_scores(study))
+        log(f"block-wise scores against teacher {best.name}; {len(scorer.scores)} stage scores from earlier trials")
+    elif recipe_uses_teachers(cfg.distill.weights()):
         # without augmentation the retrain sees the same pixels every epoch: cache its targets too
         whole = cfg.final_epochs > 0 and not cfg.train.augment and CachedTargets.fits(
-            ensemble, dataset.input_shape, len(dataset.train), views, probe.uses_features, cfg.target_cache_gb)
+            ensemble, dataset.input_shape, len(dataset.train), views, features, cfg.target_cache_gb)
         cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
                               augment=cfg.train.augment, indices=None if whole else subset)
-        targets = CachedTargets(ensemble, cover, probe.uses_features, progress=progress)
+        targets = CachedTargets(ensemble, cover, features, progress=progress)
         log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
             f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}")
     ctx = TrialContext(space, dataset, ensemble, budget, batches, targets, cfg.distill, cfg.train, cfg.trial_epochs,
-                       cfg.objective == "pareto", cfg.seed, progress)
+                       cfg.objective == "pareto", cfg.seed, progress, cfg.trial_score, scorer)
 
     bar = tqdm(total=cfg.trials, desc="trials", unit="trained", disable=not progress or None, dynamic_ncols=True)
 
     def on_trial(trial: optuna.trial.FrozenTrial) -> None:
         if was_trained(trial):
             bar.update(1)
-            bar.set_postfix_str(f"#{trial.number} val {trial.user_attrs['val_acc_per_epoch'][-1]:.4f} "
+            bar.set_postfix_str(f"#{trial.number} score {trial_score(trial):.4f} "
                                 f"{format_count(trial.user_attrs['macs'])} MACs")
 
     out = Path(cfg.out_dir) / name
@@ -349,6 +402,9 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     log(f"{trained} trials trained in this run; report {out / 'report.html'}")
     if cfg.final_epochs > 0:
         finish_retrain(study, dataset, ensemble, cfg, progress, log, targets)
+        if cfg.pruned_baseline:
+            pruned_baseline(study, dataset, ensemble, cfg, out, progress, log, targets)
+            write_report(study, out)
     print(f"\nnas_kd search finished\n{summary_table(study, cfg, url, time.perf_counter() - start)}")
     return study
 

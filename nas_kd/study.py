@@ -18,10 +18,15 @@ from nas_kd.objective import was_trained
 
 STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, reference
 WINNER_ATTR = "winner"  # study user attribute: the retrained winner's final numbers
+BASELINE_ATTR = "pruned_baseline"  # study user attribute: the pruned-teacher baselines' final numbers
+ONLINE_ATTR = "online_ensemble"  # study user attribute: the online ensemble of students' final numbers
 
 # What a study's trials depend on: resuming with any of these changed would mix incomparable trials.
 GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "teachers", "teacher_epochs",
-                "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed")
+                "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed",
+                "trial_score")
+# keys added later: recorded only when not at their default, so older studies keep their names
+LATE_GUARDED_KEYS = ("trial_score",)
 
 
 def default_study_name(guarded: dict[str, Any]) -> str:

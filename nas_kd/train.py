@@ -49,20 +49,22 @@ StepLoss = Callable[[Batch], torch.Tensor]
 
 
 def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: TrainConfig, epochs: int,
-        on_epoch: Callable[[int], None] | None = None, desc: str = "train", progress: bool = True) -> float:
+        on_epoch: Callable[[int], None] | None = None, desc: str = "train", progress: bool = True,
+        first_epoch: int = 0) -> float:
     """Train every parameter of `modules` (a model, or a model with its adapters) for `epochs`.
 
     `step_loss(batch)` returns the scalar loss of one batch; `on_epoch(epoch)` runs after each
-    epoch (evaluation, reporting, pruning: it may raise). Returns the seconds spent training,
-    evaluation callbacks excluded.
+    epoch (evaluation, reporting, pruning: it may raise). Epochs are numbered from `first_epoch`
+    (for shuffling, views and `on_epoch`), so a second call can continue where a first stopped.
+    Returns the seconds spent training, evaluation callbacks excluded.
     """
     optimizer = make_optimizer(modules.named_parameters(), cfg)
     scheduler = one_cycle(optimizer, epochs * len(batches), cfg.warmup)
     seconds = 0.0
-    for epoch in range(epochs):
+    for epoch in range(first_epoch, first_epoch + epochs):
         modules.train()
         start = time.perf_counter()
-        bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"{desc} {epoch + 1}/{epochs}",
+        bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"{desc} {epoch - first_epoch + 1}/{epochs}",
                    leave=False, disable=not progress or None, dynamic_ncols=True)
         for batch in bar:
             loss = step_loss(batch)

@@ -66,10 +66,65 @@ def test_spec_string_form() -> None:
     ("c16|basic_d1_w8_s3_k3_e1", "stride must be 1 or 2"),
     ("c16|basic_d1_w8_s1_k4_e1", "kernel must be odd"),
     ("c16|basic_d1_w8_s1_k3_e6", "has no expansion ratio"),
+    ("c16|basic_d1_w8_s1_k3_e1_se_m4", "bad stage"),  # mid comes before squeeze-excite
+    ("c16|dwsep_d1_w8_s1_k3_e1_m4", "block 'dwsep' has no internal width; mid must be 0, got 4"),
+    ("c16|conv_d1_w8_s1_k3_e1_m4", "block 'conv' has no internal width; mid must be 0, got 4"),
+    ("c16|inverted_d1_w8_s1_k3_e1_m4", "block 'inverted' has no internal width at expand 1; mid must be 0, got 4"),
 ])
 def test_bad_spec_strings(text: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         Spec.parse(text)
+
+
+def test_spec_string_form_with_mid() -> None:
+    spec = Spec(16, (StageSpec("basic", 3, 16, 1, 3, 1, False, 9), StageSpec("bottleneck", 1, 32, 2, 3, 4, False, 5),
+                     StageSpec("inverted", 2, 64, 2, 5, 6, True, 100)), head=128)
+    text = "c16|basic_d3_w16_s1_k3_e1_m9|bottleneck_d1_w32_s2_k3_e4_m5|inverted_d2_w64_s2_k5_e6_m100_se|h128"
+    assert str(spec) == text
+    assert Spec.parse(text) == spec
+    assert Spec.from_json(spec.to_json()) == spec
+
+
+def test_spec_json_from_before_mid_still_loads() -> None:
+    old = ('{"stem": 16, "stages": [{"block": "basic", "depth": 3, "width": 16, "stride": 1, "kernel": 3, '
+           '"expand": 1, "se": false}], "head": 0}')
+    assert Spec.from_json(old) == Spec.parse("c16|basic_d3_w16_s1_k3_e1")
+
+
+def test_negative_mid_is_refused() -> None:
+    with pytest.raises(InputError, match="mid must be >= 0, got -1"):
+        StageSpec("basic", 1, 8, mid=-1)
+
+
+def conv_widths(module: torch.nn.Module) -> list[tuple[int, int]]:
+    """(in_channels, out_channels) of every conv, in order."""
+    return [(m.in_channels, m.out_channels) for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+@pytest.mark.parametrize(("token", "first", "second"), [
+    # basic: conv1 has mid filters, conv2 reads them; then the shortcut (8 -> 16 in the first block)
+    ("basic_d2_w16_s2_k3_e1_m5", [(8, 5), (5, 16), (8, 16)], [(16, 5), (5, 16)]),
+    # bottleneck: reduce and kxk conv at mid, restore back to the width
+    ("bottleneck_d2_w16_s1_k3_e4_m3", [(8, 3), (3, 3), (3, 16), (8, 16)], [(16, 3), (3, 3), (3, 16)]),
+    # inverted: mid is absolute, the same hidden width in the first block (8 * 6 by default) and the
+    # second (16 * 6); squeeze-excite (hidden max(8, 10 // 4)) and the depthwise conv over mid channels
+    ("inverted_d2_w16_s1_k3_e6_m10_se", [(8, 10), (10, 10), (10, 8), (8, 10), (10, 16)],
+     [(16, 10), (10, 10), (10, 8), (8, 10), (10, 16)]),
+])
+def test_mid_sets_the_internal_width_of_every_block(token: str, first: list, second: list) -> None:
+    net = build(Spec.parse(f"c8|{token}"), (3, 12, 12), 5)
+    assert conv_widths(net.stages[0][0]) == first
+    assert conv_widths(net.stages[0][1]) == second
+    check_network(net, (3, 12, 12), 5, batch=2)
+
+
+@pytest.mark.parametrize("block", [b for b, cls in BLOCKS.items() if cls.uses_mid])
+def test_mid_zero_is_the_default_width(block: str) -> None:
+    default = Spec(8, (StageSpec(block, 2, 16, 2, 3, 2 if BLOCKS[block].uses_expand else 1),))
+    mid = BLOCKS[block].default_mid(16, 16, default.stages[0].expand)
+    explicit = Spec(8, (StageSpec(block, 2, 16, 2, 3, default.stages[0].expand, mid=mid),))
+    # the second block (input 16) is the same either way
+    assert conv_widths(build(default, (3, 12, 12), 5).stages[0][1]) == conv_widths(build(explicit, (3, 12, 12), 5).stages[0][1])
 
 
 def test_bad_spec_json() -> None:

@@ -33,7 +33,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     (["--flops-budget", "50M", "--teachers", "resnet8,resnet8"], "lists a teacher twice"),
     (["--flops-budget", "50M", "--teacher-ckpt", "resnet8"], "expected ARCH=PATH"),
     (["--flops-budget", "50M", "--distill", "kl=abc"], "--distill: weight of 'kl' must be a number, got 'abc'"),
-    (["--flops-budget", "50M", "--distill", "kl,mystery"], "unknown distillation loss 'mystery'; known: ce, kl, hint"),
+    (["--flops-budget", "50M", "--distill", "kl,mystery"], "unknown distillation loss 'mystery'; known: ce, kl, hint, crosslayer, at, rtk"),
     (["--flops-budget", "50M", "--distill", "ce=0"], "every loss of the recipe has weight 0"),
     (["--flops-budget", "50M", "--dataset", "imagenet"], "unknown dataset 'imagenet'; known: fashion-mnist, mnist"),
     (["--flops-budget", "50M", "--search-space", "tiny"], "unknown search space 'tiny'; shipped: mobilenetv2, resnet"),
@@ -42,6 +42,14 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     (["--flops-budget", "50M", "--storage", "mysql://u@h/db"], "storage URL 'mysql://u@h/db' uses 'mysql'; supported: sqlite"),
     (["--flops-budget", "50M", "--storage", "not a url"], "bad storage URL 'not a url'"),
     (["--flops-budget", "50M", "--config", "missing.yaml"], "cannot read --config missing.yaml"),
+    (["--flops-budget", "50M", "--two-stage", "1.5"], "argument --two-stage: expected a fraction in [0, 1), got '1.5'"),
+    (["--flops-budget", "50M", "--two-stage", "0.5", "--distill", "ce,kl"],
+     "--two-stage needs a feature loss (hint, crosslayer, at, rtk) for stage one"),
+    (["--flops-budget", "50M", "--two-stage", "0.5", "--distill", "crosslayer"], "and a logit loss (ce, kl) for stage two"),
+    (["--flops-budget", "50M", "--ensemble-weighting", "best"], "argument --ensemble-weighting: invalid choice: 'best'"),
+    (["--flops-budget", "50M", "--trial-score", "zero-cost"], "argument --trial-score: invalid choice: 'zero-cost'"),
+    (["--flops-budget", "5M", "--pruned-baseline", "--teachers", "resnet8,resnet110"],
+     "--pruned-baseline: the largest teacher resnet110 pruned to one filter per prunable layer still has"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)

@@ -23,7 +23,7 @@ pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installe
 
 E2E_BUDGET = 12_000_000  # --flops-budget 12M in conftest.E2E_ARGS
 COST_ATTRS = {"spec", "macs", "params", "macs_compression", "params_compression"}
-TRAINED_ATTRS = COST_ATTRS | {"val_acc_per_epoch", "train_seconds"}
+TRAINED_ATTRS = COST_ATTRS | {"val_acc_per_epoch", "train_seconds", "recipe"}
 START_TIMEOUT = 30.0  # seconds for the server to answer
 
 

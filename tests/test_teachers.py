@@ -84,6 +84,21 @@ def test_soft_targets_average_softened_probabilities() -> None:
     logits = torch.tensor([[[2.0, 0.0]], [[0.0, 4.0]]])  # (M=2, B=1, K=2)
     expected = (F.softmax(logits[0] / 2, -1) + F.softmax(logits[1] / 2, -1)) / 2
     assert torch.allclose(soft_targets(logits, 2.0), expected)
+    weighted = 0.25 * F.softmax(logits[0] / 2, -1) + 0.75 * F.softmax(logits[1] / 2, -1)
+    assert torch.allclose(soft_targets(logits, 2.0, torch.tensor([0.25, 0.75])), weighted)
+
+
+@pytest.mark.parametrize(("weighting", "accuracies", "expected"), [
+    ("mean", [0.9, 0.6], [0.5, 0.5]), ("val_acc", [0.9, 0.6], [0.6, 0.4]), ("val_acc", [0.5, 0.5], [0.5, 0.5]),
+])
+def test_ensemble_weighting(mini_dataset, weighting: str, accuracies: list[float], expected: list[float]) -> None:
+    members = [Teacher(f"t{i}", build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), None, acc, "test")  # type: ignore[arg-type]
+               for i, acc in enumerate(accuracies)]
+    ensemble = Ensemble(members, weighting)
+    assert ensemble.weights.tolist() == pytest.approx(expected)
+    assert torch.equal(ensemble(mini_dataset.train.x[:2].float(), None).weights, ensemble.weights)
+    with pytest.raises(InputError, match="unknown ensemble weighting 'best'; known: mean, val_acc"):
+        Ensemble(members, "best")
 
 
 def two_member_ensemble(mini_dataset) -> Ensemble:
@@ -98,18 +113,41 @@ def test_cached_targets_equal_live_targets_for_every_view(mini_dataset) -> None:
     torch.manual_seed(0)
     ensemble = two_member_ensemble(mini_dataset)
     batches = BatchIterator(mini_dataset.train, mini_dataset, 64, seed=5, views=3)
-    cached = CachedTargets(ensemble, batches, features=True, chunk=100, progress=False)
+    cached = CachedTargets(ensemble, batches, features="last", chunk=100, progress=False)
     assert cached.logits.shape == (3, 2, len(mini_dataset.train), 10)
     n = len(mini_dataset.train)
-    assert [tuple(f.shape) for f in cached.features] == [(3, n, 64, 7, 7), (3, n, 160, 4, 4)]
-    live = LiveTargets(ensemble, features=True)
+    assert [[tuple(f.shape) for f in member] for member in cached.features] == [[(3, n, 64, 7, 7)], [(3, n, 160, 4, 4)]]
+    live = LiveTargets(ensemble, features="last")
     for epoch in range(4):  # epoch 3 wraps around to view 0
         batch = next(iter(batches.epoch(epoch)))
         assert batch.view == epoch % 3
         a, b = cached(batch), live(batch)
         assert torch.allclose(a.logits, b.logits, atol=1e-5)
-        for fa, fb in zip(a.features, b.features):
-            assert torch.allclose(fa, fb, atol=2e-2, rtol=1e-2)  # cached in float16
+        for ma, mb in zip(a.features, b.features):
+            for fa, fb in zip(ma, mb):
+                assert torch.allclose(fa, fb, atol=2e-2, rtol=1e-2)  # cached in float16
+
+
+def test_cached_targets_hold_every_stage_when_asked(mini_dataset) -> None:
+    ensemble = two_member_ensemble(mini_dataset)
+    batches = BatchIterator(mini_dataset.train, mini_dataset, 64, seed=5, views=1)
+    cached = CachedTargets(ensemble, batches, features="all", chunk=250, progress=False)
+    n = len(mini_dataset.train)
+    shapes = [[tuple(f.shape[2:]) for f in member] for member in cached.features]
+    assert shapes[0] == [(16, 28, 28), (32, 14, 14), (64, 7, 7)]  # resnet8's three stages
+    assert len(shapes[1]) == 7 and shapes[1][-1] == (160, 4, 4)  # mobilenetv2's seven
+    assert cached.serves("all") and cached.serves("last") and cached.serves(None)
+    assert not CachedTargets(ensemble, batches, features="last", progress=False).serves("all")
+    batch = next(iter(batches.epoch(0)))
+    live = LiveTargets(ensemble, "all")(batch)
+    for ma, mb in zip(cached(batch).features, live.features):
+        assert len(ma) == len(mb)
+        for fa, fb in zip(ma, mb):
+            assert torch.allclose(fa, fb, atol=2e-2, rtol=1e-2)
+    per_image = sum(f[0, 0].numel() * 2 for member in cached.features for f in member) + 2 * 10 * 4
+    assert cached.nbytes() == per_image * n
+    assert CachedTargets.fits(ensemble, mini_dataset.input_shape, n, 1, "all", per_image * n / 1e9)
+    assert not CachedTargets.fits(ensemble, mini_dataset.input_shape, n + 1, 1, "all", per_image * n / 1e9)
 
 
 def test_ensemble_accuracy_uses_the_mean_of_probabilities(mini_dataset) -> None:
@@ -124,14 +162,14 @@ def test_ensemble_accuracy_uses_the_mean_of_probabilities(mini_dataset) -> None:
 def test_a_subset_iterator_reads_the_whole_split_cache(mini_dataset) -> None:
     ensemble = two_member_ensemble(mini_dataset)
     whole = BatchIterator(mini_dataset.train, mini_dataset, 64, seed=1, views=1, augment=False)
-    cache = CachedTargets(ensemble, whole, features=False, progress=False)
+    cache = CachedTargets(ensemble, whole, features=None, progress=False)
     subset = torch.tensor([3, 17, 100, 250, 400, 401, 537])
     trials = BatchIterator(mini_dataset.train, mini_dataset, 4, seed=1, views=1, augment=False, indices=subset)
     assert cache.covers(subset)
     for batch in trials.epoch(0):
         assert set(batch.index.tolist()) <= set(subset.tolist())
-        assert torch.allclose(cache(batch).logits, LiveTargets(ensemble, False)(batch).logits, atol=1e-5)
-    only_subset = CachedTargets(ensemble, trials, features=False, progress=False)
+        assert torch.allclose(cache(batch).logits, LiveTargets(ensemble, None)(batch).logits, atol=1e-5)
+    only_subset = CachedTargets(ensemble, trials, features=None, progress=False)
     assert only_subset.logits.shape[2] == len(subset) and not only_subset.covers(whole.indices)
     with pytest.raises(RuntimeError, match="not cached"):
         only_subset(next(iter(whole.epoch(0))))
@@ -157,7 +195,7 @@ def test_retrain_targets(mini_dataset, augment: bool, limit_gb: float, pass_cach
     criterion = criterion_for(build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), cfg.distill,
                               ensemble.feature_channels)
     whole = BatchIterator(mini_dataset.train, mini_dataset, 128, cfg.seed, views=1, augment=False)
-    search_cache = CachedTargets(ensemble, whole, criterion.uses_features, progress=False)
+    search_cache = CachedTargets(ensemble, whole, criterion.features, progress=False)
     batches, source = retrain_targets(ensemble, mini_dataset, cfg, criterion, search_cache if pass_cache else None,
                                       progress=False)
     kind = "none" if source is None else "cached" if isinstance(source, CachedTargets) else "live"

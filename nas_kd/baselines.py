@@ -1,0 +1,108 @@
+"""The pruned-teacher baseline: KD in place of fine-tuning after pruning.
+
+After "Knowledge Distillation Based on Pruned Model" (2020): the largest teacher is filter-pruned
+by L1 norm (Li et al., ICLR 2017; see prune.py) until it fits the search's budget, keeps its
+surviving weights, and is then trained for the winner's epochs twice: distilled from the
+ensemble with the search's recipe, and, for comparison, fine-tuned with cross-entropy alone.
+Both are tested and exported beside the winner, so a study shows whether searching a structure
+beat pruning one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from nas_kd.arch import Network
+from nas_kd.config import DistillConfig, SearchConfig
+from nas_kd.cost import Budget, count, format_count
+from nas_kd.data import Dataset
+from nas_kd.distill import criterion_for, distill
+from nas_kd.errors import InputError
+from nas_kd.objective import compression
+from nas_kd.prune import min_pruned_cost, prune_to_budget
+from nas_kd.retrain import export, retrain_targets, test_metrics
+from nas_kd.study import BASELINE_ATTR
+from nas_kd.teachers import CachedTargets, Ensemble, teacher_spec
+from nas_kd.train import evaluate
+
+FINE_TUNE = DistillConfig(losses=(("ce", 1.0),))
+
+
+def largest_teacher_name(cfg: SearchConfig, input_shape: tuple[int, int, int], num_classes: int) -> str:
+    """The ensemble member of most MACs, from the specs alone (before any teacher is trained)."""
+    from nas_kd.arch import build
+
+    names = list(cfg.teachers) + [a for a, _ in cfg.teacher_ckpts if a not in cfg.teachers]
+    macs = {n: count(build(teacher_spec(n), input_shape, num_classes, channels_last=False), input_shape).macs
+            for n in names}
+    return max(names, key=lambda n: macs[n])
+
+
+def check_prunable(cfg: SearchConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Refuse --pruned-baseline, before any training, when the largest teacher cannot be pruned
+    into the budget."""
+    name = largest_teacher_name(cfg, input_shape, num_classes)
+    floor = min_pruned_cost(teacher_spec(name), input_shape, num_classes)
+    budget = Budget(cfg.flops_budget, cfg.params_budget)
+    if not budget.fits(floor):
+        raise InputError(f"--pruned-baseline: the largest teacher {name} pruned to one filter per prunable layer "
+                         f"still has {format_count(floor.macs)} MACs and {format_count(floor.params)} params, over "
+                         f"the budget {budget}; raise the budget or drop --pruned-baseline")
+
+
+def train_pruned(pruned: Network, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, recipe: DistillConfig,
+                 epochs: int, progress: bool = True, cached: CachedTargets | None = None) -> tuple[Network, float]:
+    """A copy of `pruned`, trained for `epochs` with `recipe` (its weights as the starting point)."""
+    torch.manual_seed(cfg.seed)
+    model = copy.deepcopy(pruned).requires_grad_(True).train()
+    criterion = criterion_for(model, recipe, ensemble.feature_channels)
+    run_cfg = dataclasses.replace(cfg, distill=recipe)
+    batches, targets = retrain_targets(ensemble, dataset, run_cfg, criterion, cached, progress)
+    seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc="pruned baseline",
+                      progress=progress, two_stage=recipe.two_stage)
+    return model.eval(), seconds
+
+
+def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
+                    out_dir: Path, progress: bool = True, log: Callable[[str], None] = print,
+                    cached: CachedTargets | None = None) -> dict[str, Any]:
+    """Prune the largest teacher to the budget, then distil it and fine-tune it for cfg.final_epochs;
+    test and export both under out_dir/pruned-kd and out_dir/pruned-finetune, and store the
+    figures in the study (when given) for the report."""
+    teacher = max(ensemble.members, key=lambda t: t.cost.macs)
+    budget = Budget(cfg.flops_budget, cfg.params_budget)
+    pruned, keep, cost = prune_to_budget(teacher.model, dataset.input_shape, budget)
+    before = evaluate(pruned, dataset.val, dataset)
+    log(f"pruned teacher {teacher.name}: keep {keep:.3f} of each prunable layer -> {format_count(cost.macs)} MACs, "
+        f"{format_count(cost.params)} params (val acc {before:.4f} before training); training it for "
+        f"{cfg.final_epochs} epochs with KD and with fine-tuning")
+    methods = []
+    for method, folder, recipe in (("pruned teacher + KD", "pruned-kd", cfg.distill),
+                                   ("pruned teacher + fine-tuning", "pruned-finetune", FINE_TUNE)):
+        start = time.perf_counter()
+        model, seconds = train_pruned(pruned, dataset, ensemble, cfg, recipe, cfg.final_epochs, progress, cached)
+        metrics = test_metrics(model, dataset, ensemble)
+        macs_c, params_c = compression(cost, ensemble.largest())
+        row = {"method": method, "teacher": teacher.name, "spec": str(model.spec), "keep": round(keep, 4),
+               "macs": cost.macs, "params": cost.params, "macs_compression": round(macs_c, 4),
+               "params_compression": round(params_c, 4), "val_acc_before_training": before,
+               "test_acc": metrics["test_acc"], "val_acc": metrics["val_acc"], "final_epochs": cfg.final_epochs,
+               "recipe": recipe.describe(), "train_seconds": round(seconds, 2),
+               "retrain_seconds": round(time.perf_counter() - start, 2)}
+        weights, metrics_path = export(model, dataset, dataclasses.replace(cfg, distill=recipe), row, out_dir / folder)
+        row["weights"] = str(weights)
+        methods.append(row)
+        log(f"{method}: test acc {row['test_acc']:.4f} (val {row['val_acc']:.4f})")
+    summary = {"teacher": teacher.name, "keep": round(keep, 4), "epochs": cfg.final_epochs, "methods": methods,
+               "macs": cost.macs, "params": cost.params}
+    if study is not None:
+        study.set_user_attr(BASELINE_ATTR, summary)
+    return summary

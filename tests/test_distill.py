@@ -1,0 +1,73 @@
+"""Two-stage training: stage one trains on the feature losses only, stage two on the logit losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nas_kd.arch import Spec, build
+from nas_kd.config import DistillConfig, TrainConfig, parse_distill
+from nas_kd.data import BatchIterator
+from nas_kd.distill import check_two_stage, criterion_for, distill, stage_epochs
+from nas_kd.errors import InputError
+from nas_kd.teachers import CachedTargets, Ensemble, Teacher, teacher_spec
+
+STUDENT = Spec.parse("c8|basic_d1_w8_s1_k3_e1|basic_d1_w16_s2_k3_e1")
+
+
+@pytest.mark.parametrize(("epochs", "fraction", "expected"), [
+    (4, 0.0, (0, 4)), (4, 0.5, (2, 2)), (4, 0.1, (1, 3)), (4, 0.9, (3, 1)), (1, 0.5, (0, 1)), (2, 0.5, (1, 1)),
+    (10, 0.3, (3, 7)),
+])
+def test_stage_epochs(epochs: int, fraction: float, expected: tuple[int, int]) -> None:
+    assert stage_epochs(epochs, fraction) == expected
+
+
+@pytest.mark.parametrize(("recipe", "fraction", "message"), [
+    ("ce,kl", 0.5, "needs a feature loss"), ("crosslayer,at", 0.5, "a logit loss (ce, kl) for stage two"),
+    ("ce,kl,at", 1.0, "in [0, 1)"), ("ce,kl,at", -0.1, "in [0, 1)"),
+])
+def test_bad_two_stage_recipes(recipe: str, fraction: float, message: str) -> None:
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        check_two_stage(DistillConfig(losses=parse_distill(recipe), two_stage=fraction))
+    check_two_stage(DistillConfig(losses=parse_distill("ce,kl,crosslayer"), two_stage=0.5))
+
+
+def test_stage_one_aligns_features_and_leaves_the_head_alone(mini_dataset) -> None:
+    """Over 2 epochs at two_stage 0.5: after epoch 1 only the feature losses have trained (the
+    classifier is untouched, the adapters moved); after epoch 2 the classifier has trained."""
+    torch.manual_seed(0)
+    teacher = Teacher("resnet8", build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), None, 0.5, "test")  # type: ignore[arg-type]
+    ensemble = Ensemble([teacher])
+    student = build(STUDENT, mini_dataset.input_shape, 10)
+    recipe = DistillConfig(losses=parse_distill("ce,kl,crosslayer"), two_stage=0.5)
+    criterion = criterion_for(student, recipe, ensemble.feature_channels)
+    batches = BatchIterator(mini_dataset.train, mini_dataset, 64, seed=0, views=1, augment=False,
+                            indices=torch.arange(128))
+    targets = CachedTargets(ensemble, batches, criterion.features, progress=False)
+    head0 = student.classifier.weight.detach().clone()
+    adapter0 = next(criterion.parameters()).detach().clone()
+    snapshots = []
+
+    def on_epoch(epoch: int) -> None:
+        snapshots.append((epoch, student.classifier.weight.detach().clone(), next(criterion.parameters()).detach().clone()))
+
+    distill(student, batches, targets, criterion, TrainConfig(), 2, on_epoch, progress=False, two_stage=0.5)
+    assert [e for e, _, _ in snapshots] == [0, 1]
+    assert torch.equal(snapshots[0][1], head0)  # stage one: no logit loss, no gradient to the head
+    assert not torch.equal(snapshots[0][2], adapter0)  # the adapters were trained
+    assert not torch.equal(snapshots[1][1], head0)  # stage two trains the head
+    assert torch.equal(snapshots[1][2], snapshots[0][2])  # and no longer the adapters
+
+
+def test_one_stage_trains_everything_at_once(mini_dataset) -> None:
+    teacher = Teacher("resnet8", build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), None, 0.5, "test")  # type: ignore[arg-type]
+    ensemble = Ensemble([teacher])
+    student = build(STUDENT, mini_dataset.input_shape, 10)
+    criterion = criterion_for(student, DistillConfig(losses=parse_distill("ce,kl,at")), ensemble.feature_channels)
+    batches = BatchIterator(mini_dataset.train, mini_dataset, 64, seed=0, views=1, augment=False, indices=torch.arange(128))
+    head0 = student.classifier.weight.detach().clone()
+    seen = []
+    distill(student, batches, CachedTargets(ensemble, batches, criterion.features, progress=False), criterion,
+            TrainConfig(), 1, lambda e: seen.append(e), progress=False)
+    assert seen == [0] and not torch.equal(student.classifier.weight, head0)

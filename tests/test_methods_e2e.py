@@ -1,0 +1,84 @@
+"""Every distillation method end to end through the command line, on the mini Fashion-MNIST:
+the recipe reaches the trials' user attributes, the exported checkpoint's metadata and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from nas_kd.retrain import load_student
+from tests.conftest import run_cli
+
+BASE = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--trials", "1",
+        "--trial-epochs", "2", "--subset", "200", "--final-epochs", "2", "--seed", "1", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One teacher cache for every run of this module: resnet8 is trained once."""
+    return tmp_path_factory.mktemp("teachers")
+
+
+def search(tmp_path: Path, cache: Path, data_dir: Path, *extra: str) -> tuple[optuna.Study, Path]:
+    result = run_cli("nas_kd.search", *BASE, "--study-name", "m", "--cache-dir", str(cache), "--data-dir",
+                     str(data_dir), *extra, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="m", storage=f"sqlite:///{tmp_path / 'studies' / 'm.db'}")
+    return study, tmp_path / "studies" / "m"
+
+
+@pytest.mark.parametrize(("flags", "recipe"), [
+    (("--distill", "ce,kl,crosslayer", "--two-stage", "0.5"), "ce=1,kl=1,crosslayer=1 (T=4, two-stage 0.5)"),
+    (("--distill", "ce,kl,at=0.5"), "ce=1,kl=1,at=0.5 (T=4)"),
+    (("--distill", "ce,kl,rtk", "--teachers", "resnet8,resnet14", "--ensemble-weighting", "val_acc"),
+     "ce=1,kl=1,rtk=1 (T=4, ensemble weighted by val_acc)"),
+    (("--distill", "ce,kl=2,hint", "--temperature", "2"), "ce=1,kl=2,hint=1 (T=2)"),
+])
+def test_each_recipe_runs_and_is_recorded(flags: tuple[str, ...], recipe: str, tmp_path: Path, shared_cache: Path,
+                                          mini_fashion_dir: Path) -> None:
+    study, out = search(tmp_path, shared_cache, mini_fashion_dir, *flags)
+    trained = [t for t in study.trials if "val_acc_per_epoch" in t.user_attrs]
+    assert trained and all(t.user_attrs["recipe"] == recipe for t in trained)
+    assert all(len(t.user_attrs["val_acc_per_epoch"]) == 2 for t in trained)
+    model, meta = load_student(out / "winner" / "model.safetensors")
+    assert meta["metrics"]["recipe"] == recipe
+    stored = meta["config"]["distill"]
+    assert f"{stored['losses'][0][0]}" == "ce" and stored["temperature"] == float(recipe.split("T=")[1].split(",")[0].rstrip(")"))
+    assert recipe.split(" ")[0] in (out / "report.html").read_text()
+
+
+def test_blockwise_trial_score(tmp_path: Path, shared_cache: Path, mini_fashion_dir: Path) -> None:
+    study, out = search(tmp_path, shared_cache, mini_fashion_dir, "--trial-score", "blockwise", "--trials", "3")
+    trained = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trained) == 3
+    for t in trained:
+        stages = t.user_attrs["blockwise_stage_scores"]
+        assert len(stages) == 3 and t.value == pytest.approx(sum(stages) / 3, abs=1e-5)
+        assert "val_acc_per_epoch" not in t.user_attrs
+    # stages scored by one trial are not trained again by the next
+    assert sum(t.user_attrs["blockwise_new_stages"] for t in trained) == len(trained[-1].user_attrs["blockwise_memo"])
+    assert "block-wise score" in (out / "report.html").read_text()
+    metrics = json.loads((out / "winner" / "metrics.json").read_text())
+    assert metrics["trial"] == max(trained, key=lambda t: t.value).number and 0 <= metrics["test_acc"] <= 1
+    # resuming reads the stored stage scores back
+    result = run_cli("nas_kd.search", *BASE, "--study-name", "m", "--cache-dir", str(shared_cache), "--data-dir",
+                     str(mini_fashion_dir), "--trial-score", "blockwise", "--trials", "1", "--final-epochs", "0",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(trained[-1].user_attrs['blockwise_memo'])} stage scores from earlier trials" in result.stderr + result.stdout
+
+
+def test_pruned_baseline(tmp_path: Path, shared_cache: Path, mini_fashion_dir: Path) -> None:
+    study, out = search(tmp_path, shared_cache, mini_fashion_dir, "--pruned-baseline", "--flops-budget", "3M")
+    baseline = study.user_attrs["pruned_baseline"]
+    assert baseline["teacher"] == "resnet8" and 0 < baseline["keep"] < 1 and baseline["macs"] <= 3_000_000
+    methods = {m["method"]: m for m in baseline["methods"]}
+    assert set(methods) == {"pruned teacher + KD", "pruned teacher + fine-tuning"}
+    for folder in ("pruned-kd", "pruned-finetune"):
+        model, meta = load_student(out / folder / "model.safetensors")
+        assert meta["metrics"]["final_epochs"] == 2 and "_m" in meta["spec"]  # the pruned mid widths
+    report = (out / "report.html").read_text()
+    assert "Pruned-teacher baseline" in report and "pruned teacher + fine-tuning" in report
