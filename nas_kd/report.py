@@ -142,9 +142,10 @@ def pareto_figure(data: ParetoData) -> go.Figure:
         (data.pruned, "pruned early", dict(color="#ff7f0e", size=8, symbol="x")),
         (data.front, "Pareto front", dict(color="#d62728", size=11, line=dict(width=1, color="black"))),
         (data.teachers, "teachers", dict(color="#2ca02c", size=15, symbol="star")),
-        (data.baselines, "pruned-teacher baselines (val acc after the full retrain)",
-         dict(color="#9467bd", size=12, symbol="diamond")),
     ]
+    if data.baselines.x:  # only in studies run with --pruned-baseline
+        layers.append((data.baselines, "pruned-teacher baselines (val acc after the full retrain)",
+                       dict(color="#9467bd", size=12, symbol="diamond")))
     for points, label, marker in layers:
         mode = "lines+markers" if label == "Pareto front" else "markers"
         fig.add_trace(go.Scatter(x=points.x, y=points.acc, mode=mode, name=label, marker=marker,

@@ -139,6 +139,11 @@ def test_pareto_figure(cost: str, ticks: list[float], shapes: int, annotations: 
     reference = 40e6 if cost == "macs" else 270e3
     assert fig.layout.xaxis.ticktext[0] == f"{'1M' if cost == 'macs' else '10K'}<br>x{reference / ticks[0]:.1f}"
     assert (len(fig.layout.shapes), [a.text for a in fig.layout.annotations]) == (shapes, annotations)
+    baselines = [{"method": "pruned teacher + KD", "macs": 9e6, "params": 90e3, "val_acc": 0.7}]
+    data = report.pareto_data(FRAME, cost, None, TEACHERS, winner=0, baselines=baselines)
+    assert data.baselines == report.Points([9e6 if cost == "macs" else 90e3], [0.7], [-2], ["pruned teacher + KD"])
+    names = [t.name for t in report.pareto_figure(data).data]
+    assert names[4] == "pruned-teacher baselines (val acc after the full retrain)"
 
 
 # ---------------------------------------------------------------- trials_frame on a real storage
