@@ -44,6 +44,11 @@ def stage_epochs(epochs: int, fraction: float) -> tuple[int, int]:
     return first, epochs - first
 
 
+def criterion_stages(criterion: Criterion, epochs: int, fraction: float) -> tuple[int, int]:
+    """`stage_epochs` for a criterion: one stage unless it has both feature and logit losses."""
+    return stage_epochs(epochs, fraction) if criterion.kinds() == {"logits", "features"} else (0, epochs)
+
+
 def distill(student: Network, batches: BatchIterator, targets: TargetSource | None, criterion: Criterion,
             cfg: TrainConfig, epochs: int, on_epoch: Callable[[int], None] | None = None,
             desc: str = "distill", progress: bool = True, two_stage: float = 0.0) -> float:
@@ -65,7 +70,7 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
         return step
 
     modules = nn.ModuleDict({"student": student, "criterion": criterion})
-    first, second = stage_epochs(epochs, two_stage) if criterion.kinds() == {"logits", "features"} else (0, epochs)
+    first, second = criterion_stages(criterion, epochs, two_stage)
     if not first:
         return fit(modules, batches, step_of(None), cfg, epochs, on_epoch, desc, progress)
 

@@ -14,7 +14,7 @@ from nas_kd.blockwise import BlockwiseScorer
 from nas_kd.config import DistillConfig, TrainConfig
 from nas_kd.cost import Budget, Cost, count, format_count
 from nas_kd.data import BatchIterator, Dataset
-from nas_kd.distill import criterion_for, distill, stage_epochs
+from nas_kd.distill import criterion_for, criterion_stages, distill
 from nas_kd.space import SearchSpace
 from nas_kd.teachers import Ensemble, TargetSource
 from nas_kd.train import evaluate
@@ -84,8 +84,7 @@ def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
     trial.set_user_attr("recipe", ctx.recipe.describe())
     # in two-stage training the head is untrained until stage two: stage-one accuracies are not
     # reported to the pruner
-    align_epochs, _ = (stage_epochs(ctx.epochs, ctx.recipe.two_stage)
-                       if criterion.kinds() == {"logits", "features"} else (0, ctx.epochs))
+    align_epochs, _ = criterion_stages(criterion, ctx.epochs, ctx.recipe.two_stage)
     accuracies: list[float] = []
     eval_seconds = 0.0
 
