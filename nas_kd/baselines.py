@@ -30,7 +30,7 @@ from nas_kd.objective import compression
 from nas_kd.prune import min_pruned_cost, prune_to_budget
 from nas_kd.retrain import export, retrain_targets, test_metrics
 from nas_kd.study import BASELINE_ATTR
-from nas_kd.teachers import CachedTargets, Ensemble, teacher_spec
+from nas_kd.teachers import CachedTargets, Ensemble, teacher_names, teacher_spec
 from nas_kd.train import evaluate
 
 FINE_TUNE = DistillConfig(losses=(("ce", 1.0),))
@@ -40,7 +40,7 @@ def largest_teacher_name(cfg: SearchConfig, input_shape: tuple[int, int, int], n
     """The ensemble member of most MACs, from the specs alone (before any teacher is trained)."""
     from nas_kd.arch import build
 
-    names = list(cfg.teachers) + [a for a, _ in cfg.teacher_ckpts if a not in cfg.teachers]
+    names = teacher_names(cfg)
     macs = {n: count(build(teacher_spec(n), input_shape, num_classes, channels_last=False), input_shape).macs
             for n in names}
     return max(names, key=lambda n: macs[n])

@@ -215,7 +215,7 @@ def prune_to_budget(model: Network, input_shape: tuple[int, int, int], budget: B
         return copy.deepcopy(model), 1.0, full
     classes = model.classifier.out_features
     lo, hi = _most_pruned_keep(model.spec), 1.0  # lo fits (checked next), hi does not
-    smallest = count(build(pruned_spec(model.spec, lo), input_shape, classes), input_shape)
+    smallest = min_pruned_cost(model.spec, input_shape, classes)
     if not budget.fits(smallest):
         raise InputError(f"teacher {model.spec} cannot be pruned into the budget ({budget}) for {input_shape} "
                          f"inputs: even with every prunable width at 1 it needs {format_count(smallest.macs)} MACs "

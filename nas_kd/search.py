@@ -44,7 +44,15 @@ from nas_kd.study import (
     storage_url,
     update_study_attr,
 )
-from nas_kd.teachers import ENSEMBLE_WEIGHTINGS, TEACHERS, CachedTargets, ensemble_from_config, ensemble_summary
+from nas_kd.teachers import (
+    ENSEMBLE_WEIGHTINGS,
+    TEACHERS,
+    CachedTargets,
+    check_weighting,
+    ensemble_from_config,
+    ensemble_summary,
+    teacher_names,
+)
 from nas_kd.train import resolve_device
 
 DEFAULTS = SearchConfig()
@@ -254,7 +262,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     if cfg.objective not in ("accuracy", "pareto"):
         raise InputError(f"objective must be 'accuracy' or 'pareto', got {cfg.objective!r}")
     resolve_device(cfg.device)
-    names = list(cfg.teachers) + [a for a, _ in cfg.teacher_ckpts if a not in cfg.teachers]
+    names = teacher_names(cfg)
     if not names:
         raise InputError("no teachers: pass --teachers, e.g. --teachers resnet20")
     for name in names:
@@ -266,9 +274,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         loss_class(name)
     Criterion(cfg.distill.weights(), [8], [[8]], cfg.distill.temperature)  # weights and temperature
     check_two_stage(cfg.distill)
-    if cfg.distill.ensemble_weighting not in ENSEMBLE_WEIGHTINGS:
-        raise InputError(f"unknown ensemble weighting {cfg.distill.ensemble_weighting!r}; "
-                         f"known: {', '.join(ENSEMBLE_WEIGHTINGS)}")
+    check_weighting(cfg.distill.ensemble_weighting)
     for key in ("trial_epochs", "teacher_epochs", "ensemble_views"):
         if getattr(cfg, key) < 1:
             raise InputError(f"{key} must be >= 1, got {getattr(cfg, key)}")

@@ -247,14 +247,18 @@ ENSEMBLE_WEIGHTINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def check_weighting(weighting: str) -> None:
+    if weighting not in ENSEMBLE_WEIGHTINGS:
+        raise InputError(f"unknown ensemble weighting {weighting!r}; known: {', '.join(ENSEMBLE_WEIGHTINGS)}")
+
+
 class Ensemble:
     """An offline ensemble of trained teachers, combined by `weighting` (see ENSEMBLE_WEIGHTINGS)."""
 
     def __init__(self, members: list[Teacher], weighting: str = "mean"):
         if not members:
             raise InputError("the teacher ensemble is empty; pass --teachers, e.g. --teachers resnet20")
-        if weighting not in ENSEMBLE_WEIGHTINGS:
-            raise InputError(f"unknown ensemble weighting {weighting!r}; known: {', '.join(ENSEMBLE_WEIGHTINGS)}")
+        check_weighting(weighting)
         self.members = members
         self.weighting = weighting
         device = next(members[0].model.parameters()).device
@@ -387,14 +391,18 @@ def ensemble_summary(ensemble: Ensemble) -> list[dict[str, float | str | int]]:
              "source": t.source} for t in ensemble.members]
 
 
+def teacher_names(cfg: SearchConfig) -> list[str]:
+    """The ensemble's members in order: cfg.teachers, then any teacher given only by --teacher-ckpt."""
+    return list(cfg.teachers) + [a for a, _ in cfg.teacher_ckpts if a not in cfg.teachers]
+
+
 def ensemble_from_config(cfg: SearchConfig, dataset: Dataset, progress: bool = True,
                          log: Callable[[str], None] = print) -> Ensemble:
     """The ensemble of cfg.teachers plus any teacher given only by --teacher-ckpt; member i is
     trained (if not cached) with seed cfg.seed + i."""
     ckpts = dict(cfg.teacher_ckpts)
-    names = list(cfg.teachers) + [a for a in ckpts if a not in cfg.teachers]
     members = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(teacher_names(cfg)):
         path = Path(ckpts[name]) if name in ckpts else None
         t = load_or_train(name, dataset, cfg.teacher_epochs, cfg.seed + i, cfg.train, cfg.cache_path(),
                           dataset.train.x.device, path, progress, log)
