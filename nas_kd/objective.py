@@ -10,7 +10,7 @@ import optuna
 import torch
 
 from nas_kd.arch import Spec, build
-from nas_kd.blockwise import BlockwiseScorer
+from nas_kd.blockwise import BlockwiseScorer, stage_key
 from nas_kd.config import DistillConfig, TrainConfig
 from nas_kd.cost import Budget, Cost, count, format_count
 from nas_kd.data import BatchIterator, Dataset
@@ -118,14 +118,15 @@ def blockwise_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float
     score, stages = ctx.scorer.score(spec)
     trial.set_user_attr("blockwise_stage_scores", [round(v, 6) for v in stages])
     trial.set_user_attr("blockwise_new_stages", len(ctx.scorer.scores) - known)
-    trial.set_user_attr(BLOCKWISE_MEMO_ATTR, {k: v for k, v in ctx.scorer.scores.items()})
+    trial.set_user_attr(BLOCKWISE_MEMO_ATTR, {key: ctx.scorer.scores[key]
+                                              for key in (stage_key(spec, i) for i in range(len(spec.stages)))})
     trial.set_user_attr(BLOCKWISE_ATTR, round(score, 6))
     trial.set_user_attr("train_seconds", round(time.perf_counter() - start, 3))
     return score
 
 
 BLOCKWISE_ATTR = "blockwise_score"
-BLOCKWISE_MEMO_ATTR = "blockwise_memo"  # stage scores known when the trial ended, for resumed runs
+BLOCKWISE_MEMO_ATTR = "blockwise_memo"  # the trial's stage scores by stage key, for resumed runs
 
 # How a trial's spec is scored (`--trial-score`); both return "higher is better".
 TRIAL_SCORES: dict[str, Callable[[TrialContext, optuna.Trial, Spec], float]] = {

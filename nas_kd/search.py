@@ -18,7 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from nas_kd.baselines import check_prunable, pruned_baseline
-from nas_kd.blockwise import BlockwiseScorer
+from nas_kd.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.cli import OneLineParser, base_parser, fail, log, quiet_libraries
 from nas_kd.config import SearchConfig, from_dict, parse_distill
 from nas_kd.cost import Budget, format_count, parse_count
@@ -375,7 +375,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     features = recipe_features(cfg.distill.weights())
     targets, scorer = None, None
     if cfg.trial_score == "blockwise":
-        best = max(ensemble.members, key=lambda t: t.val_acc)
+        best = most_accurate(ensemble.members)
         scorer = BlockwiseScorer(best, dataset, batches, cfg.train, cfg.trial_epochs, cfg.seed)
         scorer.preload(stored_blockwise_scores(study))
         log(f"block-wise scores against teacher {best.name}; {len(scorer.scores)} stage scores from earlier trials")
