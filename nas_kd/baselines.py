@@ -26,7 +26,7 @@ from nas_kd.cost import Budget, count, format_count
 from nas_kd.data import Dataset
 from nas_kd.distill import criterion_for, distill
 from nas_kd.errors import InputError
-from nas_kd.objective import compression
+from nas_kd.objective import cost_facts
 from nas_kd.prune import min_pruned_cost, prune_to_budget
 from nas_kd.retrain import export, retrain_targets, test_metrics
 from nas_kd.study import BASELINE_ATTR
@@ -84,16 +84,15 @@ def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ense
     log(f"pruned teacher {teacher.name}: keep {keep:.3f} of each prunable layer -> {format_count(cost.macs)} MACs, "
         f"{format_count(cost.params)} params (val acc {before:.4f} before training); training it for "
         f"{cfg.final_epochs} epochs with KD and with fine-tuning")
+    facts = cost_facts(cost, ensemble.largest())
     methods = []
     for method, folder, recipe in (("pruned teacher + KD", "pruned-kd", cfg.distill),
                                    ("pruned teacher + fine-tuning", "pruned-finetune", FINE_TUNE)):
         start = time.perf_counter()
         model, seconds = train_pruned(pruned, dataset, ensemble, cfg, recipe, cfg.final_epochs, progress, cached)
         metrics = test_metrics(model, dataset, ensemble)
-        macs_c, params_c = compression(cost, ensemble.largest())
         row = {"method": method, "teacher": teacher.name, "spec": str(model.spec), "keep": round(keep, 4),
-               "macs": cost.macs, "params": cost.params, "macs_compression": round(macs_c, 4),
-               "params_compression": round(params_c, 4), "val_acc_before_training": before,
+               **facts, "val_acc_before_training": before,
                "test_acc": metrics["test_acc"], "val_acc": metrics["val_acc"], "final_epochs": cfg.final_epochs,
                "recipe": recipe.describe(), "train_seconds": round(seconds, 2),
                "retrain_seconds": round(time.perf_counter() - start, 2)}

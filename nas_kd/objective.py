@@ -49,11 +49,17 @@ def compression(cost: Cost, reference: Cost) -> tuple[float, float]:
     return reference.macs / max(1, cost.macs), reference.params / max(1, cost.params)
 
 
+def cost_facts(cost: Cost, reference: Cost) -> dict[str, int | float]:
+    """A student's MACs and params and its compression against the reference, as trials, exports
+    and reports record them."""
+    macs_c, params_c = compression(cost, reference)
+    return {"macs": cost.macs, "params": cost.params, "macs_compression": round(macs_c, 4),
+            "params_compression": round(params_c, 4)}
+
+
 def record_cost(trial: optuna.Trial, spec: Spec, cost: Cost, reference: Cost, budget: Budget) -> bool:
     """Store the spec, its cost and its constraints on the trial; return whether it fits."""
-    macs_c, params_c = compression(cost, reference)
-    for key, value in (("spec", str(spec)), ("macs", cost.macs), ("params", cost.params),
-                       ("macs_compression", round(macs_c, 4)), ("params_compression", round(params_c, 4))):
+    for key, value in {"spec": str(spec), **cost_facts(cost, reference)}.items():
         trial.set_user_attr(key, value)
     violations = budget.violations(cost)
     for key, value in violations.items():

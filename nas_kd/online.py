@@ -37,7 +37,7 @@ from nas_kd.data import Batch, BatchIterator, Dataset
 from nas_kd.distill import criterion_for
 from nas_kd.errors import InputError
 from nas_kd.losses import LOSSES, Criterion, StudentOutput, loss_class
-from nas_kd.objective import compression, is_feasible
+from nas_kd.objective import cost_facts, is_feasible
 from nas_kd.report import pareto_front
 from nas_kd.retrain import export, retrain_targets, test_metrics
 from nas_kd.study import ONLINE_ATTR, completed
@@ -207,10 +207,8 @@ def retrain_online(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     reference = ensemble.largest()
     exported = []
     for i, (trial, model) in enumerate(zip(trials, students)):
-        cost = count(model, dataset.input_shape)
-        macs_c, params_c = compression(cost, reference)
-        metrics = {"trial": trial.number, "spec": str(model.spec), "macs": cost.macs, "params": cost.params,
-                   "macs_compression": round(macs_c, 4), "params_compression": round(params_c, 4),
+        metrics = {"trial": trial.number, "spec": str(model.spec),
+                   **cost_facts(count(model, dataset.input_shape), reference),
                    "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs,
                    **test_metrics(model, dataset, ensemble), "train_seconds": round(seconds, 2),
                    "recipe": recipe, "with_teachers": with_teachers, "temperature": cfg.distill.temperature}

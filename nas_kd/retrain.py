@@ -29,7 +29,7 @@ from nas_kd.data import BatchIterator, Dataset, load_dataset
 from nas_kd.distill import criterion_for, distill
 from nas_kd.errors import InputError
 from nas_kd.losses import Criterion
-from nas_kd.objective import compression
+from nas_kd.objective import cost_facts
 from nas_kd.report import write_report
 from nas_kd.study import STUDY_ATTR, WINNER_ATTR, load_existing, pick_winner
 from nas_kd.teachers import (
@@ -144,10 +144,8 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     start = time.perf_counter()
     model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached)
     metrics = test_metrics(model, dataset, ensemble)
-    cost = count(model, dataset.input_shape)
-    macs_c, params_c = compression(cost, ensemble.largest())
-    metrics = {"trial": trial.number, "spec": str(spec), "macs": cost.macs, "params": cost.params,
-               "macs_compression": round(macs_c, 4), "params_compression": round(params_c, 4),
+    metrics = {"trial": trial.number, "spec": str(spec),
+               **cost_facts(count(model, dataset.input_shape), ensemble.largest()),
                "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,
                "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
                "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature}
