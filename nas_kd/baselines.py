@@ -28,7 +28,7 @@ from nas_kd.distill import criterion_for, distill
 from nas_kd.errors import InputError
 from nas_kd.objective import cost_facts
 from nas_kd.prune import min_pruned_cost, prune_to_budget
-from nas_kd.retrain import export, retrain_targets, test_metrics
+from nas_kd.retrain import export, retrain_targets, student_metrics
 from nas_kd.study import BASELINE_ATTR
 from nas_kd.teachers import CachedTargets, Ensemble, teacher_names, teacher_spec
 from nas_kd.train import evaluate
@@ -90,7 +90,7 @@ def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ense
                                    ("pruned teacher + fine-tuning", "pruned-finetune", FINE_TUNE)):
         start = time.perf_counter()
         model, seconds = train_pruned(pruned, dataset, ensemble, cfg, recipe, cfg.final_epochs, progress, cached)
-        metrics = test_metrics(model, dataset, ensemble)
+        metrics = student_metrics(model, dataset)  # the teachers' figures are the winner's
         row = {"method": method, "teacher": teacher.name, "spec": str(model.spec), "keep": round(keep, 4),
                **facts, "val_acc_before_training": before,
                "test_acc": metrics["test_acc"], "val_acc": metrics["val_acc"], "final_epochs": cfg.final_epochs,

@@ -12,7 +12,7 @@ from nas_kd.arch import Network
 from nas_kd.config import DistillConfig, TrainConfig
 from nas_kd.data import Batch, BatchIterator
 from nas_kd.errors import InputError
-from nas_kd.losses import Criterion, StudentOutput
+from nas_kd.losses import Criterion, StudentOutput, loss_class
 from nas_kd.teachers import TargetSource
 from nas_kd.train import fit
 
@@ -25,8 +25,6 @@ def criterion_for(student: Network, recipe: DistillConfig, teacher_channels: lis
 
 def check_two_stage(recipe: DistillConfig) -> None:
     """Two-stage training needs a feature loss for stage one and a logit loss for stage two."""
-    from nas_kd.losses import loss_class
-
     if not 0 <= recipe.two_stage < 1:
         raise InputError(f"--two-stage must be a fraction of the epochs in [0, 1), got {recipe.two_stage:g}")
     if recipe.two_stage:

@@ -39,7 +39,7 @@ from nas_kd.errors import InputError
 from nas_kd.losses import LOSSES, Criterion, StudentOutput, loss_class
 from nas_kd.objective import cost_facts, is_feasible
 from nas_kd.report import pareto_front
-from nas_kd.retrain import export, retrain_targets, test_metrics
+from nas_kd.retrain import export, retrain_targets, student_metrics, teachers_test_metrics
 from nas_kd.study import ONLINE_ATTR, completed
 from nas_kd.teachers import Ensemble, Targets
 from nas_kd.train import accuracy, fit, predict
@@ -205,12 +205,13 @@ def retrain_online(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     start = time.perf_counter()
     students, seconds = train_online(specs, dataset, ensemble, cfg, cfg.final_epochs, with_teachers, progress)
     reference = ensemble.largest()
+    teachers = teachers_test_metrics(dataset, ensemble)  # once, not per student
     exported = []
     for i, (trial, model) in enumerate(zip(trials, students)):
         metrics = {"trial": trial.number, "spec": str(model.spec),
                    **cost_facts(count(model, dataset.input_shape), reference),
                    "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs,
-                   **test_metrics(model, dataset, ensemble), "train_seconds": round(seconds, 2),
+                   **student_metrics(model, dataset), **teachers, "train_seconds": round(seconds, 2),
                    "recipe": recipe, "with_teachers": with_teachers, "temperature": cfg.distill.temperature}
         weights, metrics_path = export(model, dataset, cfg, metrics, out_dir / f"student{i}-trial{trial.number}")
         metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)

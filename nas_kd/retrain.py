@@ -85,16 +85,24 @@ def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
     return model.eval(), seconds
 
 
-def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
-    """The one look at the test set: the student, each teacher and the ensemble."""
+def student_metrics(model: Network, dataset: Dataset) -> dict[str, float]:
+    """A final student's test and validation accuracy."""
+    return {"test_acc": evaluate(model, dataset.test, dataset), "val_acc": evaluate(model, dataset.val, dataset)}
+
+
+def teachers_test_metrics(dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
+    """Each teacher's and the ensemble's test accuracy (the same for every student of a run)."""
     teacher_logits = torch.stack([predict(t.model, dataset.test, dataset) for t in ensemble.members])
     return {
-        "test_acc": evaluate(model, dataset.test, dataset),
-        "val_acc": evaluate(model, dataset.val, dataset),
         "teachers_test_acc": {t.name: accuracy(logits, dataset.test.y)
                               for t, logits in zip(ensemble.members, teacher_logits)},
         "ensemble_test_acc": accuracy(soft_targets(teacher_logits, 1.0, ensemble.weights), dataset.test.y),
     }
+
+
+def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
+    """The one look at the test set: the student, each teacher and the ensemble."""
+    return {**student_metrics(model, dataset), **teachers_test_metrics(dataset, ensemble)}
 
 
 def export(model: Network, dataset: Dataset, cfg: SearchConfig, metrics: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
