@@ -201,8 +201,12 @@ def load_or_train(name: str, dataset: Dataset, epochs: int, seed: int, cfg: Trai
 FeatureSet = Literal["last", "all"] | None
 
 
+FEATURE_SETS: tuple[FeatureSet, ...] = (None, "last", "all")  # each holds the ones before it
+
+
 def merge_feature_sets(sets: list[FeatureSet]) -> FeatureSet:
-    return "all" if "all" in sets else "last" if "last" in sets else None
+    """The smallest feature set that holds every one of `sets`."""
+    return max(sets, key=FEATURE_SETS.index, default=None)
 
 
 @dataclass(frozen=True)
@@ -373,8 +377,7 @@ class CachedTargets:
 
     def serves(self, features: FeatureSet) -> bool:
         """Whether the cache holds the feature maps a recipe needing `features` reads."""
-        order = {None: 0, "last": 1, "all": 2}
-        return order[self.feature_set] >= order[features]
+        return FEATURE_SETS.index(self.feature_set) >= FEATURE_SETS.index(features)
 
     def __call__(self, batch: Batch) -> Targets:
         rows = self.slot[batch.index]
