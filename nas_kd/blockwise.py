@@ -116,9 +116,7 @@ class BlockwiseScorer:
         # teacher widths of STEM, stage 0, ..., stage T-1: index with `source + 1`
         self.widths = [self.teacher.spec.stem, *self.teacher.stage_channels]
         positions = batches.indices
-        # position in the split -> row of the training cache (-1: not cached)
-        self.slot = torch.full((len(batches.split),), -1, dtype=torch.long, device=positions.device)
-        self.slot[positions] = torch.arange(len(positions), device=positions.device)
+        self.slot = batches.rows()  # position in the split -> row of the training cache (-1: not cached)
         self.train_maps = self._teacher_maps(batches.images(positions[s: s + chunk], 0)
                                              for s in range(0, len(positions), chunk))
         val = dataset.val.subset(seeded_subset(len(dataset.val), val_images, seed).to(dataset.val.y.device))

@@ -386,6 +386,13 @@ class BatchIterator:
             self._params[view] = augment_params(len(self.split), self.augment, view, self.seed)
         return self._params[view]
 
+    def rows(self) -> torch.Tensor:
+        """Position in the whole split -> its row among `indices` (-1 where not among them): how a
+        cache built over this iterator's positions is read with `Batch.index`."""
+        rows = torch.full((len(self.split),), -1, dtype=torch.long, device=self.indices.device)
+        rows[self.indices] = torch.arange(len(self.indices), device=self.indices.device)
+        return rows
+
     def images(self, index: torch.Tensor, view: int) -> torch.Tensor:
         """The normalised pixels of `view` of the images at `index`."""
         dy, dx, flip = (p[index.cpu()] for p in self.params(view))

@@ -331,9 +331,7 @@ class CachedTargets:
         positions, views = batches.indices, batches.views
         if views is None:
             raise ValueError("CachedTargets needs a BatchIterator with a fixed number of views")
-        # position in the split -> row of the cache (-1: not cached)
-        self.slot = torch.full((len(batches.split),), -1, dtype=torch.long, device=positions.device)
-        self.slot[positions] = torch.arange(len(positions), device=positions.device)
+        self.slot = batches.rows()  # position in the split -> row of the cache (-1: not cached)
         self.views = views
         self.weights = ensemble.weights
         self.feature_set = features
