@@ -227,7 +227,9 @@ def _facts(facts: dict[str, Any]) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    frame = pd.DataFrame([{k: _fmt(k, v) for k, v in row.items()} for row in rows])
+    """One row per dict; nested values (dicts, lists) are left out."""
+    frame = pd.DataFrame([{k: _fmt(k, v) for k, v in row.items() if not isinstance(v, (dict, list))}
+                          for row in rows])
     return frame.to_html(index=False, border=0, escape=True, na_rep="")
 
 
@@ -273,12 +275,11 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
                      f"{info_b.get('keep', float('nan')):.3f} of each prunable layer), its surviving weights kept, "
                      f"then trained for the winner's {esc(str(info_b.get('epochs')))} epochs: distilled with the "
                      "search's recipe (KD in place of fine-tuning), and fine-tuned with cross-entropy alone.</p>",
-                     _table([{k: v for k, v in b.items() if not isinstance(v, (dict, list))} for b in baselines])]
+                     _table(baselines)]
     online = study.user_attrs.get(ONLINE_ATTR)
     if online and isinstance(online.get("students"), list):
         sections += ["<h2>Online ensemble of students</h2>",
-                     _table([{k: v for k, v in st.items() if not isinstance(v, (dict, list))}
-                             for st in online["students"]])]
+                     _table(online["students"])]
     sections += ["<h2>Pareto fronts</h2>", *parts, "<h2>All trials</h2>",
                  frame.astype({"feasible": "boolean"}).to_html(index=False, border=0, na_rep="", classes="trials")]
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>nas_kd {esc(study.study_name)}</title>"
