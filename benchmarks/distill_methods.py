@@ -86,7 +86,7 @@ def main() -> None:
     cost = count(build(spec, dataset.input_shape, dataset.num_classes), dataset.input_shape)
     whole = BatchIterator(dataset.train, dataset, base.train.batch_size, 0, views=1, augment=False)
     cached = CachedTargets(ensemble, whole, "all", progress=False)  # every method reads from it
-    largest = max(ensemble.members, key=lambda t: t.cost.macs)
+    largest = ensemble.largest_member()
     pruned, keep_ratio, pruned_cost = prune_to_budget(largest.model, dataset.input_shape, Budget(cost.macs, None))
     print(f"student {STUDENT}: {format_count(cost.macs)} MACs, {format_count(cost.params)} params; "
           f"{len(dataset.train)} training images, {args.epochs} epochs, seeds {seeds}")

@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 import torch
 
-from nas_kd.arch import Network
+from nas_kd.arch import Network, build
 from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import Budget, count, format_count
 from nas_kd.data import Dataset
@@ -38,8 +38,6 @@ FINE_TUNE = DistillConfig(losses=(("ce", 1.0),))
 
 def largest_teacher_name(cfg: SearchConfig, input_shape: tuple[int, int, int], num_classes: int) -> str:
     """The ensemble member of most MACs, from the specs alone (before any teacher is trained)."""
-    from nas_kd.arch import build
-
     names = teacher_names(cfg)
     macs = {n: count(build(teacher_spec(n), input_shape, num_classes, channels_last=False), input_shape).macs
             for n in names}
@@ -64,8 +62,7 @@ def train_pruned(pruned: Network, dataset: Dataset, ensemble: Ensemble, cfg: Sea
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(pruned).requires_grad_(True).train()
     criterion = criterion_for(model, recipe, ensemble.feature_channels)
-    run_cfg = dataclasses.replace(cfg, distill=recipe)
-    batches, targets = retrain_targets(ensemble, dataset, run_cfg, criterion, cached, progress)
+    batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress)
     seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc="pruned baseline",
                       progress=progress, two_stage=recipe.two_stage)
     return model.eval(), seconds
@@ -77,7 +74,7 @@ def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ense
     """Prune the largest teacher to the budget, then distil it and fine-tune it for cfg.final_epochs;
     test and export both under out_dir/pruned-kd and out_dir/pruned-finetune, and store the
     figures in the study (when given) for the report."""
-    teacher = max(ensemble.members, key=lambda t: t.cost.macs)
+    teacher = ensemble.largest_member()
     budget = Budget(cfg.flops_budget, cfg.params_budget)
     pruned, keep, cost = prune_to_budget(teacher.model, dataset.input_shape, budget)
     before = evaluate(pruned, dataset.val, dataset)
@@ -90,10 +87,10 @@ def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ense
                                    ("pruned teacher + fine-tuning", "pruned-finetune", FINE_TUNE)):
         start = time.perf_counter()
         model, seconds = train_pruned(pruned, dataset, ensemble, cfg, recipe, cfg.final_epochs, progress, cached)
-        metrics = student_metrics(model, dataset)  # the teachers' figures are the winner's
         row = {"method": method, "teacher": teacher.name, "spec": str(model.spec), "keep": round(keep, 4),
                **facts, "val_acc_before_training": before,
-               "test_acc": metrics["test_acc"], "val_acc": metrics["val_acc"], "final_epochs": cfg.final_epochs,
+               **student_metrics(model, dataset),  # the teachers' figures are the winner's
+               "final_epochs": cfg.final_epochs,
                "recipe": recipe.describe(), "train_seconds": round(seconds, 2),
                "retrain_seconds": round(time.perf_counter() - start, 2)}
         weights, metrics_path = export(model, dataset, dataclasses.replace(cfg, distill=recipe), row, out_dir / folder)

@@ -359,7 +359,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
 
     ensemble = ensemble_from_config(cfg, dataset, progress, log)
     ensemble_val = ensemble.accuracy(dataset.val, dataset)
-    reference = max(ensemble.members, key=lambda t: t.cost.macs)
+    reference = ensemble.largest_member()
     update_study_attr(study, STUDY_ATTR, {
         "config": cfg.to_dict(), "space": space.name, "budget": {"macs": budget.macs, "params": budget.params},
         "budget_text": str(budget), "teachers": ensemble_summary(ensemble), "ensemble": {"val_acc": ensemble_val},

@@ -118,7 +118,7 @@ def open_study(storage: RDBStorage, name: str, pareto: bool, seed: int, guarded:
     # The first epoch's accuracy is read mid-schedule, at a high learning rate, and says little:
     # measured on Fashion-MNIST, trials at 0.10-0.61 after epoch 1 of 2 all ended at 0.75-0.80.
     # So the median pruner acts from the second epoch on (and never after the last, see
-    # objective.run_trial): in trials of 3 or more epochs.
+    # objective.distill_score): in trials of 3 or more epochs.
     pruner = optuna.pruners.NopPruner() if pareto else optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
     study = optuna.create_study(storage=storage, study_name=name, directions=directions(pareto), sampler=sampler,
                                 pruner=pruner, load_if_exists=True)

@@ -276,6 +276,11 @@ class Ensemble:
         """Per member, the widths of its stages, shallow to deep."""
         return [list(t.model.stage_channels) for t in self.members]
 
+    def largest_member(self) -> Teacher:
+        """The member of most MACs: the reference named for compression in MACs, and the teacher the
+        pruned baseline prunes."""
+        return max(self.members, key=lambda t: t.cost.macs)
+
     def largest(self) -> Cost:
         """The reference for compression ratios: the largest member's MACs and params."""
         return Cost(max(t.cost.macs for t in self.members), max(t.cost.params for t in self.members))
