@@ -37,7 +37,7 @@ from nas_kd.config import SearchConfig
 from nas_kd.cost import Budget, count, format_count
 from nas_kd.data import BatchIterator, Split, load_dataset, seeded_subset
 from nas_kd.losses import recipe_features
-from nas_kd.objective import TrialContext, blockwise_score, distill_score
+from nas_kd.objective import TRIAL_SCORES, TrialContext
 from nas_kd.retrain import retrain
 from nas_kd.space import load_space
 from nas_kd.teachers import CachedTargets, ensemble_from_config
@@ -117,21 +117,17 @@ def main() -> None:
     trial_targets = CachedTargets(ensemble, batches, features, progress=False)
     teacher = most_accurate(ensemble.members)
     scorer = BlockwiseScorer(teacher, dataset, batches, cfg.train, cfg.trial_epochs, cfg.seed)
-    contexts = {
-        "distill": TrialContext(space, dataset, ensemble, budget, batches, trial_targets, cfg.distill, cfg.train,
-                                cfg.trial_epochs, False, cfg.seed, False),
-        "blockwise": TrialContext(space, dataset, ensemble, budget, batches, None, cfg.distill, cfg.train,
-                                  cfg.trial_epochs, False, cfg.seed, False, "blockwise", scorer),
-    }
-    score_fns = {"distill": distill_score, "blockwise": blockwise_score}
+    ctx = TrialContext(space, dataset, ensemble, budget, batches, trial_targets, cfg.distill, cfg.train,
+                       cfg.trial_epochs, False, cfg.seed, False)
+    contexts = {"distill": ctx,
+                "blockwise": dataclasses.replace(ctx, targets=None, trial_score="blockwise", scorer=scorer)}
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
 
     keep = seeded_subset(len(dataset.train), args.reference_images, cfg.seed)
     reference_data = dataclasses.replace(dataset, train=Split(dataset.train.x[keep], dataset.train.y[keep]))
-    reference_targets = CachedTargets(
-        ensemble, BatchIterator(reference_data.train, reference_data, cfg.train.batch_size, cfg.seed, views=1,
-                                      augment=cfg.train.augment),
-        features, progress=False)
+    reference_batches = BatchIterator(reference_data.train, reference_data, cfg.train.batch_size, cfg.seed, views=1,
+                                      augment=cfg.train.augment)
+    reference_targets = CachedTargets(ensemble, reference_batches, features, progress=False)
     print(f"{len(specs)} random specs of {space.name} under {budget} (seed {args.seed}); trial scores on "
           f"{cfg.subset} images x {cfg.trial_epochs} epochs; block-wise teacher {teacher.name}; reference: "
           f"{args.reference_epochs} epochs on {len(reference_data.train)} images, recipe {cfg.distill.describe()}")
@@ -139,10 +135,10 @@ def main() -> None:
     rows = []
     for n, (spec, cost) in enumerate(zip(specs, costs)):
         row = {"spec": str(spec), "macs": cost.macs, "params": cost.params}
-        for name, fn in score_fns.items():
+        for name, context in contexts.items():
             trial = study.ask()
             start = time.perf_counter()
-            row[name] = fn(contexts[name], trial, spec)
+            row[name] = TRIAL_SCORES[name](context, trial, spec)
             row[f"{name}_seconds"] = time.perf_counter() - start
             study.tell(trial, row[name])
         model, seconds = retrain(spec, reference_data, ensemble, cfg, args.reference_epochs, False, reference_targets)
@@ -160,7 +156,7 @@ def main() -> None:
           f"total {(time.perf_counter() - started) / 60:.1f} min")
     print(f"{'score':10s} {'spearman':>9s} {'kendall':>8s} {'top-1 agrees':>13s} {'regret (pp)':>12s} {'s/spec':>7s}")
     summary = {}
-    for name in score_fns:
+    for name in contexts:
         values = [r[name] for r in rows]
         picked = reference[values.index(max(values))]
         summary[name] = {"spearman": spearman(values, reference), "kendall": kendall(values, reference),
