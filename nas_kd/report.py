@@ -79,7 +79,7 @@ class ParetoData(NamedTuple):
     feasible: Points  # every feasible trained trial (complete or pruned: last validation accuracy)
     infeasible: Points  # over budget: cost only, acc is NaN (never trained)
     pruned: Points  # stopped early by the pruner
-    teachers: Points  # validation accuracy of each teacher
+    teachers: Points  # validation accuracy of each teacher (full training: drawn in the lower panel)
     budget: float | None
     reference: float  # the largest teacher's cost: compression = reference / cost
     winner: int | None  # trial number
@@ -88,6 +88,9 @@ class ParetoData(NamedTuple):
     # baselines retrained with the winner's schedule (pruned teacher + KD / + fine-tuning): their
     # validation accuracy after that retrain, labelled by method
     baselines: Points = Points([], [], [], [])
+    # the winner after its full retrain (validation accuracy), drawn in the lower panel under its
+    # trial score in the upper one
+    retrained: Points = Points([], [], [], [])
 
 
 SCORE_LABELS = {"distill": "validation accuracy", "blockwise": "block-wise score (mean R^2 of stages)"}
@@ -100,7 +103,9 @@ def _points(frame: pd.DataFrame, cost: str) -> Points:
 
 def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: list[dict[str, Any]],
                 winner: int | None = None, score_label: str = SCORE_LABELS["distill"],
-                baselines: list[dict[str, Any]] = ()) -> ParetoData:
+                baselines: list[dict[str, Any]] = (), retrained: dict[str, Any] | None = None) -> ParetoData:
+    """The plot data of one cost. Trial scores (brief training) and accuracies after full training
+    (teachers, the retrained winner, baselines) are kept apart, for the figure's two panels."""
     if cost not in ("macs", "params"):
         raise ValueError(f"cost must be 'macs' or 'params', got {cost!r}")
     has_cost = frame[cost].notna()
@@ -116,8 +121,12 @@ def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: 
     reference = max((float(t[cost]) for t in teachers), default=float("nan"))
     baseline_points = Points([float(b[cost]) for b in baselines], [float(b["val_acc"]) for b in baselines],
                              [-2] * len(baselines), [str(b["method"]) for b in baselines])
+    retrained_points = (Points([float(retrained[cost])], [float(retrained["val_acc"])], [int(retrained["trial"])],
+                               [str(retrained["spec"])]) if retrained and "val_acc" in retrained and cost in retrained
+                        else Points([], [], [], []))
     return ParetoData(cost, _points(front, cost), _points(feasible, cost), _points(infeasible, cost),
-                      _points(pruned, cost), teacher_points, budget, reference, winner, score_label, baseline_points)
+                      _points(pruned, cost), teacher_points, budget, reference, winner, score_label, baseline_points,
+                      retrained_points)
 
 
 # ---------------------------------------------------------------- rendering
@@ -128,27 +137,40 @@ def _hover(points: Points, data: ParetoData, what: str) -> list[str]:
     for x, acc, n, label in zip(*points):
         ratio = data.reference / x if x else float("nan")
         head = {-1: f"teacher {label}", -2: f"baseline: {label}"}.get(n, f"trial {n} ({what})")
-        acc_text = "not trained" if acc != acc else f"{'val acc' if n < 0 else data.score_label} {acc:.4f}"
+        full = n < 0 or points is data.retrained  # accuracy after full training, not a trial score
+        acc_text = "not trained" if acc != acc else f"{'val acc' if full else data.score_label} {acc:.4f}"
         out.append(f"{head}<br>{label if n >= 0 else ''}<br>{data.cost} {format_count(x)} "
                    f"(compression x{ratio:.2f})<br>{acc_text}")
     return out
 
 
+# vertical extents of the figure's panels: trial scores above, accuracy after full training below,
+# and a rug of over-budget specs at the bottom
+TRIAL_PANEL, FULL_PANEL, RUG_PANEL = [0.47, 1.0], [0.09, 0.40], [0.0, 0.04]
+
+
 def pareto_figure(data: ParetoData) -> go.Figure:
+    """Two panels over one cost axis. Upper: every trial's score after its brief training, the
+    Pareto front and the winner. Lower: validation accuracy after full training: the teachers, the
+    retrained winner (straight under its trial score) and any baselines. A brief trial's score is
+    far below what full training reaches, so the two are never drawn on one axis."""
     fig = go.Figure()
     name = "MACs" if data.cost == "macs" else "parameters"
     layers = [
-        (data.feasible, "trained within budget", dict(color="#1f77b4", size=8, opacity=0.55)),
-        (data.pruned, "pruned early", dict(color="#ff7f0e", size=8, symbol="x")),
-        (data.front, "Pareto front", dict(color="#d62728", size=11, line=dict(width=1, color="black"))),
-        (data.teachers, "teachers", dict(color="#2ca02c", size=15, symbol="star")),
+        (data.feasible, "trained within budget", dict(color="#1f77b4", size=8, opacity=0.55), "y"),
+        (data.pruned, "pruned early", dict(color="#ff7f0e", size=8, symbol="x"), "y"),
+        (data.front, "Pareto front", dict(color="#d62728", size=11, line=dict(width=1, color="black")), "y"),
+        (data.teachers, "teachers (full training)", dict(color="#2ca02c", size=15, symbol="star"), "y3"),
     ]
+    if data.retrained.x:
+        layers.append((data.retrained, "winner after the full retrain",
+                       dict(color="black", size=13, symbol="circle-open", line=dict(width=3)), "y3"))
     if data.baselines.x:  # only in studies run with --pruned-baseline
         layers.append((data.baselines, "pruned-teacher baselines (val acc after the full retrain)",
-                       dict(color="#9467bd", size=12, symbol="diamond")))
-    for points, label, marker in layers:
+                       dict(color="#9467bd", size=12, symbol="diamond"), "y3"))
+    for points, label, marker, axis in layers:
         mode = "lines+markers" if label == "Pareto front" else "markers"
-        fig.add_trace(go.Scatter(x=points.x, y=points.acc, mode=mode, name=label, marker=marker,
+        fig.add_trace(go.Scatter(x=points.x, y=points.acc, mode=mode, name=label, marker=marker, yaxis=axis,
                                  line=dict(shape="hv", color="#d62728") if mode != "markers" else None,
                                  hovertext=_hover(points, data, label), hoverinfo="text"))
     if data.infeasible.x:  # never trained: shown as a rug under the plot, at their cost
@@ -163,16 +185,17 @@ def pareto_figure(data: ParetoData) -> go.Figure:
     if data.budget:
         fig.add_vline(x=data.budget, line_dash="dash", line_color="black",
                       annotation_text=f"budget {format_count(data.budget)}", annotation_position="top left")
-    xs = data.feasible.x + data.infeasible.x + data.teachers.x + data.baselines.x
+    xs = data.feasible.x + data.infeasible.x + data.teachers.x + data.baselines.x + data.retrained.x
     ticks = _log_ticks(min(xs), max(xs)) if xs else []
     ticktext = [f"{format_count(v)}<br>x{data.reference / v:.1f}" if data.reference == data.reference else format_count(v)
                 for v in ticks]
     fig.update_layout(
         title=f"{data.score_label.capitalize()} vs {name} (second tick row: compression vs the largest teacher)",
         xaxis=dict(title=f"{name} (log scale)", type="log", tickvals=ticks, ticktext=ticktext),
-        yaxis=dict(title=data.score_label, domain=[0.08, 1.0]),
-        yaxis2=dict(domain=[0.0, 0.05], showticklabels=False, showgrid=False, zeroline=False),
-        template="plotly_white", height=520, legend=dict(orientation="h", y=-0.2))
+        yaxis=dict(title=f"trial: {data.score_label}<br>after brief training", domain=TRIAL_PANEL),
+        yaxis3=dict(title="validation accuracy<br>after full training", domain=FULL_PANEL),
+        yaxis2=dict(domain=RUG_PANEL, showticklabels=False, showgrid=False, zeroline=False),
+        template="plotly_white", height=640, legend=dict(orientation="h", y=-0.2))
     return fig
 
 
@@ -241,7 +264,7 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     score_label = SCORE_LABELS.get(info.get("config", {}).get("trial_score", "distill"), SCORE_LABELS["distill"])
     baselines = study.user_attrs.get(BASELINE_ATTR, {}).get("methods", [])
     figures = [pareto_figure(pareto_data(frame, cost, budget.get(cost), teachers, winner and winner.get("trial"),
-                                         score_label, baselines))
+                                         score_label, baselines, winner))
                for cost in ("macs", "params")]
     figures.append(epochs_figure(frame))
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%")

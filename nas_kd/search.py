@@ -17,11 +17,12 @@ import optuna
 import yaml
 from tqdm.auto import tqdm
 
+from nas_kd.arch import build
 from nas_kd.baselines import check_prunable, pruned_baseline
 from nas_kd.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.cli import OneLineParser, base_parser, fail, log, quiet_libraries
 from nas_kd.config import SearchConfig, from_dict, parse_distill
-from nas_kd.cost import Budget, format_count, parse_count
+from nas_kd.cost import Budget, count, format_count, parse_count
 from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.distill import check_two_stage
 from nas_kd.errors import InputError
@@ -52,6 +53,7 @@ from nas_kd.teachers import (
     ensemble_from_config,
     ensemble_summary,
     teacher_names,
+    teacher_spec,
 )
 from nas_kd.train import resolve_device
 
@@ -140,6 +142,9 @@ def build_parser() -> OneLineParser:
                    help=f"comma-separated ensemble (default {','.join(DEFAULTS.teachers)}); known: {', '.join(TEACHERS)}")
     g.add_argument("--teacher-epochs", type=_positive(int, "--teacher-epochs"), default=DEFAULTS.teacher_epochs,
                    help=f"epochs to train a missing teacher (default {DEFAULTS.teacher_epochs}); trained teachers are cached")
+    g.add_argument("--no-shipped-teachers", action="store_true",
+                   help="do not use the teachers shipped with nas_kd (Fashion-MNIST wrn16_2 and resnet20); use "
+                        "cached ones or train them")
     g.add_argument("--teacher-ckpt", type=_ckpt, action="append", default=[], metavar="ARCH=PATH",
                    help="use your own weights for teacher ARCH (safetensors, or a torch state dict); repeatable")
     g = p.add_argument_group("search")
@@ -251,6 +256,8 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
         base["distill"]["losses"] = [list(x) for x in parse_distill(args.distill)]
     if args.pruned_baseline:
         base["pruned_baseline"] = True
+    if args.no_shipped_teachers:
+        base["shipped_teachers"] = False
     return from_dict(SearchConfig, base)
 
 
@@ -295,11 +302,35 @@ def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
     their names and still resume."""
     d = cfg.to_dict()
     d["search_space"] = space_source
+    if cfg.train.bf16 == DEFAULTS.train.bf16:  # added later, like LATE_GUARDED_KEYS
+        del d["train"]["bf16"]
     d["distill"] = {"losses": [list(x) for x in cfg.distill.losses], "temperature": cfg.distill.temperature}
     for key in ("two_stage", "ensemble_weighting"):
         if getattr(cfg.distill, key) != getattr(DEFAULTS.distill, key):
             d["distill"][key] = getattr(cfg.distill, key)
     return {k: d[k] for k in GUARDED_KEYS if k in d and (k not in LATE_GUARDED_KEYS or d[k] != getattr(DEFAULTS, k))}
+
+
+def budget_warning(budget: Budget, teachers: list[str], input_shape: tuple[int, int, int],
+                   num_classes: int) -> str | None:
+    """One line when the budget admits students larger than the largest teacher (then some
+    students would not compress it), naming both costs; None when every student is smaller."""
+    costs = {name: count(build(teacher_spec(name), input_shape, num_classes, channels_last=False), input_shape)
+             for name in teachers}
+    over = []
+    for kind, limit in (("macs", budget.macs), ("params", budget.params)):
+        name = max(costs, key=lambda n: getattr(costs[n], kind))
+        if limit is not None and limit > getattr(costs[name], kind):
+            unit = "MACs" if kind == "macs" else "params"
+            over.append(f"{format_count(limit)} {unit} > teacher {name}'s {format_count(getattr(costs[name], kind))}")
+    if not over:
+        return None
+    return ("warning: the budget admits students larger than the largest teacher (" + "; ".join(over) +
+            "): those would not compress it; lower the budget or use larger --teachers")
+
+
+def compression_text(ratio: float) -> str:
+    return f"x{ratio:.2f} smaller" if ratio >= 1 else f"x{1 / ratio:.2f} LARGER"
 
 
 def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: float) -> str:
@@ -314,8 +345,9 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
                                              f"val acc {t['val_acc']:.4f}"))
     if winner:
         rows += [("winner", f"trial {winner['trial']}: {winner['spec']}"),
-                 ("winner cost", f"{format_count(winner['macs'])} MACs (x{winner['macs_compression']:.2f} smaller), "
-                                 f"{format_count(winner['params'])} params (x{winner['params_compression']:.2f} smaller)"),
+                 ("winner cost", f"{format_count(winner['macs'])} MACs ({compression_text(winner['macs_compression'])}), "
+                                 f"{format_count(winner['params'])} params "
+                                 f"({compression_text(winner['params_compression'])}) than the largest teacher"),
                  ("winner accuracy", f"test {winner['test_acc']:.4f}, val {winner['val_acc']:.4f} after "
                                      f"{winner['final_epochs']} epochs; teacher ensemble test {winner['ensemble_test_acc']:.4f}"),
                  ("winner files", str(Path(winner["weights"]).parent))]
@@ -350,6 +382,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         f"images of {'x'.join(map(str, dataset.input_shape))}, {dataset.num_classes} classes; device {device}")
     dataset = dataset.to(device)
     log(f"search space {describe(space)}; budget {budget}")
+    if (warning := budget_warning(budget, teacher_names(cfg), dataset.input_shape, dataset.num_classes)):
+        log(warning)
 
     keys = guarded(cfg, space_id(space))
     name = cfg.study_name or default_study_name(keys)

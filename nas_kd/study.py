@@ -24,9 +24,9 @@ ONLINE_ATTR = "online_ensemble"  # study user attribute: the online ensemble of 
 # What a study's trials depend on: resuming with any of these changed would mix incomparable trials.
 GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "teachers", "teacher_epochs",
                 "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed",
-                "trial_score")
+                "trial_score", "shipped_teachers")
 # keys added later: recorded only when not at their default, so older studies keep their names
-LATE_GUARDED_KEYS = ("trial_score",)
+LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers")
 
 
 def default_study_name(guarded: dict[str, Any]) -> str:

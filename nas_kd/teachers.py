@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nas_kd import versions
@@ -30,7 +30,7 @@ from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.cost import Cost, count, format_count
 from nas_kd.data import Batch, BatchIterator, Dataset, Split
 from nas_kd.errors import InputError
-from nas_kd.train import accuracy, fit, predict
+from nas_kd.train import Checkpoint, accuracy, evaluate, fit, predict
 
 # ---------------------------------------------------------------- zoo
 
@@ -99,8 +99,13 @@ class Teacher:
     model: Network
     cost: Cost
     val_acc: float
-    source: str  # "trained", "cache" or the user's checkpoint path
+    source: str  # "trained", "shipped", "cache" or the user's checkpoint path
     val_logits: torch.Tensor | None = None  # (N_val, K), kept so the ensemble's figure costs nothing
+    path: str | None = None  # the file its weights came from (or were written to)
+
+
+FORMAT = "nas_kd.teacher"
+SHIPPED_TEACHERS = Path(__file__).parent / "shipped"  # weights that come with the package
 
 
 def cache_key(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig) -> str:
@@ -109,15 +114,47 @@ def cache_key(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainCon
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def save_model(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """safetensors weights (and BN buffers) with string metadata; written atomically."""
+def cache_file(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig, cache_dir: Path) -> Path:
+    """Where a teacher trained with exactly these settings lives in the cache."""
+    key = cache_key(name, dataset, epochs, seed, cfg)
+    return cache_dir / "teachers" / f"{name}-{dataset.name.replace(':', '_').replace('/', '_')}-{key}.safetensors"
+
+
+def partial_file(final: Path) -> Path:
+    """The per-epoch training checkpoint of the teacher that will be written to `final`."""
+    return final.parent / "partial" / f"{final.stem}.pt"
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes: a damaged file no longer matches."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d tensors too (num_batches_tracked)
+    return h.hexdigest()
+
+
+def save_model(model: nn.Module, path: Path, metadata: dict[str, str], dtype: torch.dtype | None = None) -> None:
+    """safetensors weights (and BN buffers) with string metadata and their digest; written
+    atomically. `dtype` stores floating tensors in that type (float16 for shipped teachers)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata=metadata)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(tmp), metadata={**metadata, "weights_sha256": weights_digest(state)})
     tmp.replace(path)
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (its header only, not the weights)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"cannot read {path}: not a readable safetensors file "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a torch file (loaded with weights_only=True)."""
     if not path.is_file():
@@ -138,8 +175,9 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     return {re.sub(r"^module\.", "", k): v for k, v in state.items()}
 
 
-def load_weights(model: nn.Module, path: Path, what: str) -> None:
-    state = load_state(path)
+def load_weights(model: nn.Module, path: Path, what: str, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load `path` (or its already-read `state`) into `model`; a key or shape mismatch is one line."""
+    state = load_state(path) if state is None else state
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -153,7 +191,10 @@ def load_weights(model: nn.Module, path: Path, what: str) -> None:
 
 
 def train_teacher(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig,
-                  device: torch.device, progress: bool = True) -> Network:
+                  device: torch.device, progress: bool = True, checkpoint: Checkpoint | None = None,
+                  on_epoch: Callable[[Network, int], None] | None = None) -> tuple[Network, float]:
+    """Train teacher `name` on the train split with cross-entropy; returns it and the seconds spent.
+    With `checkpoint`, every epoch is saved there and a saved run is resumed (see `train.fit`)."""
     torch.manual_seed(seed)
     model = build(teacher_spec(name), dataset.input_shape, dataset.num_classes).to(device)
     batches = BatchIterator(dataset.train, dataset, cfg.batch_size, seed, views=None, augment=cfg.augment)
@@ -161,38 +202,122 @@ def train_teacher(name: str, dataset: Dataset, epochs: int, seed: int, cfg: Trai
     def step(batch: Batch) -> torch.Tensor:
         return F.cross_entropy(model(batch.x), batch.y, label_smoothing=cfg.label_smoothing)
 
-    fit(model, batches, step, cfg, epochs, desc=f"teacher {name}", progress=progress)
-    return model
+    seconds = fit(model, batches, step, cfg, epochs, desc=f"teacher {name}", progress=progress, checkpoint=checkpoint,
+                  on_epoch=None if on_epoch is None else lambda epoch: on_epoch(model, epoch))
+    return model, seconds
+
+
+def teacher_metadata(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig, cost: Cost,
+                     val_acc: float, test_acc: float, seconds: float, command: str) -> dict[str, str]:
+    """What a teacher file says about itself: everything that made it, and what it scored."""
+    return {"format": FORMAT, "arch": name, "spec": str(teacher_spec(name)), "dataset": dataset.name,
+            "data_fingerprint": dataset.fingerprint(), "input_shape": json.dumps(list(dataset.input_shape)),
+            "num_classes": str(dataset.num_classes), "epochs": str(epochs), "seed": str(seed),
+            "train": json.dumps(cfg.__dict__), "macs": str(cost.macs), "params": str(cost.params),
+            "val_acc": f"{val_acc:.6f}", "test_acc": f"{test_acc:.6f}", "train_seconds": f"{seconds:.0f}",
+            "command": command, "versions": json.dumps(versions())}
+
+
+@dataclass(frozen=True)
+class TeacherFile:
+    """A trained teacher on disk, known by its metadata alone."""
+
+    path: Path
+    meta: dict[str, str]
+    shipped: bool
+
+    @property
+    def arch(self) -> str:
+        return self.meta.get("arch", "?")
+
+    @property
+    def val_acc(self) -> float | None:
+        return float(self.meta["val_acc"]) if "val_acc" in self.meta else None
+
+
+def teacher_files(folder: Path, shipped: bool) -> list[TeacherFile]:
+    """Every readable teacher file in `folder`, sorted by path; unreadable ones are skipped (the
+    loaders name them when they are asked for)."""
+    out = []
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            meta = read_metadata(path)
+        except InputError:
+            continue
+        if meta.get("format") == FORMAT:
+            out.append(TeacherFile(path, meta, shipped))
+    return out
+
+
+def shipped_teacher(name: str, dataset: Dataset, folder: Path | None = None) -> TeacherFile | None:
+    """The shipped weights of teacher `name` for this dataset, if the package has them. A shipped
+    file for this dataset name whose data fingerprint differs from the data loaded is refused: it
+    was made on other images, and nas_kd never trains over a shipped teacher."""
+    folder = SHIPPED_TEACHERS if folder is None else folder
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        meta = read_metadata(path)  # a damaged shipped file is an error, not a skip
+        if meta.get("format") != FORMAT:
+            raise InputError(f"shipped teacher file {path} is not a nas_kd teacher (format {meta.get('format')!r}); "
+                             "reinstall nas_kd")
+        if meta.get("arch") != name or meta.get("dataset") != dataset.name:
+            continue
+        if meta.get("data_fingerprint") != dataset.fingerprint():
+            raise InputError(f"shipped teacher {name} ({path}) was trained on {dataset.name} with data fingerprint "
+                             f"{meta.get('data_fingerprint')}, but the data loaded has {dataset.fingerprint()}; "
+                             "pass --no-shipped-teachers to use cached or newly trained teachers instead")
+        return TeacherFile(path, meta, shipped=True)
+    return None
+
+
+def cached_teachers(name: str, dataset: Dataset, cache_dir: Path) -> list[TeacherFile]:
+    """Cached teachers of architecture `name` trained on exactly this data (any schedule)."""
+    return [f for f in teacher_files(cache_dir / "teachers", shipped=False)
+            if f.arch == name and f.meta.get("data_fingerprint") == dataset.fingerprint()]
+
+
+def load_teacher_file(file: TeacherFile, model: nn.Module) -> None:
+    """Load `file` into `model`, checking its weights against the digest it recorded."""
+    what = f"{'shipped ' if file.shipped else ''}teacher {file.arch}"
+    state = load_state(file.path)
+    recorded = file.meta.get("weights_sha256")
+    if recorded is not None and weights_digest(state) != recorded:
+        hint = "reinstall nas_kd" if file.shipped else "delete it to train the teacher anew"
+        raise InputError(f"{what} {file.path} is damaged: its weights do not match the digest it recorded; {hint}")
+    load_weights(model, file.path, what, state)
 
 
 def load_or_train(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig, cache_dir: Path,
                   device: torch.device, checkpoint: Path | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print) -> Teacher:
-    """The user's checkpoint if given, else the cached teacher, else a freshly trained (and cached) one."""
+                  log: Callable[[str], None] = print, shipped: bool = True) -> Teacher:
+    """The user's checkpoint if given; else the most accurate (by recorded validation accuracy) of
+    the shipped teacher for this data and the cached teachers of this architecture and data (the
+    shipped one on a tie; cache files from before validation accuracy was recorded rank last);
+    else a teacher trained now for `epochs` and cached."""
     spec = teacher_spec(name)
     cost = count(build(spec, dataset.input_shape, dataset.num_classes, channels_last=False), dataset.input_shape)
+    model = build(spec, dataset.input_shape, dataset.num_classes)
     if checkpoint is not None:
-        model = build(spec, dataset.input_shape, dataset.num_classes)
         load_weights(model, checkpoint, f"teacher {name} ({dataset.num_classes} classes, input {dataset.input_shape})")
-        source = str(checkpoint)
+        source, path = str(checkpoint), checkpoint
     else:
-        key = cache_key(name, dataset, epochs, seed, cfg)
-        path = cache_dir / "teachers" / f"{name}-{dataset.name.replace(':', '_').replace('/', '_')}-{key}.safetensors"
-        if path.is_file():
-            model = build(spec, dataset.input_shape, dataset.num_classes)
-            load_weights(model, path, f"teacher {name}")
-            source = "cache"
+        candidates = ([f] if shipped and (f := shipped_teacher(name, dataset)) else [])
+        candidates += cached_teachers(name, dataset, cache_dir)
+        if candidates:
+            best = max(candidates, key=lambda f: (-1.0 if f.val_acc is None else f.val_acc, f.shipped))
+            load_teacher_file(best, model)
+            source, path = ("shipped" if best.shipped else "cache"), best.path
         else:
+            path = cache_file(name, dataset, epochs, seed, cfg, cache_dir)
             log(f"training teacher {name} ({cost.macs / 1e6:.1f}M MACs) for {epochs} epochs; cached at {path}")
-            model = train_teacher(name, dataset, epochs, seed, cfg, device, progress)
+            model, seconds = train_teacher(name, dataset, epochs, seed, cfg, device, progress)
             source = "trained"
-            save_model(model, path, {"format": "nas_kd.teacher", "arch": name, "spec": str(spec),
-                                     "dataset": dataset.name, "data_fingerprint": dataset.fingerprint(),
-                                     "epochs": str(epochs), "seed": str(seed), "train": json.dumps(cfg.__dict__),
-                                     "versions": json.dumps(versions())})
+            val_acc, test_acc = evaluate(model, dataset.val, dataset), evaluate(model, dataset.test, dataset)
+            command = f"python -m nas_kd.search (teacher {name}, --teacher-epochs {epochs}, seed {seed})"
+            save_model(model, path, teacher_metadata(name, dataset, epochs, seed, cfg, cost, val_acc, test_acc,
+                                                     seconds, command))
     model = model.to(device).eval()
     val_logits = predict(model, dataset.val, dataset)
-    return Teacher(name, model, cost, accuracy(val_logits, dataset.val.y), source, val_logits)
+    return Teacher(name, model, cost, accuracy(val_logits, dataset.val.y), source, val_logits, str(path))
 
 
 # ---------------------------------------------------------------- ensemble and targets
@@ -394,7 +519,7 @@ class CachedTargets:
 
 def ensemble_summary(ensemble: Ensemble) -> list[dict[str, float | str | int]]:
     return [{"name": t.name, "macs": t.cost.macs, "params": t.cost.params, "val_acc": t.val_acc,
-             "source": t.source} for t in ensemble.members]
+             "source": t.source, "path": t.path} for t in ensemble.members]
 
 
 def teacher_names(cfg: SearchConfig) -> list[str]:
@@ -411,9 +536,15 @@ def ensemble_from_config(cfg: SearchConfig, dataset: Dataset, progress: bool = T
     for i, name in enumerate(teacher_names(cfg)):
         path = Path(ckpts[name]) if name in ckpts else None
         t = load_or_train(name, dataset, cfg.teacher_epochs, cfg.seed + i, cfg.train, cfg.cache_path(),
-                          dataset.train.x.device, path, progress, log)
+                          dataset.train.x.device, path, progress, log, cfg.shipped_teachers)
         log(f"teacher {name}: {format_count(t.cost.macs)} MACs, {format_count(t.cost.params)} params, "
-            f"val acc {t.val_acc:.4f} ({t.source})")
+            f"val acc {t.val_acc:.4f} ({t.source}: {t.path})")
         members.append(t)
     return Ensemble(members, cfg.distill.ensemble_weighting)
 
+
+
+if __name__ == "__main__":  # `python -m nas_kd.teachers ...`; the command line lives in teacher_cli
+    from nas_kd.teacher_cli import main
+
+    raise SystemExit(main())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -48,26 +50,66 @@ def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float)
 StepLoss = Callable[[Batch], torch.Tensor]
 
 
+class Checkpoint:
+    """Where `fit` saves its whole state after every epoch (model, optimizer, schedule, epoch),
+    so that a killed run resumes where it stopped. Written atomically with `torch.save`, read with
+    `weights_only=True`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged pickle raises almost any type (KeyError, UnpicklingError, EOFError...)
+            raise InputError(f"cannot resume from {self.path}: the file is damaged "
+                             f"({(str(e).splitlines() or [type(e).__name__])[0]}); "
+                             "delete it to start this training anew") from None
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: TrainConfig, epochs: int,
         on_epoch: Callable[[int], None] | None = None, desc: str = "train", progress: bool = True,
-        first_epoch: int = 0) -> float:
+        first_epoch: int = 0, checkpoint: Checkpoint | None = None) -> float:
     """Train every parameter of `modules` (a model, or a model with its adapters) for `epochs`.
 
     `step_loss(batch)` returns the scalar loss of one batch; `on_epoch(epoch)` runs after each
     epoch (evaluation, reporting, pruning: it may raise). Epochs are numbered from `first_epoch`
     (for shuffling, views and `on_epoch`), so a second call can continue where a first stopped.
+    With `checkpoint`, the state is saved after every epoch (before `on_epoch`) and a saved state
+    is resumed from: the finished epochs are skipped, and because batches and augmentation are a
+    function of (seed, epoch), the resumed run takes the same steps as an uninterrupted one.
+    With `cfg.bf16` the losses are computed under bfloat16 autocast.
     Returns the seconds spent training, evaluation callbacks excluded.
     """
     optimizer = make_optimizer(modules.named_parameters(), cfg)
     scheduler = one_cycle(optimizer, epochs * len(batches), cfg.warmup)
-    seconds = 0.0
-    for epoch in range(first_epoch, first_epoch + epochs):
+    seconds, start_epoch = 0.0, first_epoch
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        modules.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        seconds, start_epoch = state["seconds"], state["epoch"] + 1
+    device_type = next(modules.parameters()).device.type
+    for epoch in range(start_epoch, first_epoch + epochs):
         modules.train()
         start = time.perf_counter()
         bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"{desc} {epoch - first_epoch + 1}/{epochs}",
                    leave=False, disable=not progress or None, dynamic_ncols=True)
         for batch in bar:
-            loss = step_loss(batch)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = step_loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
@@ -75,6 +117,9 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
             optimizer.step()
             scheduler.step()
         seconds += time.perf_counter() - start
+        if checkpoint is not None:
+            checkpoint.save({"model": modules.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch, "seconds": seconds})
         if on_epoch is not None:
             on_epoch(epoch)
     return seconds

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from nas_kd import search
+from nas_kd.config import SearchConfig
+from nas_kd.cost import Budget
 from nas_kd.errors import InputError
 from tests.conftest import run_cli
 
@@ -114,3 +116,23 @@ def test_python_api_validates_too(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(InputError, match="unknown teacher 'resnet19'"):
         search.search(SearchConfig(flops_budget=10**7, teachers=("resnet19",)))
     assert not (tmp_path / "studies").exists()
+
+
+TAIL = "): those would not compress it; lower the budget or use larger --teachers"
+
+
+@pytest.mark.parametrize(("budget", "teachers", "expected"), [
+    (Budget(macs=5_000_000), ["resnet8"], None),
+    (Budget(macs=10_000_000, params=50_000), ["resnet8"],
+     "warning: the budget admits students larger than the largest teacher (10M MACs > teacher resnet8's 9.346M" + TAIL),
+    (Budget(macs=50_000_000, params=500_000), ["resnet8", "resnet14"],
+     "warning: the budget admits students larger than the largest teacher (50M MACs > teacher resnet14's 20.18M; "
+     "500K params > teacher resnet14's 175K" + TAIL),
+])
+def test_budget_warning_names_both_costs(budget: Budget, teachers: list[str], expected: str | None) -> None:
+    assert search.budget_warning(budget, teachers, (1, 28, 28), 10) == expected
+
+
+def test_the_default_budget_is_below_the_default_teachers() -> None:
+    """The point of the default teachers: every student the default budget admits compresses them."""
+    assert search.budget_warning(Budget(macs=50_000_000), list(SearchConfig().teachers), (1, 28, 28), 10) is None

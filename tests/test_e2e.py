@@ -70,6 +70,10 @@ def test_outputs_and_summary(e2e_run: dict) -> None:
     report = (study_dir / "report.html").read_text()
     assert f"<th>test acc</th><td>{metrics['test_acc']:.2%}</td>" in report
     out = e2e_run["result"].stdout
+    # 12M MACs admits students larger than resnet8 (9.346M): said once, at the start
+    warnings = [line for line in e2e_run["result"].stderr.splitlines() if "warning: the budget admits" in line]
+    assert warnings == ["[nas_kd] warning: the budget admits students larger than the largest teacher (12M MACs > "
+                        "teacher resnet8's 9.346M): those would not compress it; lower the budget or use larger --teachers"]
     assert "nas_kd search finished" in out and f"trial {best.number}: {best.user_attrs['spec']}" in out
     assert f"optuna-dashboard {e2e_run['url'].replace(str(e2e_run['work']) + '/', '')}" in out
 
@@ -95,7 +99,7 @@ def test_same_study_name_adds_trials_to_the_same_study(e2e_copy: dict) -> None:
     study = load(e2e_copy["url"])
     assert len([t for t in study.trials if was_trained(t)]) == before + 1
     assert len(optuna.get_all_study_summaries(study._storage)) == 1
-    assert "(cache)" in result.stderr  # the teacher was not trained again
+    assert "(cache: " in result.stderr  # the teacher was not trained again
 
 
 def test_resuming_with_other_settings_is_refused(e2e_copy: dict) -> None:

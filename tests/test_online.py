@@ -209,7 +209,7 @@ def test_online_ensemble_command(e2e_run: dict, tmp_path: Path) -> None:
     result = run_cli("nas_kd.retrain", "--study-name", E2E_STUDY, "--storage", url, "--out-dir", str(out),
                      "--online-ensemble", "2", "--final-epochs", "1", "--quiet", cwd=e2e_run["work"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(cache)" in result.stderr  # the search's teacher, not a new one
+    assert "(cache: " in result.stderr  # the search's teacher, not a new one
     assert not (out / "cache").exists()
     online = out / E2E_STUDY / "online"
     summary = load_json(online / "online.json")

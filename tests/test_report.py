@@ -132,8 +132,11 @@ def test_pareto_data_rejects_an_unknown_cost() -> None:
 def test_pareto_figure(cost: str, ticks: list[float], shapes: int, annotations: list[str]) -> None:
     """One trace per layer in drawing order, log ticks spanning every point, the budget as a line."""
     fig = report.pareto_figure(report.pareto_data(FRAME, cost, 12e6 if cost == "macs" else None, TEACHERS, winner=0))
-    assert [t.name for t in fig.data] == ["trained within budget", "pruned early", "Pareto front", "teachers",
-                                          "over budget (not trained)", "winner"]
+    assert [t.name for t in fig.data] == ["trained within budget", "pruned early", "Pareto front",
+                                          "teachers (full training)", "over budget (not trained)", "winner"]
+    # trial scores (brief training) and full-training accuracies are on separate panels
+    assert [t.yaxis for t in fig.data] == ["y", "y", "y", "y3", "y2", None]
+    assert fig.layout.yaxis.domain[0] > fig.layout.yaxis3.domain[1] > fig.layout.yaxis3.domain[0] > fig.layout.yaxis2.domain[1]
     assert (list(fig.data[-1].x), list(fig.data[-1].y)) == ([FRAME.loc[0, cost]], [0.80])
     assert list(fig.layout.xaxis.tickvals) == ticks
     reference = 40e6 if cost == "macs" else 270e3
@@ -144,6 +147,20 @@ def test_pareto_figure(cost: str, ticks: list[float], shapes: int, annotations: 
     assert data.baselines == report.Points([9e6 if cost == "macs" else 90e3], [0.7], [-2], ["pruned teacher + KD"])
     names = [t.name for t in report.pareto_figure(data).data]
     assert names[4] == "pruned-teacher baselines (val acc after the full retrain)"
+
+
+@pytest.mark.parametrize("cost", ["macs", "params"])
+def test_the_retrained_winner_is_drawn_under_its_trial_score(cost: str) -> None:
+    winner = {"trial": 0, "spec": _spec(0), "macs": float(FRAME.loc[0, "macs"]), "params": float(FRAME.loc[0, "params"]),
+              "val_acc": 0.91, "test_acc": 0.9}
+    data = report.pareto_data(FRAME, cost, None, TEACHERS, winner=0, retrained=winner)
+    assert data.retrained == Points([float(FRAME.loc[0, cost])], [0.91], [0], [_spec(0)])
+    fig = report.pareto_figure(data)
+    traces = {t.name: t for t in fig.data}
+    full, trial = traces["winner after the full retrain"], traces["winner"]
+    assert (full.yaxis, list(full.x), list(full.y)) == ("y3", list(trial.x), [0.91])
+    assert "val acc 0.9100" in full.hovertext[0]
+    assert report.pareto_data(FRAME, cost, None, TEACHERS, winner=0, retrained={"trial": 0}).retrained.x == []
 
 
 # ---------------------------------------------------------------- trials_frame on a real storage
