@@ -20,9 +20,9 @@ from typing import Any
 import optuna
 import torch
 
-from nas_kd.arch import Network, build
+from nas_kd.arch import Network
 from nas_kd.config import DistillConfig, SearchConfig
-from nas_kd.cost import Budget, count, format_count
+from nas_kd.cost import Budget, format_count
 from nas_kd.data import Dataset
 from nas_kd.distill import criterion_for, distill
 from nas_kd.errors import InputError
@@ -30,7 +30,7 @@ from nas_kd.objective import cost_facts
 from nas_kd.prune import min_pruned_cost, prune_to_budget
 from nas_kd.retrain import export, retrain_targets, student_metrics
 from nas_kd.study import BASELINE_ATTR
-from nas_kd.teachers import CachedTargets, Ensemble, teacher_names, teacher_spec
+from nas_kd.teachers import CachedTargets, Ensemble, teacher_cost, teacher_names, teacher_spec
 from nas_kd.train import evaluate
 
 FINE_TUNE = DistillConfig(losses=(("ce", 1.0),))
@@ -39,8 +39,7 @@ FINE_TUNE = DistillConfig(losses=(("ce", 1.0),))
 def largest_teacher_name(cfg: SearchConfig, input_shape: tuple[int, int, int], num_classes: int) -> str:
     """The ensemble member of most MACs, from the specs alone (before any teacher is trained)."""
     names = teacher_names(cfg)
-    macs = {n: count(build(teacher_spec(n), input_shape, num_classes, channels_last=False), input_shape).macs
-            for n in names}
+    macs = {n: teacher_cost(n, input_shape, num_classes).macs for n in names}
     return max(names, key=lambda n: macs[n])
 
 

@@ -67,11 +67,12 @@ class Dataset:
         return len(self.classes)
 
     def fingerprint(self) -> str:
-        """Short hash of the training images and labels: part of every cache key."""
+        """Short hash of the dataset's name, training images and labels and validation labels: part
+        of every cache key (about 0.1 s for Fashion-MNIST; callers keep it rather than ask twice)."""
         h = hashlib.sha1()
         h.update(self.name.encode())
         for t in (self.train.x, self.train.y, self.val.y):
-            h.update(t.numpy().tobytes())
+            h.update(t.cpu().numpy().tobytes())
         return h.hexdigest()[:12]
 
     def to(self, device: torch.device) -> Dataset:

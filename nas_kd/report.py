@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -182,16 +183,20 @@ def pareto_figure(data: ParetoData) -> go.Figure:
         fig.add_trace(go.Scatter(x=[data.feasible.x[i]], y=[data.feasible.acc[i]], mode="markers", name="winner",
                                  marker=dict(size=20, color="rgba(0,0,0,0)", line=dict(width=3, color="black")),
                                  hovertext=[f"winner: trial {data.winner}"], hoverinfo="text"))
-    if data.budget:
-        fig.add_vline(x=data.budget, line_dash="dash", line_color="black",
-                      annotation_text=f"budget {format_count(data.budget)}", annotation_position="top left")
+    if data.budget:  # across both panels
+        fig.add_shape(type="line", x0=data.budget, x1=data.budget, xref="x", y0=0, y1=1, yref="paper",
+                      line=dict(dash="dash", color="black"))
+        fig.add_annotation(x=math.log10(data.budget), xref="x", y=1, yref="paper", xanchor="right", yanchor="bottom",
+                           showarrow=False, text=f"budget {format_count(data.budget)}")
     xs = data.feasible.x + data.infeasible.x + data.teachers.x + data.baselines.x + data.retrained.x
     ticks = _log_ticks(min(xs), max(xs)) if xs else []
     ticktext = [f"{format_count(v)}<br>x{data.reference / v:.1f}" if data.reference == data.reference else format_count(v)
                 for v in ticks]
     fig.update_layout(
         title=f"{data.score_label.capitalize()} vs {name} (second tick row: compression vs the largest teacher)",
-        xaxis=dict(title=f"{name} (log scale)", type="log", tickvals=ticks, ticktext=ticktext),
+        # the cost axis under the lower panel and the rug; gridlines run through both panels
+        xaxis=dict(title=f"{name} (log scale)", type="log", tickvals=ticks, ticktext=ticktext, anchor="free",
+                   position=0.0),
         yaxis=dict(title=f"trial: {data.score_label}<br>after brief training", domain=TRIAL_PANEL),
         yaxis3=dict(title="validation accuracy<br>after full training", domain=FULL_PANEL),
         yaxis2=dict(domain=RUG_PANEL, showticklabels=False, showgrid=False, zeroline=False),

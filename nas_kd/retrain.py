@@ -31,13 +31,14 @@ from nas_kd.errors import InputError
 from nas_kd.losses import Criterion
 from nas_kd.objective import cost_facts
 from nas_kd.report import write_report
-from nas_kd.study import STUDY_ATTR, WINNER_ATTR, load_existing, pick_winner
+from nas_kd.study import STUDY_ATTR, WINNER_ATTR, check_same_teachers, load_existing, pick_winner
 from nas_kd.teachers import (
     CachedTargets,
     Ensemble,
     LiveTargets,
     TargetSource,
     ensemble_from_config,
+    ensemble_summary,
     load_state,
     save_model,
     soft_targets,
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = from_dict(SearchConfig, {**cfg.to_dict(), **overrides})
         dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None).to(resolve_device(cfg.device))
         ensemble = ensemble_from_config(cfg, dataset, not args.quiet, log)
+        check_same_teachers(study, ensemble_summary(ensemble))
         if online:
             out = Path(cfg.out_dir) / study.study_name / "online"
             metrics = retrain_online(study, dataset, ensemble, cfg, args.online_ensemble, args.with_teachers, out,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,11 @@ import optuna
 import yaml
 from tqdm.auto import tqdm
 
-from nas_kd.arch import build
 from nas_kd.baselines import check_prunable, pruned_baseline
 from nas_kd.blockwise import BlockwiseScorer, most_accurate
-from nas_kd.cli import OneLineParser, base_parser, fail, log, quiet_libraries
+from nas_kd.cli import OneLineParser, base_parser, fail, log, number, quiet_libraries
 from nas_kd.config import SearchConfig, from_dict, parse_distill
-from nas_kd.cost import Budget, count, format_count, parse_count
+from nas_kd.cost import Budget, format_count, parse_count
 from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.distill import check_two_stage
 from nas_kd.errors import InputError
@@ -37,6 +37,7 @@ from nas_kd.study import (
     LATE_GUARDED_KEYS,
     STUDY_ATTR,
     WINNER_ATTR,
+    check_same_teachers,
     check_url,
     default_study_name,
     open_storage,
@@ -52,8 +53,8 @@ from nas_kd.teachers import (
     check_weighting,
     ensemble_from_config,
     ensemble_summary,
+    teacher_cost,
     teacher_names,
-    teacher_spec,
 )
 from nas_kd.train import resolve_device
 
@@ -69,16 +70,8 @@ def _count(flag: str):
     return parse
 
 
-def _positive(kind: type, flag: str, minimum: float = 1):
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
-        return value
-    return parse
+def _positive(kind: type, flag: str, minimum: float = 1) -> Callable[[str], Any]:
+    return number(kind, minimum)
 
 
 def _fraction(flag: str):
@@ -315,8 +308,7 @@ def budget_warning(budget: Budget, teachers: list[str], input_shape: tuple[int, 
                    num_classes: int) -> str | None:
     """One line when the budget admits students larger than the largest teacher (then some
     students would not compress it), naming both costs; None when every student is smaller."""
-    costs = {name: count(build(teacher_spec(name), input_shape, num_classes, channels_last=False), input_shape)
-             for name in teachers}
+    costs = {name: teacher_cost(name, input_shape, num_classes) for name in teachers}
     over = []
     for kind, limit in (("macs", budget.macs), ("params", budget.params)):
         name = max(costs, key=lambda n: getattr(costs[n], kind))
@@ -392,6 +384,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     log(f"study {name} in {url} ({len(study.trials)} trials already)")
 
     ensemble = ensemble_from_config(cfg, dataset, progress, log)
+    check_same_teachers(study, ensemble_summary(ensemble))
     ensemble_val = ensemble.accuracy(dataset.val, dataset)
     reference = ensemble.largest_member()
     update_study_attr(study, STUDY_ATTR, {

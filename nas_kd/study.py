@@ -138,6 +138,19 @@ def open_study(storage: RDBStorage, name: str, pareto: bool, seed: int, guarded:
     return study
 
 
+def check_same_teachers(study: optuna.Study, teachers: list[dict[str, Any]]) -> None:
+    """A study's trials must all distil from the same teacher weights: refuse to go on with others
+    (say, a more accurate teacher trained into the cache since). `teachers` is
+    `teachers.ensemble_summary`; studies recorded before weights were hashed are not checked."""
+    before = {t["name"]: t for t in study.user_attrs.get(STUDY_ATTR, {}).get("teachers", [])}
+    for t in teachers:
+        old = before.get(t["name"], {})
+        if old.get("weights_sha256") and old["weights_sha256"] != t["weights_sha256"]:
+            raise InputError(f"study {study.study_name!r} distilled from other weights of teacher {t['name']} "
+                             f"({old.get('path')}) than this run loaded ({t['path']}); pass that file with "
+                             f"--teacher-ckpt {t['name']}=PATH, or start another --study-name")
+
+
 def update_study_attr(study: optuna.Study, key: str, values: dict[str, Any]) -> None:
     merged = dict(study.user_attrs.get(key, {}))
     merged.update(values)

@@ -20,19 +20,23 @@ from pathlib import Path
 import torch
 
 from nas_kd import teachers
-from nas_kd.cli import base_parser, fail, log, quiet_libraries
+from nas_kd.arch import build
+from nas_kd.cli import base_parser, fail, log, number, quiet_libraries
 from nas_kd.config import TrainConfig
-from nas_kd.cost import count, format_count
+from nas_kd.cost import format_count
 from nas_kd.data import dataset_names, load_dataset
 from nas_kd.errors import InputError
 from nas_kd.teachers import (
+    FORMAT,
     TEACHERS,
     TeacherFile,
     cache_file,
+    dataset_slug,
     load_teacher_file,
     partial_file,
     read_metadata,
     save_model,
+    teacher_cost,
     teacher_files,
     teacher_metadata,
     teacher_spec,
@@ -41,19 +45,6 @@ from nas_kd.teachers import (
 from nas_kd.train import Checkpoint, evaluate, predict, resolve_device
 
 DEFAULTS = TrainConfig()
-
-
-def _number(kind: type, flag: str, low: float, high: float | None = None):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a {kind.__name__}, got {text!r}") from None
-        if not (value >= low and (high is None or value < high)):
-            bound = f">= {low}" if high is None else f"in [{low}, {high})"
-            raise argparse.ArgumentTypeError(f"{flag} must be {bound}, got {text!r}")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,19 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{', '.join(dataset_names())}, or folder:PATH (default fashion-mnist)")
     t.add_argument("--data-dir", help="where the dataset's files are (default: the dataset's own place)")
     t.add_argument("--arch", required=True, help=f"teacher architecture; known: {', '.join(TEACHERS)}")
-    t.add_argument("--epochs", type=_number(int, "--epochs", 1), required=True)
+    t.add_argument("--epochs", type=number(int, 1), required=True)
     t.add_argument("--augment", action="store_true", help="padding-crop (and flips where the dataset allows them)")
-    t.add_argument("--label-smoothing", type=_number(float, "--label-smoothing", 0.0, 1.0), default=0.0)
+    t.add_argument("--label-smoothing", type=number(float, 0.0, 1.0), default=0.0)
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the forward pass (float32 weights)")
-    t.add_argument("--lr", type=_number(float, "--lr", 1e-9), default=DEFAULTS.lr,
+    t.add_argument("--lr", type=number(float, 1e-9), default=DEFAULTS.lr,
                    help=f"peak learning rate of the one-cycle SGD schedule (default {DEFAULTS.lr:g})")
-    t.add_argument("--batch-size", type=_number(int, "--batch-size", 2), default=DEFAULTS.batch_size)
-    t.add_argument("--weight-decay", type=_number(float, "--weight-decay", 0.0), default=DEFAULTS.weight_decay)
-    t.add_argument("--warmup", type=_number(float, "--warmup", 0.0, 1.0), default=DEFAULTS.warmup,
+    t.add_argument("--batch-size", type=number(int, 2), default=DEFAULTS.batch_size)
+    t.add_argument("--weight-decay", type=number(float, 0.0), default=DEFAULTS.weight_decay)
+    t.add_argument("--warmup", type=number(float, 0.0, 1.0), default=DEFAULTS.warmup,
                    help=f"fraction of the steps with a rising learning rate (default {DEFAULTS.warmup:g})")
-    t.add_argument("--seed", type=_number(int, "--seed", 0), default=0)
+    t.add_argument("--seed", type=number(int, 0), default=0)
     t.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    t.add_argument("--threads", type=_number(int, "--threads", 1), help="CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=number(int, 1), help="CPU threads (default: torch's choice)")
     _cache_flags(t)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -118,9 +109,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     state = checkpoint.load()
     if state is not None:
         log(f"resuming from {checkpoint.path}: epoch {state['epoch'] + 1} of {args.epochs} done")
-    spec = teacher_spec(args.arch)
-    from nas_kd.arch import build
-    cost = count(build(spec, dataset.input_shape, dataset.num_classes, channels_last=False), dataset.input_shape)
+    cost = teacher_cost(args.arch, dataset.input_shape, dataset.num_classes)
     log(f"teacher {args.arch}: {format_count(cost.macs)} MACs, {format_count(cost.params)} params; "
         f"{dataset.name} {len(dataset.train)} train / {len(dataset.val)} val; {args.epochs} epochs, "
         f"lr {cfg.lr:g}, batch {cfg.batch_size}, augment {cfg.augment}, label smoothing {cfg.label_smoothing:g}, "
@@ -174,12 +163,14 @@ def ship(args: argparse.Namespace) -> int:
     """Copy a cached teacher into the package: float16 if that changes no prediction on the val
     and test splits (checked here, image by image), else float32."""
     meta = read_metadata(args.path)
+    if meta.get("format") != FORMAT or not {"arch", "dataset", "data_fingerprint"} <= set(meta):
+        raise InputError(f"{args.path} is not a teacher written by `python -m nas_kd.teachers train` "
+                         f"(metadata format {meta.get('format')!r}, expected {FORMAT!r})")
     source = TeacherFile(args.path, meta, shipped=False)
     dataset = load_dataset(meta["dataset"], Path(args.data_dir) if args.data_dir else None)
     if dataset.fingerprint() != meta.get("data_fingerprint"):
         raise InputError(f"{args.path} was trained on other data (fingerprint {meta.get('data_fingerprint')}, "
                          f"loaded {dataset.fingerprint()})")
-    from nas_kd.arch import build
     model = build(teacher_spec(meta["arch"]), dataset.input_shape, dataset.num_classes)
     load_teacher_file(source, model)
     half = build(teacher_spec(meta["arch"]), dataset.input_shape, dataset.num_classes)
@@ -189,7 +180,7 @@ def ship(args: argparse.Namespace) -> int:
     dtype = torch.float16 if same else None
     val_acc, test_acc = evaluate(half if same else model, dataset.val, dataset), evaluate(half if same else model,
                                                                                           dataset.test, dataset)
-    out = (args.to or teachers.SHIPPED_TEACHERS) / f"{meta['arch']}-{meta['dataset'].replace(':', '_').replace('/', '_')}.safetensors"
+    out = (args.to or teachers.SHIPPED_TEACHERS) / f"{meta['arch']}-{dataset_slug(meta['dataset'])}.safetensors"
     save_model(half if same else model, out, {**meta, "val_acc": f"{val_acc:.6f}", "test_acc": f"{test_acc:.6f}",
                                               "storage": "float16" if same else "float32"}, dtype=dtype)
     log(f"shipped {out} ({'float16' if same else 'float32: float16 changed a prediction'}), "
@@ -209,3 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         return ship(args)
     except InputError as e:
         return fail(str(e))
+    except FloatingPointError as e:  # fit's check of every step's loss
+        return fail(f"{e}: the training diverged; lower --lr (it was {args.lr:g}) and run again "
+                    "(delete the checkpoint under partial/ to start from scratch)")
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished epoch is in the checkpoint; run the same command again to resume",
+              file=sys.stderr)
+        return 130

@@ -90,6 +90,11 @@ register_teacher("mobilenetv2", _mobilenetv2(1.0))
 register_teacher("mobilenetv2_x0_5", _mobilenetv2(0.5))
 
 
+def teacher_cost(name: str, input_shape: tuple[int, int, int], num_classes: int) -> Cost:
+    """MACs and params of teacher `name` at this input (see cost.count)."""
+    return count(build(teacher_spec(name), input_shape, num_classes, channels_last=False), input_shape)
+
+
 # ---------------------------------------------------------------- trained teachers
 
 
@@ -102,6 +107,7 @@ class Teacher:
     source: str  # "trained", "shipped", "cache" or the user's checkpoint path
     val_logits: torch.Tensor | None = None  # (N_val, K), kept so the ensemble's figure costs nothing
     path: str | None = None  # the file its weights came from (or were written to)
+    digest: str | None = None  # weights_digest of its float32 state: which weights a study distilled from
 
 
 FORMAT = "nas_kd.teacher"
@@ -117,7 +123,12 @@ def cache_key(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainCon
 def cache_file(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig, cache_dir: Path) -> Path:
     """Where a teacher trained with exactly these settings lives in the cache."""
     key = cache_key(name, dataset, epochs, seed, cfg)
-    return cache_dir / "teachers" / f"{name}-{dataset.name.replace(':', '_').replace('/', '_')}-{key}.safetensors"
+    return cache_dir / "teachers" / f"{name}-{dataset_slug(dataset.name)}-{key}.safetensors"
+
+
+def dataset_slug(name: str) -> str:
+    """A dataset name as part of a file name ('folder:/a/b' -> 'folder__a_b')."""
+    return name.replace(":", "_").replace("/", "_")
 
 
 def partial_file(final: Path) -> Path:
@@ -155,6 +166,8 @@ def read_metadata(path: Path) -> dict[str, str]:
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"cannot read {path}: not a readable safetensors file "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a torch file (loaded with weights_only=True)."""
     if not path.is_file():
@@ -254,6 +267,7 @@ def shipped_teacher(name: str, dataset: Dataset, folder: Path | None = None) -> 
     file for this dataset name whose data fingerprint differs from the data loaded is refused: it
     was made on other images, and nas_kd never trains over a shipped teacher."""
     folder = SHIPPED_TEACHERS if folder is None else folder
+    fingerprint = None
     for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         meta = read_metadata(path)  # a damaged shipped file is an error, not a skip
         if meta.get("format") != FORMAT:
@@ -261,18 +275,20 @@ def shipped_teacher(name: str, dataset: Dataset, folder: Path | None = None) -> 
                              "reinstall nas_kd")
         if meta.get("arch") != name or meta.get("dataset") != dataset.name:
             continue
-        if meta.get("data_fingerprint") != dataset.fingerprint():
+        fingerprint = fingerprint or dataset.fingerprint()
+        if meta.get("data_fingerprint") != fingerprint:
             raise InputError(f"shipped teacher {name} ({path}) was trained on {dataset.name} with data fingerprint "
-                             f"{meta.get('data_fingerprint')}, but the data loaded has {dataset.fingerprint()}; "
-                             "pass --no-shipped-teachers to use cached or newly trained teachers instead")
+                             f"{meta.get('data_fingerprint')}, but the data loaded has {fingerprint}; run the "
+                             "search with --no-shipped-teachers to use cached or newly trained teachers instead")
         return TeacherFile(path, meta, shipped=True)
     return None
 
 
 def cached_teachers(name: str, dataset: Dataset, cache_dir: Path) -> list[TeacherFile]:
     """Cached teachers of architecture `name` trained on exactly this data (any schedule)."""
-    return [f for f in teacher_files(cache_dir / "teachers", shipped=False)
-            if f.arch == name and f.meta.get("data_fingerprint") == dataset.fingerprint()]
+    files = [f for f in teacher_files(cache_dir / "teachers", shipped=False) if f.arch == name]
+    fingerprint = dataset.fingerprint() if files else None
+    return [f for f in files if f.meta.get("data_fingerprint") == fingerprint]
 
 
 def load_teacher_file(file: TeacherFile, model: nn.Module) -> None:
@@ -293,9 +309,8 @@ def load_or_train(name: str, dataset: Dataset, epochs: int, seed: int, cfg: Trai
     the shipped teacher for this data and the cached teachers of this architecture and data (the
     shipped one on a tie; cache files from before validation accuracy was recorded rank last);
     else a teacher trained now for `epochs` and cached."""
-    spec = teacher_spec(name)
-    cost = count(build(spec, dataset.input_shape, dataset.num_classes, channels_last=False), dataset.input_shape)
-    model = build(spec, dataset.input_shape, dataset.num_classes)
+    cost = teacher_cost(name, dataset.input_shape, dataset.num_classes)
+    model = build(teacher_spec(name), dataset.input_shape, dataset.num_classes)
     if checkpoint is not None:
         load_weights(model, checkpoint, f"teacher {name} ({dataset.num_classes} classes, input {dataset.input_shape})")
         source, path = str(checkpoint), checkpoint
@@ -317,7 +332,8 @@ def load_or_train(name: str, dataset: Dataset, epochs: int, seed: int, cfg: Trai
                                                      seconds, command))
     model = model.to(device).eval()
     val_logits = predict(model, dataset.val, dataset)
-    return Teacher(name, model, cost, accuracy(val_logits, dataset.val.y), source, val_logits, str(path))
+    return Teacher(name, model, cost, accuracy(val_logits, dataset.val.y), source, val_logits, str(path),
+                   weights_digest(model.state_dict()))
 
 
 # ---------------------------------------------------------------- ensemble and targets
@@ -519,7 +535,7 @@ class CachedTargets:
 
 def ensemble_summary(ensemble: Ensemble) -> list[dict[str, float | str | int]]:
     return [{"name": t.name, "macs": t.cost.macs, "params": t.cost.params, "val_acc": t.val_acc,
-             "source": t.source, "path": t.path} for t in ensemble.members]
+             "source": t.source, "path": t.path, "weights_sha256": t.digest} for t in ensemble.members]
 
 
 def teacher_names(cfg: SearchConfig) -> list[str]:

@@ -58,15 +58,21 @@ class Checkpoint:
     def __init__(self, path: Path):
         self.path = path
 
+    KEYS = ("model", "optimizer", "scheduler", "epoch", "seconds")
+
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
             return None
         try:
-            return torch.load(self.path, map_location="cpu", weights_only=True)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged pickle raises almost any type (KeyError, UnpicklingError, EOFError...)
             raise InputError(f"cannot resume from {self.path}: the file is damaged "
                              f"({(str(e).splitlines() or [type(e).__name__])[0]}); "
                              "delete it to start this training anew") from None
+        if not isinstance(state, dict) or any(k not in state for k in self.KEYS):
+            raise InputError(f"cannot resume from {self.path}: not a training checkpoint of nas_kd (expected the "
+                             f"keys {', '.join(self.KEYS)}); delete it to start this training anew")
+        return state
 
     def save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +103,13 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
     seconds, start_epoch = 0.0, first_epoch
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None:
-        modules.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            modules.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise InputError(f"cannot resume from {checkpoint.path}: it was saved by another model or schedule "
+                             f"({str(e).splitlines()[0]}); delete it to start this training anew") from None
         seconds, start_epoch = state["seconds"], state["epoch"] + 1
     device_type = next(modules.parameters()).device.type
     for epoch in range(start_epoch, first_epoch + epochs):

@@ -99,18 +99,63 @@ def test_train_command_writes_a_self_describing_teacher_the_search_uses(mini_fas
     assert len(row) == 1 and "resnet8" in row[0] and f"{float(meta['val_acc']):.4f}" in row[0] and row[0].endswith(str(path.relative_to(tmp_path)))
 
 
-def test_list_on_an_empty_cache(tmp_path, monkeypatch) -> None:
-    result = run_cli("nas_kd.teachers", "list", "--cache-dir", "nothing", cwd=tmp_path)
-    assert result.returncode == 0
-    assert not [line for line in result.stdout.splitlines() if line.startswith("cache")]
-    if not list(teachers.SHIPPED_TEACHERS.glob("*.safetensors")):
-        assert "(no teachers:" in result.stdout
+def test_list_on_an_empty_cache(tmp_path, monkeypatch, capsys) -> None:
+    from nas_kd.teacher_cli import main
+
+    monkeypatch.setattr(teachers, "SHIPPED_TEACHERS", tmp_path / "none shipped")
+    assert main(["list", "--cache-dir", str(tmp_path / "nothing")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["source  arch  dataset  fingerprint  cost  epochs  val acc  test acc  path",
+                   f"(no teachers: none shipped in {tmp_path / 'none shipped'}, none cached in "
+                   f"{tmp_path / 'nothing' / 'teachers'})"]
+
+
+def test_a_diverging_or_interrupted_training_is_one_line(mini_fashion_dir, tmp_path, monkeypatch, capsys) -> None:
+    from nas_kd import teacher_cli
+
+    args = ["train", "--data-dir", str(mini_fashion_dir), "--arch", "resnet8", "--epochs", "1", "--batch-size", "100",
+            "--lr", "1e6", "--quiet", "--cache-dir", str(tmp_path)]
+    assert teacher_cli.main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[nas_kd]")]
+    assert len(err) == 1 and err[0].startswith("error: teacher resnet8: loss became") and \
+        "the training diverged; lower --lr (it was 1e+06)" in err[0], err
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(teacher_cli, "train_teacher", interrupt)
+    assert teacher_cli.main(args[:-5] + ["--quiet", "--cache-dir", str(tmp_path)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+
+
+def test_ship_refuses_a_file_that_is_not_a_teacher(tmp_path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from nas_kd.teacher_cli import main
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"format": "something"})
+    assert main(["ship", str(tmp_path / "other.safetensors"), "--to", str(tmp_path / "out")]) == 2
+    assert "is not a teacher written by `python -m nas_kd.teachers train` (metadata format 'something'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_another_model_is_one_line(mini_dataset, tmp_path) -> None:
+    ckpt = Checkpoint(tmp_path / "partial.pt")
+    ckpt.save({"model": {"w": torch.zeros(1)}, "optimizer": {}, "scheduler": {}, "epoch": 0, "seconds": 1.0})
+    with pytest.raises(InputError, match="cannot resume from .*: it was saved by another model or schedule"):
+        train_teacher("resnet8", mini_dataset, 2, 0, TINY, CPU, progress=False, checkpoint=ckpt)
+    ckpt.save({"model": {}})
+    with pytest.raises(InputError, match="not a training checkpoint of nas_kd"):
+        ckpt.load()
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["train", "--arch", "resnet19", "--epochs", "1"], "unknown teacher 'resnet19'; known: resnet8"),
-    (["train", "--arch", "resnet8", "--epochs", "0"], "--epochs must be >= 1, got '0'"),
-    (["train", "--arch", "resnet8", "--epochs", "1", "--label-smoothing", "1"], "--label-smoothing must be in [0.0, 1.0)"),
+    (["train", "--arch", "resnet8", "--epochs", "0"], "argument --epochs: must be >= 1, got '0'"),
+    (["train", "--arch", "resnet8", "--epochs", "1", "--label-smoothing", "1"],
+     "argument --label-smoothing: must be in [0.0, 1.0), got '1'"),
+    (["train", "--arch", "resnet8", "--epochs", "1", "--lr", "inf"], "argument --lr: expected a finite number, got 'inf'"),
+    (["ship", "nope.safetensors"], "cannot read nope.safetensors: not a readable safetensors file"),
     (["train", "--arch", "resnet8", "--epochs", "1", "--dataset", "nope"], "unknown dataset 'nope'"),
 ])
 def test_bad_train_flags_are_one_line(tmp_path, args, message) -> None:
@@ -155,7 +200,7 @@ def _flip_a_weight_byte(path: Path) -> None:
 
 @pytest.mark.parametrize(("damage", "message"), [
     ("fingerprint", r"shipped teacher resnet8 \(.*\) was trained on fashion-mnist with data fingerprint 0123456789ab, "
-                    r"but the data loaded has \w+; pass --no-shipped-teachers"),
+                    r"but the data loaded has \w+; run the search with --no-shipped-teachers"),
     ("flip", r"shipped teacher resnet8 .* is damaged: its weights do not match the digest it recorded; reinstall"),
     ("truncate", r"cannot read .*resnet8-fashion-mnist.safetensors: not a readable safetensors file"),
 ])
@@ -187,3 +232,22 @@ def test_shipped_teachers_do_not_apply_to_other_datasets(mini_dataset, tmp_path)
     _fake_shipped(tmp_path, mini_dataset)
     assert shipped_teacher("resnet8", other, tmp_path) is None
     assert shipped_teacher("resnet20", mini_dataset, tmp_path) is None
+
+
+def test_a_study_does_not_go_on_with_other_teacher_weights() -> None:
+    import optuna
+
+    from nas_kd.study import STUDY_ATTR, check_same_teachers
+
+    study = optuna.create_study(study_name="s")
+    first = [{"name": "wrn16_2", "path": "a.safetensors", "weights_sha256": "aaa"}]
+    check_same_teachers(study, first)  # a new study takes any teachers
+    study.set_user_attr(STUDY_ATTR, {"teachers": first})
+    check_same_teachers(study, first)
+    check_same_teachers(study, [{"name": "resnet20", "path": "b.safetensors", "weights_sha256": "bbb"}])
+    with pytest.raises(InputError, match=r"study 's' distilled from other weights of teacher wrn16_2 \(a.safetensors\) "
+                                         r"than this run loaded \(c.safetensors\); pass that file with "
+                                         r"--teacher-ckpt wrn16_2=PATH, or start another --study-name"):
+        check_same_teachers(study, [{"name": "wrn16_2", "path": "c.safetensors", "weights_sha256": "ccc"}])
+    study.set_user_attr(STUDY_ATTR, {"teachers": [{"name": "wrn16_2", "path": "a.safetensors"}]})  # recorded before
+    check_same_teachers(study, [{"name": "wrn16_2", "path": "c.safetensors", "weights_sha256": "ccc"}])
