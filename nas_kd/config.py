@@ -33,8 +33,8 @@ class TrainConfig:
     # 89.5% with flips, 90.0% without); turn it on for long schedules
     augment: bool = False
     # bfloat16 autocast of the forward pass (weights, optimizer and loss stay float32). On this
-    # project's 2-core CPU it made teacher steps 2.3x faster (benchmarks/bf16_step.py); off by
-    # default for students, whose trial scores were all measured in float32
+    # project's 2-core CPU it made teacher steps 1.6-1.8x faster, small students' 1.1-1.5x
+    # (benchmarks/bf16_step.py); off by default, as every trial score was measured in float32
     bf16: bool = False
 
 
