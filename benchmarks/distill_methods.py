@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--student", default=STUDENT, help=f"the student's spec (default {STUDENT})")
     parser.add_argument("--no-grid", action="store_true", help="take each method's first recipe, no val search")
     parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
     parser.add_argument("--json", help="also write the results here")
@@ -84,7 +85,7 @@ def main() -> None:
     ensemble = ensemble_from_config(base, full, progress=False, log=lambda m: print("  " + m))
     keep = seeded_subset(len(full.train), args.train_images, 0)
     dataset = dataclasses.replace(full, train=Split(full.train.x[keep], full.train.y[keep]))
-    spec = Spec.parse(STUDENT)
+    spec = Spec.parse(args.student)
     cost = count(build(spec, dataset.input_shape, dataset.num_classes), dataset.input_shape)
     whole = BatchIterator(dataset.train, dataset, base.train.batch_size, 0, views=1, augment=False)
     cached = CachedTargets(ensemble, whole, "all", progress=False)  # every method reads from it
@@ -102,7 +103,7 @@ def main() -> None:
         break
     if pruned is None:
         raise SystemExit("no teacher of the ensemble can be pruned to the student's MACs")
-    print(f"student {STUDENT}: {format_count(cost.macs)} MACs, {format_count(cost.params)} params; "
+    print(f"student {spec}: {format_count(cost.macs)} MACs, {format_count(cost.params)} params; "
           f"{len(dataset.train)} training images, {args.epochs} epochs, seeds {seeds}")
     print(f"pruned {largest.name} (keep {keep_ratio:.3f}): {pruned.spec}, "
           f"{format_count(pruned_cost.macs)} MACs, {format_count(pruned_cost.params)} params")

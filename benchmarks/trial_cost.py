@@ -1,7 +1,7 @@
 """What one training step of a trial costs: plain cross-entropy vs KD with cached ensemble targets
 vs KD that runs the teachers on every step, measured side by side on the same student.
 
-    python benchmarks/trial_cost.py [--teachers resnet20,resnet14] [--steps 20] [--rounds 5]
+    python benchmarks/trial_cost.py [--teachers wrn16_2,resnet20] [--steps 20] [--rounds 5]
 
 Teachers are freshly initialised (their speed does not depend on their weights); the batches are
 real Fashion-MNIST images. The three kinds of step are interleaved round by round so that drift
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nas_kd.arch import Spec, build
-from nas_kd.config import DistillConfig, TrainConfig, parse_distill
+from nas_kd.config import DistillConfig, SearchConfig, TrainConfig, parse_distill
 from nas_kd.cost import count, format_count
 from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.distill import criterion_for
@@ -36,7 +36,7 @@ STUDENTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teachers", default="resnet20,resnet14")
+    parser.add_argument("--teachers", default=",".join(SearchConfig().teachers), help="default: the search's")
     parser.add_argument("--distill", default="ce=1,kl=1,hint=1")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="steps of each kind per round")

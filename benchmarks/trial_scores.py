@@ -13,7 +13,7 @@ test split is not read). It prints, per score: Spearman's rho and Kendall's tau 
 reference, whether the score's best spec is the reference's best, the reference accuracy lost by
 taking the score's best (regret), and the seconds a score costs per spec.
 
-Everything uses the search's defaults (teachers resnet20 + resnet14 from the search's cache,
+Everything uses the search's defaults (its default teachers: shipped for Fashion-MNIST, else cached or trained,
 recipe ce + kl + hint, T = 4, one-cycle SGD); only the reference's size is the benchmark's.
 """
 
