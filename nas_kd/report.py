@@ -295,7 +295,9 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     else:
         ensemble = {"name": "ensemble", **info.get("ensemble", {})}
     if teachers:
-        sections += ["<h2>Teachers</h2>", _table(teachers + [ensemble])]
+        # the weights' digest is for resume checks, not for reading
+        shown = [{k: v for k, v in t.items() if k != "weights_sha256"} for t in teachers]
+        sections += ["<h2>Teachers</h2>", _table(shown + [ensemble])]
     if baselines:
         info_b = study.user_attrs[BASELINE_ATTR]
         sections += ["<h2>Pruned-teacher baseline</h2>",

@@ -69,6 +69,7 @@ def test_outputs_and_summary(e2e_run: dict) -> None:
     assert study.user_attrs["winner"]["test_acc"] == metrics["test_acc"]
     report = (study_dir / "report.html").read_text()
     assert f"<th>test acc</th><td>{metrics['test_acc']:.2%}</td>" in report
+    assert "<th>path</th>" in report and "weights_sha256" not in report  # the digest is stored, not shown
     out = e2e_run["result"].stdout
     # 12M MACs admits students larger than resnet8 (9.346M): said once, at the start
     warnings = [line for line in e2e_run["result"].stderr.splitlines() if "warning: the budget admits" in line]
