@@ -36,9 +36,9 @@ from nas_kd.teachers import (
     partial_file,
     read_metadata,
     save_model,
+    save_teacher,
     teacher_cost,
     teacher_files,
-    teacher_metadata,
     teacher_spec,
     train_teacher,
 )
@@ -125,10 +125,8 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
 
     model, seconds = train_teacher(args.arch, dataset, args.epochs, args.seed, cfg, device,
                                    progress=not args.quiet, checkpoint=checkpoint, on_epoch=on_epoch)
-    val_acc, test_acc = evaluate(model, dataset.val, dataset), evaluate(model, dataset.test, dataset)
-    command = "python -m nas_kd.teachers " + shlex.join(argv)
-    save_model(model, final, teacher_metadata(args.arch, dataset, args.epochs, args.seed, cfg, cost, val_acc,
-                                              test_acc, seconds, command))
+    val_acc, test_acc = save_teacher(model, final, args.arch, dataset, args.epochs, args.seed, cfg, cost, seconds,
+                                     "python -m nas_kd.teachers " + shlex.join(argv))
     checkpoint.remove()
     log(f"teacher {args.arch}: val acc {val_acc:.4f}, test acc {test_acc:.4f}, {seconds / 60:.1f} min of training; "
         f"written to {final}")
@@ -175,11 +173,11 @@ def ship(args: argparse.Namespace) -> int:
     load_teacher_file(source, model)
     half = build(teacher_spec(meta["arch"]), dataset.input_shape, dataset.num_classes)
     half.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
-    same = all(torch.equal(predict(model, split, dataset).argmax(1), predict(half, split, dataset).argmax(1))
-               for split in (dataset.val, dataset.test))
+    splits = (dataset.val, dataset.test)
+    full, rounded = ([predict(m, split, dataset).argmax(1) for split in splits] for m in (model, half))
+    same = all(torch.equal(a, b) for a, b in zip(full, rounded))
     dtype = torch.float16 if same else None
-    val_acc, test_acc = evaluate(half if same else model, dataset.val, dataset), evaluate(half if same else model,
-                                                                                          dataset.test, dataset)
+    val_acc, test_acc = ((p == split.y).float().mean().item() for p, split in zip(rounded if same else full, splits))
     out = (args.to or teachers.SHIPPED_TEACHERS) / f"{meta['arch']}-{dataset_slug(meta['dataset'])}.safetensors"
     save_model(half if same else model, out, {**meta, "val_acc": f"{val_acc:.6f}", "test_acc": f"{test_acc:.6f}",
                                               "storage": "float16" if same else "float32"}, dtype=dtype)

@@ -231,6 +231,16 @@ def teacher_metadata(name: str, dataset: Dataset, epochs: int, seed: int, cfg: T
             "command": command, "versions": json.dumps(versions())}
 
 
+def save_teacher(model: Network, path: Path, name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig,
+                 cost: Cost, seconds: float, command: str) -> tuple[float, float]:
+    """Write a freshly trained teacher with its metadata; returns its (val, test) accuracy. The
+    test figure is recorded for people to read; nothing in nas_kd chooses by it."""
+    val_acc, test_acc = evaluate(model, dataset.val, dataset), evaluate(model, dataset.test, dataset)
+    save_model(model, path, teacher_metadata(name, dataset, epochs, seed, cfg, cost, val_acc, test_acc, seconds,
+                                             command))
+    return val_acc, test_acc
+
+
 @dataclass(frozen=True)
 class TeacherFile:
     """A trained teacher on disk, known by its metadata alone."""
@@ -326,10 +336,8 @@ def load_or_train(name: str, dataset: Dataset, epochs: int, seed: int, cfg: Trai
             log(f"training teacher {name} ({cost.macs / 1e6:.1f}M MACs) for {epochs} epochs; cached at {path}")
             model, seconds = train_teacher(name, dataset, epochs, seed, cfg, device, progress)
             source = "trained"
-            val_acc, test_acc = evaluate(model, dataset.val, dataset), evaluate(model, dataset.test, dataset)
-            command = f"python -m nas_kd.search (teacher {name}, --teacher-epochs {epochs}, seed {seed})"
-            save_model(model, path, teacher_metadata(name, dataset, epochs, seed, cfg, cost, val_acc, test_acc,
-                                                     seconds, command))
+            save_teacher(model, path, name, dataset, epochs, seed, cfg, cost, seconds,
+                         f"python -m nas_kd.search (teacher {name}, --teacher-epochs {epochs}, seed {seed})")
     model = model.to(device).eval()
     val_logits = predict(model, dataset.val, dataset)
     return Teacher(name, model, cost, accuracy(val_logits, dataset.val.y), source, val_logits, str(path),
