@@ -1,20 +1,20 @@
-"""How well each trial score ranks students: `distill` vs `blockwise` against a longer retrain.
+"""How well each trial score ranks students against what the search is trying to predict.
 
-    python benchmarks/trial_scores.py [--specs 10] [--reference-images 20000] [--reference-epochs 3]
+    python benchmarks/trial_scores.py --budget 50M --specs 30
+    python benchmarks/trial_scores.py --budget 5M --specs 20
 
-A search only needs its trial score to *rank* candidates the way their final accuracy would. This
-draws `--specs` random students of the default search space that fit the default budget (50M
-MACs), scores each exactly as a search trial would, with both `--trial-score distill` (the
-default: 2 epochs of distillation on the 4000-image trial subset, val accuracy) and
-`--trial-score blockwise` (DNA's mean per-stage R^2 against the most accurate teacher), and
-then retrains each for `--reference-epochs` on `--reference-images` training images with the
-default recipe. The reference is that retrain's accuracy on the whole validation split (the
-test split is not read). It prints, per score: Spearman's rho and Kendall's tau with the
-reference, whether the score's best spec is the reference's best, the reference accuracy lost by
-taking the score's best (regret), and the seconds a score costs per spec.
+It draws `--specs` seeded random students of the default search space under `--budget` MACs and,
+for each, its **reference**: validation accuracy after the search's final retrain (the default
+`--final-epochs` and recipe, from the default teachers) on `--reference-images` training images
+(the whole training split with 0). Then it computes every trial score of the search on the same
+specs, each exactly as a trial would (`objective.TRIAL_SCORES`, the search's trial subset and
+teachers), and prints one table: per score, Spearman's rho with a bootstrap 90% interval,
+Kendall's tau, precision of its top 3 (how many of the reference's best 3 it ranks in its own
+top 3), regret of its pick in points of reference accuracy, and seconds per spec.
 
-Everything uses the search's defaults (its default teachers: shipped for Fashion-MNIST, else cached or trained,
-recipe ce + kl + hint, T = 4, one-cycle SGD); only the reference's size is the benchmark's.
+References and scores are kept in `benchmarks/results/trial_scores.json`, keyed by spec and a
+digest of the settings that determine them, so a killed run goes on where it stopped and a
+re-run with a new score retrains nothing. The test split is never read.
 """
 
 from __future__ import annotations
@@ -22,26 +22,39 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
-import platform
+import random
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
 
-from nas_kd.arch import build
-from nas_kd.blockwise import BlockwiseScorer, most_accurate
-from nas_kd.config import SearchConfig
-from nas_kd.cost import Budget, count, format_count
-from nas_kd.data import BatchIterator, Split, load_dataset, seeded_subset
-from nas_kd.losses import recipe_features
-from nas_kd.objective import TRIAL_SCORES, TrialContext
-from nas_kd.retrain import retrain
-from nas_kd.space import load_space
-from nas_kd.teachers import CachedTargets, ensemble_from_config
-from nas_kd.train import evaluate
+sys.path.insert(0, str(Path(__file__).parent))
+from results_cache import RESULTS, ResultsFile, machine, settings_id  # noqa: E402
+
+from nas_kd.arch import Spec, build  # noqa: E402
+from nas_kd.blockwise import BlockwiseScorer, most_accurate  # noqa: E402
+from nas_kd.config import SearchConfig  # noqa: E402
+from nas_kd.cost import Budget, Cost, count, format_count, parse_count  # noqa: E402
+from nas_kd.data import BatchIterator, Dataset, Split, load_dataset, seeded_subset  # noqa: E402
+from nas_kd.losses import recipe_features  # noqa: E402
+from nas_kd.objective import (  # noqa: E402
+    CURVE_ATTR,
+    PROXY_BATCH,
+    REPORT_IMAGES,
+    TRIAL_SCORES,
+    TrialContext,
+    proxy_scores,
+    trial_context,
+)
+from nas_kd.retrain import retrain  # noqa: E402
+from nas_kd.space import SearchSpace, load_space  # noqa: E402
+from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
+from nas_kd.train import evaluate, recalibrate_bn  # noqa: E402
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -60,7 +73,10 @@ def ranks(values: list[float]) -> list[float]:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    return statistics.correlation(ranks(x), ranks(y))
+    rx, ry = ranks(x), ranks(y)
+    if len(set(rx)) < 2 or len(set(ry)) < 2:
+        return 0.0
+    return statistics.correlation(rx, ry)
 
 
 def kendall(x: list[float], y: list[float]) -> float:
@@ -79,96 +95,296 @@ def kendall(x: list[float], y: list[float]) -> float:
         else:
             discordant += 1
     n = concordant + discordant
-    return (concordant - discordant) / ((n + ties_x) * (n + ties_y)) ** 0.5
+    return (concordant - discordant) / max(1e-12, ((n + ties_x) * (n + ties_y)) ** 0.5)
+
+
+def bootstrap_interval(x: list[float], y: list[float], stat: Callable[[list[float], list[float]], float],
+                       draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """5th and 95th percentiles of `stat` over `draws` resamples of the (x, y) pairs."""
+    rng = random.Random(seed)
+    n = len(x)
+    values = []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        values.append(stat([x[i] for i in idx], [y[i] for i in idx]))
+    values.sort()
+    return values[int(0.05 * draws)], values[int(0.95 * draws) - 1]
+
+
+def top_k_precision(score: list[float], reference: list[float], k: int = 3) -> float:
+    """Share of the reference's best k that are also among the score's best k."""
+    best = set(sorted(range(len(reference)), key=reference.__getitem__)[-k:])
+    picked = set(sorted(range(len(score)), key=score.__getitem__)[-k:])
+    return len(best & picked) / k
+
+
+def regret(score: list[float], reference: list[float]) -> float:
+    """Points of reference accuracy lost by taking the score's best spec (ties: the mean)."""
+    top = max(score)
+    picked = [reference[i] for i, s in enumerate(score) if s == top]
+    return (max(reference) - statistics.mean(picked)) * 100
+
+
+def draw_specs(space: SearchSpace, budget: Budget, n: int, seed: int, input_shape: tuple[int, int, int],
+               num_classes: int) -> list[tuple[Spec, Cost]]:
+    """`n` distinct seeded random specs that fit `budget`, in the order drawn."""
+    out: dict[str, tuple[Spec, Cost]] = {}
+    draw = 0
+    while len(out) < n:
+        for spec in space.random_specs(200, seed * 1000 + draw):
+            if str(spec) in out or len(out) == n:
+                continue
+            cost = count(build(spec, input_shape, num_classes, channels_last=False), input_shape)
+            if budget.fits(cost):
+                out[str(spec)] = (spec, cost)
+        draw += 1
+        if draw > 200:
+            raise SystemExit(f"found only {len(out)} specs of {space.name} under {budget} in {draw * 200} draws")
+    return list(out.values())
+
+
+@dataclasses.dataclass
+class Bench:
+    """What every phase shares: the search's defaults, data, teachers and results file."""
+
+    cfg: SearchConfig
+    dataset: Dataset
+    space: SearchSpace
+    budget: Budget
+    ensemble: Ensemble
+    results: ResultsFile
+
+    def teacher_ids(self) -> list[str]:
+        return [f"{t.name}:{t.digest}" for t in self.ensemble.members]
+
+
+def reference_settings(bench: Bench, images: int) -> dict[str, Any]:
+    cfg = bench.cfg
+    return {"what": "reference", "images": images, "epochs": cfg.final_epochs, "recipe": cfg.distill.describe(),
+            "train": dataclasses.asdict(cfg.train), "seed": cfg.seed, "teachers": bench.teacher_ids(),
+            "dataset": bench.dataset.fingerprint()}
+
+
+def references(bench: Bench, specs: list[tuple[Spec, Cost]], images: int, log: Callable[[str], None],
+               reverse: bool = False) -> list[float]:
+    """Each spec's val accuracy after the final retrain on `images` training images (0: all).
+    Specs another process has finished meanwhile are skipped (run a second process with
+    `reverse` to share the work)."""
+    cfg, dataset = bench.cfg, bench.dataset
+    sid = settings_id(reference_settings(bench, images))
+    missing = [(s, c) for s, c in specs if bench.results.get("references", f"{s}|{sid}") is None]
+    if reverse:
+        missing.reverse()
+    if missing:
+        data = dataset
+        if images:
+            keep = seeded_subset(len(dataset.train), images, cfg.seed)
+            data = dataclasses.replace(dataset, train=Split(dataset.train.x[keep], dataset.train.y[keep]))
+        batches = BatchIterator(data.train, data, cfg.train.batch_size, cfg.seed, views=1, augment=cfg.train.augment)
+        targets = CachedTargets(bench.ensemble, batches, recipe_features(cfg.distill.weights()), progress=False)
+        for n, (spec, cost) in enumerate(missing):
+            bench.results.refresh()
+            if bench.results.get("references", f"{spec}|{sid}") is not None:
+                continue
+            model, seconds = retrain(spec, data, bench.ensemble, cfg, cfg.final_epochs, False, targets)
+            acc = evaluate(model, dataset.val, dataset)
+            bench.results.put("references", f"{spec}|{sid}", {
+                "spec": str(spec), "macs": cost.macs, "params": cost.params, "val_acc": round(acc, 6),
+                "seconds": round(seconds, 1), "machine": machine(), "settings": reference_settings(bench, images)})
+            log(f"  reference {n + 1}/{len(missing)}: {format_count(cost.macs):>7s} MACs  val {acc:.4f}  "
+                f"({seconds:.0f} s)  {spec}")
+    return [bench.results.get("references", f"{s}|{sid}")["val_acc"] for s, _ in specs]
+
+
+SCHEDULES = ((2, 4000), (1, 8000), (4, 2000))  # (epochs, images) of about equal cost; the first is the old default
+
+
+def trial_settings(bench: Bench, what: str, **extra: Any) -> dict[str, Any]:
+    cfg = bench.cfg
+    return {"what": what, "recipe": cfg.distill.describe(), "train": dataclasses.asdict(cfg.train), "seed": cfg.seed,
+            "teachers": bench.teacher_ids(), "dataset": bench.dataset.fingerprint(), **extra}
+
+
+def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[str], None],
+                 blockwise: bool = True) -> None:
+    """Every trial score of every spec, each computed as a trial of the search computes it, into
+    the results file (section "scores"): proxies; distill at each of SCHEDULES, with the raw and
+    the recalibrated final accuracy and the curve of the pruner's reports; blockwise without and
+    with recalibration (one training: R^2 before and after)."""
+    cfg, dataset = bench.cfg, bench.dataset
+    largest = max(images for _, images in SCHEDULES)
+    cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=1, augment=cfg.train.augment,
+                          indices=seeded_subset(len(dataset.train), largest, cfg.seed))
+    features = recipe_features(cfg.distill.weights())
+    targets = None
+
+    def context(epochs: int, images: int, scorer: BlockwiseScorer | None = None) -> TrialContext:
+        sub = dataclasses.replace(cfg, subset=images, trial_epochs=epochs)
+        batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=1,
+                                augment=cfg.train.augment, indices=seeded_subset(len(dataset.train), images, cfg.seed))
+        return trial_context(bench.space, dataset, bench.ensemble, bench.budget, batches, targets, sub, False, scorer)
+
+    def fresh_trial() -> tuple[optuna.Study, optuna.Trial]:
+        study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+        return study, study.ask()
+
+    scorer = None
+    proxy_sid = settings_id(trial_settings(bench, "proxies", batch=PROXY_BATCH))
+    for n, (spec, cost) in enumerate(specs):
+        done = []
+        key = f"{spec}|{proxy_sid}"
+        if bench.results.get("scores", key) is None:
+            ctx = context(*SCHEDULES[0])
+            start = time.perf_counter()
+            values = proxy_scores(ctx, spec, cost)
+            bench.results.put("scores", key, {"spec": str(spec), "proxies": values,
+                                              "seconds": round(time.perf_counter() - start, 3)})
+            done.append("proxies")
+        for epochs, images in SCHEDULES:
+            sid = settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
+                                             recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
+                                             report_images=REPORT_IMAGES))
+            if bench.results.get("scores", f"{spec}|{sid}") is not None:
+                continue
+            if targets is None:
+                targets = CachedTargets(bench.ensemble, cover, features, progress=False)
+            ctx = context(epochs, images)
+            _, trial = fresh_trial()
+            value = TRIAL_SCORES["distill"](ctx, trial, spec)
+            a = trial.user_attrs
+            bench.results.put("scores", f"{spec}|{sid}", {
+                "spec": str(spec), "schedule": f"{epochs}x{images}", "recalibrated": value, "raw": a["val_acc_raw"],
+                "curve": a[CURVE_ATTR], "seconds": round(a["train_seconds"] + a["eval_seconds"], 3),
+                "train_seconds": a["train_seconds"], "machine": machine()})
+            done.append(f"{epochs}x{images} {a['val_acc_raw']:.4f}/{value:.4f}")
+        if blockwise:
+            epochs, images = SCHEDULES[0]
+            teacher = most_accurate(bench.ensemble.members)
+            sid = settings_id(trial_settings(bench, "blockwise", epochs=epochs, images=images, teacher=teacher.digest,
+                                             recalibration=cfg.bn_recalibration))
+            if bench.results.get("scores", f"{spec}|{sid}") is None:
+                if scorer is None:
+                    scorer = BlockwiseScorer(teacher, dataset, context(epochs, images).batches, cfg.train, epochs,
+                                             cfg.seed, recalibration=cfg.bn_recalibration)
+                start = time.perf_counter()
+                raw, recalibrated = [], []
+                for i in range(len(spec.stages)):
+                    net = scorer.stage_net(spec, i)
+                    scorer.train_stage(net)
+                    raw.append(scorer.r2(net))
+                    recalibrate_bn(net, (scorer._input(scorer.train_maps, net, rows) for rows in scorer.calibration_rows))
+                    recalibrated.append(scorer.r2(net))
+                bench.results.put("scores", f"{spec}|{sid}", {
+                    "spec": str(spec), "raw": statistics.mean(raw), "recalibrated": statistics.mean(recalibrated),
+                    "stages_raw": raw, "stages_recalibrated": recalibrated,
+                    "seconds": round(time.perf_counter() - start, 3), "machine": machine()})
+                done.append(f"blockwise {statistics.mean(raw):.3f}/{statistics.mean(recalibrated):.3f}")
+        if done:
+            log(f"  scores {n + 1}/{len(specs)}: {format_count(cost.macs):>7s} MACs  {'  '.join(done)}  {spec}")
+
+
+def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per score row of the table, (its value for each spec, its seconds for each spec), from the
+    results file; rows whose scores are missing for some spec are left out."""
+    cfg = bench.cfg
+    rows: dict[str, tuple[list[float], list[float]]] = {}
+
+    def add(name: str, entries: list[dict[str, Any] | None], value: Callable[[dict[str, Any]], float],
+            seconds: Callable[[dict[str, Any]], float]) -> None:
+        if all(e is not None for e in entries):
+            rows[name] = ([value(e) for e in entries], [seconds(e) for e in entries])
+
+    recal = f"recalibrated ({cfg.bn_recalibration} batches)"
+    for n, (epochs, images) in enumerate(SCHEDULES):
+        sid = settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
+                                         recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
+                                         report_images=REPORT_IMAGES))
+        entries = [bench.results.get("scores", f"{s}|{sid}") for s, _ in specs]
+        old = " (the old default)" if n == 0 else ""
+        add(f"distill {epochs}x{images}{old}", entries, lambda e: e["raw"], lambda e: e["seconds"])
+        add(f"distill {epochs}x{images} {recal}", entries, lambda e: e["recalibrated"], lambda e: e["seconds"])
+    epochs, images = SCHEDULES[0]
+    teacher = most_accurate(bench.ensemble.members)
+    sid = settings_id(trial_settings(bench, "blockwise", epochs=epochs, images=images, teacher=teacher.digest,
+                                     recalibration=cfg.bn_recalibration))
+    entries = [bench.results.get("scores", f"{s}|{sid}") for s, _ in specs]
+    add(f"blockwise {epochs}x{images} vs {teacher.name}", entries, lambda e: e["raw"], lambda e: e["seconds"])
+    add(f"blockwise {epochs}x{images} vs {teacher.name}, {recal}", entries, lambda e: e["recalibrated"],
+        lambda e: e["seconds"])
+    proxy_sid = settings_id(trial_settings(bench, "proxies", batch=PROXY_BATCH))
+    entries = [bench.results.get("scores", f"{s}|{proxy_sid}") for s, _ in specs]
+    for name in ("naswot", "synflow"):
+        add(name, entries, lambda e, name=name: e["proxies"][name], lambda e: e["seconds"])
+    rows["macs"] = ([float(c.macs) for _, c in specs], [0.0] * len(specs))
+    rows["params"] = ([float(c.params) for _, c in specs], [0.0] * len(specs))
+    return rows
+
+
+def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[float]) -> list[dict[str, Any]]:
+    out = []
+    for name, (values, seconds) in rows.items():
+        lo, hi = bootstrap_interval(values, reference, spearman)
+        out.append({"score": name, "spearman": spearman(values, reference), "interval": (lo, hi),
+                    "kendall": kendall(values, reference), "top3": top_k_precision(values, reference),
+                    "regret_pp": regret(values, reference), "seconds": statistics.mean(seconds)})
+    return out
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print("| score | Spearman ρ [90% bootstrap] | Kendall τ | top-3 precision | regret (pp) | s / spec |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        lo, hi = r["interval"]
+        print(f"| {r['score']} | {r['spearman']:.2f} [{lo:.2f}, {hi:.2f}] | {r['kendall']:.2f} | {r['top3']:.2f} | "
+              f"{r['regret_pp']:.2f} | {r['seconds']:.1f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--specs", type=int, default=10, help="random students that fit the budget")
-    parser.add_argument("--reference-images", type=int, default=20000)
-    parser.add_argument("--reference-epochs", type=int, default=3)
+    parser.add_argument("--budget", type=parse_count, default=50_000_000, help="MACs, e.g. 50M or 5M")
+    parser.add_argument("--specs", type=int, default=30, help="random students that fit the budget")
     parser.add_argument("--seed", type=int, default=0, help="draws the specs")
+    parser.add_argument("--reference-images", type=int, default=20000, help="0 = the whole training split")
+    parser.add_argument("--references-only", action="store_true", help="compute the references and stop")
+    parser.add_argument("--reverse", action="store_true", help="compute missing references last spec first (a "
+                                                                "second process shares the work)")
+    parser.add_argument("--scores-only", action="store_true", help="compute the scores (not the references) and stop")
+    parser.add_argument("--no-blockwise", action="store_true", help="leave the block-wise scores out")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--results", type=Path, default=RESULTS / "trial_scores.json")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    cfg = SearchConfig(flops_budget=50_000_000, cache_dir=args.cache_dir)
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    cfg = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir)
     dataset = load_dataset(cfg.dataset)
     space = load_space(cfg.search_space)
     budget = Budget(cfg.flops_budget, cfg.params_budget)
-    ensemble = ensemble_from_config(cfg, dataset, progress=False, log=lambda m: print("  " + m))
-
-    specs, costs, draw = [], [], 0
-    while len(specs) < args.specs:
-        for spec in space.random_specs(4 * args.specs, args.seed + draw):
-            cost = count(build(spec, dataset.input_shape, dataset.num_classes), dataset.input_shape)
-            if budget.fits(cost) and str(spec) not in map(str, specs) and len(specs) < args.specs:
-                specs.append(spec)
-                costs.append(cost)
-        draw += 1
-
-    # the search's trial context, as `search.search` builds it (no augmentation: one view)
-    subset = seeded_subset(len(dataset.train), cfg.subset, cfg.seed)
-    batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=1,
-                            augment=cfg.train.augment, indices=subset)
-    features = recipe_features(cfg.distill.weights())
-    trial_targets = CachedTargets(ensemble, batches, features, progress=False)
-    teacher = most_accurate(ensemble.members)
-    scorer = BlockwiseScorer(teacher, dataset, batches, cfg.train, cfg.trial_epochs, cfg.seed)
-    ctx = TrialContext(space, dataset, ensemble, budget, batches, trial_targets, cfg.distill, cfg.train,
-                       cfg.trial_epochs, False, cfg.seed, False)
-    contexts = {"distill": ctx,
-                "blockwise": dataclasses.replace(ctx, targets=None, trial_score="blockwise", scorer=scorer)}
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
-
-    keep = seeded_subset(len(dataset.train), args.reference_images, cfg.seed)
-    reference_data = dataclasses.replace(dataset, train=Split(dataset.train.x[keep], dataset.train.y[keep]))
-    reference_batches = BatchIterator(reference_data.train, reference_data, cfg.train.batch_size, cfg.seed, views=1,
-                                      augment=cfg.train.augment)
-    reference_targets = CachedTargets(ensemble, reference_batches, features, progress=False)
-    print(f"{len(specs)} random specs of {space.name} under {budget} (seed {args.seed}); trial scores on "
-          f"{cfg.subset} images x {cfg.trial_epochs} epochs; block-wise teacher {teacher.name}; reference: "
-          f"{args.reference_epochs} epochs on {len(reference_data.train)} images, recipe {cfg.distill.describe()}")
-
-    rows = []
-    for n, (spec, cost) in enumerate(zip(specs, costs)):
-        row = {"spec": str(spec), "macs": cost.macs, "params": cost.params}
-        for name, context in contexts.items():
-            trial = study.ask()
-            start = time.perf_counter()
-            row[name] = TRIAL_SCORES[name](context, trial, spec)
-            row[f"{name}_seconds"] = time.perf_counter() - start
-            study.tell(trial, row[name])
-        model, seconds = retrain(spec, reference_data, ensemble, cfg, args.reference_epochs, False, reference_targets)
-        row["reference"] = evaluate(model, dataset.val, dataset)
-        row["reference_seconds"] = seconds
-        rows.append(row)
-        print(f"  {n + 1:2d} {format_count(cost.macs):>7s} MACs  distill {row['distill']:.4f} ({row['distill_seconds']:.0f} s)"
-              f"  blockwise {row['blockwise']:.4f} ({row['blockwise_seconds']:.0f} s)"
-              f"  reference {row['reference']:.4f} ({seconds:.0f} s)  {spec}", flush=True)
-
-    reference = [r["reference"] for r in rows]
-    best = max(reference)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; {len(rows)} specs; reference val acc {min(reference):.4f}-{best:.4f}; "
-          f"total {(time.perf_counter() - started) / 60:.1f} min")
-    print(f"{'score':10s} {'spearman':>9s} {'kendall':>8s} {'top-1 agrees':>13s} {'regret (pp)':>12s} {'s/spec':>7s}")
-    summary = {}
-    for name in contexts:
-        values = [r[name] for r in rows]
-        picked = reference[values.index(max(values))]
-        summary[name] = {"spearman": spearman(values, reference), "kendall": kendall(values, reference),
-                         "top1": picked == best, "regret_pp": (best - picked) * 100,
-                         "seconds_per_spec": statistics.mean(r[f"{name}_seconds"] for r in rows)}
-        s = summary[name]
-        print(f"{name:10s} {s['spearman']:9.3f} {s['kendall']:8.3f} {'yes' if s['top1'] else 'no':>13s} "
-              f"{s['regret_pp']:12.2f} {s['seconds_per_spec']:7.1f}")
-    print(f"(block-wise: {scorer.trained} stages trained for {sum(len(s.stages) for s in specs)} stage slots; "
-          f"reference retrain {statistics.mean(r['reference_seconds'] for r in rows):.0f} s/spec)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    ensemble = ensemble_from_config(cfg, dataset, progress=False, log=lambda m: log("  " + m))
+    bench = Bench(cfg, dataset, space, budget, ensemble, ResultsFile(args.results))
+    specs = draw_specs(space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes)
+    log(f"{len(specs)} random specs of {space.name} under {budget} (seed {args.seed}); reference: "
+        f"{cfg.final_epochs} epochs on {args.reference_images or len(dataset.train)} images, recipe "
+        f"{cfg.distill.describe()}; {machine()}")
+    if args.scores_only:
+        trial_scores(bench, specs, log, blockwise=not args.no_blockwise)
+        return
+    reference = references(bench, specs, args.reference_images, log, args.reverse)
+    log(f"references: val acc {min(reference):.4f}-{max(reference):.4f} "
+        f"({(time.perf_counter() - started) / 60:.1f} min so far)")
+    if args.references_only:
+        return
+    trial_scores(bench, specs, log, blockwise=not args.no_blockwise)
+    log(f"\n{len(specs)} specs under {budget}; reference val acc {min(reference):.4f}-{max(reference):.4f}; "
+        f"s / spec of naswot and synflow is the time of both, with macs and params (known before any score) 0; "
+        f"{machine()}; {(time.perf_counter() - started) / 60:.1f} min")
+    print_table(table(score_rows(bench, specs), reference))
 
 
 if __name__ == "__main__":

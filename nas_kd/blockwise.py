@@ -35,11 +35,11 @@ import torch.nn.functional as F
 
 from nas_kd.arch import Network, Spec
 from nas_kd.config import TrainConfig
-from nas_kd.data import Batch, BatchIterator, Dataset, eval_batches, seeded_subset
+from nas_kd.data import Batch, BatchIterator, Dataset, eval_batches, forward_batch, seeded_subset
 from nas_kd.errors import InputError
 from nas_kd.losses import adapter, align, match_stage
 from nas_kd.teachers import Teacher
-from nas_kd.train import fit
+from nas_kd.train import fit, recalibrate_bn
 
 STEM = -1  # the teacher "stage" whose output is the stem's, in stage maps
 
@@ -99,7 +99,8 @@ class BlockwiseScorer:
     """
 
     def __init__(self, teacher: Teacher, dataset: Dataset, batches: BatchIterator, cfg: TrainConfig, epochs: int,
-                 seed: int, val_images: int = 1000, chunk: int = 500, progress: bool = False):
+                 seed: int, val_images: int = 1000, chunk: int | None = None, progress: bool = False,
+                 recalibration: int = 0):
         if epochs < 0:
             raise InputError(f"block-wise epochs must be >= 0, got {epochs}")
         if val_images < 1:
@@ -112,6 +113,7 @@ class BlockwiseScorer:
         self.seed = seed
         self.progress = progress
         self.device = next(self.teacher.parameters()).device
+        chunk = chunk or forward_batch(self.device)
         self.channels_last = batches.normalize.channels_last
         # teacher widths of STEM, stage 0, ..., stage T-1: index with `source + 1`
         self.widths = [self.teacher.spec.stem, *self.teacher.stage_channels]
@@ -121,6 +123,11 @@ class BlockwiseScorer:
                                              for s in range(0, len(positions), chunk))
         val = dataset.val.subset(seeded_subset(len(dataset.val), val_images, seed).to(dataset.val.y.device))
         self.val_maps = self._teacher_maps(x for x, _ in eval_batches(val, dataset, chunk, self.channels_last))
+        # rows of the training cache whose teacher maps re-estimate a stage's BatchNorm statistics
+        # before it is scored (train.recalibrate_bn): `recalibration` seeded batches; none = off
+        g = torch.Generator().manual_seed(seed + 1)
+        rows = torch.randperm(len(positions), generator=g)[:recalibration * cfg.batch_size]
+        self.calibration_rows = [rows[s: s + cfg.batch_size].to(self.device) for s in range(0, len(rows), cfg.batch_size)]
         self.scores: dict[str, float] = {}
         self.trained = 0  # stages trained and scored (memo hits and preloads excluded)
         self.cost_seconds = 0.0  # wall-clock seconds of training and scoring those stages
@@ -211,6 +218,8 @@ class BlockwiseScorer:
                 start = time.perf_counter()
                 net = self.stage_net(spec, i)
                 self.train_stage(net, desc=f"block {key}")
+                if self.calibration_rows:
+                    recalibrate_bn(net, (self._input(self.train_maps, net, rows) for rows in self.calibration_rows))
                 self.scores[key] = self.r2(net)
                 self.trained += 1
                 self.cost_seconds += time.perf_counter() - start

@@ -107,10 +107,17 @@ class SearchConfig:
     trials: int = 10  # trained trials in this run
     timeout: float | None = None  # seconds for the search phase
     trial_epochs: int = 2
-    # how a trial is scored: "distill" = validation accuracy after brief whole-network distillation;
-    # "blockwise" = DNA-style block-wise score, each student stage trained alone to reproduce a
-    # teacher stage (see blockwise.py)
+    # how a trial is scored (objective.TRIAL_SCORES): "distill" = validation accuracy after brief
+    # whole-network distillation; "blockwise" = DNA-style block-wise score, each student stage
+    # trained alone to reproduce a teacher stage (see blockwise.py); "naswot", "synflow" =
+    # training-free proxies (proxies.py); "macs", "params" = the cost alone, the baselines
     trial_score: str = "distill"
+    # batches of training images (of train.batch_size) whose statistics replace BatchNorm's running
+    # ones before every validation pass of a trial; 0 = off (the scores of studies made before it)
+    bn_recalibration: int = 8
+    trial_reports: int = 4  # validation passes of a distill trial, at equal fractions of its steps
+    pruner: str = "median"  # see study.PRUNERS; ignored with objective "pareto"
+    sampler: str = "tpe"  # "tpe" (Optuna's multivariate TPE) or "random" (the random-search baseline)
     objective: str = "accuracy"  # or "pareto"
     storage: str | None = None  # default sqlite:///studies/<study>.db
     study_name: str | None = None

@@ -49,12 +49,13 @@ def criterion_stages(criterion: Criterion, epochs: int, fraction: float) -> tupl
 
 def distill(student: Network, batches: BatchIterator, targets: TargetSource | None, criterion: Criterion,
             cfg: TrainConfig, epochs: int, on_epoch: Callable[[int], None] | None = None,
-            desc: str = "distill", progress: bool = True, two_stage: float = 0.0) -> float:
+            desc: str = "distill", progress: bool = True, two_stage: float = 0.0,
+            on_step: Callable[[int], None] | None = None) -> float:
     """Train `student` (and the criterion's adapters) for `epochs`; returns training seconds.
 
     With `two_stage` > 0 the first `two_stage` of the epochs train on the feature losses only and
     the rest on the logit losses only, each stage with its own one-cycle schedule; `on_epoch`
-    sees the epochs numbered through both. `targets` may be None only when no loss of the
+    sees the epochs numbered through both, `on_step` the optimizer steps counted through both. `targets` may be None only when no loss of the
     criterion uses the teachers.
     """
     if criterion.uses_teachers and targets is None:
@@ -70,7 +71,10 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
     modules = nn.ModuleDict({"student": student, "criterion": criterion})
     first, second = criterion_stages(criterion, epochs, two_stage)
     if not first:
-        return fit(modules, batches, step_of(None), cfg, epochs, on_epoch, desc, progress)
+        return fit(modules, batches, step_of(None), cfg, epochs, on_epoch, desc, progress, on_step=on_step)
 
-    seconds = fit(modules, batches, step_of("features"), cfg, first, on_epoch, f"{desc} align", progress)
-    return seconds + fit(modules, batches, step_of("logits"), cfg, second, on_epoch, desc, progress, first_epoch=first)
+    offset = first * len(batches)
+    seconds = fit(modules, batches, step_of("features"), cfg, first, on_epoch, f"{desc} align", progress,
+                  on_step=on_step)
+    return seconds + fit(modules, batches, step_of("logits"), cfg, second, on_epoch, desc, progress, first_epoch=first,
+                         on_step=None if on_step is None else lambda n: on_step(offset + n))

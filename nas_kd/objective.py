@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 import torch
 
 from nas_kd.arch import Spec, build
 from nas_kd.blockwise import BlockwiseScorer, stage_key
-from nas_kd.config import DistillConfig, TrainConfig
+from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
 from nas_kd.cost import Budget, Cost, count, format_count
-from nas_kd.data import BatchIterator, Dataset
+from nas_kd.data import BatchIterator, Dataset, Split, seeded_subset
 from nas_kd.distill import criterion_for, criterion_stages, distill
+from nas_kd.proxies import naswot, synflow
 from nas_kd.space import SearchSpace
 from nas_kd.teachers import Ensemble, TargetSource
-from nas_kd.train import evaluate
+from nas_kd.train import evaluate, recalibrated
 
 # optuna-dashboard 0.21 reads feasibility only from this legacy list attribute; Optuna 5 writes
 # `constraints:<name>` keys. Both are written so the dashboard and the samplers agree.
@@ -42,6 +43,36 @@ class TrialContext:
     progress: bool = True
     trial_score: str = "distill"  # a key of TRIAL_SCORES
     scorer: BlockwiseScorer | None = None  # with trial_score "blockwise"
+    # batches of training images whose statistics replace BatchNorm's running ones before every
+    # validation pass (train.recalibrate_bn); empty = no recalibration
+    calibration: list[torch.Tensor] = field(default_factory=list)
+    reports: int = 1  # validation passes of a distill trial, at equal fractions of its steps
+    report_val: Split | None = None  # what the passes before the last read (None: all of dataset.val)
+    proxy_images: torch.Tensor | None = None  # NASWOT's batch; None = proxies not computed
+
+
+def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budget: Budget, batches: BatchIterator,
+                  targets: TargetSource | None, cfg: SearchConfig, progress: bool = True,
+                  scorer: BlockwiseScorer | None = None) -> TrialContext:
+    """The context of a search's trials, from its config: the calibration batches (a seeded draw
+    of `cfg.bn_recalibration` batches of the trial subset, view 0), the seeded validation subset of
+    the intermediate reports and NASWOT's seeded batch of training images."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    positions = batches.indices[torch.randperm(len(batches.indices), generator=g)]
+    size = cfg.train.batch_size
+    calibration = [batches.images(positions[i * size:(i + 1) * size], 0)
+                   for i in range(min(cfg.bn_recalibration, -(-len(positions) // size)))]
+    report_val = None
+    if cfg.trial_reports > 1 and REPORT_IMAGES < len(dataset.val):
+        report_val = dataset.val.subset(seeded_subset(len(dataset.val), REPORT_IMAGES, cfg.seed).to(dataset.val.y.device))
+    proxy_images = batches.images(positions[:PROXY_BATCH], 0)
+    return TrialContext(space, dataset, ensemble, budget, batches, targets, cfg.distill, cfg.train, cfg.trial_epochs,
+                        cfg.objective == "pareto", cfg.seed, progress, cfg.trial_score, scorer, calibration,
+                        cfg.trial_reports, report_val, proxy_images)
+
+
+REPORT_IMAGES = 2000  # validation images read by a trial's intermediate reports (the last reads them all)
+PROXY_BATCH = 128  # NASWOT's mini-batch, as in its paper
 
 
 def compression(cost: Cost, reference: Cost) -> tuple[float, float]:
@@ -76,43 +107,104 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, fl
         over = ", ".join(f"{k} {format_count(getattr(cost, k))} > {format_count(getattr(ctx.budget, k))}"
                          for k, v in ctx.budget.violations(cost).items() if v > 0)
         raise optuna.TrialPruned(f"over budget ({over}); not trained")
+    earlier = scored_before(trial, str(spec))
+    if earlier is not None:
+        # the spec's score is known: the stored one is returned (so the sampler sees the spec
+        # again) and nothing is trained; the trial does not count towards --trials
+        trial.set_user_attr(REPEAT_ATTR, earlier.number)
+        return tuple(earlier.values) if ctx.pareto else earlier.values[0]
+    if ctx.proxy_images is not None:
+        for name, value in proxy_scores(ctx, spec, cost).items():
+            if name not in ("macs", "params"):  # stored by record_cost, as integers
+                trial.set_user_attr(name, value)
     score = TRIAL_SCORES[ctx.trial_score](ctx, trial, spec)
+    trial.set_user_attr(SCORE_ATTR, score)
+    trial.set_user_attr(SCORE_KIND_ATTR, ctx.trial_score)
     return (score, float(cost.macs)) if ctx.pareto else score
 
 
+def scored_before(trial: optuna.Trial, spec: str) -> optuna.trial.FrozenTrial | None:
+    """The study's first completed, scored trial of `spec`, if any."""
+    for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.number != trial.number and t.user_attrs.get("spec") == spec and was_trained(t):
+            return t
+    return None
+
+
+def proxy_scores(ctx: TrialContext, spec: Spec, cost: Cost) -> dict[str, float]:
+    """The training-free scores of `spec`, all of them, each from the same seeded initialisation."""
+    out: dict[str, float] = {"macs": float(cost.macs), "params": float(cost.params)}
+    for name, fn in ((NASWOT, lambda m: naswot(m, ctx.proxy_images)),
+                     (SYNFLOW, lambda m: synflow(m, ctx.dataset.input_shape))):
+        torch.manual_seed(ctx.seed)
+        model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes).to(ctx.proxy_images.device)
+        out[name] = round(fn(model), 6)
+    return out
+
+
+def report_steps(total: int, reports: int, start: int = 0) -> list[int]:
+    """The optimizer steps after which a trial of `total` steps is validated: `reports` of them at
+    equal fractions of the steps after `start` (stage one of two-stage training is not
+    validated), the last one at the end."""
+    span = total - start
+    return sorted({start + max(1, round(span * k / reports)) for k in range(1, reports + 1)})
+
+
 def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
-    """Validation accuracy after `ctx.epochs` of whole-network distillation, reported per epoch to
-    the pruner."""
+    """Validation accuracy after `ctx.epochs` of whole-network distillation, BatchNorm statistics
+    recalibrated (`ctx.calibration`), the score of the search by default.
+
+    It is also measured `ctx.reports` - 1 times during training, on `ctx.report_val`, and each
+    measurement is reported to the pruner with the report's number (1, 2, ...) as its step. The
+    last is on the whole validation split and is the score; the accuracy without recalibration
+    is measured there too and stored as `val_acc_raw`."""
     torch.manual_seed(ctx.seed * 100_003 + trial.number)
     device = ctx.dataset.train.x.device
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes).to(device)
     criterion = criterion_for(model, ctx.recipe, ctx.ensemble.feature_channels)
     trial.set_user_attr("recipe", ctx.recipe.describe())
-    # in two-stage training the head is untrained until stage two: stage-one accuracies are not
-    # reported to the pruner
+    # in two-stage training the head is untrained until stage two: stage one is not validated
     align_epochs, _ = criterion_stages(criterion, ctx.epochs, ctx.recipe.two_stage)
-    accuracies: list[float] = []
+    per_epoch = len(ctx.batches)
+    total = ctx.epochs * per_epoch
+    steps = report_steps(total, max(1, ctx.reports), align_epochs * per_epoch)
+    curve: list[list[float]] = []  # [epochs trained, recalibrated val accuracy]
     eval_seconds = 0.0
 
-    def on_epoch(epoch: int) -> None:
+    def measure(split: Split) -> float:
+        if not ctx.calibration:
+            return round(evaluate(model, split, ctx.dataset), 6)
+        # the running statistics go back after, so the raw accuracy and the training are untouched
+        with recalibrated(model, ctx.calibration):
+            return round(evaluate(model, split, ctx.dataset), 6)
+
+    def on_step(step: int) -> None:
         nonlocal eval_seconds
+        if step not in steps:
+            return
         start = time.perf_counter()
-        accuracies.append(round(evaluate(model, ctx.dataset.val, ctx.dataset), 6))
+        last = step == total
+        if last and ctx.calibration:
+            trial.set_user_attr("val_acc_raw", round(evaluate(model, ctx.dataset.val, ctx.dataset), 6))
+        split = ctx.dataset.val if last or ctx.report_val is None else ctx.report_val
+        curve.append([round(step / per_epoch, 4), measure(split)])
         eval_seconds += time.perf_counter() - start
-        trial.set_user_attr("val_acc_per_epoch", accuracies)
-        if not ctx.pareto and epoch >= align_epochs:  # Trial.report raises in multi-objective studies
-            trial.report(accuracies[-1], epoch)
-            # pruning after the last epoch would only throw finished work away
-            if epoch + 1 < ctx.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val acc {accuracies[-1]:.4f}")
+        trial.set_user_attr(CURVE_ATTR, curve)
+        if not ctx.pareto:  # Trial.report raises in multi-objective studies
+            trial.report(curve[-1][1], len(curve))
+            # pruning after the last report would only throw finished work away
+            if not last and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after {curve[-1][0]:g} epochs at val acc {curve[-1][1]:.4f}")
 
     start = time.perf_counter()
     try:
-        distill(model, ctx.batches, ctx.targets, criterion, ctx.train, ctx.epochs, on_epoch,
-                desc=f"trial {trial.number}", progress=ctx.progress, two_stage=ctx.recipe.two_stage)
+        distill(model, ctx.batches, ctx.targets, criterion, ctx.train, ctx.epochs, desc=f"trial {trial.number}",
+                progress=ctx.progress, two_stage=ctx.recipe.two_stage, on_step=on_step)
     finally:
         trial.set_user_attr("train_seconds", round(time.perf_counter() - start - eval_seconds, 3))
-    return accuracies[-1]
+        trial.set_user_attr("eval_seconds", round(eval_seconds, 3))
+    trial.set_user_attr("val_acc", curve[-1][1])
+    return curve[-1][1]
 
 
 def blockwise_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
@@ -131,25 +223,59 @@ def blockwise_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float
     return score
 
 
+def training_free(name: str) -> Callable[[TrialContext, optuna.Trial, Spec], float]:
+    """A trial score read from the proxies `run_trial` stored on the trial (nothing is trained)."""
+    def score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
+        if ctx.proxy_images is None:
+            raise ValueError(f"trial score {name!r} needs TrialContext.proxy_images")
+        return float(trial.user_attrs[name])
+    score.__doc__ = f"The spec's {name}, computed before training (see proxies.py); nothing is trained."
+    return score
+
+
 BLOCKWISE_ATTR = "blockwise_score"
 BLOCKWISE_MEMO_ATTR = "blockwise_memo"  # the trial's stage scores by stage key, for resumed runs
+SCORE_ATTR = "score"  # what the trial returned as its score, whatever its kind
+SCORE_KIND_ATTR = "score_kind"  # the TRIAL_SCORES key that made it
+CURVE_ATTR = "val_acc_curve"  # [[epochs trained, recalibrated val acc], ...] of a distill trial
+REPEAT_ATTR = "repeat_of"  # a spec already scored: the number of the trial whose score was reused
+NASWOT, SYNFLOW = "naswot", "synflow"
 
-# How a trial's spec is scored (`--trial-score`); both return "higher is better".
+# How a trial's spec is scored (`--trial-score`); all return "higher is better". The first two
+# train; the others are computed from the untrained network or its cost, in about a second.
 TRIAL_SCORES: dict[str, Callable[[TrialContext, optuna.Trial, Spec], float]] = {
     "distill": distill_score,
     "blockwise": blockwise_score,
+    NASWOT: training_free(NASWOT),
+    SYNFLOW: training_free(SYNFLOW),
+    "macs": training_free("macs"),
+    "params": training_free("params"),
 }
+TRAINED_SCORES = ("distill", "blockwise")
 
 
 def was_trained(trial: optuna.trial.FrozenTrial) -> bool:
-    """Trained trials carry validation accuracies or a block-wise score; budget rejections never do."""
-    return "val_acc_per_epoch" in trial.user_attrs or BLOCKWISE_ATTR in trial.user_attrs
+    """Whether the trial scored its spec (trained it, or computed a training-free score): budget
+    rejections and repeats of a scored spec never did. Studies made before scores were stored
+    are read from their accuracies or block-wise score."""
+    a = trial.user_attrs
+    return SCORE_ATTR in a or CURVE_ATTR in a or "val_acc_per_epoch" in a or BLOCKWISE_ATTR in a
+
+
+def curve(trial: optuna.trial.FrozenTrial) -> list[list[float]]:
+    """[[epochs trained, val acc], ...] of a distill trial (older studies: one point per epoch)."""
+    if CURVE_ATTR in trial.user_attrs:
+        return trial.user_attrs[CURVE_ATTR]
+    return [[i + 1, acc] for i, acc in enumerate(trial.user_attrs.get("val_acc_per_epoch", []))]
 
 
 def trial_score(trial: optuna.trial.FrozenTrial) -> float | None:
-    """The trial's last score: its latest validation accuracy, or its block-wise score."""
-    accs = trial.user_attrs.get("val_acc_per_epoch")
-    return accs[-1] if accs else trial.user_attrs.get(BLOCKWISE_ATTR)
+    """The trial's score, or the last accuracy it reached (a pruned trial's)."""
+    a = trial.user_attrs
+    if SCORE_ATTR in a:
+        return a[SCORE_ATTR]
+    points = curve(trial)
+    return points[-1][1] if points else a.get(BLOCKWISE_ATTR)
 
 
 def stored_blockwise_scores(study: optuna.Study) -> dict[str, float]:

@@ -25,17 +25,20 @@ from optuna.trial import TrialState
 from nas_kd.cli import fail, quiet_libraries, study_parser
 from nas_kd.cost import format_count
 from nas_kd.errors import InputError
-from nas_kd.objective import is_feasible, trial_score, was_trained
+from nas_kd.objective import NASWOT, REPEAT_ATTR, SYNFLOW, curve, is_feasible, trial_score, was_trained
 from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR, load_existing
 
-COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "val_acc",
-           "val_acc_per_epoch", "train_seconds", "feasible"]
+COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "score",
+           "val_acc_raw", "naswot", "synflow", "val_acc_curve", "train_seconds", "feasible", "repeat_of"]
 
 
 def status(trial: optuna.trial.FrozenTrial) -> str:
-    """complete, pruned (stopped early by the pruner), over_budget (never trained), failed or running."""
+    """complete, pruned (stopped early by the pruner), over_budget (never trained), repeat (a spec
+    already scored: its score reused, nothing trained), failed or running."""
     if trial.state == TrialState.PRUNED:
         return "pruned" if was_trained(trial) else "over_budget"
+    if trial.state == TrialState.COMPLETE and REPEAT_ATTR in trial.user_attrs:
+        return "repeat"
     return {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.RUNNING: "running",
             TrialState.WAITING: "waiting"}[trial.state]
 
@@ -44,13 +47,15 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        accs = a.get("val_acc_per_epoch", [])
+        points = curve(t)
         rows.append({"number": t.number, "status": status(t), "spec": a.get("spec"), "macs": a.get("macs"),
                      "params": a.get("params"), "macs_compression": a.get("macs_compression"),
                      "params_compression": a.get("params_compression"),
-                     "val_acc": trial_score(t),  # the block-wise score in blockwise studies
-                     "val_acc_per_epoch": json.dumps(accs) if accs else None,
-                     "train_seconds": a.get("train_seconds"), "feasible": is_feasible(t) if t.constraints else None})
+                     # validation accuracy, or the block-wise or training-free score the study ranks by
+                     "score": trial_score(t), "val_acc_raw": a.get("val_acc_raw"), "naswot": a.get(NASWOT),
+                     "synflow": a.get(SYNFLOW), "val_acc_curve": json.dumps(points) if points else None,
+                     "train_seconds": a.get("train_seconds"), "feasible": is_feasible(t) if t.constraints else None,
+                     "repeat_of": a.get(REPEAT_ATTR)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -94,11 +99,13 @@ class ParetoData(NamedTuple):
     retrained: Points = Points([], [], [], [])
 
 
-SCORE_LABELS = {"distill": "validation accuracy", "blockwise": "block-wise score (mean R^2 of stages)"}
+SCORE_LABELS = {"distill": "validation accuracy", "blockwise": "block-wise score (mean R^2 of stages)",
+                "naswot": "NASWOT score (log |K_H|)", "synflow": "SynFlow score (ln S)", "macs": "MACs",
+                "params": "parameters"}
 
 
 def _points(frame: pd.DataFrame, cost: str) -> Points:
-    return Points([float(v) for v in frame[cost]], [float(v) for v in frame["val_acc"]],
+    return Points([float(v) for v in frame[cost]], [float(v) for v in frame["score"]],
                   [int(v) for v in frame["number"]], [str(v) for v in frame["spec"]])
 
 
@@ -110,12 +117,12 @@ def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: 
     if cost not in ("macs", "params"):
         raise ValueError(f"cost must be 'macs' or 'params', got {cost!r}")
     has_cost = frame[cost].notna()
-    trained = frame[has_cost & frame["val_acc"].notna()]
+    trained = frame[has_cost & frame["score"].notna() & (frame["status"] != "repeat")]
     feasible = trained[trained["feasible"] != False]  # noqa: E712 (None: no budget on this study)
     complete = feasible[feasible["status"] == "complete"]
-    front_idx = pareto_front([float(v) for v in complete[cost]], [float(v) for v in complete["val_acc"]])
+    front_idx = pareto_front([float(v) for v in complete[cost]], [float(v) for v in complete["score"]])
     front = complete.iloc[front_idx]
-    infeasible = frame[has_cost & (frame["status"] == "over_budget")].assign(val_acc=float("nan"))
+    infeasible = frame[has_cost & (frame["status"] == "over_budget")].assign(score=float("nan"))
     pruned = trained[trained["status"] == "pruned"]
     teacher_points = Points([float(t[cost]) for t in teachers], [float(t["val_acc"]) for t in teachers],
                             [-1] * len(teachers), [str(t["name"]) for t in teachers])
@@ -217,11 +224,12 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
 
 def epochs_figure(frame: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
-    for _, row in frame[frame["val_acc_per_epoch"].notna()].iterrows():
-        accs = json.loads(row["val_acc_per_epoch"])
-        fig.add_trace(go.Scatter(x=list(range(1, len(accs) + 1)), y=accs, mode="lines+markers",
+    for _, row in frame[frame["val_acc_curve"].notna()].iterrows():
+        points = json.loads(row["val_acc_curve"])
+        fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
                                  name=f"trial {row['number']}", hovertext=str(row["spec"]), showlegend=False))
-    fig.update_layout(title="Validation accuracy per epoch of each trial", xaxis=dict(title="epoch", dtick=1),
+    fig.update_layout(title="Validation accuracy of each trial during its training (what the pruner saw)",
+                      xaxis=dict(title="epochs trained"),
                       yaxis_title="validation accuracy", template="plotly_white", height=380)
     return fig
 

@@ -27,7 +27,15 @@ from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.distill import check_two_stage
 from nas_kd.errors import InputError
 from nas_kd.losses import LOSSES, Criterion, loss_class, recipe_features, recipe_uses_teachers
-from nas_kd.objective import TRIAL_SCORES, TrialContext, run_trial, stored_blockwise_scores, trial_score, was_trained
+from nas_kd.objective import (
+    TRAINED_SCORES,
+    TRIAL_SCORES,
+    run_trial,
+    stored_blockwise_scores,
+    trial_context,
+    trial_score,
+    was_trained,
+)
 from nas_kd.report import write_report
 from nas_kd.retrain import finish_retrain
 from nas_kd.space import SHIPPED, SearchSpace, describe, load_space
@@ -35,6 +43,8 @@ from nas_kd.study import (
     BASELINE_ATTR,
     GUARDED_KEYS,
     LATE_GUARDED_KEYS,
+    PRUNERS,
+    SAMPLERS,
     STUDY_ATTR,
     WINNER_ATTR,
     check_same_teachers,
@@ -151,9 +161,27 @@ def build_parser() -> OneLineParser:
                    help=f"distillation epochs per trial (default {DEFAULTS.trial_epochs})")
     g.add_argument("--trial-score", choices=list(TRIAL_SCORES), default=DEFAULTS.trial_score,
                    help="distill: a trial's score is its validation accuracy after --trial-epochs of whole-network "
-                        "distillation (default); blockwise: each student stage is trained alone to reproduce a "
-                        "teacher stage from the teacher's input (DNA), the score is the mean R^2 over stages, and "
-                        "stages shared between trials are scored once")
+                        "distillation, BatchNorm recalibrated (default); blockwise: each student stage is trained "
+                        "alone to reproduce a teacher stage from the teacher's input (DNA), the score is the mean R^2 "
+                        "over stages, and stages shared between trials are scored once; naswot, synflow: "
+                        "training-free proxies of the untrained network (NASWOT, Mellor et al. 2021; SynFlow, Tanaka "
+                        "et al. 2020), about a second per spec; macs, params: the cost alone, the baselines every "
+                        "score must beat (see BENCHMARKS.md for how each ranks students)")
+    g.add_argument("--bn-recalibration", type=_positive(int, "--bn-recalibration", 0),
+                   default=DEFAULTS.bn_recalibration, metavar="BATCHES",
+                   help="before every validation pass of a trial, re-estimate BatchNorm statistics from this many "
+                        f"fixed training batches (default {DEFAULTS.bn_recalibration}; 0 = off, as in studies made "
+                        "before it)")
+    g.add_argument("--trial-reports", type=_positive(int, "--trial-reports"), default=DEFAULTS.trial_reports,
+                   metavar="N", help=f"validation passes per distill trial, at equal fractions of its steps "
+                                     f"(default {DEFAULTS.trial_reports}): the steps the pruner acts on")
+    g.add_argument("--pruner", choices=list(PRUNERS), default=DEFAULTS.pruner,
+                   help=f"stops unpromising distill trials at a validation pass (default {DEFAULTS.pruner}); a "
+                        "pruned trial counts as one trained trial. With --objective pareto no trial is pruned "
+                        "(Optuna cannot prune multi-objective studies): every trial trains to its end")
+    g.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULTS.sampler,
+                   help="tpe: Optuna's multivariate TPE, its first 8 trials random (default); random: random search, "
+                        "the baseline to compare a search with (benchmarks/search_vs_baselines.py)")
     g.add_argument("--objective", choices=["accuracy", "pareto"], default=DEFAULTS.objective,
                    help="accuracy: maximise validation accuracy with the budgets as constraints, with a median "
                         "pruner; pareto: maximise accuracy and minimise MACs (no pruning: Optuna cannot prune "
@@ -232,7 +260,8 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
 
     for name in ("flops_budget", "params_budget", "dataset", "data_dir", "subset", "teacher_epochs",
                  "search_space", "trials", "timeout", "trial_epochs", "objective", "storage", "study_name",
-                 "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score"):
+                 "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score",
+                 "bn_recalibration", "trial_reports", "pruner", "sampler"):
         flag(name)
     flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])
     flag("teacher_ckpt", "teacher_ckpts", convert=lambda v: [list(x) for x in v])
@@ -259,6 +288,13 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         raise InputError("give a budget: --flops-budget (MACs, e.g. 50M) and/or --params-budget (e.g. 500K)")
     if cfg.trial_score not in TRIAL_SCORES:
         raise InputError(f"unknown trial score {cfg.trial_score!r}; known: {', '.join(TRIAL_SCORES)}")
+    if cfg.sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {cfg.sampler!r}; known: {', '.join(SAMPLERS)}")
+    if cfg.pruner not in PRUNERS:
+        raise InputError(f"unknown pruner {cfg.pruner!r}; known: {', '.join(PRUNERS)}")
+    if cfg.bn_recalibration < 0 or cfg.trial_reports < 1:
+        raise InputError(f"bn_recalibration must be >= 0 and trial_reports >= 1, got {cfg.bn_recalibration} "
+                         f"and {cfg.trial_reports}")
     if cfg.objective not in ("accuracy", "pareto"):
         raise InputError(f"objective must be 'accuracy' or 'pareto', got {cfg.objective!r}")
     resolve_device(cfg.device)
@@ -325,6 +361,20 @@ def compression_text(ratio: float) -> str:
     return f"x{ratio:.2f} smaller" if ratio >= 1 else f"x{1 / ratio:.2f} LARGER"
 
 
+def trial_text(cfg: SearchConfig, images: int) -> str:
+    """One line: how this search's trials are scored (and pruned)."""
+    if cfg.trial_score not in TRAINED_SCORES:
+        return f"trial score {cfg.trial_score}: computed from the untrained spec, nothing trained; no pruning"
+    schedule = f"{cfg.trial_epochs} epoch{'s' if cfg.trial_epochs > 1 else ''} x {images} images"
+    recal = (f"BatchNorm recalibrated on {cfg.bn_recalibration} batches before validation" if cfg.bn_recalibration
+             else "no BatchNorm recalibration")
+    if cfg.trial_score == "blockwise":
+        return f"trial score blockwise: {schedule} per stage; no pruning"
+    pruner = "none (--objective pareto cannot prune)" if cfg.objective == "pareto" else cfg.pruner
+    return (f"trial score distill: {schedule}, {recal}, {cfg.trial_reports} validation passes; "
+            f"pruner {pruner}")
+
+
 def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: float) -> str:
     info = study.user_attrs.get(STUDY_ATTR, {})
     winner = study.user_attrs.get(WINNER_ATTR)
@@ -380,7 +430,11 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     keys = guarded(cfg, space_id(space))
     name = cfg.study_name or default_study_name(keys)
     url = storage_url(cfg.storage, name, Path(cfg.out_dir))
-    study = open_study(open_storage(url), name, cfg.objective == "pareto", cfg.seed, keys)
+    study = open_study(open_storage(url), name, cfg.objective == "pareto", cfg.seed, keys, cfg.pruner,
+                       cfg.trial_reports, cfg.sampler)
+    if cfg.objective == "pareto" and cfg.pruner != "none":
+        log("--objective pareto: trials are not pruned (Optuna cannot prune multi-objective studies); "
+            "every trial trains to its end")
     log(f"study {name} in {url} ({len(study.trials)} trials already)")
 
     ensemble = ensemble_from_config(cfg, dataset, progress, log)
@@ -403,6 +457,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     targets, scorer = None, None
     if cfg.trial_score == "blockwise":
         best = most_accurate(ensemble.members)
+        # no BatchNorm recalibration here: measured, it left the block-wise ranking as it was
+        # (Spearman -0.40 without, -0.38 with, 20 students under 5M MACs; BENCHMARKS.md)
         scorer = BlockwiseScorer(best, dataset, batches, cfg.train, cfg.trial_epochs, cfg.seed)
         scorer.preload(stored_blockwise_scores(study))
         log(f"block-wise scores against teacher {best.name}; {len(scorer.scores)} stage scores from earlier trials")
@@ -415,8 +471,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         targets = CachedTargets(ensemble, cover, features, progress=progress)
         log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
             f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}")
-    ctx = TrialContext(space, dataset, ensemble, budget, batches, targets, cfg.distill, cfg.train, cfg.trial_epochs,
-                       cfg.objective == "pareto", cfg.seed, progress, cfg.trial_score, scorer)
+    ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer)
+    log(trial_text(cfg, len(subset)))
 
     bar = tqdm(total=cfg.trials, desc="trials", unit="trained", disable=not progress or None, dynamic_ncols=True)
 

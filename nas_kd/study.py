@@ -14,7 +14,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from nas_kd.errors import InputError
-from nas_kd.objective import was_trained
+from nas_kd.objective import REPEAT_ATTR, was_trained
 
 STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, reference
 WINNER_ATTR = "winner"  # study user attribute: the retrained winner's final numbers
@@ -24,9 +24,36 @@ ONLINE_ATTR = "online_ensemble"  # study user attribute: the online ensemble of 
 # What a study's trials depend on: resuming with any of these changed would mix incomparable trials.
 GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "teachers", "teacher_epochs",
                 "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed",
-                "trial_score", "shipped_teachers")
+                "trial_score", "shipped_teachers", "bn_recalibration")
 # keys added later: recorded only when not at their default, so older studies keep their names
 LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers")
+# keys added later that change what a trial's score means, so they are always recorded (and new
+# studies get new default names); a study recorded before such a key had this value
+LEGACY_VALUES = {"bn_recalibration": 0}
+
+
+def make_pruner(name: str, reports: int) -> optuna.pruners.BasePruner:
+    """The pruner `--pruner NAME` names, for trials that report `reports` times (steps 1..reports).
+
+    median: a trial is stopped at a report where its best accuracy so far is below the median of
+    the finished trials' accuracies at that report, once 4 trials have finished, and from report
+    2 on (the first is the noisiest). sha: asynchronous successive halving (Li et al., MLSys 2020) with rungs at reports
+    1, 2, 4, ... and a reduction factor of 2, so about half of the trials reaching a rung go on.
+    hyperband: Hyperband (Li et al., JMLR 2018) over SHA brackets from 1 to `reports` reports,
+    reduction factor 2. none: every trial runs to its end.
+    """
+    if name not in PRUNERS:
+        raise InputError(f"unknown pruner {name!r}; known: {', '.join(PRUNERS)}")
+    return PRUNERS[name](max(1, reports))
+
+
+PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+    "median": lambda reports: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2),
+    "sha": lambda reports: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2),
+    "hyperband": lambda reports: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=reports,
+                                                                reduction_factor=2),
+    "none": lambda reports: optuna.pruners.NopPruner(),
+}
 
 
 def default_study_name(guarded: dict[str, Any]) -> str:
@@ -108,20 +135,31 @@ def directions(pareto: bool) -> list[str]:
     return ["maximize", "minimize"] if pareto else ["maximize"]
 
 
-def open_study(storage: RDBStorage, name: str, pareto: bool, seed: int, guarded: dict[str, Any]) -> optuna.Study:
-    """Create the study, or load it if it exists and was made with the same settings."""
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """tpe: multivariate TPE, its first 8 trials random; random: every trial random (random search,
+    the baseline a search must beat)."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8,
+                                          constant_liar=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise InputError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+
+
+SAMPLERS = ("tpe", "random")
+
+
+def open_study(storage: RDBStorage, name: str, pareto: bool, seed: int, guarded: dict[str, Any],
+               pruner: str = "median", reports: int = 1, sampler: str = "tpe") -> optuna.Study:
+    """Create the study, or load it if it exists and was made with the same settings. Trials of
+    a single-objective study are pruned by `make_pruner(pruner, reports)`; a Pareto study's are
+    never pruned (Optuna cannot prune multi-objective studies)."""
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     n_existing = existing[name].n_trials if name in existing else 0
     # reseed on resume so the random start-up phase does not propose the first run's specs again
-    sampler = optuna.samplers.TPESampler(seed=seed + n_existing, multivariate=True, group=True,
-                                         n_startup_trials=8, constant_liar=True)
-    # The first epoch's accuracy is read mid-schedule, at a high learning rate, and says little:
-    # measured on Fashion-MNIST, trials at 0.10-0.61 after epoch 1 of 2 all ended at 0.75-0.80.
-    # So the median pruner acts from the second epoch on (and never after the last, see
-    # objective.distill_score): in trials of 3 or more epochs.
-    pruner = optuna.pruners.NopPruner() if pareto else optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
-    study = optuna.create_study(storage=storage, study_name=name, directions=directions(pareto), sampler=sampler,
-                                pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions(pareto),
+                                sampler=make_sampler(sampler, seed + n_existing),
+                                pruner=make_pruner("none" if pareto else pruner, reports), load_if_exists=True)
     wanted = [optuna.study.StudyDirection.MAXIMIZE] + ([optuna.study.StudyDirection.MINIMIZE] if pareto else [])
     if study.directions != wanted:
         raise InputError(f"study {name!r} was created with {'pareto' if len(study.directions) == 2 else 'accuracy'} "
@@ -132,8 +170,8 @@ def open_study(storage: RDBStorage, name: str, pareto: bool, seed: int, guarded:
     else:
         now = json.loads(json.dumps(guarded, default=str))
         for key in GUARDED_KEYS:
-            if recorded.get(key) != now.get(key):
-                raise InputError(f"study {name!r} was created with {key}={recorded.get(key)!r}, this run has "
+            if recorded.get(key, LEGACY_VALUES.get(key)) != now.get(key):
+                raise InputError(f"study {name!r} was created with {key}={recorded.get(key, LEGACY_VALUES.get(key))!r}, this run has "
                                  f"{key}={now.get(key)!r}; use the same settings to resume, or another --study-name")
     return study
 
@@ -158,21 +196,27 @@ def update_study_attr(study: optuna.Study, key: str, values: dict[str, Any]) -> 
 
 
 def run(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trained: int, timeout: float | None,
-        on_trial: Callable[[FrozenTrial], None] | None = None, max_rejections: int = 500) -> int:
-    """Run trials until `trained` of them were trained in this call (budget rejections do not
-    count), `timeout` seconds passed, or `max_rejections` specs in a row were over budget.
-    Returns the number trained."""
-    count = {"trained": 0, "rejected_in_a_row": 0}
+        on_trial: Callable[[FrozenTrial], None] | None = None, max_rejections: int = 500,
+        max_repeats: int = 50) -> int:
+    """Run trials until `trained` of them were trained in this call, `timeout` seconds passed,
+    `max_rejections` specs in a row were over budget, or `max_repeats` in a row were specs the
+    study had already scored (the sampler has converged: more trials would train nothing new).
+    Budget rejections and repeats do not count as trained; a pruned trial does. Returns the
+    number trained."""
+    count = {"trained": 0, "rejected_in_a_row": 0, "repeats_in_a_row": 0}
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         if was_trained(trial) and trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
             count["trained"] += 1
-            count["rejected_in_a_row"] = 0
+            count["rejected_in_a_row"] = count["repeats_in_a_row"] = 0
         elif trial.state == TrialState.PRUNED:
             count["rejected_in_a_row"] += 1
+        elif REPEAT_ATTR in trial.user_attrs:
+            count["repeats_in_a_row"] += 1
         if on_trial is not None:
             on_trial(trial)
-        if count["trained"] >= trained or count["rejected_in_a_row"] >= max_rejections:
+        if (count["trained"] >= trained or count["rejected_in_a_row"] >= max_rejections
+                or count["repeats_in_a_row"] >= max_repeats):
             study.stop()
 
     if trained > 0:

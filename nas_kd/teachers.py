@@ -28,7 +28,7 @@ from nas_kd import versions
 from nas_kd.arch import Network, Spec, StageSpec, build
 from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.cost import Cost, count, format_count
-from nas_kd.data import Batch, BatchIterator, Dataset, Split
+from nas_kd.data import Batch, BatchIterator, Dataset, Split, forward_batch
 from nas_kd.errors import InputError
 from nas_kd.train import Checkpoint, accuracy, evaluate, fit, predict
 
@@ -478,7 +478,7 @@ class CachedTargets:
     of the retrain's whole split, say).
     """
 
-    def __init__(self, ensemble: Ensemble, batches: BatchIterator, features: FeatureSet, chunk: int = 1000,
+    def __init__(self, ensemble: Ensemble, batches: BatchIterator, features: FeatureSet, chunk: int | None = None,
                  progress: bool = True):
         from tqdm.auto import tqdm
 
@@ -492,6 +492,7 @@ class CachedTargets:
         n = len(positions)
         self.logits: torch.Tensor | None = None
         self.features: list[list[torch.Tensor]] | None = None
+        chunk = chunk or forward_batch(positions.device)
         steps = [(v, s) for v in range(views) for s in range(0, n, chunk)]
         for v, start in tqdm(steps, desc="ensemble targets", leave=False, disable=not progress or None):
             rows = torch.arange(start, min(n, start + chunk), device=positions.device)

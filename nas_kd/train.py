@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,8 @@ class Checkpoint:
 
 def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: TrainConfig, epochs: int,
         on_epoch: Callable[[int], None] | None = None, desc: str = "train", progress: bool = True,
-        first_epoch: int = 0, checkpoint: Checkpoint | None = None) -> float:
+        first_epoch: int = 0, checkpoint: Checkpoint | None = None,
+        on_step: Callable[[int], None] | None = None) -> float:
     """Train every parameter of `modules` (a model, or a model with its adapters) for `epochs`.
 
     `step_loss(batch)` returns the scalar loss of one batch; `on_epoch(epoch)` runs after each
@@ -95,6 +97,8 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
     With `checkpoint`, the state is saved after every epoch (before `on_epoch`) and a saved state
     is resumed from: the finished epochs are skipped, and because batches and augmentation are a
     function of (seed, epoch), the resumed run takes the same steps as an uninterrupted one.
+    `on_step(n)` runs after the n-th optimizer step of this call (n from 1; sub-epoch evaluation
+    and pruning: it may raise; its time is not counted as training).
     With `cfg.bf16` the losses are computed under bfloat16 autocast.
     Returns the seconds spent training, evaluation callbacks excluded.
     """
@@ -112,6 +116,7 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
                              f"({str(e).splitlines()[0]}); delete it to start this training anew") from None
         seconds, start_epoch = state["seconds"], state["epoch"] + 1
     device_type = next(modules.parameters()).device.type
+    step_count = (start_epoch - first_epoch) * len(batches)
     for epoch in range(start_epoch, first_epoch + epochs):
         modules.train()
         start = time.perf_counter()
@@ -126,6 +131,12 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
             loss.backward()
             optimizer.step()
             scheduler.step()
+            step_count += 1
+            if on_step is not None:
+                paused = time.perf_counter()
+                on_step(step_count)
+                modules.train()
+                start += time.perf_counter() - paused
         seconds += time.perf_counter() - start
         if checkpoint is not None:
             checkpoint.save({"model": modules.state_dict(), "optimizer": optimizer.state_dict(),
@@ -135,8 +146,62 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
     return seconds
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running mean and variance from `images` (batches of inputs),
+    forward only; returns the number of BatchNorm layers reset.
+
+    A briefly trained network's running statistics are an exponential average over weights that
+    changed fast at a high learning rate, so they lag the final weights and its validation
+    accuracy is read with stale statistics: trials of a 2-epoch schedule sat at chance after
+    their first epoch. Resetting them and taking the cumulative average of each batch's
+    statistics (momentum None) over a fixed set of training batches measures the network that
+    was actually trained. This is the BN recalibration of one-shot NAS (Guo et al., "Single Path
+    One-Shot Neural Architecture Search with Uniform Sampling", ECCV 2020). Each layer's running
+    mean ends as the mean of its per-batch means, its running variance as the mean of its
+    per-batch unbiased variances. The model is left in eval mode.
+    """
+    layers = _batch_norms(model)
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen since the reset
+    model.train()
+    try:
+        for x in images:
+            model(x)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.eval()
+    return len(layers)
+
+
+@contextmanager
+def recalibrated(model: nn.Module, images: Iterable[torch.Tensor]) -> Iterator[nn.Module]:
+    """`recalibrate_bn` for the duration of the `with` block; the running statistics the model had
+    are put back after it, so measuring a model mid-training leaves its training untouched."""
+    layers = _batch_norms(model)
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
+    was_training = model.training
+    recalibrate_bn(model, images)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, n) in zip(layers, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(n)
+        model.train(was_training)
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, split: Split, dataset: Dataset, batch_size: int = 1000) -> torch.Tensor:
+def predict(model: nn.Module, split: Split, dataset: Dataset, batch_size: int | None = None) -> torch.Tensor:
     """Logits (N, num_classes) of the un-augmented split."""
     was_training = model.training
     model.eval()

@@ -53,6 +53,18 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: float = 600) -> subproc
                           timeout=timeout, env=env)
 
 
+def search_cli(work: Path, cache: Path, data_dir: Path, *args: str, name: str = "s") -> tuple[object, str]:
+    """Run `python -m nas_kd.search ARGS` as study `name` in `work` with teacher cache `cache` on
+    the mini dataset; it must succeed. Returns the study and the run's output."""
+    import optuna
+
+    result = run_cli("nas_kd.search", *args, "--study-name", name, "--cache-dir", str(cache), "--data-dir",
+                     str(data_dir), cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{work / 'studies' / (name + '.db')}")
+    return study, result.stdout + result.stderr
+
+
 # The small search every end-to-end test reads: 2 trained trials of 1 epoch on 300 images.
 E2E_STUDY = "e2e"
 E2E_ARGS = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--trials", "2",

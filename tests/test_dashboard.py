@@ -23,7 +23,8 @@ pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installe
 
 E2E_BUDGET = 12_000_000  # --flops-budget 12M in conftest.E2E_ARGS
 COST_ATTRS = {"spec", "macs", "params", "macs_compression", "params_compression"}
-TRAINED_ATTRS = COST_ATTRS | {"val_acc_per_epoch", "train_seconds", "recipe"}
+TRAINED_ATTRS = COST_ATTRS | {"val_acc_curve", "val_acc_raw", "val_acc", "score", "score_kind", "naswot", "synflow",
+                              "train_seconds", "eval_seconds", "recipe"}
 START_TIMEOUT = 30.0  # seconds for the server to answer
 
 
@@ -120,7 +121,7 @@ def test_dashboard_trial_attributes(state: str, keys: set[str], served: dict,
                     for k, v in truth.items()}
         assert attrs == expected
         if state == "Complete":
-            assert trial["values"] == [truth["val_acc_per_epoch"][-1]]
+            assert trial["values"] == [truth["score"]]
 
 
 def test_dashboard_feasibility_is_the_budget(served: dict) -> None:
@@ -134,6 +135,6 @@ def test_dashboard_feasibility_is_the_budget(served: dict) -> None:
     over = [t for t in trials if t["number"] not in feasible]
     assert over, "the e2e search rejected no spec; this test needs at least one over-budget trial"
     for t in over:
-        assert t["state"] == "Pruned" and "val_acc_per_epoch" not in _attrs(t)
+        assert t["state"] == "Pruned" and "val_acc_curve" not in _attrs(t) and "score" not in _attrs(t)
         assert t["constraints"] == [macs[t["number"]] / E2E_BUDGET - 1.0]
         assert t["constraints"][0] > 0

@@ -22,7 +22,8 @@ from nas_kd.study import open_storage, run
 from nas_kd.train import evaluate
 from tests.conftest import E2E_ARGS, E2E_STUDY, load_json, run_cli
 
-TRIAL_ATTRS = {"spec", "macs", "params", "macs_compression", "params_compression", "val_acc_per_epoch", "train_seconds"}
+TRIAL_ATTRS = {"spec", "macs", "params", "macs_compression", "params_compression", "val_acc_curve", "val_acc_raw",
+               "val_acc", "score", "score_kind", "naswot", "synflow", "train_seconds", "eval_seconds"}
 
 
 def load(url: str, name: str = E2E_STUDY) -> optuna.Study:
@@ -49,8 +50,12 @@ def test_storage_holds_every_trial_with_its_attributes(e2e_run: dict) -> None:
             assert t.state == optuna.trial.TrialState.PRUNED and not is_feasible(t)
     for t in trained:
         assert TRIAL_ATTRS <= set(t.user_attrs)
-        assert len(t.user_attrs["val_acc_per_epoch"]) == 1 and t.user_attrs["train_seconds"] > 0
-        assert t.values[0] == t.user_attrs["val_acc_per_epoch"][-1]
+        a = t.user_attrs
+        assert a["train_seconds"] > 0 and a["score_kind"] == "distill"
+        # 4 reports at equal fractions of the steps, but 300 images make 2 steps: one after each
+        assert [p[0] for p in a["val_acc_curve"]] == [0.5, 1.0]
+        assert t.values[0] == a["val_acc_curve"][-1][1] == a["val_acc"] == a["score"]
+        assert t.intermediate_values == {i + 1: p[1] for i, p in enumerate(a["val_acc_curve"])}
     info = study.user_attrs["nas_kd"]
     assert [m["name"] for m in info["teachers"]] == ["resnet8"]
     assert info["budget"] == {"macs": 12_000_000, "params": None}
@@ -150,7 +155,7 @@ def test_stale_trial_of_a_killed_process_is_retried(tmp_path: Path) -> None:
 
     def objective(trial: optuna.Trial) -> float:
         seen.append(trial.suggest_int("x", 0, 9))
-        trial.set_user_attr("val_acc_per_epoch", [0.5])
+        trial.set_user_attr("score", 0.5)
         return 0.5
 
     assert run(study, objective, trained=1, timeout=None) == 1
@@ -193,7 +198,7 @@ def test_pareto_objective(e2e_copy: dict) -> None:
     assert len(study.directions) == 2
     for t in study.trials:
         if t.state == optuna.trial.TrialState.COMPLETE:
-            assert t.values == [t.user_attrs["val_acc_per_epoch"][-1], float(t.user_attrs["macs"])]
+            assert t.values == [t.user_attrs["val_acc_curve"][-1][1], float(t.user_attrs["macs"])]
             assert t.intermediate_values == {}  # no pruning in multi-objective studies
     assert (e2e_copy["work"] / "studies" / "pareto" / "report.html").is_file()
 

@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from nas_kd.retrain import load_student
-from tests.conftest import run_cli
+from tests.conftest import run_cli, search_cli
 
 BASE = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--trials", "1",
         "--trial-epochs", "2", "--subset", "200", "--final-epochs", "2", "--seed", "1", "--quiet")
@@ -23,10 +23,7 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def search(tmp_path: Path, cache: Path, data_dir: Path, *extra: str) -> tuple[optuna.Study, Path]:
-    result = run_cli("nas_kd.search", *BASE, "--study-name", "m", "--cache-dir", str(cache), "--data-dir",
-                     str(data_dir), *extra, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    study = optuna.load_study(study_name="m", storage=f"sqlite:///{tmp_path / 'studies' / 'm.db'}")
+    study, _ = search_cli(tmp_path, cache, data_dir, *BASE, *extra, name="m")
     return study, tmp_path / "studies" / "m"
 
 
@@ -40,9 +37,12 @@ def search(tmp_path: Path, cache: Path, data_dir: Path, *extra: str) -> tuple[op
 def test_each_recipe_runs_and_is_recorded(flags: tuple[str, ...], recipe: str, tmp_path: Path, shared_cache: Path,
                                           mini_fashion_dir: Path) -> None:
     study, out = search(tmp_path, shared_cache, mini_fashion_dir, *flags)
-    trained = [t for t in study.trials if "val_acc_per_epoch" in t.user_attrs]
+    trained = [t for t in study.trials if "val_acc_curve" in t.user_attrs]
     assert trained and all(t.user_attrs["recipe"] == recipe for t in trained)
-    assert all(len(t.user_attrs["val_acc_per_epoch"]) == 2 for t in trained)
+    # two-stage: stage one (the first epoch) is not validated
+    first = 1.0 if "--two-stage" in flags else 0.0
+    assert all(t.user_attrs["val_acc_curve"][0][0] > first and t.user_attrs["val_acc_curve"][-1][0] == 2.0
+               for t in trained)
     model, meta = load_student(out / "winner" / "model.safetensors")
     assert meta["metrics"]["recipe"] == recipe
     stored = meta["config"]["distill"]
@@ -57,7 +57,7 @@ def test_blockwise_trial_score(tmp_path: Path, shared_cache: Path, mini_fashion_
     for t in trained:
         stages = t.user_attrs["blockwise_stage_scores"]
         assert len(stages) == 3 and t.value == pytest.approx(sum(stages) / 3, abs=1e-5)
-        assert "val_acc_per_epoch" not in t.user_attrs
+        assert "val_acc_curve" not in t.user_attrs and t.user_attrs["score_kind"] == "blockwise"
     # stages scored by one trial are not trained again by the next
     memo = {k: v for t in trained for k, v in t.user_attrs["blockwise_memo"].items()}
     assert all(len(t.user_attrs["blockwise_memo"]) == 3 for t in trained)

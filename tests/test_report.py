@@ -56,8 +56,8 @@ def _row(number: int, status: str, macs: float | None, params: float | None, val
     trained = val_acc is not None
     return {"number": number, "status": status, "spec": None if macs is None else f"c16|basic_d1_w{number + 8}_s1_k3_e1",
             "macs": macs, "params": params, "macs_compression": None if macs is None else 40e6 / macs,
-            "params_compression": None if params is None else 270e3 / params, "val_acc": val_acc,
-            "val_acc_per_epoch": f"[{val_acc}]" if trained else None, "train_seconds": 1.0 if trained else None,
+            "params_compression": None if params is None else 270e3 / params, "score": val_acc,
+            "val_acc_curve": f"[[1, {val_acc}]]" if trained else None, "train_seconds": 1.0 if trained else None,
             "feasible": feasible}
 
 
@@ -84,7 +84,7 @@ def _spec(number: int) -> str:
 
 def _pts(cost: str, numbers: list[int]) -> Points:
     return Points([float(FRAME.loc[n, cost]) for n in numbers],
-                  [NAN if FRAME.loc[n, "status"] == "over_budget" else float(FRAME.loc[n, "val_acc"]) for n in numbers],
+                  [NAN if FRAME.loc[n, "status"] == "over_budget" else float(FRAME.loc[n, "score"]) for n in numbers],
                   numbers, [_spec(n) for n in numbers])
 
 
@@ -217,14 +217,15 @@ def _made_row(number: int, status: str, **values: object) -> dict:
 
 MADE_FRAME = pd.DataFrame([
     _made_row(0, "complete", spec=SPECS[0], macs=10_000_000, params=100_000, macs_compression=4.0,
-              params_compression=4.0, val_acc=0.625, val_acc_per_epoch="[0.5, 0.625]", train_seconds=1.5, feasible=True),
+              params_compression=4.0, score=0.625, val_acc_curve="[[1, 0.5], [2, 0.625]]", train_seconds=1.5,
+              feasible=True),
     _made_row(1, "over_budget", spec=SPECS[1], macs=20_000_000, params=200_000, macs_compression=2.0,
               params_compression=2.0, feasible=False),
     _made_row(2, "pruned", spec=SPECS[2], macs=12_000_000, params=160_000, macs_compression=3.3333,
-              params_compression=2.5, val_acc=0.375, val_acc_per_epoch="[0.375]", train_seconds=1.5, feasible=True),
+              params_compression=2.5, score=0.375, val_acc_curve="[[1, 0.375]]", train_seconds=1.5, feasible=True),
     _made_row(3, "failed"),
     _made_row(4, "failed", spec=SPECS[3], macs=8_000_000, params=50_000, macs_compression=5.0, params_compression=8.0,
-              val_acc=0.25, val_acc_per_epoch="[0.25]", train_seconds=1.5, feasible=True),
+              score=0.25, val_acc_curve="[[1, 0.25]]", train_seconds=1.5, feasible=True),
     _made_row(5, "running"),
     _made_row(6, "waiting"),
 ], columns=COLUMNS)
@@ -250,7 +251,7 @@ def test_write_report(made_study: optuna.Study, tmp_path: Path) -> None:
     assert table["number"].tolist() == list(range(7))
     assert table["status"].tolist() == MADE_FRAME["status"].tolist()
     assert table["spec"].fillna("").tolist() == [SPECS[0], SPECS[1], SPECS[2], "", SPECS[3], "", ""]
-    assert table["val_acc"].fillna(-1).tolist() == [0.625, -1, 0.375, -1, 0.25, -1, -1]
+    assert table["score"].fillna(-1).tolist() == [0.625, -1, 0.375, -1, 0.25, -1, -1]
 
 
 def _assert_self_contained(text: str) -> None:
@@ -345,7 +346,7 @@ def test_report_main_bad_input(case: str, e2e_run: dict, tmp_path: Path, capsys:
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TITLES = ["Validation accuracy vs MACs (second tick row: compression vs the largest teacher)",
           "Validation accuracy vs parameters (second tick row: compression vs the largest teacher)",
-          "Validation accuracy per epoch of each trial"]
+          "Validation accuracy of each trial during its training (what the pruner saw)"]
 
 
 def test_report_renders_offline_in_chromium(e2e_run: dict, tmp_path: Path) -> None:
@@ -362,3 +363,19 @@ def test_report_renders_offline_in_chromium(e2e_run: dict, tmp_path: Path) -> No
     # plotly draws each figure into <svg class="main-svg"> elements; the titles are rendered SVG text
     assert 'class="main-svg"' in dom
     assert re.findall(r'<text class="gtitle"[^>]*>([^<]*)</text>', dom) == TITLES
+
+
+def test_a_repeat_is_listed_but_drawn_once() -> None:
+    """A trial that reused the score of an earlier trial of its spec is a row of the table
+    ('repeat', pointing at that trial) and not a second point of the front."""
+    study = optuna.create_study(direction="maximize")
+    spec = {"spec": "c16|basic_d1_w16_s1_k3_e1", "macs": 4_000_000, "params": 40_000}
+    study.add_trial(optuna.trial.create_trial(value=0.8, constraints={"macs": -0.5}, user_attrs={
+        **spec, "score": 0.8, "score_kind": "distill", "val_acc_curve": [[1.0, 0.8]], "val_acc_raw": 0.7}))
+    study.add_trial(optuna.trial.create_trial(value=0.8, constraints={"macs": -0.5},
+                                              user_attrs={**spec, "repeat_of": 0}))
+    frame = report.trials_frame(study)
+    assert frame["status"].tolist() == ["complete", "repeat"]
+    assert frame["repeat_of"].tolist()[1] == 0 and frame["val_acc_raw"].tolist()[0] == 0.7
+    data = report.pareto_data(frame, "macs", 5e6, TEACHERS)
+    assert data.feasible.number == [0] and data.front.number == [0]

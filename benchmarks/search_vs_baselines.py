@@ -1,0 +1,185 @@
+"""The proof: does the default search pick a better student than simple rules do?
+
+    python benchmarks/search_vs_baselines.py --budget 5M --seeds 0 1 2
+    python benchmarks/search_vs_baselines.py --budget 50M --seeds 0 1 2
+
+At each budget and seed, four methods each pick one student of the default search space:
+
+- search: nas_kd's default search (`python -m nas_kd.search --flops-budget B --seed S
+  --final-epochs 0`), its winner;
+- random: the same search with `--sampler random` (the same number of trained trials, the same
+  score), its winner;
+- largest: no training: of 200 seeded random specs that fit the budget, the one with the most MACs;
+- hand-made: the deepest of ResNet-20, -14 and -8 (He et al. 2016) that fits the budget at half
+  its widths or more, every width scaled by the largest factor (step 0.01, widths rounded to
+  multiples of 4) that fits.
+
+Every pick is then retrained with the search's final schedule and recipe (default
+`--final-epochs`, the whole training split, the default teachers, seed S) and tested once on the
+test split. The table gives, per method, the mean and standard deviation over seeds of the test
+(and validation) accuracy, and the wall time of the pick. Picks and retrains are kept in
+`benchmarks/results/search_vs_baselines.json` as they finish, so a killed run resumes where it
+stopped; an unfinished search is started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results_cache import RESULTS, ResultsFile, machine, settings_id  # noqa: E402
+
+from nas_kd.arch import Spec, build  # noqa: E402
+from nas_kd.config import SearchConfig  # noqa: E402
+from nas_kd.cost import Budget, count, format_count, parse_count  # noqa: E402
+from nas_kd.data import BatchIterator, Dataset, load_dataset  # noqa: E402
+from nas_kd.losses import recipe_features  # noqa: E402
+from nas_kd.retrain import retrain, student_metrics  # noqa: E402
+from nas_kd.search import search  # noqa: E402
+from nas_kd.space import load_space  # noqa: E402
+from nas_kd.study import pick_winner  # noqa: E402
+from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config, teacher_spec  # noqa: E402
+
+METHODS = ("search", "random", "largest", "hand-made")
+
+
+def scaled(base: Spec, factor: float) -> Spec:
+    """`base` with every width times `factor`, rounded to a multiple of 4."""
+    def width(w: int) -> int:
+        return max(4, round(w * factor / 4) * 4)
+    return Spec(width(base.stem), tuple(dataclasses.replace(s, width=width(s.width)) for s in base.stages), base.head)
+
+
+def fitting_factor(base: Spec, budget: Budget, dataset: Dataset) -> float:
+    """The largest width factor (0.01 to 3, step 0.01) at which `base` fits `budget` (0: none)."""
+    for step in range(300, 0, -1):
+        spec = scaled(base, step / 100)
+        if budget.fits(count(build(spec, dataset.input_shape, dataset.num_classes, channels_last=False),
+                             dataset.input_shape)):
+            return step / 100
+    return 0.0
+
+
+def hand_made(budget: Budget, dataset: Dataset) -> Spec:
+    """What a person would pick without a search: the deepest of ResNet-20, -14 and -8 (He et al.
+    2016: 3, 2 and 1 basic blocks a stage) that fits the budget at half its widths or more, at the
+    largest width that fits; ResNet-8 narrower still if none does."""
+    for name in ("resnet20", "resnet14", "resnet8"):
+        factor = fitting_factor(teacher_spec(name), budget, dataset)
+        if factor >= 0.5 or (name == "resnet8" and factor > 0):
+            return scaled(teacher_spec(name), factor)
+    raise SystemExit(f"no width of ResNet-8 fits {budget}")
+
+
+def largest(budget: Budget, dataset: Dataset, cfg: SearchConfig, seed: int, n: int = 200) -> Spec:
+    """Of `n` seeded random specs of the space that fit the budget, the one with the most MACs."""
+    space = load_space(cfg.search_space)
+    found: dict[str, tuple[int, Spec]] = {}
+    draw = 0
+    while len(found) < n:
+        for spec in space.random_specs(200, seed * 1000 + draw):
+            cost = count(build(spec, dataset.input_shape, dataset.num_classes, channels_last=False), dataset.input_shape)
+            if budget.fits(cost) and len(found) < n:
+                found.setdefault(str(spec), (cost.macs, spec))
+        draw += 1
+    return max(found.values(), key=lambda item: (item[0], str(item[1])))[1]
+
+
+def pick(method: str, cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[Spec, dict[str, Any]]:
+    budget = Budget(cfg.flops_budget, cfg.params_budget)
+    if method == "largest":
+        return largest(budget, dataset, cfg, cfg.seed), {}
+    if method == "hand-made":
+        return hand_made(budget, dataset), {}
+    run = dataclasses.replace(cfg, final_epochs=0, out_dir=str(work), study_name=f"{method}-seed{cfg.seed}",
+                              sampler="random" if method == "random" else cfg.sampler)
+    for stale in work.glob(f"{run.study_name}*"):  # an unfinished search starts again
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    study = search(run, progress=False)
+    winner = pick_winner(study)
+    trained = [t for t in study.trials if t.user_attrs.get("score") is not None or t.state.name == "PRUNED"]
+    return Spec.parse(winner.user_attrs["spec"]), {"trial": winner.number, "trial_score": winner.value,
+                                                   "trials_in_study": len(study.trials), "scored": len(trained)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=parse_count, default=5_000_000, help="MACs, e.g. 5M or 50M")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
+    parser.add_argument("--work", type=Path, default=Path("studies/bench-search-vs-baselines"),
+                        help="where the searches' studies go")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--results", type=Path, default=RESULTS / "search_vs_baselines.json")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = ResultsFile(args.results)
+    base = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir)
+    dataset = load_dataset(base.dataset)
+    ensemble: Ensemble | None = None
+    targets: CachedTargets | None = None
+    settings = {"dataset": dataset.fingerprint(), "config": base.to_json(), "methods": "v1"}
+    sid = settings_id(settings)
+    work = args.work / format_count(args.budget)
+    print(f"budget {format_count(args.budget)} MACs; seeds {args.seeds}; {machine()}", flush=True)
+
+    for seed in args.seeds:
+        cfg = dataclasses.replace(base, seed=seed)
+        for method in args.methods:
+            key = f"{args.budget}|{method}|{seed}|{sid}"
+            if results.get("picks", key) is None:
+                start = time.perf_counter()
+                spec, extra = pick(method, cfg, dataset, work / method)
+                results.put("picks", key, {"budget": args.budget, "method": method, "seed": seed, "spec": str(spec),
+                                           "pick_seconds": round(time.perf_counter() - start, 1), **extra,
+                                           "machine": machine()})
+                print(f"  seed {seed} {method}: picked {spec} in {time.perf_counter() - start:.0f} s", flush=True)
+            spec = Spec.parse(results.get("picks", key)["spec"])
+            rkey = f"{spec}|{seed}|{sid}"
+            if results.get("retrains", rkey) is None:
+                if ensemble is None:
+                    ensemble = ensemble_from_config(base, dataset, progress=False, log=lambda m: print("  " + m))
+                    batches = BatchIterator(dataset.train, dataset, base.train.batch_size, base.seed, views=1)
+                    targets = CachedTargets(ensemble, batches, recipe_features(base.distill.weights()), progress=False)
+                model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, False, targets)
+                cost = count(build(spec, dataset.input_shape, dataset.num_classes), dataset.input_shape)
+                results.put("retrains", rkey, {"spec": str(spec), "seed": seed, **student_metrics(model, dataset),
+                                               "macs": cost.macs, "params": cost.params,
+                                               "seconds": round(seconds, 1), "machine": machine()})
+                print(f"  seed {seed} {method}: retrained, test {results.get('retrains', rkey)['test_acc']:.4f} "
+                      f"({seconds:.0f} s)", flush=True)
+
+    print(f"\n| method ({format_count(args.budget)} MACs) | seeds | test acc | val acc | MACs | wall time of the pick |")
+    print("|---|---|---|---|---|---|")
+    for method in args.methods:
+        rows = []
+        for seed in args.seeds:
+            p = results.get("picks", f"{args.budget}|{method}|{seed}|{sid}")
+            r = p and results.get("retrains", f"{p['spec']}|{seed}|{sid}")
+            if r:
+                rows.append((r["test_acc"], r["val_acc"], r["macs"], p["pick_seconds"]))
+        if not rows:
+            continue
+
+        def ms(values: list[float], scale: float = 100) -> str:
+            sd = statistics.stdev(values) * scale if len(values) > 1 else float("nan")
+            return f"{statistics.mean(values) * scale:.2f} ± {sd:.2f}"
+        print(f"| {method} | {len(rows)} | {ms([r[0] for r in rows])} | {ms([r[1] for r in rows])} | "
+              f"{format_count(statistics.mean(r[2] for r in rows))} | {statistics.mean(r[3] for r in rows) / 60:.1f} min |")
+
+
+if __name__ == "__main__":
+    main()
