@@ -228,9 +228,11 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
         study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
         return study, study.ask()
 
-    scorer = None
+    scorer: BlockwiseScorer | None = None
     proxy_sid = settings_id(trial_settings(bench, "proxies", batch=PROXY_BATCH))
-    for n, (spec, cost) in enumerate(specs):
+
+    def score_spec(n: int, spec: Spec, cost: Cost, schedules: tuple[tuple[int, int], ...], with_blockwise: bool) -> None:
+        nonlocal targets, scorer
         done = []
         key = f"{spec}|{proxy_sid}"
         if bench.results.get("scores", key) is None:
@@ -240,7 +242,7 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
             bench.results.put("scores", key, {"spec": str(spec), "proxies": values,
                                               "seconds": round(time.perf_counter() - start, 3)})
             done.append("proxies")
-        for epochs, images in SCHEDULES:
+        for epochs, images in schedules:
             sid = settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
                                              recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
                                              report_images=REPORT_IMAGES))
@@ -257,7 +259,7 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
                 "curve": a[CURVE_ATTR], "seconds": round(a["train_seconds"] + a["eval_seconds"], 3),
                 "train_seconds": a["train_seconds"], "machine": machine()})
             done.append(f"{epochs}x{images} {a['val_acc_raw']:.4f}/{value:.4f}")
-        if blockwise:
+        if with_blockwise:
             epochs, images = SCHEDULES[0]
             teacher = most_accurate(bench.ensemble.members)
             sid = settings_id(trial_settings(bench, "blockwise", epochs=epochs, images=images, teacher=teacher.digest,
@@ -281,6 +283,12 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
                 done.append(f"blockwise {statistics.mean(raw):.3f}/{statistics.mean(recalibrated):.3f}")
         if done:
             log(f"  scores {n + 1}/{len(specs)}: {format_count(cost.macs):>7s} MACs  {'  '.join(done)}  {spec}")
+
+    # in rounds, so that a run stopped early has every spec's cheap and default scores: the proxies
+    # and the first schedule, then the other schedules, then the block-wise scores
+    for schedules, with_blockwise in ((SCHEDULES[:1], False), (SCHEDULES[1:], False), ((), blockwise)):
+        for n, (spec, cost) in enumerate(specs):
+            score_spec(n, spec, cost, schedules, with_blockwise)
 
 
 def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]]) -> dict[str, tuple[list[float], list[float]]]:

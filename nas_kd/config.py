@@ -104,7 +104,7 @@ class SearchConfig:
     target_cache_gb: float = 4.0  # most memory for cached teacher outputs; beyond it teachers run live
     # search
     search_space: str = "resnet"
-    trials: int = 10  # trained trials in this run
+    trials: int = 10  # trials' worth of training in this run (a pruned trial counts its share)
     timeout: float | None = None  # seconds for the search phase
     trial_epochs: int = 2
     # how a trial is scored (objective.TRIAL_SCORES): "distill" = validation accuracy after brief

@@ -194,6 +194,7 @@ def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
             trial.report(curve[-1][1], len(curve))
             # pruning after the last report would only throw finished work away
             if not last and trial.should_prune():
+                trial.set_user_attr(TRAINED_FRACTION_ATTR, round(step / total, 4))
                 raise optuna.TrialPruned(f"pruned after {curve[-1][0]:g} epochs at val acc {curve[-1][1]:.4f}")
 
     start = time.perf_counter()
@@ -238,6 +239,7 @@ BLOCKWISE_MEMO_ATTR = "blockwise_memo"  # the trial's stage scores by stage key,
 SCORE_ATTR = "score"  # what the trial returned as its score, whatever its kind
 SCORE_KIND_ATTR = "score_kind"  # the TRIAL_SCORES key that made it
 CURVE_ATTR = "val_acc_curve"  # [[epochs trained, recalibrated val acc], ...] of a distill trial
+TRAINED_FRACTION_ATTR = "trained_fraction"  # of a pruned trial: the share of its steps it trained
 REPEAT_ATTR = "repeat_of"  # a spec already scored: the number of the trial whose score was reused
 NASWOT, SYNFLOW = "naswot", "synflow"
 
@@ -260,6 +262,16 @@ def was_trained(trial: optuna.trial.FrozenTrial) -> bool:
     are read from their accuracies or block-wise score."""
     a = trial.user_attrs
     return SCORE_ATTR in a or CURVE_ATTR in a or "val_acc_per_epoch" in a or BLOCKWISE_ATTR in a
+
+
+def training_done(trial: optuna.trial.FrozenTrial) -> float:
+    """How many trials' worth of training the trial did: 1 if it scored its spec, the share of
+    its steps if it was pruned, 0 if it trained nothing (over budget, a repeat, failed early)."""
+    if not was_trained(trial):
+        return 0.0
+    if trial.state == optuna.trial.TrialState.PRUNED:
+        return float(trial.user_attrs.get(TRAINED_FRACTION_ATTR, 1.0))
+    return 1.0
 
 
 def curve(trial: optuna.trial.FrozenTrial) -> list[list[float]]:

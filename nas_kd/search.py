@@ -32,6 +32,7 @@ from nas_kd.objective import (
     TRIAL_SCORES,
     run_trial,
     stored_blockwise_scores,
+    training_done,
     trial_context,
     trial_score,
     was_trained,
@@ -154,7 +155,9 @@ def build_parser() -> OneLineParser:
     g.add_argument("--search-space", default=DEFAULTS.search_space,
                    help="a shipped space (resnet, mobilenetv2) or a path to a YAML file (default resnet)")
     g.add_argument("--trials", type=_positive(int, "--trials", 0), default=DEFAULTS.trials,
-                   help=f"trained trials to run now; over-budget specs do not count (default {DEFAULTS.trials})")
+                   help=f"trials' worth of training to run now (default {DEFAULTS.trials}): a trial counts 1, a pruned "
+                        "one the share of its steps it trained; over-budget specs and specs already scored count "
+                        "nothing")
     g.add_argument("--timeout", type=_positive(float, "--timeout", 1), metavar="SECONDS",
                    help="stop starting trials after this many seconds")
     g.add_argument("--trial-epochs", type=_positive(int, "--trial-epochs"), default=DEFAULTS.trial_epochs,
@@ -177,7 +180,8 @@ def build_parser() -> OneLineParser:
                                      f"(default {DEFAULTS.trial_reports}): the steps the pruner acts on")
     g.add_argument("--pruner", choices=list(PRUNERS), default=DEFAULTS.pruner,
                    help=f"stops unpromising distill trials at a validation pass (default {DEFAULTS.pruner}); a "
-                        "pruned trial counts as one trained trial. With --objective pareto no trial is pruned "
+                        "pruned trial counts towards --trials as the share of its steps it trained, so pruning buys "
+                        "more candidates in the same time. With --objective pareto no trial is pruned "
                         "(Optuna cannot prune multi-objective studies): every trial trains to its end")
     g.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULTS.sampler,
                    help="tpe: Optuna's multivariate TPE, its first 8 trials random (default); random: random search, "
@@ -474,11 +478,16 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer)
     log(trial_text(cfg, len(subset)))
 
-    bar = tqdm(total=cfg.trials, desc="trials", unit="trained", disable=not progress or None, dynamic_ncols=True)
+    # the bar counts trials' worth of training, as --trials does: a pruned trial its share
+    bar = tqdm(total=cfg.trials, desc="trials", unit="trial", disable=not progress or None, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.2f}/{total} [{elapsed}<{remaining}{postfix}]")
+    pruned = []
 
     def on_trial(trial: optuna.trial.FrozenTrial) -> None:
         if was_trained(trial):
-            bar.update(1)
+            bar.update(training_done(trial))
+            if trial.state == optuna.trial.TrialState.PRUNED:
+                pruned.append(training_done(trial))
             bar.set_postfix_str(f"#{trial.number} score {trial_score(trial):.4f} "
                                 f"{format_count(trial.user_attrs['macs'])} MACs")
 
@@ -488,7 +497,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     finally:
         bar.close()
         write_report(study, out)
-    log(f"{trained} trials trained in this run; report {out / 'report.html'}")
+    done = f" ({len(pruned)} pruned, {trained - len(pruned) + sum(pruned):.2f} trials' worth of training)" if pruned else ""
+    log(f"{trained} trials trained in this run{done}; report {out / 'report.html'}")
     if cfg.final_epochs > 0:
         finish_retrain(study, dataset, ensemble, cfg, progress, log, targets)
         if cfg.pruned_baseline:

@@ -14,7 +14,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from nas_kd.errors import InputError
-from nas_kd.objective import REPEAT_ATTR, was_trained
+from nas_kd.objective import REPEAT_ATTR, training_done, was_trained
 
 STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, reference
 WINNER_ATTR = "winner"  # study user attribute: the retrained winner's final numbers
@@ -40,7 +40,8 @@ def make_pruner(name: str, reports: int) -> optuna.pruners.BasePruner:
     2 on (the first is the noisiest). sha: asynchronous successive halving (Li et al., MLSys 2020) with rungs at reports
     1, 2, 4, ... and a reduction factor of 2, so about half of the trials reaching a rung go on.
     hyperband: Hyperband (Li et al., JMLR 2018) over SHA brackets from 1 to `reports` reports,
-    reduction factor 2. none: every trial runs to its end.
+    reduction factor 2. none: every trial runs to its end. `run` counts a pruned trial as the
+    share of its steps it trained.
     """
     if name not in PRUNERS:
         raise InputError(f"unknown pruner {name!r}; known: {', '.join(PRUNERS)}")
@@ -195,19 +196,21 @@ def update_study_attr(study: optuna.Study, key: str, values: dict[str, Any]) -> 
     study.set_user_attr(key, merged)
 
 
-def run(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trained: int, timeout: float | None,
+def run(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trained: float, timeout: float | None,
         on_trial: Callable[[FrozenTrial], None] | None = None, max_rejections: int = 500,
         max_repeats: int = 50) -> int:
-    """Run trials until `trained` of them were trained in this call, `timeout` seconds passed,
-    `max_rejections` specs in a row were over budget, or `max_repeats` in a row were specs the
-    study had already scored (the sampler has converged: more trials would train nothing new).
-    Budget rejections and repeats do not count as trained; a pruned trial does. Returns the
-    number trained."""
-    count = {"trained": 0, "rejected_in_a_row": 0, "repeats_in_a_row": 0}
+    """Run trials until `trained` trials' worth of training was done in this call (a trial that
+    ran to its end counts 1, a pruned one the share of its steps it trained: so pruning buys
+    more candidates for the same time), `timeout` seconds passed, `max_rejections` specs in a
+    row were over budget, or `max_repeats` in a row were specs the study had already scored (the
+    sampler has converged: more trials would train nothing new). Budget rejections and repeats
+    count nothing. Returns the number of trials that trained."""
+    count = {"trials": 0, "work": 0.0, "rejected_in_a_row": 0, "repeats_in_a_row": 0}
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         if was_trained(trial) and trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            count["trained"] += 1
+            count["trials"] += 1
+            count["work"] += training_done(trial)
             count["rejected_in_a_row"] = count["repeats_in_a_row"] = 0
         elif trial.state == TrialState.PRUNED:
             count["rejected_in_a_row"] += 1
@@ -215,14 +218,14 @@ def run(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trained: 
             count["repeats_in_a_row"] += 1
         if on_trial is not None:
             on_trial(trial)
-        if (count["trained"] >= trained or count["rejected_in_a_row"] >= max_rejections
+        if (count["work"] >= trained - 1e-9 or count["rejected_in_a_row"] >= max_rejections
                 or count["repeats_in_a_row"] >= max_repeats):
             study.stop()
 
     if trained > 0:
         study.optimize(objective, timeout=timeout, callbacks=[callback], gc_after_trial=False,
                        show_progress_bar=False)
-    return count["trained"]
+    return count["trials"]
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:
