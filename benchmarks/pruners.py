@@ -34,7 +34,7 @@ from results_cache import (  # noqa: E402
     ResultsFile,
     settings_id,  # noqa: E402
 )
-from trial_scores import Bench, draw_specs, references, trial_settings  # noqa: E402
+from trial_scores import Bench, draw_specs, reference_settings, trial_settings  # noqa: E402
 
 from nas_kd.config import SearchConfig  # noqa: E402
 from nas_kd.cost import Budget, format_count, parse_count  # noqa: E402
@@ -46,9 +46,10 @@ from nas_kd.teachers import ensemble_from_config  # noqa: E402
 
 
 def replay(pruner: str, curves: list[list[list[float]]], order: list[int], budget: float,
-           reports: int) -> tuple[int | None, int]:
-    """(index of the picked spec, trials started) of one replay."""
-    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, reports))
+           reports: int, name: str) -> tuple[int | None, int]:
+    """(index of the picked spec, trials started) of one replay; `name` names the study, which
+    makes Hyperband's assignment of trials to brackets (a hash of it) repeatable."""
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, reports), study_name=name)
     spent, started = 0.0, 0
     finished: dict[int, float] = {}
     for index in order:
@@ -96,19 +97,22 @@ def main() -> None:
     budget = Budget(cfg.flops_budget, cfg.params_budget)
     ensemble = ensemble_from_config(cfg, dataset, progress=False, log=lambda m: None)
     bench = Bench(cfg, dataset, load_space(cfg.search_space), budget, ensemble, ResultsFile(args.results))
-    specs = draw_specs(bench.space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes)
-    reference = references(bench, specs, args.reference_images, print)
+    drawn = draw_specs(bench.space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes)
+    rid = settings_id(reference_settings(bench, args.reference_images))
     sid = settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
                                      recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
                                      report_images=REPORT_IMAGES))
-    entries = [bench.results.get("scores", f"{s}|{sid}") for s, _ in specs]
-    if any(e is None for e in entries):
-        raise SystemExit(f"trial_scores.py has not scored every spec at {epochs}x{images} yet")
-    curves = [e["curve"] for e in entries]
+    # the specs trial_scores.py has finished (a reference and a trial of this schedule); nothing is trained here
+    specs = [(s, c) for s, c in drawn if bench.results.get("references", f"{s}|{rid}") is not None
+             and bench.results.get("scores", f"{s}|{sid}") is not None]
+    if len(specs) < 4:
+        raise SystemExit(f"trial_scores.py has finished only {len(specs)} of the {len(drawn)} specs at {epochs}x{images}")
+    reference = [bench.results.get("references", f"{s}|{rid}")["val_acc"] for s, _ in specs]
+    curves = [bench.results.get("scores", f"{s}|{sid}")["curve"] for s, _ in specs]
     trials = args.trials if args.trials is not None else cfg.trials
     best = max(reference)
     top3 = set(sorted(range(len(reference)), key=reference.__getitem__)[-3:])
-    print(f"{len(specs)} specs under {budget}; trials of {epochs}x{images}, {cfg.trial_reports} reports; "
+    print(f"{len(specs)} of {len(drawn)} specs finished, under {budget}; trials of {epochs}x{images}, {cfg.trial_reports} reports; "
           f"{trials:g} full trials of training per replay; {args.orders} orders; best reference {best:.4f}")
     print(f"| pruner ({format_count(args.budget)} MACs) | pick's reference acc | regret (pp) | pick in the best 3 "
           "| trials started |")
@@ -118,7 +122,7 @@ def main() -> None:
         for o in range(args.orders):
             order = list(range(len(specs)))
             random.Random(o).shuffle(order)
-            index, n = replay(pruner, curves, order, trials, cfg.trial_reports)
+            index, n = replay(pruner, curves, order, trials, cfg.trial_reports, f"replay-{o}")
             picked.append(index)
             started.append(n)
         accs = [reference[i] for i in picked if i is not None]

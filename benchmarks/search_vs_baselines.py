@@ -44,6 +44,7 @@ from nas_kd.config import SearchConfig  # noqa: E402
 from nas_kd.cost import Budget, count, format_count, parse_count  # noqa: E402
 from nas_kd.data import BatchIterator, Dataset, load_dataset  # noqa: E402
 from nas_kd.losses import recipe_features  # noqa: E402
+from nas_kd.objective import was_trained  # noqa: E402
 from nas_kd.retrain import retrain, student_metrics  # noqa: E402
 from nas_kd.search import search  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
@@ -107,9 +108,9 @@ def pick(method: str, cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     study = search(run, progress=False)
     winner = pick_winner(study)
-    trained = [t for t in study.trials if t.user_attrs.get("score") is not None or t.state.name == "PRUNED"]
+    trained = [t for t in study.trials if was_trained(t)]
     return Spec.parse(winner.user_attrs["spec"]), {"trial": winner.number, "trial_score": winner.value,
-                                                   "trials_in_study": len(study.trials), "scored": len(trained)}
+                                                   "trials_in_study": len(study.trials), "trained": len(trained)}
 
 
 def main() -> None:

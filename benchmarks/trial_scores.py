@@ -358,6 +358,8 @@ def main() -> None:
                                                                 "second process shares the work)")
     parser.add_argument("--scores-only", action="store_true", help="compute the scores (not the references) and stop")
     parser.add_argument("--no-blockwise", action="store_true", help="leave the block-wise scores out")
+    parser.add_argument("--table-only", action="store_true", help="compute nothing: the table over the specs that "
+                                                                  "have a reference so far")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
     parser.add_argument("--results", type=Path, default=RESULTS / "trial_scores.json")
@@ -380,6 +382,15 @@ def main() -> None:
     log(f"{len(specs)} random specs of {space.name} under {budget} (seed {args.seed}); reference: "
         f"{cfg.final_epochs} epochs on {args.reference_images or len(dataset.train)} images, recipe "
         f"{cfg.distill.describe()}; {machine()}")
+    if args.table_only:
+        sid = settings_id(reference_settings(bench, args.reference_images))
+        have = [(s, c) for s, c in specs if bench.results.get("references", f"{s}|{sid}") is not None]
+        rows = score_rows(bench, have)
+        log(f"table only: {len(have)} of {len(specs)} specs have a reference; rows missing a score of any of them "
+            f"are left out")
+        reference = [bench.results.get("references", f"{s}|{sid}")["val_acc"] for s, _ in have]
+        print_table(table(rows, reference))
+        return
     if args.scores_only:
         trial_scores(bench, specs, log, blockwise=not args.no_blockwise)
         return

@@ -172,9 +172,9 @@ def build_parser() -> OneLineParser:
                         "score must beat (see BENCHMARKS.md for how each ranks students)")
     g.add_argument("--bn-recalibration", type=_positive(int, "--bn-recalibration", 0),
                    default=DEFAULTS.bn_recalibration, metavar="BATCHES",
-                   help="before every validation pass of a trial, re-estimate BatchNorm statistics from this many "
-                        f"fixed training batches (default {DEFAULTS.bn_recalibration}; 0 = off, as in studies made "
-                        "before it)")
+                   help="before every validation pass of a distill trial, re-estimate BatchNorm statistics from "
+                        f"this many fixed training batches (default {DEFAULTS.bn_recalibration}; 0 = off, as in "
+                        "studies made before it: resume those with 0)")
     g.add_argument("--trial-reports", type=_positive(int, "--trial-reports"), default=DEFAULTS.trial_reports,
                    metavar="N", help=f"validation passes per distill trial, at equal fractions of its steps "
                                      f"(default {DEFAULTS.trial_reports}): the steps the pruner acts on")
