@@ -384,10 +384,15 @@ def main() -> None:
         f"{cfg.distill.describe()}; {machine()}")
     if args.table_only:
         sid = settings_id(reference_settings(bench, args.reference_images))
-        have = [(s, c) for s, c in specs if bench.results.get("references", f"{s}|{sid}") is not None]
+        epochs, images = SCHEDULES[0]
+        first = settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
+                                           recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
+                                           report_images=REPORT_IMAGES))
+        have = [(s, c) for s, c in specs if bench.results.get("references", f"{s}|{sid}") is not None
+                and bench.results.get("scores", f"{s}|{first}") is not None]
         rows = score_rows(bench, have)
-        log(f"table only: {len(have)} of {len(specs)} specs have a reference; rows missing a score of any of them "
-            f"are left out")
+        log(f"table only: {len(have)} of {len(specs)} specs have a reference and a {epochs}x{images} score; rows "
+            f"missing a score of any of them are left out")
         reference = [bench.results.get("references", f"{s}|{sid}")["val_acc"] for s, _ in have]
         print_table(table(rows, reference))
         return
