@@ -285,6 +285,12 @@ class Spec:
 # ---------------------------------------------------------------- network
 
 
+def downsampled(block: str, stride: int, n: int) -> int:
+    """The height (or width) after the first block of a stage: a conv stage max-pools (floor),
+    the others pad their strided convolution (ceil)."""
+    return n // stride if block == "conv" else -(-n // stride)
+
+
 class Network(nn.Module):
     """The network of a spec, for any input channels, size and number of classes.
 
@@ -299,7 +305,7 @@ class Network(nn.Module):
         stages, cin, size = [], spec.stem, image_size
         for st in spec.stages:
             if size is not None:
-                size = (size + st.stride - 1) // st.stride if st.block != "conv" else size // st.stride
+                size = downsampled(st.block, st.stride, size)
                 if size < 1:
                     raise InputError(f"spec {spec} downsamples {image_size}px inputs below one pixel")
             cls = BLOCKS[st.block]

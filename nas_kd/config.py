@@ -121,6 +121,14 @@ class SearchConfig:
     objective: str = "accuracy"  # or "pareto"
     storage: str | None = None  # default sqlite:///studies/<study>.db
     study_name: str | None = None
+    # deployment (nas_kd.latency, nas_kd.export)
+    latency_budget_ms: float | None = None  # ms of one image (batch 1) with ONNX Runtime; None = unbounded
+    memory_budget: int | None = None  # bytes of peak int8 activation memory (MCUNet); None = unbounded
+    latency_precision: str = "fp32"  # "fp32" or "int8": which ONNX model a trial's latency is of
+    latency_threads: int = 1  # ONNX Runtime intra-op threads of every latency measurement
+    latency_table: str | None = None  # a time_blocks.py table: predict latencies from it instead of measuring
+    pareto_cost: str = "macs"  # the second objective of objective "pareto": "macs" or "latency_ms"
+    onnx: bool = True  # measure every trial's latency; export model.onnx and model.int8.onnx with the weights
     # final model
     final_epochs: int = 3
     retrain_trial: int | None = None

@@ -27,6 +27,8 @@ MAC_BACKEND = "aten"
 class Cost:
     macs: int
     params: int
+    latency_ms: float | None = None  # one image on the target (nas_kd.latency); None = not known
+    memory: int | None = None  # bytes of peak int8 activations (nas_kd.latency.peak_activations)
 
 
 def count(model: nn.Module, input_shape: tuple[int, int, int]) -> Cost:
@@ -67,19 +69,32 @@ def format_count(n: float) -> str:
 
 @dataclass(frozen=True)
 class Budget:
-    """Upper bounds on MACs and/or parameters; None = unbounded."""
+    """Upper bounds on MACs, parameters, latency (ms) and peak int8 activation memory (bytes);
+    None = unbounded."""
 
     macs: int | None = None
     params: int | None = None
+    latency_ms: float | None = None
+    memory: int | None = None
 
     def violations(self, cost: Cost) -> dict[str, float]:
         """Relative excess per bound, Optuna's convention: <= 0 is feasible, 0.25 is 25% over."""
         out = {}
-        if self.macs is not None:
-            out["macs"] = cost.macs / self.macs - 1.0
-        if self.params is not None:
-            out["params"] = cost.params / self.params - 1.0
+        for key in ("macs", "params", "latency_ms", "memory"):
+            limit = getattr(self, key)
+            if limit is not None:
+                value = getattr(cost, key)
+                # None: not measured, because another bound already rejects the spec
+                out[key] = 0.0 if value is None else value / limit - 1.0
         return out
+
+    def excess(self, cost: Cost) -> str:
+        """The bounds `cost` breaks, e.g. 'macs 61.2M > 50M, latency_ms 2.31 > 2'."""
+        def text(key: str, value: float) -> str:
+            return f"{value:.4g}" if key == "latency_ms" else format_count(value)
+
+        return ", ".join(f"{k} {text(k, getattr(cost, k))} > {text(k, getattr(self, k))}"
+                         for k, v in self.violations(cost).items() if v > 0)
 
     def fits(self, cost: Cost) -> bool:
         return all(v <= 0 for v in self.violations(cost).values())
@@ -90,4 +105,8 @@ class Budget:
             parts.append(f"MACs <= {format_count(self.macs)}")
         if self.params is not None:
             parts.append(f"params <= {format_count(self.params)}")
+        if self.latency_ms is not None:
+            parts.append(f"latency <= {self.latency_ms:.4g} ms")
+        if self.memory is not None:
+            parts.append(f"peak int8 activations <= {format_count(self.memory)}B")
         return ", ".join(parts) or "unbounded"

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 from nas_kd.arch import Network
-from nas_kd.config import DistillConfig, TrainConfig
-from nas_kd.data import Batch, BatchIterator
+from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
+from nas_kd.data import Batch, BatchIterator, Dataset
 from nas_kd.errors import InputError
 from nas_kd.losses import Criterion, StudentOutput, loss_class
-from nas_kd.teachers import TargetSource
+from nas_kd.teachers import CachedTargets, Ensemble, LiveTargets, TargetSource
 from nas_kd.train import fit
 
 
@@ -78,3 +78,28 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
                   on_step=on_step)
     return seconds + fit(modules, batches, step_of("logits"), cfg, second, on_epoch, desc, progress, first_epoch=first,
                          on_step=None if on_step is None else lambda n: on_step(offset + n))
+
+
+def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion,
+                    cached: CachedTargets | None = None, progress: bool = True) -> tuple[BatchIterator, TargetSource | None]:
+    """Batches over the whole training split and where their targets come from.
+
+    Without augmentation every epoch shows the same pixels, so the teachers' outputs are computed
+    once (or taken from the search's cache) and reused by every epoch; with augmentation, or when
+    the cache would not fit in `cfg.target_cache_gb`, the teachers run live on fresh views.
+    """
+    def iterator(views: int | None) -> BatchIterator:
+        return BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
+                             augment=cfg.train.augment)
+
+    if not criterion.uses_teachers:
+        return iterator(None), None
+    if cfg.train.augment:
+        return iterator(None), LiveTargets(ensemble, criterion.features)
+    batches = iterator(1)
+    if cached is not None and cached.covers(batches.indices) and cached.serves(criterion.features):
+        return batches, cached
+    if not CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), 1, criterion.features,
+                              cfg.target_cache_gb):
+        return iterator(None), LiveTargets(ensemble, criterion.features)
+    return batches, CachedTargets(ensemble, batches, criterion.features, progress=progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import optuna
 import torch
@@ -12,9 +12,10 @@ import torch
 from nas_kd.arch import Spec, build
 from nas_kd.blockwise import BlockwiseScorer, stage_key
 from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
-from nas_kd.cost import Budget, Cost, count, format_count
+from nas_kd.cost import Budget, Cost, count
 from nas_kd.data import BatchIterator, Dataset, Split, seeded_subset
 from nas_kd.distill import criterion_for, criterion_stages, distill
+from nas_kd.latency import memory_facts
 from nas_kd.proxies import naswot, synflow
 from nas_kd.space import SearchSpace
 from nas_kd.teachers import Ensemble, TargetSource
@@ -49,11 +50,14 @@ class TrialContext:
     reports: int = 1  # validation passes of a distill trial, at equal fractions of its steps
     report_val: Split | None = None  # what the passes before the last read (None: all of dataset.val)
     proxy_images: torch.Tensor | None = None  # NASWOT's batch; None = proxies not computed
+    latency: Callable[[Spec], float] | None = None  # spec -> ms (latency.latency_meter); None = not known
+    pareto_cost: str = "macs"  # the Cost field minimised beside accuracy when `pareto`
 
 
 def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budget: Budget, batches: BatchIterator,
                   targets: TargetSource | None, cfg: SearchConfig, progress: bool = True,
-                  scorer: BlockwiseScorer | None = None) -> TrialContext:
+                  scorer: BlockwiseScorer | None = None,
+                  latency: Callable[[Spec], float] | None = None) -> TrialContext:
     """The context of a search's trials, from its config: the calibration batches (a seeded draw
     of `cfg.bn_recalibration` batches of the trial subset, view 0), the seeded validation subset of
     the intermediate reports and NASWOT's seeded batch of training images."""
@@ -68,7 +72,7 @@ def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budg
     proxy_images = batches.images(positions[:PROXY_BATCH], 0)
     return TrialContext(space, dataset, ensemble, budget, batches, targets, cfg.distill, cfg.train, cfg.trial_epochs,
                         cfg.objective == "pareto", cfg.seed, progress, cfg.trial_score, scorer, calibration,
-                        cfg.trial_reports, report_val, proxy_images)
+                        cfg.trial_reports, report_val, proxy_images, latency, cfg.pareto_cost)
 
 
 REPORT_IMAGES = 2000  # validation images read by a trial's intermediate reports (the last reads them all)
@@ -88,9 +92,13 @@ def cost_facts(cost: Cost, reference: Cost) -> dict[str, int | float]:
             "params_compression": round(params_c, 4)}
 
 
-def record_cost(trial: optuna.Trial, spec: Spec, cost: Cost, reference: Cost, budget: Budget) -> bool:
-    """Store the spec, its cost and its constraints on the trial; return whether it fits."""
-    for key, value in {"spec": str(spec), **cost_facts(cost, reference)}.items():
+def record_cost(trial: optuna.Trial, spec: Spec, cost: Cost, reference: Cost, budget: Budget,
+                memory: dict[str, int] | None = None) -> bool:
+    """Store the spec, its cost (and memory figures) and its constraints on the trial; return whether it fits."""
+    facts = {"spec": str(spec), **cost_facts(cost, reference), **(memory or {})}
+    if cost.latency_ms is not None:
+        facts["latency_ms"] = round(cost.latency_ms, 4)
+    for key, value in facts.items():
         trial.set_user_attr(key, value)
     violations = budget.violations(cost)
     for key, value in violations.items():
@@ -102,11 +110,13 @@ def record_cost(trial: optuna.Trial, spec: Spec, cost: Cost, reference: Cost, bu
 def run_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, float]:
     spec = ctx.space.sample(trial)
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes)
-    cost = count(model, ctx.dataset.input_shape)
-    if not record_cost(trial, spec, cost, ctx.ensemble.largest(), ctx.budget):
-        over = ", ".join(f"{k} {format_count(getattr(cost, k))} > {format_count(getattr(ctx.budget, k))}"
-                         for k, v in ctx.budget.violations(cost).items() if v > 0)
-        raise optuna.TrialPruned(f"over budget ({over}); not trained")
+    memory = memory_facts(model, ctx.dataset.input_shape)
+    cost = replace(count(model, ctx.dataset.input_shape), memory=memory["peak_memory_int8"])
+    # the latency (1-2 s to export and time) only of specs within the cheaper bounds
+    if ctx.latency is not None and replace(ctx.budget, latency_ms=None).fits(cost):
+        cost = replace(cost, latency_ms=ctx.latency(spec))
+    if not record_cost(trial, spec, cost, ctx.ensemble.largest(), ctx.budget, memory):
+        raise optuna.TrialPruned(f"over budget ({ctx.budget.excess(cost)}); not trained")
     earlier = scored_before(trial, str(spec))
     if earlier is not None:
         # the spec's score is known: the stored one is returned (so the sampler sees the spec
@@ -120,7 +130,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, fl
     score = TRIAL_SCORES[ctx.trial_score](ctx, trial, spec)
     trial.set_user_attr(SCORE_ATTR, score)
     trial.set_user_attr(SCORE_KIND_ATTR, ctx.trial_score)
-    return (score, float(cost.macs)) if ctx.pareto else score
+    return (score, float(getattr(cost, ctx.pareto_cost))) if ctx.pareto else score
 
 
 def scored_before(trial: optuna.Trial, spec: str) -> optuna.trial.FrozenTrial | None:

@@ -34,12 +34,12 @@ from nas_kd.arch import Network, Spec, build
 from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import count
 from nas_kd.data import Batch, BatchIterator, Dataset
-from nas_kd.distill import criterion_for
+from nas_kd.distill import criterion_for, retrain_targets
 from nas_kd.errors import InputError
+from nas_kd.export import export, student_metrics, teachers_test_metrics
 from nas_kd.losses import LOSSES, Criterion, StudentOutput, loss_class
 from nas_kd.objective import cost_facts, is_feasible
 from nas_kd.report import pareto_front
-from nas_kd.retrain import export, retrain_targets, student_metrics, teachers_test_metrics
 from nas_kd.study import ONLINE_ATTR, completed
 from nas_kd.teachers import Ensemble, Targets
 from nas_kd.train import accuracy, fit, predict

@@ -25,10 +25,12 @@ from optuna.trial import TrialState
 from nas_kd.cli import fail, quiet_libraries, study_parser
 from nas_kd.cost import format_count
 from nas_kd.errors import InputError
+from nas_kd.latency import INT8_WARN_POINTS, format_bytes
 from nas_kd.objective import NASWOT, REPEAT_ATTR, SYNFLOW, curve, is_feasible, trial_score, was_trained
 from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR, load_existing
 
-COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "score",
+COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "latency_ms",
+           "peak_memory_int8", "weights_int8", "score",
            "val_acc_raw", "naswot", "synflow", "val_acc_curve", "train_seconds", "feasible", "repeat_of"]
 
 
@@ -50,7 +52,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         points = curve(t)
         rows.append({"number": t.number, "status": status(t), "spec": a.get("spec"), "macs": a.get("macs"),
                      "params": a.get("params"), "macs_compression": a.get("macs_compression"),
-                     "params_compression": a.get("params_compression"),
+                     "params_compression": a.get("params_compression"), "latency_ms": a.get("latency_ms"),
+                     "peak_memory_int8": a.get("peak_memory_int8"), "weights_int8": a.get("weights_int8"),
                      # validation accuracy, or the block-wise or training-free score the study ranks by
                      "score": trial_score(t), "val_acc_raw": a.get("val_acc_raw"), "naswot": a.get(NASWOT),
                      "synflow": a.get(SYNFLOW), "val_acc_curve": json.dumps(points) if points else None,
@@ -79,8 +82,11 @@ class Points(NamedTuple):
     label: list[str]  # spec strings (teachers: names)
 
 
+COSTS = {"macs": "MACs", "params": "parameters", "latency_ms": "latency (ms)"}  # the x axes of the fronts
+
+
 class ParetoData(NamedTuple):
-    cost: str  # "macs" or "params"
+    cost: str  # a key of COSTS
     front: Points  # feasible trained trials on the front, by cost
     feasible: Points  # every feasible trained trial (complete or pruned: last validation accuracy)
     infeasible: Points  # over budget: cost only, acc is NaN (never trained)
@@ -114,8 +120,11 @@ def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: 
                 baselines: list[dict[str, Any]] = (), retrained: dict[str, Any] | None = None) -> ParetoData:
     """The plot data of one cost. Trial scores (brief training) and accuracies after full training
     (teachers, the retrained winner, baselines) are kept apart, for the figure's two panels."""
-    if cost not in ("macs", "params"):
-        raise ValueError(f"cost must be 'macs' or 'params', got {cost!r}")
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
+    # teachers and baselines have no latency of their own unless they were measured
+    teachers = [t for t in teachers if t.get(cost) is not None]
+    baselines = [b for b in baselines if b.get(cost) is not None]
     has_cost = frame[cost].notna()
     trained = frame[has_cost & frame["score"].notna() & (frame["status"] != "repeat")]
     feasible = trained[trained["feasible"] != False]  # noqa: E712 (None: no budget on this study)
@@ -130,7 +139,8 @@ def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: 
     baseline_points = Points([float(b[cost]) for b in baselines], [float(b["val_acc"]) for b in baselines],
                              [-2] * len(baselines), [str(b["method"]) for b in baselines])
     retrained_points = (Points([float(retrained[cost])], [float(retrained["val_acc"])], [int(retrained["trial"])],
-                               [str(retrained["spec"])]) if retrained and "val_acc" in retrained and cost in retrained
+                               [str(retrained["spec"])])
+                        if retrained and "val_acc" in retrained and retrained.get(cost) is not None
                         else Points([], [], [], []))
     return ParetoData(cost, _points(front, cost), _points(feasible, cost), _points(infeasible, cost),
                       _points(pruned, cost), teacher_points, budget, reference, winner, score_label, baseline_points,
@@ -147,8 +157,9 @@ def _hover(points: Points, data: ParetoData, what: str) -> list[str]:
         head = {-1: f"teacher {label}", -2: f"baseline: {label}"}.get(n, f"trial {n} ({what})")
         full = n < 0 or points is data.retrained  # accuracy after full training, not a trial score
         acc_text = "not trained" if acc != acc else f"{'val acc' if full else data.score_label} {acc:.4f}"
-        out.append(f"{head}<br>{label if n >= 0 else ''}<br>{data.cost} {format_count(x)} "
-                   f"(compression x{ratio:.2f})<br>{acc_text}")
+        cost = f"{x:.4g} ms" if data.cost == "latency_ms" else f"{data.cost} {format_count(x)}"
+        ratio_text = f" (compression x{ratio:.2f})" if ratio == ratio else ""
+        out.append(f"{head}<br>{label if n >= 0 else ''}<br>{cost}{ratio_text}<br>{acc_text}")
     return out
 
 
@@ -163,7 +174,7 @@ def pareto_figure(data: ParetoData) -> go.Figure:
     retrained winner (straight under its trial score) and any baselines. A brief trial's score is
     far below what full training reaches, so the two are never drawn on one axis."""
     fig = go.Figure()
-    name = "MACs" if data.cost == "macs" else "parameters"
+    name = COSTS[data.cost]
     layers = [
         (data.feasible, "trained within budget", dict(color="#1f77b4", size=8, opacity=0.55), "y"),
         (data.pruned, "pruned early", dict(color="#ff7f0e", size=8, symbol="x"), "y"),
@@ -194,13 +205,16 @@ def pareto_figure(data: ParetoData) -> go.Figure:
         fig.add_shape(type="line", x0=data.budget, x1=data.budget, xref="x", y0=0, y1=1, yref="paper",
                       line=dict(dash="dash", color="black"))
         fig.add_annotation(x=math.log10(data.budget), xref="x", y=1, yref="paper", xanchor="right", yanchor="bottom",
-                           showarrow=False, text=f"budget {format_count(data.budget)}")
+                           showarrow=False, text=f"budget {data.budget:.4g} ms" if data.cost == "latency_ms"
+                           else f"budget {format_count(data.budget)}")
     xs = data.feasible.x + data.infeasible.x + data.teachers.x + data.baselines.x + data.retrained.x
     ticks = _log_ticks(min(xs), max(xs)) if xs else []
     ticktext = [f"{format_count(v)}<br>x{data.reference / v:.1f}" if data.reference == data.reference else format_count(v)
                 for v in ticks]
+    compression = (" (second tick row: compression vs the largest teacher)" if data.reference == data.reference
+                   else "")
     fig.update_layout(
-        title=f"{data.score_label.capitalize()} vs {name} (second tick row: compression vs the largest teacher)",
+        title=f"{data.score_label.capitalize()} vs {name}{compression}",
         # the cost axis under the lower panel and the rug; gridlines run through both panels
         xaxis=dict(title=f"{name} (log scale)", type="log", tickvals=ticks, ticktext=ticktext, anchor="free",
                    position=0.0),
@@ -241,6 +255,7 @@ th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
 table.trials td:nth-child(3), table.trials th:nth-child(3), td.spec { text-align: left; font-family: monospace; }
 table.facts th { text-align: left; }
 .note { color: #555; }
+.warn { color: #b00020; }
 """
 
 
@@ -249,6 +264,8 @@ def _fmt(key: str, value: Any) -> str:
         return f"{value:.2%}"
     if key in ("macs", "params") and isinstance(value, (int, float)):
         return format_count(value)
+    if key.startswith(("peak_memory", "weights_")) and isinstance(value, (int, float)):
+        return format_bytes(value)
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -269,6 +286,29 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return frame.to_html(index=False, border=0, escape=True, na_rep="")
 
 
+def deployment(metrics: dict[str, Any]) -> list[str]:
+    """The exported models side by side (fp32 ONNX, int8 ONNX), with a warning when int8 loses
+    more than INT8_WARN_POINTS of test accuracy."""
+    if "onnx_test_acc" not in metrics:
+        return []
+    rows = [{"model": "fp32 (model.onnx)", "test_acc": metrics["onnx_test_acc"],
+             "latency_ms": metrics.get("latency_ms_fp32"), "weights": metrics.get("weights_fp32"),
+             "peak_memory": metrics.get("peak_memory_fp32")}]
+    if "int8_test_acc" in metrics:
+        rows.append({"model": "int8 (model.int8.onnx)", "test_acc": metrics["int8_test_acc"],
+                     "latency_ms": metrics.get("latency_ms_int8"), "weights": metrics.get("weights_int8"),
+                     "peak_memory": metrics.get("peak_memory_int8")})
+    rows = [{k: (format_bytes(v) if k in ("weights", "peak_memory") and v is not None else v) for k, v in r.items()}
+            for r in rows]
+    out = ["<h3>Deployment (ONNX Runtime on the search machine, batch 1, "
+           f"{html.escape(str(metrics.get('latency_threads', 1)))} thread(s))</h3>", _table(rows)]
+    drop = metrics.get("int8_accuracy_drop")
+    if drop is not None and drop > INT8_WARN_POINTS:
+        out.append(f"<p class=warn><b>Warning: the int8 model loses {drop:.2f} points of test accuracy</b> "
+                   f"(more than {INT8_WARN_POINTS:g}); ship the fp32 model or calibrate on more images.</p>")
+    return out
+
+
 def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     info = study.user_attrs.get(STUDY_ATTR, {})
     winner = study.user_attrs.get(WINNER_ATTR)
@@ -276,9 +316,10 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     budget = info.get("budget", {})
     score_label = SCORE_LABELS.get(info.get("config", {}).get("trial_score", "distill"), SCORE_LABELS["distill"])
     baselines = study.user_attrs.get(BASELINE_ATTR, {}).get("methods", [])
+    costs = ["macs", "params"] + (["latency_ms"] if frame["latency_ms"].notna().any() else [])
     figures = [pareto_figure(pareto_data(frame, cost, budget.get(cost), teachers, winner and winner.get("trial"),
                                          score_label, baselines, winner))
-               for cost in ("macs", "params")]
+               for cost in costs]
     figures.append(epochs_figure(frame))
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%")
              for i, fig in enumerate(figures)]
@@ -297,7 +338,7 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     ]
     if winner:
         test = winner.get("teachers_test_acc", {})
-        sections += ["<h2>Winner</h2>", _facts(winner)]
+        sections += ["<h2>Winner</h2>", _facts(winner), *deployment(winner)]
         teachers = [{**t, "test_acc": test.get(t["name"])} for t in teachers]
         ensemble = {"name": "ensemble", **info.get("ensemble", {}), "test_acc": winner.get("ensemble_test_acc")}
     else:

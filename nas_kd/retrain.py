@@ -2,10 +2,10 @@
 
     python -m nas_kd.retrain --study-name NAME [--trial N] [--final-epochs E]
 
-The retrain runs the teachers live on every batch (any augmentation, a fresh view every epoch)
-rather than caching their outputs for the whole training set. The export is a safetensors file
-whose metadata carries the spec, the input shape and normalisation, the config and the library
-versions, so `load_student(path)` rebuilds the network from the file alone.
+Without augmentation the teachers' outputs are computed once for the whole training split (or
+taken from the search's cache); with it, the teachers run live on a fresh view every epoch
+(`distill.retrain_targets`). The winner is exported by `nas_kd.export`: safetensors weights that
+describe themselves, an ONNX model and an int8 ONNX model, both checked with ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -18,59 +18,22 @@ from typing import Any
 
 import optuna
 import torch
-from safetensors import safe_open
 
-from nas_kd import versions
 from nas_kd.arch import Network, Spec, build
 from nas_kd.cli import fail, log, quiet_libraries, study_parser
 from nas_kd.config import SearchConfig, from_dict
 from nas_kd.cost import count
-from nas_kd.data import BatchIterator, Dataset, load_dataset
-from nas_kd.distill import criterion_for, distill
+from nas_kd.data import Dataset, load_dataset
+from nas_kd.distill import criterion_for, distill, retrain_targets
 from nas_kd.errors import InputError
-from nas_kd.losses import Criterion
+from nas_kd.export import export, student_metrics, teachers_test_metrics
+from nas_kd.latency import require_runtime
 from nas_kd.objective import cost_facts
+from nas_kd.online import retrain_online, top_students
 from nas_kd.report import write_report
 from nas_kd.study import STUDY_ATTR, WINNER_ATTR, check_same_teachers, load_existing, pick_winner
-from nas_kd.teachers import (
-    CachedTargets,
-    Ensemble,
-    LiveTargets,
-    TargetSource,
-    ensemble_from_config,
-    ensemble_summary,
-    load_state,
-    save_model,
-    soft_targets,
-)
-from nas_kd.train import accuracy, evaluate, predict, resolve_device
-
-STUDENT_FORMAT = "nas_kd.student"
-
-
-def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion,
-                    cached: CachedTargets | None = None, progress: bool = True) -> tuple[BatchIterator, TargetSource | None]:
-    """Batches over the whole training split and where their targets come from.
-
-    Without augmentation every epoch shows the same pixels, so the teachers' outputs are computed
-    once (or taken from the search's cache) and reused by every epoch; with augmentation, or when
-    the cache would not fit in `cfg.target_cache_gb`, the teachers run live on fresh views.
-    """
-    def iterator(views: int | None) -> BatchIterator:
-        return BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
-                             augment=cfg.train.augment)
-
-    if not criterion.uses_teachers:
-        return iterator(None), None
-    if cfg.train.augment:
-        return iterator(None), LiveTargets(ensemble, criterion.features)
-    batches = iterator(1)
-    if cached is not None and cached.covers(batches.indices) and cached.serves(criterion.features):
-        return batches, cached
-    if not CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), 1, criterion.features,
-                              cfg.target_cache_gb):
-        return iterator(None), LiveTargets(ensemble, criterion.features)
-    return batches, CachedTargets(ensemble, batches, criterion.features, progress=progress)
+from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config, ensemble_summary
+from nas_kd.train import resolve_device
 
 
 def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
@@ -86,62 +49,9 @@ def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
     return model.eval(), seconds
 
 
-def student_metrics(model: Network, dataset: Dataset) -> dict[str, float]:
-    """A final student's test and validation accuracy."""
-    return {"test_acc": evaluate(model, dataset.test, dataset), "val_acc": evaluate(model, dataset.val, dataset)}
-
-
-def teachers_test_metrics(dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
-    """Each teacher's and the ensemble's test accuracy (the same for every student of a run)."""
-    teacher_logits = torch.stack([predict(t.model, dataset.test, dataset) for t in ensemble.members])
-    return {
-        "teachers_test_acc": {t.name: accuracy(logits, dataset.test.y)
-                              for t, logits in zip(ensemble.members, teacher_logits)},
-        "ensemble_test_acc": accuracy(soft_targets(teacher_logits, 1.0, ensemble.weights), dataset.test.y),
-    }
-
-
 def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
     """The one look at the test set: the student, each teacher and the ensemble."""
     return {**student_metrics(model, dataset), **teachers_test_metrics(dataset, ensemble)}
-
-
-def export(model: Network, dataset: Dataset, cfg: SearchConfig, metrics: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """`model.safetensors` (weights + self-describing metadata) and `metrics.json` in out_dir."""
-    meta = {"format": STUDENT_FORMAT, "spec": str(model.spec), "spec_json": model.spec.to_json(),
-            "input_shape": json.dumps(list(dataset.input_shape)), "num_classes": str(dataset.num_classes),
-            "classes": json.dumps(list(dataset.classes)), "mean": json.dumps(dataset.mean),
-            "std": json.dumps(dataset.std), "config": cfg.to_json(), "versions": json.dumps(versions()),
-            "metrics": json.dumps(metrics)}
-    weights = out_dir / "model.safetensors"
-    save_model(model, weights, meta)
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-    return weights, metrics_path
-
-
-def load_student(path: str | Path) -> tuple[Network, dict[str, Any]]:
-    """Rebuild an exported student from its file alone; returns (model in eval mode, metadata).
-
-    Inputs are normalised as `(pixels / 255 - mean) / std` per channel with the stored mean/std.
-    """
-    path = Path(path)
-    state = load_state(path)
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception:
-        meta = {}
-    if meta.get("format") != STUDENT_FORMAT:
-        raise InputError(f"{path} is not a nas_kd student export (metadata format {meta.get('format')!r}, "
-                         f"expected {STUDENT_FORMAT!r})")
-    spec = Spec.from_json(meta["spec_json"])
-    shape = tuple(json.loads(meta["input_shape"]))
-    model = build(spec, shape, int(meta["num_classes"]), channels_last=False)
-    model.load_state_dict(state)
-    decoded = {k: (json.loads(v) if k in ("input_shape", "classes", "mean", "std", "config", "versions", "metrics")
-                   else v) for k, v in meta.items()}
-    return model.eval(), decoded
 
 
 def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
@@ -155,6 +65,7 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     metrics = test_metrics(model, dataset, ensemble)
     metrics = {"trial": trial.number, "spec": str(spec),
                **cost_facts(count(model, dataset.input_shape), ensemble.largest()),
+               "latency_ms": trial.user_attrs.get("latency_ms"),
                "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,
                "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
                "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature}
@@ -196,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-teachers", action="store_true",
                         help="with --online-ensemble: each student also learns from the offline teachers "
                              "with the study's recipe")
+    parser.add_argument("--no-onnx", action="store_true", help="export the weights only, no ONNX models")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -212,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         study = load_existing(args.storage, args.study_name, Path(args.out_dir))
         cfg = config_of(study)
         if online:
-            from nas_kd.online import retrain_online, top_students  # online imports this module
-
             top_students(study, args.online_ensemble)  # too few students: fail before any teacher is loaded
         overrides: dict[str, Any] = {"device": args.device, "retrain_trial": args.trial, "out_dir": args.out_dir}
         if cfg.cache_dir is None and cfg.cache_path().is_dir():
@@ -223,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.final_epochs < 1:
                 raise InputError(f"--final-epochs must be >= 1, got {args.final_epochs}")
             overrides["final_epochs"] = args.final_epochs
+        if args.no_onnx:
+            overrides["onnx"] = False
         cfg = from_dict(SearchConfig, {**cfg.to_dict(), **overrides})
+        if cfg.onnx:
+            require_runtime()  # before any training
         dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None).to(resolve_device(cfg.device))
         ensemble = ensemble_from_config(cfg, dataset, not args.quiet, log)
         check_same_teachers(study, ensemble_summary(ensemble))

@@ -18,6 +18,7 @@ import optuna
 import yaml
 from tqdm.auto import tqdm
 
+from nas_kd.arch import Spec, build
 from nas_kd.baselines import check_prunable, pruned_baseline
 from nas_kd.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.cli import OneLineParser, base_parser, fail, log, number, quiet_libraries
@@ -26,6 +27,15 @@ from nas_kd.cost import Budget, format_count, parse_count
 from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.distill import check_two_stage
 from nas_kd.errors import InputError
+from nas_kd.latency import (
+    PRECISIONS,
+    check_precision,
+    latency_meter,
+    parse_bytes,
+    parse_latency,
+    peak_activations,
+    require_runtime,
+)
 from nas_kd.losses import LOSSES, Criterion, loss_class, recipe_features, recipe_uses_teachers
 from nas_kd.objective import (
     TRAINED_SCORES,
@@ -70,15 +80,21 @@ from nas_kd.teachers import (
 from nas_kd.train import resolve_device
 
 DEFAULTS = SearchConfig()
+PARETO_COSTS = ("macs", "latency_ms")  # the Cost fields --objective pareto can minimise
 
 
-def _count(flag: str):
-    def parse(text: str) -> int:
+def _typed(convert: Callable[[str, str], Any], flag: str) -> Callable[[str], Any]:
+    """An argparse type from one of nas_kd's parsers (`parse_count`, `parse_latency`, `parse_bytes`)."""
+    def parse(text: str) -> Any:
         try:
-            return parse_count(text, flag)
+            return convert(text, flag)
         except InputError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse
+
+
+def _count(flag: str) -> Callable[[str], int]:
+    return _typed(parse_count, flag)
 
 
 def _positive(kind: type, flag: str, minimum: float = 1) -> Callable[[str], Any]:
@@ -133,6 +149,20 @@ def build_parser() -> OneLineParser:
                    help="most MACs of one forward pass, e.g. 300K, 50M, 1.5G, 2.5e6 (ptflops 'FLOPs')")
     g.add_argument("--params-budget", type=_count("--params-budget"), metavar="N",
                    help="most trainable parameters, e.g. 100K, 1.5M")
+    g.add_argument("--latency-budget", type=_typed(parse_latency, "--latency-budget"), metavar="TIME",
+                   help="most milliseconds for one image (batch 1) with ONNX Runtime, with a unit: e.g. 500us, 2ms; "
+                        "measured on this machine, or predicted from --latency-table")
+    g.add_argument("--memory-budget", type=_typed(parse_bytes, "--memory-budget"), metavar="BYTES",
+                   help="most bytes of peak int8 activation memory (MCUNet's definition), for microcontrollers: "
+                        "e.g. 256K (decimal) or 320KiB (binary)")
+    g.add_argument("--latency-precision", choices=list(PRECISIONS), default=DEFAULTS.latency_precision,
+                   help="the model whose latency is measured and bounded: fp32 (default) or int8 (static "
+                        "post-training quantization)")
+    g.add_argument("--latency-threads", type=_positive(int, "--latency-threads"), default=DEFAULTS.latency_threads,
+                   metavar="N", help=f"ONNX Runtime threads of every latency measurement (default {DEFAULTS.latency_threads})")
+    g.add_argument("--latency-table", metavar="JSON",
+                   help="predict latencies from this per-layer table, timed on the target device "
+                        "(python -m nas_kd.latency blocks, then time_blocks.py there), instead of measuring here")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=DEFAULTS.dataset,
                    help="fashion-mnist (default), mnist, cifar10, cifar100, svhn, or folder:PATH with "
@@ -188,8 +218,10 @@ def build_parser() -> OneLineParser:
                         "the baseline to compare a search with (benchmarks/search_vs_baselines.py)")
     g.add_argument("--objective", choices=["accuracy", "pareto"], default=DEFAULTS.objective,
                    help="accuracy: maximise validation accuracy with the budgets as constraints, with a median "
-                        "pruner; pareto: maximise accuracy and minimise MACs (no pruning: Optuna cannot prune "
-                        "multi-objective studies)")
+                        "pruner; pareto: maximise accuracy and minimise --pareto-cost (no pruning: Optuna cannot "
+                        "prune multi-objective studies)")
+    g.add_argument("--pareto-cost", choices=list(PARETO_COSTS), default=DEFAULTS.pareto_cost,
+                   help="the second objective of --objective pareto: macs (default) or latency_ms")
     g.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT_DIR/<study>.db; postgresql://... "
                                      "lets several workers share one study)")
     g.add_argument("--study-name", help="the same name resumes a study (default: derived from dataset, budget "
@@ -221,6 +253,9 @@ def build_parser() -> OneLineParser:
                         "in the report")
     g.add_argument("--retrain-trial", type=_positive(int, "--retrain-trial", 0), metavar="N",
                    help="retrain trial N instead of the best feasible one")
+    g.add_argument("--no-onnx", action="store_true",
+                   help="export the weights only (no model.onnx / model.int8.onnx) and do not measure the trials' "
+                        "latency (unless a latency flag asks for it)")
     g = p.add_argument_group("run")
     g.add_argument("--config", metavar="YAML", help="a YAML file of SearchConfig keys; flags given override it")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed)
@@ -265,8 +300,10 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
     for name in ("flops_budget", "params_budget", "dataset", "data_dir", "subset", "teacher_epochs",
                  "search_space", "trials", "timeout", "trial_epochs", "objective", "storage", "study_name",
                  "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score",
-                 "bn_recalibration", "trial_reports", "pruner", "sampler"):
+                 "bn_recalibration", "trial_reports", "pruner", "sampler", "latency_precision", "latency_threads",
+                 "latency_table", "memory_budget", "pareto_cost"):
         flag(name)
+    flag("latency_budget", "latency_budget_ms")
     flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])
     flag("teacher_ckpt", "teacher_ckpts", convert=lambda v: [list(x) for x in v])
     # flags of the nested configs: (flag dest, section, key)
@@ -284,12 +321,15 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
         base["pruned_baseline"] = True
     if args.no_shipped_teachers:
         base["shipped_teachers"] = False
+    if args.no_onnx:
+        base["onnx"] = False
     return from_dict(SearchConfig, base)
 
 
 def validate(cfg: SearchConfig) -> SearchConfig:
-    if cfg.flops_budget is None and cfg.params_budget is None:
-        raise InputError("give a budget: --flops-budget (MACs, e.g. 50M) and/or --params-budget (e.g. 500K)")
+    if all(getattr(cfg, k) is None for k in ("flops_budget", "params_budget", "latency_budget_ms", "memory_budget")):
+        raise InputError("give a budget: --flops-budget (MACs, e.g. 50M), --params-budget (e.g. 500K), "
+                         "--latency-budget (e.g. 2ms) and/or --memory-budget (e.g. 256K)")
     if cfg.trial_score not in TRIAL_SCORES:
         raise InputError(f"unknown trial score {cfg.trial_score!r}; known: {', '.join(TRIAL_SCORES)}")
     if cfg.sampler not in SAMPLERS:
@@ -301,6 +341,17 @@ def validate(cfg: SearchConfig) -> SearchConfig:
                          f"and {cfg.trial_reports}")
     if cfg.objective not in ("accuracy", "pareto"):
         raise InputError(f"objective must be 'accuracy' or 'pareto', got {cfg.objective!r}")
+    if cfg.pareto_cost not in PARETO_COSTS:
+        raise InputError(f"unknown pareto cost {cfg.pareto_cost!r}; known: {', '.join(PARETO_COSTS)}")
+    check_precision(cfg.latency_precision)
+    if cfg.latency_threads < 1:
+        raise InputError(f"latency_threads must be >= 1, got {cfg.latency_threads}")
+    for key in ("latency_budget_ms", "memory_budget"):
+        value = getattr(cfg, key)
+        if value is not None and not value > 0:
+            raise InputError(f"{key} must be positive, got {value!r}")
+    if cfg.onnx or cfg.latency_budget_ms is not None or cfg.pareto_cost == "latency_ms" or cfg.latency_table:
+        require_runtime()
     resolve_device(cfg.device)
     names = teacher_names(cfg)
     if not names:
@@ -342,6 +393,33 @@ def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
         if getattr(cfg.distill, key) != getattr(DEFAULTS.distill, key):
             d["distill"][key] = getattr(cfg.distill, key)
     return {k: d[k] for k in GUARDED_KEYS if k in d and (k not in LATE_GUARDED_KEYS or d[k] != getattr(DEFAULTS, k))}
+
+
+LATENCY_PROBES = 8  # random specs timed before a search with a latency budget (besides the smallest ones)
+TABLE_PROBES = 500  # random specs predicted from a latency table for the same check
+MEMORY_PROBES = 200  # random specs whose peak memory is computed for a memory budget's check
+
+
+def check_reachable(cfg: SearchConfig, space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int,
+                    smallest: list[Spec], latency: Callable[[Spec], float] | None) -> None:
+    """Before any training: a latency or memory budget that none of the space's smallest specs and
+    a seeded sample of others meets is refused, naming the best spec found."""
+    checks = []
+    if cfg.memory_budget is not None:
+        def memory(spec: Spec) -> float:
+            return float(peak_activations(build(spec, input_shape, num_classes, channels_last=False), input_shape))
+        checks.append(("peak int8 activation memory", memory, cfg.memory_budget, MEMORY_PROBES,
+                       lambda v: f"{format_count(v)}B", "--memory-budget"))
+    if cfg.latency_budget_ms is not None and latency is not None:
+        checks.append((f"{cfg.latency_precision} latency", latency, cfg.latency_budget_ms,
+                       TABLE_PROBES if cfg.latency_table else LATENCY_PROBES, lambda v: f"{v:.4g} ms", "--latency-budget"))
+    for what, measure, limit, probes, text, flag in checks:
+        specs = list(dict.fromkeys(smallest + space.random_specs(probes, cfg.seed)))
+        best = min((measure(spec), str(spec)) for spec in specs)
+        if best[0] > limit:
+            raise InputError(f"no student of search space {space.name!r} meets {flag} {text(limit)}: the lowest "
+                             f"{what} of {len(specs)} specs tried (the smallest and {probes} random ones) is "
+                             f"{text(best[0])}, by {best[1]}; raise the budget or use a smaller space")
 
 
 def budget_warning(budget: Budget, teachers: list[str], input_shape: tuple[int, int, int],
@@ -397,6 +475,11 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
                  ("winner accuracy", f"test {winner['test_acc']:.4f}, val {winner['val_acc']:.4f} after "
                                      f"{winner['final_epochs']} epochs; teacher ensemble test {winner['ensemble_test_acc']:.4f}"),
                  ("winner files", str(Path(winner["weights"]).parent))]
+        if "onnx_test_acc" in winner:
+            int8 = (f"; int8: test {winner['int8_test_acc']:.4f}, {winner['latency_ms_int8']:.3f} ms"
+                    if "int8_test_acc" in winner else "")
+            rows.append(("winner on ONNX Runtime", f"fp32: test {winner['onnx_test_acc']:.4f}, "
+                                                   f"{winner['latency_ms_fp32']:.3f} ms{int8} (batch 1, here)"))
     for b in study.user_attrs.get(BASELINE_ATTR, {}).get("methods", []):
         rows.append((b["method"], f"{format_count(b['macs'])} MACs, test {b['test_acc']:.4f} after {b['final_epochs']} epochs"))
     out = Path(cfg.out_dir) / study.study_name
@@ -412,15 +495,17 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     validate(cfg)
     # every check of the user's input comes before the first progress line and any training
     space = load_space(cfg.search_space)
-    budget = Budget(cfg.flops_budget, cfg.params_budget)
+    budget = Budget(cfg.flops_budget, cfg.params_budget, cfg.latency_budget_ms, cfg.memory_budget)
     if cfg.storage:
         check_url(cfg.storage)
     dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
-    (min_macs_spec, min_macs), (_, min_params) = space.smallest(dataset.input_shape, dataset.num_classes)
+    (min_macs_spec, min_macs), (min_params_spec, min_params) = space.smallest(dataset.input_shape, dataset.num_classes)
     if (budget.macs is not None and min_macs.macs > budget.macs) or (budget.params is not None and min_params.params > budget.params):
         raise InputError(f"no student of search space {space.name!r} fits {budget}: the smallest reach "
                          f"{format_count(min_macs.macs)} MACs ({min_macs_spec}) and {format_count(min_params.params)} "
                          f"params at input {'x'.join(map(str, dataset.input_shape))}; raise the budget or use another space")
+    latency, latency_text = latency_meter(cfg, space, dataset.input_shape, dataset.num_classes)
+    check_reachable(cfg, space, dataset.input_shape, dataset.num_classes, [min_macs_spec, min_params_spec], latency)
     if cfg.pruned_baseline:
         check_prunable(cfg, dataset.input_shape, dataset.num_classes)
     device = resolve_device(cfg.device)
@@ -428,6 +513,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         f"images of {'x'.join(map(str, dataset.input_shape))}, {dataset.num_classes} classes; device {device}")
     dataset = dataset.to(device)
     log(f"search space {describe(space)}; budget {budget}")
+    log(latency_text)
     if (warning := budget_warning(budget, teacher_names(cfg), dataset.input_shape, dataset.num_classes)):
         log(warning)
 
@@ -446,7 +532,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     ensemble_val = ensemble.accuracy(dataset.val, dataset)
     reference = ensemble.largest_member()
     update_study_attr(study, STUDY_ATTR, {
-        "config": cfg.to_dict(), "space": space.name, "budget": {"macs": budget.macs, "params": budget.params},
+        "config": cfg.to_dict(), "space": space.name,
+        "budget": {"macs": budget.macs, "params": budget.params, "latency_ms": budget.latency_ms, "memory": budget.memory},
         "budget_text": str(budget), "teachers": ensemble_summary(ensemble), "ensemble": {"val_acc": ensemble_val},
         "reference_name": f"{reference.name} for MACs, "
                           f"{max(ensemble.members, key=lambda t: t.cost.params).name} for params",
@@ -475,7 +562,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         targets = CachedTargets(ensemble, cover, features, progress=progress)
         log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
             f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}")
-    ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer)
+    ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer, latency)
     log(trial_text(cfg, len(subset)))
 
     # the bar counts trials' worth of training, as --trials does: a pruned trial its share

@@ -27,7 +27,7 @@ import optuna
 import torch.nn as nn
 import yaml
 
-from nas_kd.arch import BLOCKS, Spec, StageSpec, build, conv_bn
+from nas_kd.arch import BLOCKS, Spec, StageSpec, build, conv_bn, downsampled
 from nas_kd.cost import Cost, count
 from nas_kd.errors import InputError
 
@@ -129,8 +129,7 @@ class SearchSpace:
             return count(module, (cin, *size))
 
         def after(stage: StageSpec, size: tuple[int, int]) -> tuple[int, int]:
-            s = stage.stride  # as Network: a conv stage max-pools (floor), the others pad (ceil)
-            return tuple(n // s if stage.block == "conv" else -(-n // s) for n in size)  # type: ignore[return-value]
+            return tuple(downsampled(stage.block, stage.stride, n) for n in size)  # type: ignore[return-value]
 
         options = [[StageSpec(b, min(st.depth), width, st.stride, min(st.kernel), e, min(st.se))
                     for b in st.block for e in (st.expand if BLOCKS[b].uses_expand else (1,)) for width in st.width]

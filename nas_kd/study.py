@@ -24,9 +24,11 @@ ONLINE_ATTR = "online_ensemble"  # study user attribute: the online ensemble of 
 # What a study's trials depend on: resuming with any of these changed would mix incomparable trials.
 GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "teachers", "teacher_epochs",
                 "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed",
-                "trial_score", "shipped_teachers", "bn_recalibration")
+                "trial_score", "shipped_teachers", "bn_recalibration", "latency_budget_ms", "memory_budget",
+                "latency_precision", "latency_threads", "latency_table", "pareto_cost")
 # keys added later: recorded only when not at their default, so older studies keep their names
-LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers")
+LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "memory_budget", "latency_precision",
+                     "latency_threads", "latency_table", "pareto_cost")
 # keys added later that change what a trial's score means, so they are always recorded (and new
 # studies get new default names); a study recorded before such a key had this value
 LEGACY_VALUES = {"bn_recalibration": 0}

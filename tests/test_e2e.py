@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from nas_kd.data import load_dataset
+from nas_kd.export import load_student
 from nas_kd.objective import is_feasible, was_trained
-from nas_kd.retrain import load_student
 from nas_kd.study import open_storage, run
 from nas_kd.train import evaluate
 from tests.conftest import E2E_ARGS, E2E_STUDY, load_json, run_cli
@@ -58,7 +58,7 @@ def test_storage_holds_every_trial_with_its_attributes(e2e_run: dict) -> None:
         assert t.intermediate_values == {i + 1: p[1] for i, p in enumerate(a["val_acc_curve"])}
     info = study.user_attrs["nas_kd"]
     assert [m["name"] for m in info["teachers"]] == ["resnet8"]
-    assert info["budget"] == {"macs": 12_000_000, "params": None}
+    assert info["budget"] == {"macs": 12_000_000, "params": None, "latency_ms": None, "memory": None}
 
 
 def test_outputs_and_summary(e2e_run: dict) -> None:
@@ -93,6 +93,26 @@ def test_exported_student_reloads_from_its_file_alone(e2e_run: dict) -> None:
     dataset = load_dataset("fashion-mnist", e2e_run["data_dir"])
     assert meta["mean"] == pytest.approx(list(dataset.mean))
     assert evaluate(model, dataset.test, dataset) == pytest.approx(metrics["test_acc"], abs=1e-6)
+
+
+def test_the_main_command_ships_onnx_and_int8(e2e_run: dict) -> None:
+    """The default run exports ONNX and int8 ONNX models that ONNX Runtime runs on the test images,
+    records every trial's latency and memory, and draws the latency front."""
+    import onnxruntime as ort
+
+    winner = e2e_run["study_dir"] / "winner"
+    metrics = load_json(winner / "metrics.json")
+    assert metrics["onnx_matches_torch"] is True and metrics["onnx_opset"] == 20
+    assert metrics["onnx_test_acc"] == pytest.approx(metrics["test_acc"], abs=0.01)
+    assert 0 <= metrics["int8_test_acc"] <= 1 and metrics["latency_ms_fp32"] > 0 and metrics["latency_ms_int8"] > 0
+    assert metrics["peak_memory_fp32"] == 4 * metrics["peak_memory_int8"] > 0
+    session = ort.InferenceSession(str(winner / "model.int8.onnx"))
+    assert session.get_modelmeta().custom_metadata_map["spec"] == metrics["spec"]
+    study = load(e2e_run["url"])
+    trained = [t for t in study.trials if was_trained(t)]
+    assert trained and all(t.user_attrs["latency_ms"] > 0 and t.user_attrs["weights_int8"] > 0 for t in trained)
+    report = (e2e_run["study_dir"] / "report.html").read_text()
+    assert "vs latency (ms)" in report and "Deployment (ONNX Runtime" in report
 
 
 def test_same_study_name_adds_trials_to_the_same_study(e2e_copy: dict) -> None:

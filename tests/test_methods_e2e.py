@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas_kd.retrain import load_student
+from nas_kd.export import load_student
 from tests.conftest import run_cli, search_cli
 
 BASE = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--trials", "1",
@@ -36,7 +36,7 @@ def search(tmp_path: Path, cache: Path, data_dir: Path, *extra: str) -> tuple[op
 ])
 def test_each_recipe_runs_and_is_recorded(flags: tuple[str, ...], recipe: str, tmp_path: Path, shared_cache: Path,
                                           mini_fashion_dir: Path) -> None:
-    study, out = search(tmp_path, shared_cache, mini_fashion_dir, *flags)
+    study, out = search(tmp_path, shared_cache, mini_fashion_dir, *flags, "--no-onnx")
     trained = [t for t in study.trials if "val_acc_curve" in t.user_attrs]
     assert trained and all(t.user_attrs["recipe"] == recipe for t in trained)
     # two-stage: stage one (the first epoch) is not validated
@@ -51,7 +51,8 @@ def test_each_recipe_runs_and_is_recorded(flags: tuple[str, ...], recipe: str, t
 
 
 def test_blockwise_trial_score(tmp_path: Path, shared_cache: Path, mini_fashion_dir: Path) -> None:
-    study, out = search(tmp_path, shared_cache, mini_fashion_dir, "--trial-score", "blockwise", "--trials", "3")
+    study, out = search(tmp_path, shared_cache, mini_fashion_dir, "--trial-score", "blockwise", "--trials", "3",
+                        "--no-onnx")
     trained = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(trained) == 3
     for t in trained:
@@ -82,5 +83,8 @@ def test_pruned_baseline(tmp_path: Path, shared_cache: Path, mini_fashion_dir: P
     for folder in ("pruned-kd", "pruned-finetune"):
         model, meta = load_student(out / folder / "model.safetensors")
         assert meta["metrics"]["final_epochs"] == 2 and "_m" in meta["spec"]  # the pruned mid widths
+        # the baselines ship like the winner: ONNX and int8 models, checked with ONNX Runtime
+        assert (out / folder / "model.onnx").is_file() and (out / folder / "model.int8.onnx").is_file()
+        assert meta["metrics"]["onnx_matches_torch"] is True and 0 <= meta["metrics"]["int8_test_acc"] <= 1
     report = (out / "report.html").read_text()
     assert "Pruned-teacher baseline" in report and "pruned teacher + fine-tuning" in report

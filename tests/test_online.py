@@ -18,6 +18,7 @@ from nas_kd.arch import Spec, build
 from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
 from nas_kd.cost import count
 from nas_kd.errors import InputError
+from nas_kd.export import load_student
 from nas_kd.losses import Criterion, StudentOutput
 from nas_kd.online import (
     ONLINE_ATTR,
@@ -27,7 +28,6 @@ from nas_kd.online import (
     top_students,
     train_online,
 )
-from nas_kd.retrain import load_student
 from nas_kd.teachers import Ensemble, Targets, Teacher
 
 B, C, T = 6, 10, 4.0
@@ -225,6 +225,10 @@ def test_online_ensemble_command(e2e_run: dict, tmp_path: Path) -> None:
         assert str(model.spec) == metrics["spec"] == meta["metrics"]["spec"]
         assert metrics["trial"] == number and metrics["final_epochs"] == 1
         assert 0 <= metrics["test_acc"] <= 1 and metrics["recipe"].startswith("online ensemble of 2")
+        # each online student ships as ONNX and int8 ONNX, run by ONNX Runtime on the test images
+        assert (folder / "model.onnx").is_file() and (folder / "model.int8.onnx").is_file()
+        assert metrics["onnx_matches_torch"] is True
+        assert metrics["onnx_test_acc"] == pytest.approx(metrics["test_acc"], abs=0.01)
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -121,7 +121,7 @@ def test_pareto_data_without_budget_keeps_every_trained_trial() -> None:
 
 
 def test_pareto_data_rejects_an_unknown_cost() -> None:
-    with pytest.raises(ValueError, match=re.escape("cost must be 'macs' or 'params', got 'flops'")):
+    with pytest.raises(ValueError, match=re.escape("cost must be one of macs, params, latency_ms, got 'flops'")):
         report.pareto_data(FRAME, "flops", None, TEACHERS)
 
 

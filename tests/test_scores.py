@@ -310,7 +310,7 @@ def test_no_pruner_never_prunes() -> None:
 # ---------------------------------------------------------------- command line
 
 BASE = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--subset", "300",
-        "--final-epochs", "0", "--seed", "1", "--quiet")
+        "--final-epochs", "0", "--seed", "1", "--quiet", "--no-onnx")  # latency: tests/test_latency.py
 
 
 @pytest.fixture(scope="module")

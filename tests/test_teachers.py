@@ -186,8 +186,7 @@ def test_a_subset_iterator_reads_the_whole_split_cache(mini_dataset) -> None:
 def test_retrain_targets(mini_dataset, augment: bool, limit_gb: float, pass_cache: bool, recipe: str,
                          expected: str) -> None:
     from nas_kd.config import DistillConfig, SearchConfig, TrainConfig, parse_distill
-    from nas_kd.distill import criterion_for
-    from nas_kd.retrain import retrain_targets
+    from nas_kd.distill import criterion_for, retrain_targets
 
     ensemble = two_member_ensemble(mini_dataset)
     cfg = SearchConfig(train=TrainConfig(augment=augment), target_cache_gb=limit_gb,

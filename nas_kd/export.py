@@ -1,0 +1,217 @@
+"""Export a trained student: safetensors weights, an ONNX model and an int8 ONNX model, each
+checked with ONNX Runtime on the test images, and `metrics.json`.
+
+    python -m nas_kd.export studies/<study>/winner/model.safetensors [--out DIR] [--no-int8]
+
+Files of one export (OUT = the winner's, a baseline's or an online student's folder):
+
+- `model.safetensors`: weights, with metadata that carries the spec, the input shape, the
+  normalisation, the classes, the config and the library versions (`load_student` rebuilds the
+  network from the file alone);
+- `model.onnx`: the same network from `torch.onnx.export(dynamo=True)` (the torch.export-based
+  exporter, which needs onnxscript), opset 20, input `input` (B, C, H, W) float32 normalised as
+  `(pixels / 255 - mean) / std` per channel, output `logits` (B, classes), dynamic batch; the
+  metadata (`spec`, `input_shape`, `mean`, `std`, `classes`, ...) is in the model's
+  metadata_props. ONNX Runtime runs it on every test image: its logits must match torch's within
+  `LOGIT_TOLERANCE`, and its test accuracy is recorded;
+- `model.int8.onnx`: static post-training quantization with ONNX Runtime (QDQ, int8 weights per
+  channel, uint8 activations calibrated on `CALIBRATION_IMAGES` seeded training images, never test
+  images), tested the same way;
+- `metrics.json`: the student's and teachers' test figures, costs, memory, and per model its test
+  accuracy and its latency here (batch 1, median of 100 runs after 10 warm-up runs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from nas_kd import versions
+from nas_kd.arch import Network, Spec, build
+from nas_kd.cli import base_parser, fail, log, quiet_libraries
+from nas_kd.config import SearchConfig, from_dict
+from nas_kd.data import BatchIterator, Dataset, eval_batches, load_dataset, seeded_subset
+from nas_kd.errors import InputError
+from nas_kd.latency import (
+    EXPORTER,
+    INT8_WARN_POINTS,
+    OPSET,
+    memory_facts,
+    quantize_int8,
+    require_runtime,
+    to_onnx,
+)
+from nas_kd.teachers import Ensemble, load_state, save_model, soft_targets
+from nas_kd.time_blocks import make_session, median_ms
+from nas_kd.train import accuracy, evaluate, predict
+
+STUDENT_FORMAT = "nas_kd.student"
+LOGIT_TOLERANCE = 1e-3  # most |ONNX Runtime - torch| logit difference, times max(1, largest |logit|)
+CALIBRATION_IMAGES = 512  # training images whose activation ranges set the int8 scales
+
+
+def student_metrics(model: Network, dataset: Dataset) -> dict[str, float]:
+    """A final student's test and validation accuracy."""
+    return {"test_acc": evaluate(model, dataset.test, dataset), "val_acc": evaluate(model, dataset.val, dataset)}
+
+
+def teachers_test_metrics(dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
+    """Each teacher's and the ensemble's test accuracy (the same for every student of a run)."""
+    teacher_logits = torch.stack([predict(t.model, dataset.test, dataset) for t in ensemble.members])
+    return {
+        "teachers_test_acc": {t.name: accuracy(logits, dataset.test.y)
+                              for t, logits in zip(ensemble.members, teacher_logits)},
+        "ensemble_test_acc": accuracy(soft_targets(teacher_logits, 1.0, ensemble.weights), dataset.test.y),
+    }
+
+
+def student_metadata(model: Network, dataset: Dataset, cfg: SearchConfig) -> dict[str, str]:
+    """What every exported file says about itself (strings, as safetensors and ONNX store them)."""
+    return {"format": STUDENT_FORMAT, "spec": str(model.spec), "spec_json": model.spec.to_json(),
+            "input_shape": json.dumps(list(dataset.input_shape)), "num_classes": str(dataset.num_classes),
+            "classes": json.dumps(list(dataset.classes)), "mean": json.dumps(dataset.mean),
+            "std": json.dumps(dataset.std), "config": cfg.to_json(), "versions": json.dumps(versions())}
+
+
+def test_inputs(dataset: Dataset) -> np.ndarray:
+    """Every normalised test image, (N, C, H, W) float32, as the ONNX models take them."""
+    return torch.cat([x.cpu() for x, _ in eval_batches(dataset.test, dataset, channels_last=False)]).numpy()
+
+
+def calibration_images(dataset: Dataset, seed: int, n: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """`n` seeded training images, un-augmented and normalised: int8 calibration data."""
+    batches = BatchIterator(dataset.train, dataset, 1, seed, views=1, augment=False, channels_last=False)
+    index = seeded_subset(len(dataset.train), n, seed).to(dataset.train.x.device)
+    return batches.images(index, 0).cpu().numpy().astype(np.float32)
+
+
+def onnx_logits(model: bytes, inputs: np.ndarray, batch: int = 256) -> np.ndarray:
+    session = make_session(model, threads=1)
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])
+
+
+def export_onnx(model: Network, dataset: Dataset, meta: dict[str, str], out_dir: Path, seed: int = 0,
+                int8: bool = True, threads: int = 1) -> dict[str, Any]:
+    """`model.onnx` (and `model.int8.onnx`) in out_dir, run with ONNX Runtime on the test images;
+    returns their figures for metrics.json."""
+    require_runtime()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = test_inputs(dataset)
+    reference = predict(model, dataset.test, dataset).cpu().numpy()
+    labels = dataset.test.y.cpu().numpy()
+    fp32 = to_onnx(model, dataset.input_shape, meta)
+    (out_dir / "model.onnx").write_bytes(fp32)
+    logits = onnx_logits(fp32, inputs)
+    diff = float(np.abs(logits - reference).max())
+    bound = LOGIT_TOLERANCE * max(1.0, float(np.abs(reference).max()))
+    facts: dict[str, Any] = {
+        "onnx_file": str(out_dir / "model.onnx"), "onnx_exporter": EXPORTER, "onnx_opset": OPSET,
+        "onnx_max_logit_diff": diff, "onnx_logit_tolerance": bound, "onnx_matches_torch": diff <= bound,
+        "onnx_test_acc": float((logits.argmax(1) == labels).mean()),
+        "latency_ms_fp32": round(median_ms(make_session(fp32, threads)), 4), "latency_threads": threads}
+    if diff > bound:
+        log(f"warning: ONNX Runtime's logits differ from torch's by {diff:.3g} (> {bound:.3g}) in {out_dir / 'model.onnx'}")
+    if int8:
+        quantized = quantize_int8(fp32, calibration_images(dataset, seed))
+        (out_dir / "model.int8.onnx").write_bytes(quantized)
+        int8_logits = onnx_logits(quantized, inputs)
+        facts.update({
+            "int8_file": str(out_dir / "model.int8.onnx"), "int8_calibration_images": CALIBRATION_IMAGES,
+            "int8_test_acc": float((int8_logits.argmax(1) == labels).mean()),
+            "int8_agreement": float((int8_logits.argmax(1) == logits.argmax(1)).mean()),
+            "latency_ms_int8": round(median_ms(make_session(quantized, threads)), 4)})
+        facts["int8_accuracy_drop"] = round(100 * (facts["onnx_test_acc"] - facts["int8_test_acc"]), 2)  # points
+        if facts["int8_accuracy_drop"] > INT8_WARN_POINTS:
+            log(f"warning: the int8 model loses {facts['int8_accuracy_drop']:.2f} points of test accuracy "
+                f"(more than {INT8_WARN_POINTS:g})")
+    return facts
+
+
+def export(model: Network, dataset: Dataset, cfg: SearchConfig, metrics: dict[str, Any], out_dir: Path,
+           onnx: bool | None = None) -> tuple[Path, Path]:
+    """`model.safetensors`, with `onnx` (default `cfg.onnx`) `model.onnx` and `model.int8.onnx`, and
+    `metrics.json` in out_dir; `metrics` gains the memory and ONNX figures."""
+    meta = student_metadata(model, dataset, cfg)
+    metrics.update(memory_facts(model, dataset.input_shape))
+    if cfg.onnx if onnx is None else onnx:
+        metrics.update(export_onnx(model, dataset, meta, out_dir, cfg.seed, threads=cfg.latency_threads))
+    weights = out_dir / "model.safetensors"
+    save_model(model, weights, {**meta, "metrics": json.dumps(metrics)})
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return weights, metrics_path
+
+
+def load_student(path: str | Path) -> tuple[Network, dict[str, Any]]:
+    """Rebuild an exported student from its file alone; returns (model in eval mode, metadata).
+
+    Inputs are normalised as `(pixels / 255 - mean) / std` per channel with the stored mean/std.
+    """
+    path = Path(path)
+    state = load_state(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        meta = {}
+    if meta.get("format") != STUDENT_FORMAT:
+        raise InputError(f"{path} is not a nas_kd student export (metadata format {meta.get('format')!r}, "
+                         f"expected {STUDENT_FORMAT!r})")
+    spec = Spec.from_json(meta["spec_json"])
+    shape = tuple(json.loads(meta["input_shape"]))
+    model = build(spec, shape, int(meta["num_classes"]), channels_last=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise InputError(f"{path}: the weights do not fit the spec in its metadata ({str(e).splitlines()[0]})") from None
+    decoded = {k: (json.loads(v) if k in ("input_shape", "classes", "mean", "std", "config", "versions", "metrics")
+                   else v) for k, v in meta.items()}
+    return model.eval(), decoded
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("python -m nas_kd.export",
+                         "Export a nas_kd student checkpoint to ONNX and int8 ONNX, check both with ONNX Runtime "
+                         "on the test images of the dataset it was trained on, and record their accuracy and "
+                         "latency in metrics.json.")
+    parser.add_argument("checkpoint", type=Path, help="a model.safetensors written by nas_kd")
+    parser.add_argument("--out", type=Path, help="folder for model.onnx, model.int8.onnx and metrics.json "
+                                                  "(default: the checkpoint's folder)")
+    parser.add_argument("--data-dir", help="where the dataset is, when not where the search found it")
+    parser.add_argument("--no-int8", action="store_true", help="write model.onnx only")
+    parser.add_argument("--latency-threads", type=int, default=1, help="ONNX Runtime threads for the latency (default 1)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        if args.latency_threads < 1:
+            raise InputError(f"--latency-threads must be >= 1, got {args.latency_threads}")
+        require_runtime()
+        model, meta = load_student(args.checkpoint)
+        cfg = from_dict(SearchConfig, meta["config"])
+        data_dir = args.data_dir or cfg.data_dir
+        dataset = load_dataset(cfg.dataset, Path(data_dir) if data_dir else None)
+        if list(dataset.input_shape) != list(meta["input_shape"]) or list(dataset.classes) != list(meta["classes"]):
+            raise InputError(f"dataset {cfg.dataset} has input {'x'.join(map(str, dataset.input_shape))} and "
+                             f"{dataset.num_classes} classes; {args.checkpoint} was trained on "
+                             f"{'x'.join(map(str, meta['input_shape']))} with {len(meta['classes'])}")
+        out = args.out or args.checkpoint.parent
+        metrics = {**meta.get("metrics", {}), **student_metrics(model, dataset), **memory_facts(model, dataset.input_shape)}
+        metrics.update(export_onnx(model, dataset, student_metadata(model, dataset, cfg), out, cfg.seed,
+                                   not args.no_int8, args.latency_threads))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    except InputError as e:
+        return fail(str(e))
+    print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("onnx", "int8", "latency", "test_acc"))},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

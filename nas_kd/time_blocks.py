@@ -1,0 +1,144 @@
+"""Time a folder of block models with ONNX Runtime on this device and write a latency table.
+
+Stand-alone: this file needs only Python 3.8+, numpy and onnxruntime (no torch, no nas_kd, no
+dataset), so it runs on the device a student will ship to. `python -m nas_kd.latency blocks`
+writes the folder (the block models, `manifest.json` and a copy of this file); copy the folder to
+the device and run there
+
+    python3 time_blocks.py BLOCKS_DIR --out table.json [--threads 1] [--runs 100] [--warmup 10]
+
+then bring `table.json` back and pass it to the search: `--latency-table table.json`.
+
+Every model is timed as the search times whole students (`nas_kd.latency.measure_latency` calls
+`median_ms` below): one input of batch 1, `threads` intra-op threads, sequential execution, all
+graph optimisations, `warmup` runs, then the median of `runs` timed runs, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TABLE_FORMAT = "nas_kd.latency_table"
+MANIFEST_FORMAT = "nas_kd.latency_blocks"
+MIN_RUNS = 50
+
+
+def make_session(model, threads: int = 1):
+    """An ONNX Runtime CPU session for `model` (a path or the serialized bytes)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only
+    return ort.InferenceSession(model if isinstance(model, (bytes, str)) else str(model), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def median_ms(session, warmup: int = 10, runs: int = 100, seed: int = 0) -> float:
+    """Median wall time of one run of `session` on one random input of batch 1, in milliseconds."""
+    if runs < MIN_RUNS:
+        raise ValueError(f"runs must be >= {MIN_RUNS}, got {runs}")
+    inp = session.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]  # a named (dynamic) batch -> 1
+    feed = {inp.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Hardware", "Model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device(threads: int) -> dict:
+    """What the table was measured on, stored in it for the user's records."""
+    import onnxruntime as ort
+
+    return {"machine": platform.machine(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+            "system": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
+            "onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"], "threads": threads,
+            "hostname": platform.node()}
+
+
+def time_folder(folder: Path, threads: int = 1, warmup: int = 10, runs: int = 100, log=print) -> dict:
+    """The latency table of the block models listed in `folder`/manifest.json."""
+    manifest_path = folder / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {manifest_path} ({e}); expected the folder written by "
+                         "python -m nas_kd.latency blocks") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{manifest_path} is not a nas_kd block manifest (format "
+                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, expected "
+                         f"{MANIFEST_FORMAT!r})")
+    entries: dict = {}
+    total = sum(len(files) for files in manifest["files"].values())
+    done = 0
+    for precision, files in manifest["files"].items():
+        entries[precision] = {}
+        for key, name in files.items():
+            entries[precision][key] = round(median_ms(make_session(str(folder / name), threads), warmup, runs), 5)
+            done += 1
+            if done % 50 == 0 or done == total:
+                log(f"timed {done}/{total} models")
+    table = {k: manifest[k] for k in ("space", "space_fingerprint", "input_shape", "num_classes", "noop")}
+    table.update({"format": TABLE_FORMAT, "device": describe_device(threads), "threads": threads,
+                  "warmup": warmup, "runs": runs, "entries": entries})
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="time_blocks.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", type=Path, help="the folder written by python -m nas_kd.latency blocks")
+    p.add_argument("--out", type=Path, default=Path("table.json"), help="where to write the table (default table.json)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    p.add_argument("--runs", type=int, default=100, help=f"timed runs per model (>= {MIN_RUNS}; default 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    args = p.parse_args(argv)
+    if args.threads < 1 or args.runs < MIN_RUNS or args.warmup < 0:
+        print(f"error: need --threads >= 1, --runs >= {MIN_RUNS}, --warmup >= 0; got {args.threads}, "
+              f"{args.runs}, {args.warmup}", file=sys.stderr)
+        return 2
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("error: onnxruntime is not installed here: pip install onnxruntime numpy", file=sys.stderr)
+        return 2
+    try:
+        table = time_folder(args.folder, args.threads, args.warmup, args.runs,
+                            log=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {args.out}: {sum(len(e) for e in table['entries'].values())} timings on {table['device']['cpu']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

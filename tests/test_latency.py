@@ -1,0 +1,407 @@
+"""Deployment: ONNX round trips, int8, latency (measured, budgeted, predicted from a table), and
+peak memory against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import optuna
+import pytest
+import torch
+import torch.nn as nn
+
+from nas_kd.arch import BLOCKS, BasicBlock, Spec, build
+from nas_kd.config import SearchConfig, TrainConfig
+from nas_kd.cost import Budget, count
+from nas_kd.data import BatchIterator, seeded_subset
+from nas_kd.errors import InputError
+from nas_kd.export import LOGIT_TOLERANCE, export, export_onnx, load_student, student_metadata
+from nas_kd.export import main as export_main
+from nas_kd.latency import (
+    LatencyTable,
+    export_blocks,
+    measure_latency,
+    parse_bytes,
+    parse_latency,
+    peak_activations,
+    space_layers,
+    spec_layers,
+    to_onnx,
+)
+from nas_kd.latency import (
+    main as latency_main,
+)
+from nas_kd.objective import run_trial, trial_context
+from nas_kd.space import load_space, parse_space
+from nas_kd.teachers import Ensemble, Teacher, teacher_spec
+from nas_kd.time_blocks import make_session, time_folder
+from nas_kd.train import evaluate, fit
+from tests.conftest import run_cli
+
+# ---------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize(("text", "ms"), [("2ms", 2.0), ("500us", 0.5), ("0.8 ms", 0.8), ("250µs", 0.25),
+                                          ("1e3us", 1.0)])
+def test_latency_units(text: str, ms: float) -> None:
+    assert parse_latency(text) == pytest.approx(ms)
+
+
+@pytest.mark.parametrize("text", ["2", "2s", "2 sec", "-1ms", "0ms", "ms", "nanms", "infms"])
+def test_latency_without_a_known_unit_is_refused(text: str) -> None:
+    with pytest.raises(InputError, match="use a number with us or ms"):
+        parse_latency(text)
+
+
+@pytest.mark.parametrize(("text", "n"), [("256K", 256_000), ("256KiB", 262_144), ("1.5M", 1_500_000),
+                                         ("4096", 4096), ("2MiB", 2 * 2**20), ("300kB", 300_000)])
+def test_byte_units(text: str, n: int) -> None:
+    assert parse_bytes(text) == n
+
+
+@pytest.mark.parametrize("text", ["0", "-5K", "lots", "5KX", "0.1"])
+def test_bad_byte_counts_are_refused(text: str) -> None:
+    with pytest.raises(InputError, match="not a positive number of bytes"):
+        parse_bytes(text)
+
+
+# ---------------------------------------------------------------- peak memory, by hand
+
+
+def test_peak_memory_of_a_plain_chain() -> None:
+    chain = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU())
+    # conv1: input 1x8x8 = 64 + output 4x8x8 = 256 -> 320; conv2: its input 256 + output 8x4x4 = 128 -> 384
+    # (the network's input is dead by then; the ReLUs work in place)
+    assert peak_activations(chain, (1, 8, 8)) == 384
+
+
+def test_peak_memory_keeps_a_residual_input_alive() -> None:
+    block = BasicBlock(4, 4, 1, 3, 1, False)
+    # x = 4x8x8 = 256. conv1: 256 + 256. conv2: its input 256 + output 256 + x, kept for the add: 768
+    assert peak_activations(block, (4, 8, 8)) == 768
+
+
+def test_peak_memory_of_a_projection_shortcut() -> None:
+    block = BasicBlock(4, 8, 2, 3, 1, False)
+    # x = 256. conv1 -> 8x4x4 = 128: 384. conv2: 128 + 128 + x 256 = 512. Shortcut pool: x 256 +
+    # 4x4x4 = 64 + the main branch's output 128 = 448; its 1x1 conv: 64 + 128 + 128 = 320
+    assert peak_activations(block, (4, 8, 8)) == 512
+
+
+# ---------------------------------------------------------------- ONNX round trips
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    """Non-trivial BatchNorm statistics, so that folding them at export is checked."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("se", [False, True])
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_onnx_round_trip_of_every_block(block: str, se: bool) -> None:
+    expand = 2 if BLOCKS[block].uses_expand else 1
+    spec = Spec.parse(f"c8|{block}_d2_w16_s2_k3_e{expand}{'_se' if se else ''}|h24")
+    torch.manual_seed(0)
+    model = build(spec, (3, 12, 12), 5, channels_last=False).eval()
+    _randomise_bn(model)
+    session = make_session(to_onnx(model, (3, 12, 12)))
+    x = torch.randn(3, 3, 12, 12)  # a batch of 3: the batch is dynamic
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert got.shape == (3, 5)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_metadata_describes_the_model() -> None:
+    model = build(Spec.parse("c8|basic_d1_w8_s1_k3_e1"), (1, 8, 8), 3, channels_last=False)
+    proto = onnx.load_from_string(to_onnx(model, (1, 8, 8), {"spec": str(model.spec), "mean": "[0.5]"}))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta == {"spec": "c8|basic_d1_w8_s1_k3_e1", "mean": "[0.5]"}
+    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
+
+
+# ---------------------------------------------------------------- export: fp32 and int8 of a trained network
+
+
+@pytest.fixture(scope="module")
+def trained_student(mini_dataset):
+    """A small student trained with labels for 15 epochs on the mini training images."""
+    torch.manual_seed(0)
+    model = build(Spec.parse("c8|basic_d1_w8_s1_k3_e1|basic_d1_w16_s2_k3_e1"), mini_dataset.input_shape,
+                  mini_dataset.num_classes)
+    batches = BatchIterator(mini_dataset.train, mini_dataset, 50, 0, augment=False)
+
+    def loss(batch):
+        return nn.functional.cross_entropy(model(batch.x), batch.y)
+
+    fit(model, batches, loss, TrainConfig(batch_size=50, lr=0.05), epochs=15, progress=False)
+    return model.eval()
+
+
+def test_export_writes_checked_onnx_and_int8(trained_student, mini_dataset, tmp_path: Path) -> None:
+    cfg = SearchConfig(flops_budget=50_000_000)
+    metrics: dict = {}
+    weights, metrics_path = export(trained_student, mini_dataset, cfg, metrics, tmp_path)
+    stored = json.loads(metrics_path.read_text())
+    assert {p.name for p in tmp_path.iterdir()} == {"model.safetensors", "model.onnx", "model.int8.onnx", "metrics.json"}
+    # the fp32 model is the torch model: logits within the tolerance, the same accuracy
+    torch_acc = evaluate(trained_student, mini_dataset.test, mini_dataset)
+    assert stored["onnx_matches_torch"] and stored["onnx_max_logit_diff"] <= stored["onnx_logit_tolerance"]
+    assert stored["onnx_logit_tolerance"] >= LOGIT_TOLERANCE
+    assert stored["onnx_test_acc"] == pytest.approx(torch_acc, abs=1 / len(mini_dataset.test))
+    assert torch_acc > 0.5  # trained: the int8 comparison below means something
+    # int8 (calibrated on training images): within 2 points of fp32 on this network, and it agrees
+    # with fp32 on at least 90% of the 200 test images (measured: 94%)
+    assert abs(stored["int8_accuracy_drop"]) <= 2.0
+    assert stored["int8_agreement"] >= 0.90
+    assert stored["latency_ms_fp32"] > 0 and stored["latency_ms_int8"] > 0
+    int8 = onnx.load(str(tmp_path / "model.int8.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
+    meta = {p.key: p.value for p in int8.metadata_props}
+    assert meta["spec"] == str(trained_student.spec) and json.loads(meta["classes"]) == list(mini_dataset.classes)
+    model, _ = load_student(weights)
+    assert str(model.spec) == str(trained_student.spec)
+
+
+def test_export_command_on_a_checkpoint(trained_student, mini_dataset, mini_fashion_dir: Path, tmp_path: Path) -> None:
+    cfg = SearchConfig(flops_budget=50_000_000, data_dir=str(mini_fashion_dir))
+    export(trained_student, mini_dataset, cfg, {}, tmp_path, onnx=False)
+    assert not (tmp_path / "model.onnx").exists()
+    result = run_cli("nas_kd.export", str(tmp_path / "model.safetensors"), "--no-int8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "model.onnx").is_file() and not (tmp_path / "model.int8.onnx").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["onnx_matches_torch"] is True
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["missing.safetensors"], "checkpoint missing.safetensors does not exist"),
+    (["x.safetensors", "--latency-threads", "0"], "--latency-threads must be >= 1, got 0"),
+])
+def test_export_command_refuses_bad_input(args: list[str], message: str, tmp_path: Path, capsys,
+                                          monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert export_main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_export_refuses_a_file_that_is_not_a_student(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    assert export_main([str(tmp_path / "other.safetensors")]) == 2
+    assert "is not a nas_kd student export" in capsys.readouterr().err
+
+
+def test_a_missing_onnx_runtime_is_one_line(monkeypatch, capsys, tmp_path: Path) -> None:
+    from nas_kd import search
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    assert search.main(["--flops-budget", "50M"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "onnxruntime is not installed" in lines[0] and "--no-onnx" in lines[0]
+    assert not (tmp_path / "studies").exists()
+
+
+# ---------------------------------------------------------------- a latency budget in a trial
+
+
+@pytest.fixture(scope="module")
+def context(mini_dataset):
+    torch.manual_seed(0)
+    teacher = build(teacher_spec("resnet8"), mini_dataset.input_shape, mini_dataset.num_classes).eval()
+    ensemble = Ensemble([Teacher("resnet8", teacher, count(teacher, mini_dataset.input_shape), 0.5, "test")])
+    cfg = SearchConfig(flops_budget=50_000_000, subset=128, trial_epochs=1, train=TrainConfig(batch_size=64),
+                       trial_score="macs")
+    batches = BatchIterator(mini_dataset.train, mini_dataset, 64, 0, views=1,
+                            indices=seeded_subset(len(mini_dataset.train), cfg.subset, 0))
+    return cfg, ensemble, batches
+
+
+SMALL = Spec.parse("c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1|basic_d1_w64_s2_k3_e1")
+
+
+@pytest.mark.parametrize(("budget_ms", "state"), [(1e-3, optuna.trial.TrialState.PRUNED),
+                                                  (1e3, optuna.trial.TrialState.COMPLETE)])
+def test_a_latency_budget_rejects_a_spec_before_training(context, mini_dataset, budget_ms, state) -> None:
+    cfg, ensemble, batches = context
+    space = load_space("resnet")
+    budget = Budget(cfg.flops_budget, latency_ms=budget_ms)
+
+    def meter(spec: Spec) -> float:
+        return measure_latency(spec, mini_dataset.input_shape, mini_dataset.num_classes, runs=50)
+
+    ctx = trial_context(space, mini_dataset, ensemble, budget, batches, None, cfg, False, latency=meter)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(space.params_of(SMALL))
+    study.optimize(lambda t: run_trial(ctx, t), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == state
+    a = trial.user_attrs
+    assert 0 < a["latency_ms"] < 100 and trial.constraints["latency_ms"] == pytest.approx(a["latency_ms"] / budget_ms - 1, rel=1e-3)
+    assert a["peak_memory_int8"] == peak_activations(build(SMALL, (1, 28, 28), 10), (1, 28, 28))
+    assert ("score" in a) == (state == optuna.trial.TrialState.COMPLETE)  # over budget: never scored
+
+
+# ---------------------------------------------------------------- tables
+
+
+TINY_SPACE = {"name": "tiny", "stem": [8, 12], "head": [0, 16],
+              "stages": [{"block": ["basic", "inverted"], "depth": [1, 2], "width": [8, 16], "stride": 2,
+                          "expand": [2], "se": [False, True]}]}
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tmp_path_factory):
+    space = parse_space(TINY_SPACE, "tiny.yaml")
+    folder = tmp_path_factory.mktemp("blocks")
+    export_blocks(space, (1, 12, 12), 4, folder, ("fp32", "int8"), progress=lambda m: None)
+    return space, folder
+
+
+def test_a_table_covers_every_spec_of_its_space(tiny_table) -> None:
+    space, folder = tiny_table
+    manifest = json.loads((folder / "manifest.json").read_text())
+    keys = {layer.key() for layer in space_layers(space, (1, 12, 12), 4)}
+    assert set(manifest["files"]["fp32"]) == keys | {manifest["noop"]}
+    every = {layer.key() for spec in space.random_specs(300, seed=0) for layer in spec_layers(spec, (1, 12, 12), 4)}
+    assert every == keys  # 300 random specs of a 64-spec space meet every entry, and nothing else
+    # 2 stems; first blocks: 2 types x 2 widths x 2 SE x 2 input widths; repeats: 2 x 2 x 2; heads
+    # from 2 widths; classifiers reading 8 or 16 channels (16 also from the head)
+    assert len(keys) == 2 + 2 * 2 * 2 * 2 + 2 * 2 * 2 + 2 + 2
+
+
+def test_time_blocks_runs_without_torch_and_the_table_round_trips(tiny_table, tmp_path: Path) -> None:
+    space, folder = tiny_table
+    out = tmp_path / "table.json"
+    # the device has no torch and no nas_kd: the script is run with both made unimportable
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['nas_kd'] = None; "
+            f"sys.argv = ['time_blocks.py', {str(folder)!r}, '--out', {str(out)!r}, '--runs', '50']; "
+            f"runpy.run_path({str(folder / 'time_blocks.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["device"]["onnxruntime"] and data["runs"] == 50 and set(data["entries"]) == {"fp32", "int8"}
+    table = LatencyTable.load(out, space, (1, 12, 12), 4, "fp32")
+    spec = space.random_specs(1, seed=3)[0]
+    layers = spec_layers(spec, (1, 12, 12), 4)
+    expected = sum(data["entries"]["fp32"][la.key()] - table.overhead for la in layers) + table.overhead
+    assert table.predict(spec) == pytest.approx(max(0.0, expected))
+    assert LatencyTable.load(out, space, (1, 12, 12), 4, "int8").entries != table.entries
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"space": "resnet"}, "was made for space 'tiny'"),
+    ({"shape": (1, 28, 28)}, "input 1x12x12, 4 classes; this search has space 'tiny'"),
+    ({"classes": 10}, "4 classes; this search has"),
+    ({"precision": "int8"}, "has no int8 timings (it has fp32)"),
+])
+def test_a_mismatched_table_is_refused(tiny_table, tmp_path: Path, change: dict, message: str) -> None:
+    space, folder = tiny_table
+    table = time_folder(folder, runs=50, log=lambda m: None)
+    table["entries"] = {"fp32": table["entries"]["fp32"]}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    target = load_space("resnet") if change.get("space") else space
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        LatencyTable.load(path, target, change.get("shape", (1, 12, 12)), change.get("classes", 4),
+                          change.get("precision", "fp32"))
+
+
+def test_a_table_of_another_space_with_the_same_name_is_refused(tiny_table, tmp_path: Path) -> None:
+    space, folder = tiny_table
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(time_folder(folder, runs=50, log=lambda m: None)))
+    edited = parse_space({**TINY_SPACE, "stem": [8, 24]}, "tiny.yaml")
+    with pytest.raises(InputError, match="fingerprint"):
+        LatencyTable.load(path, edited, (1, 12, 12), 4, "fp32")
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="is not JSON"):
+        LatencyTable.load(path, space, (1, 12, 12), 4, "fp32")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["blocks", "--input", "28x28", "--out", "b"], "--input '28x28' is not CxHxW"),
+    (["blocks", "--input", "1x28x28", "--out", "b", "--search-space", "tiny"], "unknown search space 'tiny'"),
+    (["measure", "--spec", "c16|nope", "--input", "1x28x28"], "bad stage 'nope'"),
+    (["measure", "--spec", "c16|basic_d1_w16_s1_k3_e1", "--input", "1x28x28", "--latency-table", "no.json"],
+     "cannot read latency table no.json"),
+])
+def test_latency_command_refuses_bad_input(args: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = latency_main(args)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "b").exists()
+
+
+def test_latency_measure_command(capsys) -> None:
+    assert latency_main(["measure", "--spec", str(SMALL), "--input", "1x28x28"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["latency_ms"] > 0 and facts["peak_memory_int8"] == peak_activations(build(SMALL, (1, 28, 28), 10),
+                                                                                       (1, 28, 28))
+    assert facts["peak_memory_fp32"] == 4 * facts["peak_memory_int8"]
+
+
+def test_student_metadata_keys(trained_student, mini_dataset) -> None:
+    meta = student_metadata(trained_student, mini_dataset, SearchConfig(flops_budget=1))
+    assert {"spec", "input_shape", "mean", "std", "classes", "num_classes", "config", "versions"} <= set(meta)
+
+
+def test_export_onnx_without_int8(trained_student, mini_dataset, tmp_path: Path) -> None:
+    facts = export_onnx(trained_student, mini_dataset, {}, tmp_path, int8=False)
+    assert "int8_test_acc" not in facts and facts["onnx_opset"] == 20
+
+
+def test_search_on_a_table_with_a_memory_budget_and_a_latency_front(tmp_path: Path, mini_fashion_dir: Path) -> None:
+    """End to end: latencies predicted from a table, a memory budget, and accuracy vs latency as
+    the Pareto objectives; the report draws the latency front."""
+    import yaml
+
+    from tests.conftest import search_cli
+
+    space_file = tmp_path / "tiny.yaml"
+    space_file.write_text(yaml.safe_dump(TINY_SPACE))
+    space = load_space(str(space_file))
+    export_blocks(space, (1, 28, 28), 10, tmp_path / "blocks", progress=lambda m: None)
+    table_file = tmp_path / "table.json"
+    table_file.write_text(json.dumps(time_folder(tmp_path / "blocks", runs=50, log=lambda m: None)))
+    table = LatencyTable.load(table_file, space, (1, 28, 28), 10, "fp32")
+    memory_budget = 15000
+    study, _ = search_cli(tmp_path, tmp_path / "cache", mini_fashion_dir, "--search-space", str(space_file),
+                          "--memory-budget", str(memory_budget), "--latency-table", str(table_file), "--objective",
+                          "pareto", "--pareto-cost", "latency_ms", "--trial-score", "macs", "--trials", "6",
+                          "--teachers", "resnet8", "--teacher-epochs", "1", "--subset", "300", "--final-epochs", "0",
+                          "--seed", "1", "--quiet")
+    feasible = infeasible = 0
+    for t in study.trials:
+        spec = Spec.parse(t.user_attrs["spec"])
+        peak = peak_activations(build(spec, (1, 28, 28), 10), (1, 28, 28))
+        assert t.user_attrs["peak_memory_int8"] == peak
+        assert t.constraints["memory"] == pytest.approx(peak / memory_budget - 1)
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            feasible += 1
+            assert t.user_attrs["latency_ms"] == pytest.approx(table.predict(spec), abs=1e-4)
+            assert t.values[1] == pytest.approx(table.predict(spec))  # the second objective is the latency
+        else:  # over the memory budget: rejected before its latency was asked for
+            infeasible += 1
+            assert peak > memory_budget and "latency_ms" not in t.user_attrs
+    assert feasible >= 1 and infeasible >= 1  # the budget splits this space
+    report = (tmp_path / "studies" / "s" / "report.html").read_text()
+    assert "vs latency (ms)" in report and "budget" in report
