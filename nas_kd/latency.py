@@ -190,8 +190,9 @@ def measure_latency(spec: Spec, input_shape: tuple[int, int, int], num_classes: 
 
     int8 models are quantised with `calibration` images (random ones when None: the ranges do not
     change the time)."""
-    torch.manual_seed(0)
-    model = build(spec, input_shape, num_classes, channels_last=False)
+    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's random state untouched
+        torch.manual_seed(0)
+        model = build(spec, input_shape, num_classes, channels_last=False)
     data = to_onnx(model, input_shape)
     if precision == "int8":
         if calibration is None:
@@ -359,9 +360,11 @@ def export_blocks(space: SearchSpace, input_shape: tuple[int, int, int], num_cla
         files[precision][noop] = f"{precision}/noop.onnx"
     rng = np.random.default_rng(0)
     for i, layer in enumerate(layers):
-        torch.manual_seed(0)
         shape = (layer.cin, layer.h, layer.w)
-        data = to_onnx(layer.module(), shape, dynamic_batch=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = layer.module()
+        data = to_onnx(module, shape, dynamic_batch=False)
         for precision in precisions:
             name = f"{precision}/{i:04d}.onnx"
             blob = data if precision == "fp32" else quantize_int8(

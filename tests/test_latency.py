@@ -405,3 +405,13 @@ def test_search_on_a_table_with_a_memory_budget_and_a_latency_front(tmp_path: Pa
     assert feasible >= 1 and infeasible >= 1  # the budget splits this space
     report = (tmp_path / "studies" / "s" / "report.html").read_text()
     assert "vs latency (ms)" in report and "budget" in report
+
+
+def test_measuring_latency_leaves_the_random_state_alone() -> None:
+    """A trial's training is seeded after its latency is measured; the measurement must not move
+    the global generator either (it builds its spec under a seed of its own)."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    measure_latency(Spec.parse("c8|basic_d1_w8_s1_k3_e1"), (1, 8, 8), 3, runs=50)
+    assert torch.equal(torch.rand(3), expected)
