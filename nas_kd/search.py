@@ -123,14 +123,17 @@ def _ckpt(text: str) -> tuple[str, str]:
 EPILOG = """
 budgets: MACs (multiply-accumulates of one forward pass of one input image) as counted by
 ptflops' aten backend: convolutions and linear layers, which is what the NAS literature calls
-"FLOPs". K/M/G are decimal: 50M = 50e6. A student over any budget is recorded as infeasible and
-never trained.
+"FLOPs". K/M/G are decimal: 50M = 50e6. --latency-budget is one image, batch 1, through the
+student's ONNX model with ONNX Runtime (us or ms), measured here or predicted from
+--latency-table; --memory-budget is peak int8 activation memory in bytes (MCUNet). A student over
+any budget is recorded as infeasible and never trained.
 
 outputs (OUT_DIR defaults to ./studies):
   OUT_DIR/<study>.db                Optuna storage (unless --storage); open it with
                                     optuna-dashboard sqlite:///studies/<study>.db
   OUT_DIR/<study>/report.html       self-contained Pareto report; trials.csv beside it
-  OUT_DIR/<study>/winner/           model.safetensors (weights + spec + config) and metrics.json
+  OUT_DIR/<study>/winner/           model.safetensors (weights + spec + config), model.onnx and
+                                    model.int8.onnx (checked with ONNX Runtime), metrics.json
   OUT_DIR/cache/teachers/           trained teachers, reused by later searches
 
 examples:
