@@ -14,8 +14,9 @@ classes), on this machine, with ONNX Runtime (fp32, batch 1, `--threads` intra-o
   compared with its measured latency: the share within +-10% (nn-Meter's figure), Spearman, and
   the mean absolute percentage error.
 
-Measurements and tables are kept in benchmarks/results/latency.json as they finish, so a killed
-run resumes. Timings are only comparable within one run on an otherwise idle machine.
+Measurements and tables are kept in benchmarks/results/latency.json as they finish, and the
+exported layers under --blocks, so a killed run resumes. Timings are only comparable within one
+run on an otherwise idle machine: run nothing else meanwhile.
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ def main() -> int:
     parser.add_argument("--specs", type=int, default=50, help="random specs per space (default 50)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1)")
     parser.add_argument("--results", type=Path, default=RESULTS / "latency.json")
+    parser.add_argument("--blocks", type=Path, default=Path("studies/bench-latency"),
+                        help="where the spaces' layers are exported (kept between runs)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = ResultsFile(args.results)
-    run = settings_id({"machine": machine(), "threads": args.threads, "runs": RUNS, "input": INPUT, "v": 1})
+    # v1 was measured while tests ran on the same cores: its timings are not evidence
+    run = settings_id({"machine": machine(), "threads": args.threads, "runs": RUNS, "input": INPUT, "v": 2})
     print(f"{machine()}; ONNX Runtime {args.threads} thread(s); results key {run}", flush=True)
     pooled_macs: list[float] = []
     pooled_ms: list[float] = []
@@ -78,11 +82,12 @@ def main() -> int:
             cvs.append(statistics.stdev(entry["ms"]) / statistics.mean(entry["ms"]))
         key = f"{run}|{name}"
         if (table_entry := results.get("tables", key)) is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                start = time.perf_counter()
-                export_blocks(space, INPUT, CLASSES, Path(tmp), progress=lambda m, n=name: print(f"  {n}: {m}", flush=True))
-                exported = time.perf_counter() - start
-                table = time_folder(Path(tmp), args.threads, log=lambda m, n=name: print(f"  {n}: {m}", flush=True))
+            folder = args.blocks / name  # kept, so that a killed run times them without exporting again
+            start = time.perf_counter()
+            if not (folder / "manifest.json").is_file():
+                export_blocks(space, INPUT, CLASSES, folder, progress=lambda m, n=name: print(f"  {n}: {m}", flush=True))
+            exported = time.perf_counter() - start
+            table = time_folder(folder, args.threads, log=lambda m, n=name: print(f"  {n}: {m}", flush=True))
             table_entry = {"table": table, "export_seconds": round(exported, 1),
                            "time_seconds": round(time.perf_counter() - start - exported, 1)}
             results.put("tables", key, table_entry)
