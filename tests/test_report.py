@@ -346,6 +346,7 @@ def test_report_main_bad_input(case: str, e2e_run: dict, tmp_path: Path, capsys:
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TITLES = ["Validation accuracy vs MACs (second tick row: compression vs the largest teacher)",
           "Validation accuracy vs parameters (second tick row: compression vs the largest teacher)",
+          "Validation accuracy vs latency (ms)",  # trials carry latency_ms: the third front
           "Validation accuracy of each trial during its training (what the pruner saw)"]
 
 
