@@ -73,6 +73,14 @@ def quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.getLogger("ptflops").setLevel(logging.ERROR)
+    # "Trial N failed with value nan": nas_kd logs the trial's reason itself
+    logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)
+
+
+def bars_shown(progress: bool) -> bool:
+    """Whether progress bars are drawn: asked for, and stderr is a terminal (tqdm's own rule).
+    When they are not, long loops log one line per trial or epoch instead."""
+    return progress and sys.stderr.isatty()
 
 
 def log(message: str) -> None:

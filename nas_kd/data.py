@@ -129,14 +129,20 @@ def load_dataset(name: str, data_dir: Path | None = None, val_fraction: float = 
     return Dataset(name, train, val, test, raw.classes, mean, std, raw.augment)
 
 
+MIN_CARVED_PER_CLASS = 3  # images of every class a carved split (validation, test) keeps at least
+
+
 def _carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Split off `fraction` of the images, stratified by class, with a fixed seed."""
+    """Split off `fraction` of the images, stratified by class, with a fixed seed. Every class
+    gives at least MIN_CARVED_PER_CLASS images (so a small dataset's validation split still
+    measures every class), but no more than a third of its images (at least one of two; none
+    of a class of one: the rest train)."""
     g = torch.Generator().manual_seed(seed)
     taken = []
     for c in torch.unique(split.y):
         idx = torch.nonzero(split.y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
-        taken.append(idx[: max(1, round(len(idx) * fraction))])
+        taken.append(idx[: min(max(MIN_CARVED_PER_CLASS, round(len(idx) * fraction)), max(1, len(idx) // 3) if len(idx) > 1 else 0)])
     carved = torch.sort(torch.cat(taken)).values
     keep = torch.ones(len(split), dtype=torch.bool)
     keep[carved] = False

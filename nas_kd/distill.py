@@ -50,7 +50,7 @@ def criterion_stages(criterion: Criterion, epochs: int, fraction: float) -> tupl
 def distill(student: Network, batches: BatchIterator, targets: TargetSource | None, criterion: Criterion,
             cfg: TrainConfig, epochs: int, on_epoch: Callable[[int], None] | None = None,
             desc: str = "distill", progress: bool = True, two_stage: float = 0.0,
-            on_step: Callable[[int], None] | None = None) -> float:
+            on_step: Callable[[int], None] | None = None, epoch_lines: bool = False) -> float:
     """Train `student` (and the criterion's adapters) for `epochs`; returns training seconds.
 
     With `two_stage` > 0 the first `two_stage` of the epochs train on the feature losses only and
@@ -71,13 +71,14 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
     modules = nn.ModuleDict({"student": student, "criterion": criterion})
     first, second = criterion_stages(criterion, epochs, two_stage)
     if not first:
-        return fit(modules, batches, step_of(None), cfg, epochs, on_epoch, desc, progress, on_step=on_step)
+        return fit(modules, batches, step_of(None), cfg, epochs, on_epoch, desc, progress, on_step=on_step,
+                   epoch_lines=epoch_lines)
 
     offset = first * len(batches)
     seconds = fit(modules, batches, step_of("features"), cfg, first, on_epoch, f"{desc} align", progress,
-                  on_step=on_step)
+                  on_step=on_step, epoch_lines=epoch_lines)
     return seconds + fit(modules, batches, step_of("logits"), cfg, second, on_epoch, desc, progress, first_epoch=first,
-                         on_step=None if on_step is None else lambda n: on_step(offset + n))
+                         on_step=None if on_step is None else lambda n: on_step(offset + n), epoch_lines=epoch_lines)
 
 
 def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import socket
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -15,6 +19,7 @@ from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
 from nas_kd.cost import Budget, Cost, count
 from nas_kd.data import BatchIterator, Dataset, Split, seeded_subset
 from nas_kd.distill import criterion_for, criterion_stages, distill
+from nas_kd.errors import InputError
 from nas_kd.latency import memory_facts
 from nas_kd.proxies import naswot, synflow
 from nas_kd.space import SearchSpace
@@ -108,6 +113,56 @@ def record_cost(trial: optuna.Trial, spec: Spec, cost: Cost, reference: Cost, bu
 
 
 def run_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, float]:
+    """Score one sampled spec. A failure inside the trial (a loss that turned NaN or infinite, an
+    out-of-memory error, any other exception) fails this trial alone: its reason and traceback go
+    in its user attributes, the memory it held is released, and NaN is returned, which Optuna
+    records as FAIL (`study.run` stops the study after MAX_FAILURES_IN_A_ROW of them)."""
+    try:
+        return score_trial(ctx, trial)
+    except (optuna.TrialPruned, InputError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - a trial's failure must not end the study
+        reason = failure_reason(e, ctx.train.lr)
+        trace = "".join(traceback.format_exception(e)[-TRACEBACK_LINES:])
+    # out of the except block the traceback, and the frames that held the model, are gone
+    release_memory()
+    trial.set_user_attr(FAIL_ATTR, reason)
+    trial.set_user_attr(FAIL_TRACE_ATTR, trace)
+    nan = float("nan")
+    return (nan, nan) if ctx.pareto else nan
+
+
+FAIL_ATTR = "fail_reason"  # why a trial failed (one line), with what to change
+FAIL_TRACE_ATTR = "fail_traceback"  # the last lines of its traceback, for bug reports
+TRACEBACK_LINES = 12
+MAX_FAILURES_IN_A_ROW = 5  # failed trials in a row after which a search stops (study.run)
+
+
+def failure_reason(error: BaseException, lr: float) -> str:
+    """One line: what failed inside a trial, and the likely remedy."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, FloatingPointError):
+        return (f"diverged: {text}; the likely cause is a learning rate too high (--lr {lr:g}) or a loss "
+                "weight too large (--distill)")
+    if isinstance(error, torch.OutOfMemoryError):
+        return (f"out of memory: {text[:200]}; lower --batch-size or the budget, or run on the CPU "
+                "(--device cpu)")
+    return f"{type(error).__name__}: {text}"
+
+
+def release_memory() -> None:
+    """Free what a failed trial held: Python's cycles, then the CUDA cache, so an out-of-memory
+    trial does not leave the next one short of device memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+WORKER_ATTR = "worker"  # "host:pid" of the process that ran the trial (many workers, one study)
+
+
+def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, float]:
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
     spec = ctx.space.sample(trial)
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes)
     memory = memory_facts(model, ctx.dataset.input_shape)

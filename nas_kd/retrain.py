@@ -21,7 +21,7 @@ import torch
 
 from nas_kd.arch import Network, Spec, build
 from nas_kd.cli import fail, log, quiet_libraries, study_parser
-from nas_kd.config import SearchConfig, from_dict
+from nas_kd.config import SearchConfig, adapt_schedule, from_dict
 from nas_kd.cost import count
 from nas_kd.data import Dataset, load_dataset
 from nas_kd.distill import criterion_for, distill, retrain_targets
@@ -45,7 +45,7 @@ def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
     criterion = criterion_for(model, cfg.distill, ensemble.feature_channels)
     batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress)
     seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc="retrain", progress=progress,
-                      two_stage=cfg.distill.two_stage)
+                      two_stage=cfg.distill.two_stage, epoch_lines=True)
     return model.eval(), seconds
 
 
@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.onnx:
             require_runtime()  # before any training
         dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None).to(resolve_device(cfg.device))
+        cfg, schedule_text = adapt_schedule(cfg, len(dataset.train))
+        log(schedule_text)
         ensemble = ensemble_from_config(cfg, dataset, not args.quiet, log)
         check_same_teachers(study, ensemble_summary(ensemble))
         if online:

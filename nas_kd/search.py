@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from nas_kd.arch import Spec, build
 from nas_kd.baselines import check_prunable, pruned_baseline
 from nas_kd.blockwise import BlockwiseScorer, most_accurate
-from nas_kd.cli import OneLineParser, base_parser, fail, log, number, quiet_libraries
-from nas_kd.config import SearchConfig, from_dict, parse_distill
+from nas_kd.cli import OneLineParser, bars_shown, base_parser, fail, log, number, quiet_libraries
+from nas_kd.config import SearchConfig, adapt_schedule, from_dict, parse_distill
 from nas_kd.cost import Budget, format_count, parse_count
 from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.distill import check_two_stage
@@ -38,6 +38,8 @@ from nas_kd.latency import (
 )
 from nas_kd.losses import LOSSES, Criterion, loss_class, recipe_features, recipe_uses_teachers
 from nas_kd.objective import (
+    FAIL_ATTR,
+    REPEAT_ATTR,
     TRAINED_SCORES,
     TRIAL_SCORES,
     run_trial,
@@ -47,7 +49,7 @@ from nas_kd.objective import (
     trial_score,
     was_trained,
 )
-from nas_kd.report import write_report
+from nas_kd.report import status, write_report
 from nas_kd.retrain import finish_retrain
 from nas_kd.space import SHIPPED, SearchSpace, describe, load_space
 from nas_kd.study import (
@@ -59,12 +61,14 @@ from nas_kd.study import (
     STUDY_ATTR,
     WINNER_ATTR,
     check_same_teachers,
+    check_study_name,
     check_url,
     default_study_name,
     open_storage,
     open_study,
     run,
     storage_url,
+    study_training,
     update_study_attr,
 )
 from nas_kd.teachers import (
@@ -227,6 +231,14 @@ def build_parser() -> OneLineParser:
                    help="the second objective of --objective pareto: macs (default) or latency_ms")
     g.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT_DIR/<study>.db; postgresql://... "
                                      "lets several workers share one study)")
+    g.add_argument("--study-trials", type=_positive(int, "--study-trials"), metavar="N",
+                   help="stop once the study holds N trials' worth of training from all its workers and runs "
+                        "together (instead of --trials more in this run): workers started with the same "
+                        "command share the work (README, 'Many workers, one study')")
+    g.add_argument("--worker", action="store_true",
+                   help="one of several processes sharing a study (--storage postgresql://...): run trials only; "
+                        "no retrain, no pruned baseline and no report, which `python -m nas_kd.retrain` then "
+                        "makes once")
     g.add_argument("--study-name", help="the same name resumes a study (default: derived from dataset, budget "
                                         "and a hash of the settings trials depend on)")
     g = p.add_argument_group("distillation")
@@ -247,6 +259,15 @@ def build_parser() -> OneLineParser:
     g.add_argument("--augment", action="store_true",
                    help="padding-crop and flip augmentation on whole batches (off by default: it costs "
                         "accuracy at short schedules; worth it from ~10 epochs on)")
+    g.add_argument("--min-steps", type=_positive(int, "--min-steps", 0), default=DEFAULTS.min_steps, metavar="N",
+                   help=f"small datasets: teachers trained here and the retrain make at least N optimizer steps, "
+                        f"a trial N/20; their epochs are raised to reach them (default {DEFAULTS.min_steps}, which "
+                        "changes nothing on Fashion-MNIST; 0 = off)")
+    g.add_argument("--teacher-min-gain", type=_fraction("--teacher-min-gain"), default=DEFAULTS.teacher_min_gain,
+                   metavar="FRACTION",
+                   help="stop the run when a teacher's validation accuracy closes less than this share of the gap "
+                        f"from chance to 100%% (default {DEFAULTS.teacher_min_gain:g}: below 19%% for 10 classes); "
+                        "0 = accept any teacher")
     g = p.add_argument_group("final model")
     g.add_argument("--final-epochs", type=_positive(int, "--final-epochs", 0), default=DEFAULTS.final_epochs,
                    help=f"epochs of the winner's retrain (default {DEFAULTS.final_epochs}; 0 = no retrain)")
@@ -266,7 +287,11 @@ def build_parser() -> OneLineParser:
                    help="auto: the GPU when there is one (default)")
     g.add_argument("--out-dir", default=DEFAULTS.out_dir, help="where storage, reports and exports go (default studies)")
     g.add_argument("--cache-dir", help="where trained teachers are cached (default OUT_DIR/cache)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--heartbeat", type=_positive(int, "--heartbeat"), default=DEFAULTS.heartbeat, metavar="SECONDS",
+                   help=f"a running trial writes a heartbeat every SECONDS (default {DEFAULTS.heartbeat}); a trial "
+                        "silent for 3x that (its process was killed) is failed and retried once by the next run "
+                        "or another worker")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, one log line per trial and epoch")
     return p
 
 
@@ -304,7 +329,8 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
                  "search_space", "trials", "timeout", "trial_epochs", "objective", "storage", "study_name",
                  "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score",
                  "bn_recalibration", "trial_reports", "pruner", "sampler", "latency_precision", "latency_threads",
-                 "latency_table", "memory_budget", "pareto_cost"):
+                 "latency_table", "memory_budget", "pareto_cost", "min_steps", "teacher_min_gain", "study_trials",
+                 "heartbeat"):
         flag(name)
     flag("latency_budget", "latency_budget_ms")
     flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])
@@ -326,6 +352,8 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
         base["shipped_teachers"] = False
     if args.no_onnx:
         base["onnx"] = False
+    if args.worker:
+        base["worker"] = True
     return from_dict(SearchConfig, base)
 
 
@@ -333,6 +361,8 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     if all(getattr(cfg, k) is None for k in ("flops_budget", "params_budget", "latency_budget_ms", "memory_budget")):
         raise InputError("give a budget: --flops-budget (MACs, e.g. 50M), --params-budget (e.g. 500K), "
                          "--latency-budget (e.g. 2ms) and/or --memory-budget (e.g. 256K)")
+    if cfg.study_name is not None:
+        check_study_name(cfg.study_name)
     if cfg.trial_score not in TRIAL_SCORES:
         raise InputError(f"unknown trial score {cfg.trial_score!r}; known: {', '.join(TRIAL_SCORES)}")
     if cfg.sampler not in SAMPLERS:
@@ -369,6 +399,11 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     Criterion(cfg.distill.weights(), [8], [[8]], cfg.distill.temperature)  # weights and temperature
     check_two_stage(cfg.distill)
     check_weighting(cfg.distill.ensemble_weighting)
+    if cfg.heartbeat < 1 or (cfg.study_trials is not None and cfg.study_trials < 1):
+        raise InputError(f"heartbeat must be >= 1 s and study_trials >= 1, got {cfg.heartbeat} and {cfg.study_trials}")
+    if cfg.min_steps < 0 or not 0 <= cfg.teacher_min_gain < 1:
+        raise InputError(f"min_steps must be >= 0 and teacher_min_gain in [0, 1), got {cfg.min_steps} and "
+                         f"{cfg.teacher_min_gain}")
     for key in ("trial_epochs", "teacher_epochs", "ensemble_views"):
         if getattr(cfg, key) < 1:
             raise InputError(f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -460,6 +495,26 @@ def trial_text(cfg: SearchConfig, images: int) -> str:
             f"pruner {pruner}")
 
 
+def trial_line(trial: optuna.trial.FrozenTrial) -> str:
+    """One log line for a finished trial: number, state, spec, MACs, score, seconds (and why it
+    was not trained, or failed)."""
+    a = trial.user_attrs
+    score = trial_score(trial) if was_trained(trial) else None
+    seconds = trial.duration.total_seconds() if trial.duration else 0.0
+    parts = [f"trial {trial.number} {status(trial)}", a.get("spec", "?"),
+             f"{format_count(a['macs'])} MACs" if "macs" in a else "", f"score {score:.4f}" if score is not None else "",
+             f"{seconds:.1f} s"]
+    if trial.state == optuna.trial.TrialState.FAIL and FAIL_ATTR in a:
+        parts.append(a[FAIL_ATTR])
+    elif REPEAT_ATTR in a:
+        parts.append(f"repeat of trial {a[REPEAT_ATTR]}: not trained again")
+    elif trial.state == optuna.trial.TrialState.PRUNED and not was_trained(trial):
+        # the named constraints; "0" is the legacy list optuna-dashboard reads
+        violated = [k for k, v in trial.constraints.items() if v > 0 and not k.isdigit()]
+        parts.append(f"over budget ({', '.join(violated)}): not trained" if violated else "not trained")
+    return ": ".join([parts[0], ", ".join(p for p in parts[1:] if p)])
+
+
 def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: float) -> str:
     info = study.user_attrs.get(STUDY_ATTR, {})
     winner = study.user_attrs.get(WINNER_ATTR)
@@ -507,6 +562,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         raise InputError(f"no student of search space {space.name!r} fits {budget}: the smallest reach "
                          f"{format_count(min_macs.macs)} MACs ({min_macs_spec}) and {format_count(min_params.params)} "
                          f"params at input {'x'.join(map(str, dataset.input_shape))}; raise the budget or use another space")
+    cfg, schedule_text = adapt_schedule(cfg, len(dataset.train))
     latency, latency_text = latency_meter(cfg, space, dataset.input_shape, dataset.num_classes)
     check_reachable(cfg, space, dataset.input_shape, dataset.num_classes, [min_macs_spec, min_params_spec], latency)
     if cfg.pruned_baseline:
@@ -516,6 +572,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         f"images of {'x'.join(map(str, dataset.input_shape))}, {dataset.num_classes} classes; device {device}")
     dataset = dataset.to(device)
     log(f"search space {describe(space)}; budget {budget}")
+    log(schedule_text)
     log(latency_text)
     if (warning := budget_warning(budget, teacher_names(cfg), dataset.input_shape, dataset.num_classes)):
         log(warning)
@@ -523,7 +580,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     keys = guarded(cfg, space_id(space))
     name = cfg.study_name or default_study_name(keys)
     url = storage_url(cfg.storage, name, Path(cfg.out_dir))
-    study = open_study(open_storage(url), name, cfg.objective == "pareto", cfg.seed, keys, cfg.pruner,
+    study = open_study(open_storage(url, interval=cfg.heartbeat), name, cfg.objective == "pareto", cfg.seed, keys, cfg.pruner,
                        cfg.trial_reports, cfg.sampler)
     if cfg.objective == "pareto" and cfg.pruner != "none":
         log("--objective pareto: trials are not pruned (Optuna cannot prune multi-objective studies); "
@@ -558,7 +615,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         log(f"block-wise scores against teacher {best.name}; {len(scorer.scores)} stage scores from earlier trials")
     elif recipe_uses_teachers(cfg.distill.weights()):
         # without augmentation the retrain sees the same pixels every epoch: cache its targets too
-        whole = cfg.final_epochs > 0 and not cfg.train.augment and CachedTargets.fits(
+        whole = cfg.final_epochs > 0 and not cfg.worker and not cfg.train.augment and CachedTargets.fits(
             ensemble, dataset.input_shape, len(dataset.train), views, features, cfg.target_cache_gb)
         cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
                               augment=cfg.train.augment, indices=None if whole else subset)
@@ -573,7 +630,11 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
                bar_format="{l_bar}{bar}| {n:.2f}/{total} [{elapsed}<{remaining}{postfix}]")
     pruned = []
 
+    lines = not bars_shown(progress)  # no bars (--quiet, or stderr is a log file): a line per trial
+
     def on_trial(trial: optuna.trial.FrozenTrial) -> None:
+        if lines:
+            log(trial_line(trial))
         if was_trained(trial):
             bar.update(training_done(trial))
             if trial.state == optuna.trial.TrialState.PRUNED:
@@ -583,13 +644,20 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
 
     out = Path(cfg.out_dir) / name
     try:
-        trained = run(study, lambda trial: run_trial(ctx, trial), cfg.trials, cfg.timeout, on_trial)
+        trained = run(study, lambda trial: run_trial(ctx, trial), cfg.trials, cfg.timeout, on_trial,
+                      study_target=cfg.study_trials)
     finally:
         bar.close()
-        write_report(study, out)
+        if not cfg.worker:  # workers leave the report to the one retrain after them
+            write_report(study, out)
     done = f" ({len(pruned)} pruned, {trained - len(pruned) + sum(pruned):.2f} trials' worth of training)" if pruned else ""
-    log(f"{trained} trials trained in this run{done}; report {out / 'report.html'}")
-    if cfg.final_epochs > 0:
+    if cfg.worker:
+        log(f"{trained} trials trained by this worker{done}; the study holds "
+            f"{study_training(study):.2f} trials' worth. When every worker is done, run once: "
+            f"python -m nas_kd.retrain --study-name {name} --storage '{url}'")
+    else:
+        log(f"{trained} trials trained in this run{done}; report {out / 'report.html'}")
+    if cfg.final_epochs > 0 and not cfg.worker:
         finish_retrain(study, dataset, ensemble, cfg, progress, log, targets)
         if cfg.pruned_baseline:
             pruned_baseline(study, dataset, ensemble, cfg, out, progress, log, targets)

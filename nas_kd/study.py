@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from nas_kd.errors import InputError
-from nas_kd.objective import REPEAT_ATTR, training_done, was_trained
+from nas_kd.objective import FAIL_ATTR, MAX_FAILURES_IN_A_ROW, REPEAT_ATTR, training_done, was_trained
 
 STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, reference
 WINNER_ATTR = "winner"  # study user attribute: the retrained winner's final numbers
@@ -63,13 +64,34 @@ def default_study_name(guarded: dict[str, Any]) -> str:
     """'fashion-mnist-macs50M-<hash>': the same flags resume the same study, other flags start anew."""
     from nas_kd.cost import format_count
 
-    parts = [str(guarded["dataset"]).replace(":", "_").replace("/", "_")]
+    parts = [_NOT_IN_NAMES.sub("_", str(guarded["dataset"])).lstrip(".")]
     if guarded.get("flops_budget"):
         parts.append(f"macs{format_count(guarded['flops_budget'])}")
     if guarded.get("params_budget"):
         parts.append(f"params{format_count(guarded['params_budget'])}")
     digest = hashlib.sha1(json.dumps(guarded, sort_keys=True, default=str).encode()).hexdigest()[:6]
     return "-".join(parts + [digest])
+
+
+# characters a study name may not hold: path separators, and what some file systems refuse
+_NOT_IN_NAMES = re.compile(r'[/\\<>:"|?*\x00-\x1f\x7f]')
+MAX_NAME = 200  # bytes; with '.db' and a suffix it stays under the usual 255-byte file name limit
+
+
+def check_study_name(name: str) -> str:
+    """Refuse a study name that would escape --out-dir or cannot be a file name: the storage
+    `OUT_DIR/<name>.db` and the folder `OUT_DIR/<name>/` are made from it, and `report` and
+    `retrain` take names from storages that other users may share."""
+    bad = _NOT_IN_NAMES.search(name)
+    why = ("it is empty" if not name.strip() else
+           f"it holds {bad.group()!r}" if bad else
+           "it starts with '.'" if name.startswith(".") else
+           f"it is longer than {MAX_NAME} bytes" if len(name.encode()) > MAX_NAME else None)
+    if why:
+        shown = name if len(name) <= 60 else name[:60] + "..."
+        raise InputError(f"study name {shown!r} cannot name a file inside the output folder ({why}); use letters, "
+                         "digits, '-', '_' and '.', not starting with '.', e.g. fashion-macs50M")
+    return name
 
 
 def storage_url(url: str | None, study_name: str, out_dir: Path) -> str:
@@ -93,10 +115,12 @@ def check_url(url: str) -> None:
         if not parsed.database or parsed.database == ":memory:":
             raise InputError(f"storage URL {url!r} names no database file; expected sqlite:///PATH.db")
 
-def open_storage(url: str, heartbeat: bool = True, interval: int = 15, grace: int = 45) -> RDBStorage:
+def open_storage(url: str, heartbeat: bool = True, interval: int = 15) -> RDBStorage:
     """An RDB storage (SQLite or PostgreSQL). With heartbeats (every `interval` s), a trial whose
-    process died is marked failed once `grace` s pass without one, and re-queued once with the same
-    spec: a killed search that is started again retries the trial it was killed in."""
+    process died is marked failed once 3 x `interval` s pass without one, and re-queued once with
+    the same spec: a killed search that is started again, or another worker of the study, retries
+    the trial it was killed in."""
+    grace = 3 * interval
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -123,6 +147,7 @@ def open_storage(url: str, heartbeat: bool = True, interval: int = 15, grace: in
 
 def load_existing(url: str | None, name: str, out_dir: Path) -> optuna.Study:
     """A study that must already exist (for retrain and report), with a clear error if not."""
+    check_study_name(name)
     url = storage_url(url, name, out_dir)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         raise InputError(f"no storage at {url}; pass --storage with the URL the search used")
@@ -198,36 +223,61 @@ def update_study_attr(study: optuna.Study, key: str, values: dict[str, Any]) -> 
     study.set_user_attr(key, merged)
 
 
+def study_training(study: optuna.Study) -> float:
+    """Trials' worth of training the study holds, from every worker and run (`training_done`)."""
+    return sum(training_done(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                  TrialState.PRUNED)))
+
+
 def run(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trained: float, timeout: float | None,
         on_trial: Callable[[FrozenTrial], None] | None = None, max_rejections: int = 500,
-        max_repeats: int = 50) -> int:
+        max_repeats: int = 50, max_failures: int = MAX_FAILURES_IN_A_ROW, study_target: float | None = None) -> int:
     """Run trials until `trained` trials' worth of training was done in this call (a trial that
     ran to its end counts 1, a pruned one the share of its steps it trained: so pruning buys
     more candidates for the same time), `timeout` seconds passed, `max_rejections` specs in a
     row were over budget, or `max_repeats` in a row were specs the study had already scored (the
     sampler has converged: more trials would train nothing new). Budget rejections and repeats
-    count nothing. Returns the number of trials that trained."""
-    count = {"trials": 0, "work": 0.0, "rejected_in_a_row": 0, "repeats_in_a_row": 0}
+    count nothing. With `study_target`, `trained` is ignored: the run stops once the study holds
+    that many trials' worth of training from all its workers (each worker finishes the trial it
+    is in, so a study of N workers may end up to N - 1 trials over). A trial that failed (`objective.run_trial`) fails alone; after `max_failures`
+    in a row the study stops and `TooManyFailures` names the last one's reason. Returns the
+    number of trials that trained."""
+    count = {"trials": 0, "work": 0.0, "rejected_in_a_row": 0, "repeats_in_a_row": 0, "failed_in_a_row": 0}
+    last_failure: list[FrozenTrial] = []
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL and FAIL_ATTR in trial.user_attrs:
+            count["failed_in_a_row"] += 1  # rejections and repeats in between neither count nor reset it
+            last_failure[:] = [trial]
         if was_trained(trial) and trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
             count["trials"] += 1
             count["work"] += training_done(trial)
-            count["rejected_in_a_row"] = count["repeats_in_a_row"] = 0
+            count["rejected_in_a_row"] = count["repeats_in_a_row"] = count["failed_in_a_row"] = 0
         elif trial.state == TrialState.PRUNED:
             count["rejected_in_a_row"] += 1
         elif REPEAT_ATTR in trial.user_attrs:
             count["repeats_in_a_row"] += 1
         if on_trial is not None:
             on_trial(trial)
-        if (count["work"] >= trained - 1e-9 or count["rejected_in_a_row"] >= max_rejections
-                or count["repeats_in_a_row"] >= max_repeats):
+        done = count["work"] >= trained - 1e-9 if study_target is None else study_training(study) >= study_target - 1e-9
+        if (done or count["rejected_in_a_row"] >= max_rejections
+                or count["repeats_in_a_row"] >= max_repeats or count["failed_in_a_row"] >= max_failures):
             study.stop()
 
-    if trained > 0:
+    if (trained > 0 if study_target is None else study_training(study) < study_target - 1e-9):
         study.optimize(objective, timeout=timeout, callbacks=[callback], gc_after_trial=False,
                        show_progress_bar=False)
+    if count["failed_in_a_row"] >= max_failures:
+        last = last_failure[0]
+        raise TooManyFailures(f"stopped after {count['failed_in_a_row']} failed trials in a row (the last, trial "
+                              f"{last.number}: {last.user_attrs[FAIL_ATTR]}); every finished trial is kept in the "
+                              "storage")
     return count["trials"]
+
+
+class TooManyFailures(InputError):
+    """The study stopped because its trials kept failing: almost always a setting (the learning
+    rate, a loss weight, the batch size on a small GPU), so it is reported like bad input."""
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:

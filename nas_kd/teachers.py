@@ -9,11 +9,14 @@ probabilities*, mean_m softmax(z_m / T); its prediction is the argmax of that me
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -155,7 +158,15 @@ def save_model(model: nn.Module, path: Path, metadata: dict[str, str], dtype: to
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, str(tmp), metadata={**metadata, "weights_sha256": weights_digest(state)})
+    tmp.chmod(usual_mode())  # safetensors writes 0600; the files beside it follow the user's umask
     tmp.replace(path)
+
+
+def usual_mode() -> int:
+    """The mode a file created now gets from the user's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -216,7 +227,8 @@ def train_teacher(name: str, dataset: Dataset, epochs: int, seed: int, cfg: Trai
         return F.cross_entropy(model(batch.x), batch.y, label_smoothing=cfg.label_smoothing)
 
     seconds = fit(model, batches, step, cfg, epochs, desc=f"teacher {name}", progress=progress, checkpoint=checkpoint,
-                  on_epoch=None if on_epoch is None else lambda epoch: on_epoch(model, epoch))
+                  on_epoch=None if on_epoch is None else lambda epoch: on_epoch(model, epoch),
+                  epoch_lines=on_epoch is None)  # callers with on_epoch log their own lines
     return model, seconds
 
 
@@ -314,34 +326,122 @@ def load_teacher_file(file: TeacherFile, model: nn.Module) -> None:
 
 def load_or_train(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig, cache_dir: Path,
                   device: torch.device, checkpoint: Path | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print, shipped: bool = True) -> Teacher:
+                  log: Callable[[str], None] = print, shipped: bool = True, min_gain: float = 0.1) -> Teacher:
     """The user's checkpoint if given; else the most accurate (by recorded validation accuracy) of
     the shipped teacher for this data and the cached teachers of this architecture and data (the
     shipped one on a tie; cache files from before validation accuracy was recorded rank last);
-    else a teacher trained now for `epochs` and cached."""
+    else a teacher trained now for `epochs` and cached.
+
+    A cache file that cannot be loaded (truncated, damaged) is moved aside into
+    `cache_dir/teachers/broken/` with a warning, and the next candidate is taken, or the teacher
+    retrained: a broken cache heals. The user's checkpoint and shipped weights are never trained
+    over: those are refused. Training holds a lock on the cache entry, so processes sharing a
+    cache directory (search workers) train each teacher once; the others wait and load it. A
+    teacher whose training diverges, or whose validation accuracy stays near chance
+    (`near_chance` with `min_gain`), ends the run with one line."""
     cost = teacher_cost(name, dataset.input_shape, dataset.num_classes)
     model = build(teacher_spec(name), dataset.input_shape, dataset.num_classes)
     if checkpoint is not None:
         load_weights(model, checkpoint, f"teacher {name} ({dataset.num_classes} classes, input {dataset.input_shape})")
         source, path = str(checkpoint), checkpoint
+    elif (found := _load_best(name, dataset, cache_dir, shipped, model, log)) is not None:
+        source, path = found
     else:
-        candidates = ([f] if shipped and (f := shipped_teacher(name, dataset)) else [])
-        candidates += cached_teachers(name, dataset, cache_dir)
-        if candidates:
-            best = max(candidates, key=lambda f: (-1.0 if f.val_acc is None else f.val_acc, f.shipped))
-            load_teacher_file(best, model)
-            source, path = ("shipped" if best.shipped else "cache"), best.path
-        else:
-            path = cache_file(name, dataset, epochs, seed, cfg, cache_dir)
-            log(f"training teacher {name} ({cost.macs / 1e6:.1f}M MACs) for {epochs} epochs; cached at {path}")
-            model, seconds = train_teacher(name, dataset, epochs, seed, cfg, device, progress)
-            source = "trained"
-            save_teacher(model, path, name, dataset, epochs, seed, cfg, cost, seconds,
-                         f"python -m nas_kd.search (teacher {name}, --teacher-epochs {epochs}, seed {seed})")
+        path = cache_file(name, dataset, epochs, seed, cfg, cache_dir)
+        with cache_lock(path, lambda: log(f"teacher {name} is being trained by another process; waiting for it "
+                                          f"({path.with_suffix('.lock')})")):
+            found = _load_best(name, dataset, cache_dir, shipped, model, log)  # trained while this one waited
+            if found is not None:
+                source, path = found
+            else:
+                log(f"training teacher {name} ({cost.macs / 1e6:.1f}M MACs) for {epochs} epochs; cached at {path}")
+                try:
+                    model, seconds = train_teacher(name, dataset, epochs, seed, cfg, device, progress)
+                except FloatingPointError as e:
+                    raise InputError(f"teacher {name} diverged while training ({e}); lower --lr (it was "
+                                     f"{cfg.lr:g}) or pass your own weights with --teacher-ckpt {name}=PATH") from None
+                source = "trained"
+                save_teacher(model, path, name, dataset, epochs, seed, cfg, cost, seconds,
+                             f"python -m nas_kd.search (teacher {name}, --teacher-epochs {epochs}, seed {seed})")
     model = model.to(device).eval()
     val_logits = predict(model, dataset.val, dataset)
-    return Teacher(name, model, cost, accuracy(val_logits, dataset.val.y), source, val_logits, str(path),
-                   weights_digest(model.state_dict()))
+    teacher = Teacher(name, model, cost, accuracy(val_logits, dataset.val.y), source, val_logits, str(path),
+                      weights_digest(model.state_dict()))
+    if near_chance(teacher.val_acc, dataset.num_classes, min_gain):
+        what = {"trained": f"trained for {epochs} epochs", "shipped": "shipped", "cache": "cached"}.get(
+            source, "from your checkpoint")
+        raise InputError(f"teacher {name} ({what}: {path}) reaches only {teacher.val_acc:.1%} validation accuracy, "
+                         f"near chance ({1 / dataset.num_classes:.1%} for {dataset.num_classes} classes): distilling "
+                         "it would teach noise; train it longer (--teacher-epochs, --min-steps), check the dataset's "
+                         "labels, or lower --lr (--teacher-min-gain 0 accepts it)")
+    return teacher
+
+
+def near_chance(val_acc: float, num_classes: int, min_gain: float) -> bool:
+    """Whether `val_acc` closes less than `min_gain` of the gap between chance (1/K) and 1: with
+    the default 0.1, below 19% for 10 classes, 55% for 2; 0 accepts any."""
+    chance = 1 / num_classes
+    return min_gain > 0 and val_acc < chance + min_gain * (1 - chance)
+
+
+def _load_best(name: str, dataset: Dataset, cache_dir: Path, shipped: bool, model: nn.Module,
+               log: Callable[[str], None]) -> tuple[str, Path] | None:
+    """Load the best shipped or cached teacher file into `model`; returns (source, path), or None
+    when there is none. Cache files that fail to load are moved aside (`move_aside`) and skipped."""
+    for path in sorted((cache_dir / "teachers").glob(f"{name}-*.safetensors")):
+        try:
+            read_metadata(path)
+        except InputError as e:
+            _warn_moved(path, move_aside(path), str(e), log)
+    candidates = ([f] if shipped and (f := shipped_teacher(name, dataset)) else [])
+    candidates += cached_teachers(name, dataset, cache_dir)
+    while candidates:
+        best = max(candidates, key=lambda f: (-1.0 if f.val_acc is None else f.val_acc, f.shipped))
+        try:
+            load_teacher_file(best, model)
+        except InputError as e:
+            if best.shipped:
+                raise
+            _warn_moved(best.path, move_aside(best.path), str(e), log)
+            candidates.remove(best)
+            continue
+        return ("shipped" if best.shipped else "cache"), best.path
+    return None
+
+
+def move_aside(path: Path) -> Path:
+    """Move a broken cache file into `broken/` beside it (never overwriting); returns where it went."""
+    folder = path.parent / "broken"
+    folder.mkdir(parents=True, exist_ok=True)
+    target, n = folder / path.name, 1
+    while target.exists():
+        target, n = folder / f"{path.stem}.{n}{path.suffix}", n + 1
+    path.replace(target)
+    return target
+
+
+def _warn_moved(path: Path, aside: Path, why: str, log: Callable[[str], None]) -> None:
+    log(f"warning: cached teacher {path} cannot be loaded ({why}); moved it to {aside} and will use another "
+        "or train it again")
+
+
+@contextmanager
+def cache_lock(path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
+    """An exclusive lock on `path`'s cache entry (an flock on PATH.lock), held while a teacher is
+    trained into it: two processes, on one machine or sharing the cache folder, never train the same
+    teacher at once. `on_wait` runs once if another process holds it. The lock file is left in place
+    (removing it would race with a waiting process)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------- ensemble and targets
@@ -561,7 +661,7 @@ def ensemble_from_config(cfg: SearchConfig, dataset: Dataset, progress: bool = T
     for i, name in enumerate(teacher_names(cfg)):
         path = Path(ckpts[name]) if name in ckpts else None
         t = load_or_train(name, dataset, cfg.teacher_epochs, cfg.seed + i, cfg.train, cfg.cache_path(),
-                          dataset.train.x.device, path, progress, log, cfg.shipped_teachers)
+                          dataset.train.x.device, path, progress, log, cfg.shipped_teachers, cfg.teacher_min_gain)
         log(f"teacher {name}: {format_count(t.cost.macs)} MACs, {format_count(t.cost.params)} params, "
             f"val acc {t.val_acc:.4f} ({t.source}: {t.path})")
         members.append(t)

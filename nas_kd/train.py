@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from nas_kd.cli import bars_shown, log
 from nas_kd.config import TrainConfig
 from nas_kd.data import Batch, BatchIterator, Dataset, Split, eval_batches
 from nas_kd.errors import InputError
@@ -88,7 +89,7 @@ class Checkpoint:
 def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: TrainConfig, epochs: int,
         on_epoch: Callable[[int], None] | None = None, desc: str = "train", progress: bool = True,
         first_epoch: int = 0, checkpoint: Checkpoint | None = None,
-        on_step: Callable[[int], None] | None = None) -> float:
+        on_step: Callable[[int], None] | None = None, epoch_lines: bool = False) -> float:
     """Train every parameter of `modules` (a model, or a model with its adapters) for `epochs`.
 
     `step_loss(batch)` returns the scalar loss of one batch; `on_epoch(epoch)` runs after each
@@ -99,7 +100,8 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
     function of (seed, epoch), the resumed run takes the same steps as an uninterrupted one.
     `on_step(n)` runs after the n-th optimizer step of this call (n from 1; sub-epoch evaluation
     and pruning: it may raise; its time is not counted as training).
-    With `cfg.bf16` the losses are computed under bfloat16 autocast.
+    With `cfg.bf16` the losses are computed under bfloat16 autocast. With `epoch_lines`, when
+    no progress bar is drawn (`cli.bars_shown`), one line per epoch is logged instead.
     Returns the seconds spent training, evaluation callbacks excluded.
     """
     optimizer = make_optimizer(modules.named_parameters(), cfg)
@@ -116,17 +118,20 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
                              f"({str(e).splitlines()[0]}); delete it to start this training anew") from None
         seconds, start_epoch = state["seconds"], state["epoch"] + 1
     device_type = next(modules.parameters()).device.type
+    lines = epoch_lines and not bars_shown(progress)
     step_count = (start_epoch - first_epoch) * len(batches)
     for epoch in range(start_epoch, first_epoch + epochs):
         modules.train()
         start = time.perf_counter()
         bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"{desc} {epoch - first_epoch + 1}/{epochs}",
                    leave=False, disable=not progress or None, dynamic_ncols=True)
+        total = torch.zeros((), device=next(modules.parameters()).device)  # summed on the device: no sync a step
         for batch in bar:
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = step_loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}")
+            total += loss.detach().float()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -138,6 +143,9 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
                 modules.train()
                 start += time.perf_counter() - paused
         seconds += time.perf_counter() - start
+        if lines:
+            log(f"{desc} epoch {epoch - first_epoch + 1}/{epochs}: loss {total.item() / max(1, len(batches)):.4f}, "
+                f"{time.perf_counter() - start:.0f} s")
         if checkpoint is not None:
             checkpoint.save({"model": modules.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch, "seconds": seconds})

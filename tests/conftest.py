@@ -58,16 +58,20 @@ def search_cli(work: Path, cache: Path, data_dir: Path, *args: str, name: str = 
     the mini dataset; it must succeed. Returns the study and the run's output."""
     import optuna
 
-    result = run_cli("nas_kd.search", *args, "--study-name", name, "--cache-dir", str(cache), "--data-dir",
+    result = run_cli("nas_kd.search", *TINY_DATA_FLAGS, *args, "--study-name", name, "--cache-dir", str(cache), "--data-dir",
                      str(data_dir), cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{work / 'studies' / (name + '.db')}")
     return study, result.stdout + result.stderr
 
 
+# The mini dataset's teachers and students train for a few steps, to test the plumbing: no
+# raised epochs (--min-steps) and no refusal of a teacher near chance (--teacher-min-gain).
+TINY_DATA_FLAGS = ("--min-steps", "0", "--teacher-min-gain", "0")
+
 # The small search every end-to-end test reads: 2 trained trials of 1 epoch on 300 images.
 E2E_STUDY = "e2e"
-E2E_ARGS = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--trials", "2",
+E2E_ARGS = (*TINY_DATA_FLAGS, "--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--trials", "2",
             "--trial-epochs", "1", "--subset", "300", "--final-epochs", "1", "--study-name", E2E_STUDY,
             "--seed", "3", "--quiet")
 

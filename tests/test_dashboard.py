@@ -23,7 +23,7 @@ pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installe
 
 E2E_BUDGET = 12_000_000  # --flops-budget 12M in conftest.E2E_ARGS
 COST_ATTRS = {"spec", "macs", "params", "macs_compression", "params_compression", "peak_memory_fp32",
-              "peak_memory_int8", "weights_fp32", "weights_int8"}
+              "peak_memory_int8", "weights_fp32", "weights_int8", "worker"}
 # the latency is measured only of specs within the other bounds
 TRAINED_ATTRS = COST_ATTRS | {"latency_ms", "val_acc_curve", "val_acc_raw", "val_acc", "score", "score_kind", "naswot", "synflow",
                               "train_seconds", "eval_seconds", "recipe"}

@@ -192,8 +192,11 @@ def test_folder_dataset(tmp_path, mode, channels, with_test):
     assert ds.classes == ("ant", "bird", "cat")
     assert ds.input_shape == (channels, 10, 12)
     assert ds.augment == Augment(pad=1, flip=True)  # pad = max(1, 12 // 8)
-    n_test = 12 if with_test else 6  # 4 per class, or 20% of 10 per class
-    assert (len(ds.test), len(ds.val), len(ds.train)) == (n_test, 3, 27 if with_test else 21)
+    # 4 per class; or carved: 20% of 10 is 2, raised to 3 a class (MIN_CARVED_PER_CLASS, at most a third)
+    n_test = 12 if with_test else 9
+    # validation: 10% of 10 (or 7) is 1, raised to 3 a class (or 2: a third of 7)
+    n_val = 9 if with_test else 6
+    assert (len(ds.test), len(ds.val), len(ds.train)) == (n_test, n_val, 30 - n_val - (0 if with_test else n_test))
     for split in (ds.train, ds.val, ds.test):
         assert split.x.dtype == torch.uint8
         assert split.x.shape[1:] == (channels, 10, 12)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from nas_kd.errors import InputError
 from nas_kd.teachers import CachedTargets, Ensemble, Teacher, teacher_spec
 
 STUDENT = Spec.parse("c8|basic_d1_w8_s1_k3_e1|basic_d1_w16_s2_k3_e1")
+STEM = "stem.0.0.weight"  # the student's first convolution
 
 
 @pytest.mark.parametrize(("epochs", "fraction", "expected"), [
@@ -61,13 +64,39 @@ def test_stage_one_aligns_features_and_leaves_the_head_alone(mini_dataset) -> No
 
 
 def test_one_stage_trains_everything_at_once(mini_dataset) -> None:
+    """Without `two_stage`, every loss trains from the first step to the last. Over the two epochs
+    of the two-stage test above, the head, the stem and every cross-layer adapter move in each
+    epoch (two-stage training leaves the head still in epoch 1 and the adapters in epoch 2), and
+    the feature loss reaches the student's first layer: the same start trained on ce,kl alone
+    ends with another stem."""
+    torch.manual_seed(0)
     teacher = Teacher("resnet8", build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), None, 0.5, "test")  # type: ignore[arg-type]
     ensemble = Ensemble([teacher])
     student = build(STUDENT, mini_dataset.input_shape, 10)
-    criterion = criterion_for(student, DistillConfig(losses=parse_distill("ce,kl,at")), ensemble.feature_channels)
+    plain = copy.deepcopy(student)  # the same initial weights, for the run without the feature loss
+    criterion = criterion_for(student, DistillConfig(losses=parse_distill("ce,kl,crosslayer")), ensemble.feature_channels)
     batches = BatchIterator(mini_dataset.train, mini_dataset, 64, seed=0, views=1, augment=False, indices=torch.arange(128))
-    head0 = student.classifier.weight.detach().clone()
+    targets = CachedTargets(ensemble, batches, criterion.features, progress=False)
+
+    def watched() -> dict[str, torch.Tensor]:
+        adapters = {f"adapter {n}": p for n, p in criterion.named_parameters() if p.ndim == 4}  # the 1x1 convs
+        assert len(adapters) == 3  # one per stage of resnet8
+        return {n: p.detach().clone() for n, p in {"head": student.classifier.weight,
+                                                    "stem": student.get_parameter(STEM), **adapters}.items()}
+
+    snapshots = [watched()]
     seen = []
-    distill(student, batches, CachedTargets(ensemble, batches, criterion.features, progress=False), criterion,
-            TrainConfig(), 1, lambda e: seen.append(e), progress=False)
-    assert seen == [0] and not torch.equal(student.classifier.weight, head0)
+
+    def on_epoch(epoch: int) -> None:
+        seen.append(epoch)
+        snapshots.append(watched())
+
+    distill(student, batches, targets, criterion, TrainConfig(), 2, on_epoch, progress=False)
+    assert seen == [0, 1]
+    for epoch in (1, 2):
+        for name, before in snapshots[epoch - 1].items():
+            assert not torch.equal(snapshots[epoch][name], before), f"{name} did not move in epoch {epoch}"
+    distill(plain, batches, targets, criterion_for(plain, DistillConfig(losses=parse_distill("ce,kl")), []),
+            TrainConfig(), 2, progress=False)
+    difference = (plain.get_parameter(STEM) - student.get_parameter(STEM)).abs().max().item()
+    assert difference > 1e-3, "the feature loss does not reach the student's first layer"

@@ -4,22 +4,42 @@ the recipe reaches the trials' user attributes, the exported checkpoint's metada
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
+from nas_kd.config import DistillConfig, SearchConfig, from_dict
+from nas_kd.data import load_dataset
 from nas_kd.export import load_student
-from tests.conftest import run_cli, search_cli
+from nas_kd.retrain import retrain
+from nas_kd.teachers import ensemble_from_config
+from nas_kd.train import resolve_device
+from tests.conftest import TINY_DATA_FLAGS, run_cli, search_cli
 
 BASE = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--trials", "1",
         "--trial-epochs", "2", "--subset", "200", "--final-epochs", "2", "--seed", "1", "--quiet")
+PLAIN_KD = DistillConfig(losses=(("ce", 1.0), ("kl", 1.0)), temperature=4.0)  # Hinton et al. 2015: what each recipe changes
 
 
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One teacher cache for every run of this module: resnet8 is trained once."""
     return tmp_path_factory.mktemp("teachers")
+
+
+@pytest.fixture(scope="module")
+def winners() -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """(spec, recipe) -> the weights the recipe trained the spec to, filled by
+    `test_each_recipe_runs_and_is_recorded` to compare its recipes with each other and plain KD."""
+    return {}
+
+
+def float_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every floating-point entry of the state dict (parameters and BN statistics), on the CPU."""
+    return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
 def search(tmp_path: Path, cache: Path, data_dir: Path, *extra: str) -> tuple[optuna.Study, Path]:
@@ -35,7 +55,7 @@ def search(tmp_path: Path, cache: Path, data_dir: Path, *extra: str) -> tuple[op
     (("--distill", "ce,kl=2,hint", "--temperature", "2"), "ce=1,kl=2,hint=1 (T=2)"),
 ])
 def test_each_recipe_runs_and_is_recorded(flags: tuple[str, ...], recipe: str, tmp_path: Path, shared_cache: Path,
-                                          mini_fashion_dir: Path) -> None:
+                                          mini_fashion_dir: Path, winners: dict) -> None:
     study, out = search(tmp_path, shared_cache, mini_fashion_dir, *flags, "--no-onnx")
     trained = [t for t in study.trials if "val_acc_curve" in t.user_attrs]
     assert trained and all(t.user_attrs["recipe"] == recipe for t in trained)
@@ -48,6 +68,22 @@ def test_each_recipe_runs_and_is_recorded(flags: tuple[str, ...], recipe: str, t
     stored = meta["config"]["distill"]
     assert f"{stored['losses'][0][0]}" == "ce" and stored["temperature"] == float(recipe.split("T=")[1].split(",")[0].rstrip(")"))
     assert recipe.split(" ")[0] in (out / "report.html").read_text()
+    # the recipe drives the training: the same spec from the same seed ends elsewhere under plain
+    # KD (retrained here as the command retrains, once per module) and under each other recipe
+    cfg = from_dict(SearchConfig, meta["config"])
+    plain = (meta["spec"], PLAIN_KD.describe() + " from resnet8")
+    if plain not in winners:
+        plain_cfg = replace(cfg, teachers=("resnet8",), distill=PLAIN_KD)
+        dataset = load_dataset(cfg.dataset, mini_fashion_dir).to(resolve_device(cfg.device))
+        ensemble = ensemble_from_config(plain_cfg, dataset, progress=False, log=lambda _: None)
+        student, _ = retrain(model.spec, dataset, ensemble, plain_cfg, meta["metrics"]["final_epochs"], progress=False)
+        winners[plain] = float_weights(student)
+    weights = float_weights(model)
+    for (spec, other), theirs in winners.items():
+        if spec == meta["spec"]:
+            gap = max((weights[name] - value).abs().max().item() for name, value in theirs.items())
+            assert gap > 1e-3, f"{recipe} trains {spec} as {other} does"
+    winners[(meta["spec"], recipe)] = weights
 
 
 def test_blockwise_trial_score(tmp_path: Path, shared_cache: Path, mini_fashion_dir: Path) -> None:
@@ -67,7 +103,7 @@ def test_blockwise_trial_score(tmp_path: Path, shared_cache: Path, mini_fashion_
     metrics = json.loads((out / "winner" / "metrics.json").read_text())
     assert metrics["trial"] == max(trained, key=lambda t: t.value).number and 0 <= metrics["test_acc"] <= 1
     # resuming reads the stored stage scores back
-    result = run_cli("nas_kd.search", *BASE, "--study-name", "m", "--cache-dir", str(shared_cache), "--data-dir",
+    result = run_cli("nas_kd.search", *TINY_DATA_FLAGS, *BASE, "--study-name", "m", "--cache-dir", str(shared_cache), "--data-dir",
                      str(mini_fashion_dir), "--trial-score", "blockwise", "--trials", "1", "--final-epochs", "0",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -17,6 +17,7 @@ from nas_kd import retrain
 from nas_kd.arch import Spec, build
 from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
 from nas_kd.cost import count
+from nas_kd.data import load_dataset
 from nas_kd.errors import InputError
 from nas_kd.export import load_student
 from nas_kd.losses import Criterion, StudentOutput
@@ -29,6 +30,7 @@ from nas_kd.online import (
     train_online,
 )
 from nas_kd.teachers import Ensemble, Targets, Teacher
+from nas_kd.train import predict, resolve_device
 
 B, C, T = 6, 10, 4.0
 
@@ -201,6 +203,11 @@ def test_retrain_online_with_teachers(mini_dataset, tiny_ensemble: Ensemble, tmp
 # ---------------------------------------------------------------- the command
 
 
+def right(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of (N, C) logits whose largest entry is the label."""
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
 def test_online_ensemble_command(e2e_run: dict, tmp_path: Path) -> None:
     db = tmp_path / "copy.db"
     shutil.copy(e2e_run["db"], db)  # the session's study stays as other tests read it
@@ -214,21 +221,33 @@ def test_online_ensemble_command(e2e_run: dict, tmp_path: Path) -> None:
     online = out / E2E_STUDY / "online"
     summary = load_json(online / "online.json")
     assert summary["trials"] == expected and summary["k"] == 2 and summary["with_teachers"] is False
-    assert 0 <= summary["online_ensemble_test_acc"] <= 1
     stored = optuna.load_study(study_name=E2E_STUDY, storage=url).user_attrs[ONLINE_ATTR]
     assert stored["trials"] == expected and stored["online_ensemble_test_acc"] == summary["online_ensemble_test_acc"]
     assert "Online ensemble of students" in (out / E2E_STUDY / "report.html").read_text()
+    device = resolve_device("auto")  # where the command ran, so near-ties fall the same way
+    dataset = load_dataset("fashion-mnist", e2e_run["data_dir"]).to(device)
+    students, test_logits = [], []
     for i, number in enumerate(expected):
         folder = online / f"student{i}-trial{number}"
         model, meta = load_student(folder / "model.safetensors")
+        students.append(model.to(device))
+        test_logits.append(predict(model, dataset.test, dataset))  # (N, C)
         metrics = load_json(folder / "metrics.json")
         assert str(model.spec) == metrics["spec"] == meta["metrics"]["spec"]
         assert metrics["trial"] == number and metrics["final_epochs"] == 1
-        assert 0 <= metrics["test_acc"] <= 1 and metrics["recipe"].startswith("online ensemble of 2")
+        assert metrics["recipe"].startswith("online ensemble of 2")
+        assert metrics["test_acc"] == right(test_logits[-1], dataset.test.y)  # the exported weights were tested
         # each online student ships as ONNX and int8 ONNX, run by ONNX Runtime on the test images
         assert (folder / "model.onnx").is_file() and (folder / "model.int8.onnx").is_file()
         assert metrics["onnx_matches_torch"] is True
         assert metrics["onnx_test_acc"] == pytest.approx(metrics["test_acc"], abs=0.01)
+    # the online ensemble is the students' mean logits: its accuracies, recomputed from the exported
+    # students, are those recorded (with the e2e run's students, student 0 alone scores otherwise
+    # on the validation split and student 1 alone on both)
+    val_logits = [predict(model, dataset.val, dataset) for model in students]
+    test_acc = right(torch.stack(test_logits).mean(0), dataset.test.y)
+    val_acc = right(torch.stack(val_logits).mean(0), dataset.val.y)
+    assert (summary["online_ensemble_test_acc"], summary["online_ensemble_val_acc"]) == (test_acc, val_acc)
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -26,7 +26,7 @@ from nas_kd.teachers import (
     train_teacher,
 )
 from nas_kd.train import Checkpoint, evaluate
-from tests.conftest import run_cli
+from tests.conftest import TINY_DATA_FLAGS, run_cli
 
 CPU = torch.device("cpu")
 TINY = TrainConfig(batch_size=100, augment=True)
@@ -88,7 +88,7 @@ def test_train_command_writes_a_self_describing_teacher_the_search_uses(mini_fas
     assert again.returncode == 0 and "already trained" in again.stderr
 
     # the search's loader finds it in the cache, though its own teacher schedule differs
-    teacher = load_or_train("resnet8", mini_dataset, 1, 0, TrainConfig(), tmp_path / "out/cache", CPU,
+    teacher = load_or_train("resnet8", mini_dataset, 1, 0, TrainConfig(), tmp_path / "out/cache", CPU, min_gain=0,
                             progress=False, log=lambda m: None)
     assert (teacher.source, teacher.path) == ("cache", str(path))
     assert f"{teacher.val_acc:.6f}" == meta["val_acc"]
@@ -182,12 +182,12 @@ def _fake_shipped(folder: Path, dataset, fingerprint: str | None = None) -> Path
 def test_a_shipped_teacher_is_used_and_never_trained_over(mini_dataset, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(teachers, "SHIPPED_TEACHERS", tmp_path / "shipped")
     path = _fake_shipped(tmp_path / "shipped", mini_dataset)
-    teacher = load_or_train("resnet8", mini_dataset, 1, 0, TrainConfig(), tmp_path / "cache", CPU, progress=False,
+    teacher = load_or_train("resnet8", mini_dataset, 1, 0, TrainConfig(), tmp_path / "cache", CPU, min_gain=0, progress=False,
                             log=lambda m: None)
     assert (teacher.source, teacher.path) == ("shipped", str(path))
     assert f"{teacher.val_acc:.6f}" == read_metadata(path)["val_acc"]
     assert not (tmp_path / "cache").exists()
-    off = load_or_train("resnet8", mini_dataset, 1, 0, TrainConfig(batch_size=100), tmp_path / "cache", CPU,
+    off = load_or_train("resnet8", mini_dataset, 1, 0, TrainConfig(batch_size=100), tmp_path / "cache", CPU, min_gain=0,
                         progress=False, log=lambda m: None, shipped=False)
     assert off.source == "trained"
 
@@ -216,6 +216,7 @@ def test_a_mismatched_or_damaged_shipped_teacher_is_refused(mini_fashion_dir, mi
         path.write_bytes(path.read_bytes()[:20])
     before = path.read_bytes()
     code = main(["--flops-budget", "5M", "--teachers", "resnet8", "--data-dir", str(mini_fashion_dir), "--quiet",
+                 *TINY_DATA_FLAGS,
                  "--out-dir", str(tmp_path / "out"), "--trials", "1"])
     err = capsys.readouterr().err
     assert code == 2

@@ -21,7 +21,7 @@ QUICK = TrainConfig(batch_size=128)
 @pytest.fixture(scope="module")
 def cached_teacher(tmp_path_factory: pytest.TempPathFactory, mini_dataset) -> tuple[Teacher, Path]:
     cache = tmp_path_factory.mktemp("cache")
-    teacher = load_or_train("resnet8", mini_dataset, 1, 0, QUICK, cache, CPU, progress=False, log=lambda m: None)
+    teacher = load_or_train("resnet8", mini_dataset, 1, 0, QUICK, cache, CPU, min_gain=0, progress=False, log=lambda m: None)
     return teacher, cache
 
 
@@ -30,7 +30,7 @@ def test_trained_teacher_is_cached_and_reused(cached_teacher, mini_dataset) -> N
     assert teacher.source == "trained"
     files = list((cache / "teachers").glob("resnet8-fashion-mnist-*.safetensors"))
     assert len(files) == 1
-    again = load_or_train("resnet8", mini_dataset, 1, 0, QUICK, cache, CPU, progress=False, log=lambda m: None)
+    again = load_or_train("resnet8", mini_dataset, 1, 0, QUICK, cache, CPU, min_gain=0, progress=False, log=lambda m: None)
     assert again.source == "cache"
     assert again.val_acc == teacher.val_acc
     for (k, a), b in zip(teacher.model.state_dict().items(), again.model.state_dict().values()):
@@ -49,7 +49,7 @@ def test_user_checkpoints_torch_and_safetensors(cached_teacher, mini_dataset, tm
     teacher, _ = cached_teacher
     pt = tmp_path / "resnet8.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in teacher.model.state_dict().items()}}, pt)
-    loaded = load_or_train("resnet8", mini_dataset, 1, 0, QUICK, tmp_path / "unused", CPU, checkpoint=pt,
+    loaded = load_or_train("resnet8", mini_dataset, 1, 0, QUICK, tmp_path / "unused", CPU, min_gain=0, checkpoint=pt,
                            progress=False, log=lambda m: None)
     assert loaded.source == str(pt)
     assert loaded.val_acc == teacher.val_acc
@@ -65,14 +65,14 @@ def test_unreadable_checkpoints(mini_dataset, tmp_path, content, message) -> Non
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(InputError, match=message):
-        load_or_train("resnet8", mini_dataset, 1, 0, QUICK, tmp_path, CPU, checkpoint=path, progress=False)
+        load_or_train("resnet8", mini_dataset, 1, 0, QUICK, tmp_path, CPU, min_gain=0, checkpoint=path, progress=False)
 
 
 def test_checkpoint_of_another_architecture_is_refused(mini_dataset, tmp_path) -> None:
     path = tmp_path / "resnet14.pt"
     torch.save(build(teacher_spec("resnet14"), mini_dataset.input_shape, 10).state_dict(), path)
     with pytest.raises(InputError, match=r"does not fit teacher resnet8 .*: unexpected 'stages.0.1.conv1.0.weight'"):
-        load_or_train("resnet8", mini_dataset, 1, 0, QUICK, tmp_path, CPU, checkpoint=path, progress=False)
+        load_or_train("resnet8", mini_dataset, 1, 0, QUICK, tmp_path, CPU, min_gain=0, checkpoint=path, progress=False)
 
 
 def test_unknown_teacher_lists_the_zoo() -> None:
