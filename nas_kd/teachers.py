@@ -326,7 +326,7 @@ def load_teacher_file(file: TeacherFile, model: nn.Module) -> None:
 
 def load_or_train(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig, cache_dir: Path,
                   device: torch.device, checkpoint: Path | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print, shipped: bool = True, min_gain: float = 0.1) -> Teacher:
+                  log: Callable[[str], None] = print, shipped: bool = True, min_gain: float = SearchConfig.teacher_min_gain) -> Teacher:
     """The user's checkpoint if given; else the most accurate (by recorded validation accuracy) of
     the shipped teacher for this data and the cached teachers of this architecture and data (the
     shipped one on a tie; cache files from before validation accuracy was recorded rank last);

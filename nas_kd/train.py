@@ -131,7 +131,8 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
                 loss = step_loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}")
-            total += loss.detach().float()
+            if lines:  # the epoch's mean loss, only when it is logged
+                total += loss.detach().float()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
