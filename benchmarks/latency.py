@@ -9,10 +9,13 @@ classes), on this machine, with ONNX Runtime (fp32, batch 1, `--threads` intra-o
   measurement the median of 100 runs): the coefficient of variation of the 5 medians;
 - MACs against measured latency: Spearman over `--specs` seeded random specs per space, and over
   both spaces pooled;
-- the table predictor against measurement: the space's layers exported and timed with
-  time_blocks.py here (as on a target device), each spec's latency predicted from the table and
-  compared with its measured latency: the share within +-10% (nn-Meter's figure), Spearman, and
-  the mean absolute percentage error.
+- the table predictor against measurement: the space's layers and its calibration networks
+  exported and timed with time_blocks.py here (as on a target device), each spec's latency
+  predicted from the table, both as the plain layer sum and calibrated (the sum's scale and
+  offset fitted to the calibration networks), and compared with its measured latency: the share
+  within +-10% (nn-Meter's figure), Spearman, and the mean absolute percentage error. A spec that
+  is also a calibration network is left out of this comparison;
+- seconds per latency check (export, session, timing), as a trial pays it before training.
 
 Measurements and tables are kept in benchmarks/results/latency.json as they finish, and the
 exported layers under --blocks, so a killed run resumes. Timings are only comparable within one
@@ -22,10 +25,8 @@ run on an otherwise idle machine: run nothing else meanwhile.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from trial_scores import bootstrap_interval, spearman  # noqa: E402
 
 from nas_kd.arch import build  # noqa: E402
 from nas_kd.cost import count  # noqa: E402
-from nas_kd.latency import RUNS, LatencyTable, export_blocks, measure_latency  # noqa: E402
+from nas_kd.latency import PASSES, RUNS, LatencyTable, export_blocks, measure_latency  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
 from nas_kd.time_blocks import time_folder  # noqa: E402
 
@@ -51,13 +52,15 @@ def main() -> int:
     parser.add_argument("--specs", type=int, default=50, help="random specs per space (default 50)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1)")
     parser.add_argument("--results", type=Path, default=RESULTS / "latency.json")
-    parser.add_argument("--blocks", type=Path, default=Path("studies/bench-latency"),
+    parser.add_argument("--blocks", type=Path, default=Path("studies/bench-latency-v3"),
                         help="where the spaces' layers are exported (kept between runs)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = ResultsFile(args.results)
-    # v1 was measured while tests ran on the same cores: its timings are not evidence
-    run = settings_id({"machine": machine(), "threads": args.threads, "runs": RUNS, "input": INPUT, "v": 2})
+    # v1 was measured while tests ran on the same cores: its timings are not evidence; v2 timed a
+    # single median per model and had no calibration networks
+    run = settings_id({"machine": machine(), "threads": args.threads, "runs": RUNS, "passes": PASSES,
+                       "input": INPUT, "v": 3})
     print(f"{machine()}; ONNX Runtime {args.threads} thread(s); results key {run}", flush=True)
     pooled_macs: list[float] = []
     pooled_ms: list[float] = []
@@ -66,13 +69,16 @@ def main() -> int:
         space = load_space(name)
         specs = space.random_specs(args.specs, seed=0)
         macs = [float(count(build(s, INPUT, CLASSES, channels_last=False), INPUT).macs) for s in specs]
-        measured = []
+        measured, check_seconds = [], []
         for spec in specs:
             key = f"{run}|{name}|{spec}"
             if (entry := results.get("measured", key)) is None:
-                entry = {"ms": measure_latency(spec, INPUT, CLASSES, threads=args.threads), "machine": machine()}
+                start = time.perf_counter()
+                ms = measure_latency(spec, INPUT, CLASSES, threads=args.threads)
+                entry = {"ms": ms, "seconds": round(time.perf_counter() - start, 3), "machine": machine()}
                 results.put("measured", key, entry)
             measured.append(entry["ms"])
+            check_seconds.append(entry["seconds"])
         cvs = []
         for spec in specs[:REPEAT_SPECS]:
             key = f"{run}|{name}|{spec}"
@@ -81,8 +87,8 @@ def main() -> int:
                 results.put("repeats", key, entry)
             cvs.append(statistics.stdev(entry["ms"]) / statistics.mean(entry["ms"]))
         key = f"{run}|{name}"
+        folder = args.blocks / name  # kept, so that a killed run times them without exporting again
         if (table_entry := results.get("tables", key)) is None:
-            folder = args.blocks / name  # kept, so that a killed run times them without exporting again
             start = time.perf_counter()
             if not (folder / "manifest.json").is_file():
                 export_blocks(space, INPUT, CLASSES, folder, progress=lambda m, n=name: print(f"  {n}: {m}", flush=True))
@@ -91,34 +97,45 @@ def main() -> int:
             table_entry = {"table": table, "export_seconds": round(exported, 1),
                            "time_seconds": round(time.perf_counter() - start - exported, 1)}
             results.put("tables", key, table_entry)
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(table_entry["table"], f)
-        predictor = LatencyTable.load(f.name, space, INPUT, CLASSES, "fp32")
-        Path(f.name).unlink()
-        predicted = [predictor.predict(s) for s in specs]
-        errors = [p / m - 1 for p, m in zip(predicted, measured)]
-        within = sum(abs(e) <= 0.10 for e in errors) / len(errors)
-        rows.append({
-            "space": name, "specs": len(specs), "latency_ms": f"{min(measured):.3f}-{max(measured):.3f}",
-            "cv_median": statistics.median(cvs), "cv_max": max(cvs),
-            "spearman_macs": spearman(macs, measured), "macs_interval": bootstrap_interval(macs, measured, spearman),
-            "within_10": within, "spearman_table": spearman(predicted, measured),
-            "mape": statistics.mean(abs(e) for e in errors), "bias": statistics.mean(errors),
-            "layers": len(predictor.entries) - 1, "export_s": table_entry["export_seconds"],
-            "time_s": table_entry["time_seconds"]})
+        predictor = LatencyTable.from_data(table_entry["table"], f"{folder}", space, INPUT, CLASSES, "fp32")
+        held_out = [(s, m) for s, m in zip(specs, measured) if str(s) not in predictor.networks]
+        print(f"  {name}: {predictor.calibration_line()}; {len(specs) - len(held_out)} of the specs are calibration "
+              "networks, left out of the comparison", flush=True)
+        predictions = {"sum": [predictor.layer_sum(s) for s, _ in held_out],
+                       "calibrated": [predictor.predict(s) for s, _ in held_out]}
+        truth = [m for _, m in held_out]
+        for kind, predicted in predictions.items():
+            errors = [p / m - 1 for p, m in zip(predicted, truth)]
+            rows.append({
+                "space": name, "predictor": kind, "specs": len(specs), "compared": len(truth),
+                "latency_ms": f"{min(measured):.3f}-{max(measured):.3f}",
+                "cv_median": statistics.median(cvs), "cv_max": max(cvs),
+                "spearman_macs": spearman(macs, measured), "macs_interval": bootstrap_interval(macs, measured, spearman),
+                "within_10": sum(abs(e) <= 0.10 for e in errors) / len(errors), "spearman_table": spearman(predicted, truth),
+                "mape": statistics.mean(abs(e) for e in errors), "bias": statistics.mean(errors),
+                "layers": len(predictor.entries) - 1, "networks": len(predictor.networks),
+                "export_s": table_entry["export_seconds"], "time_s": table_entry["time_seconds"],
+                "check_s": statistics.median(check_seconds)})
         pooled_macs += macs
         pooled_ms += measured
-    print(f"\n{machine()}; ONNX Runtime {args.threads} thread(s), batch 1, median of {RUNS} runs\n")
-    print("| space | specs | latency (ms) | CV of 5 repeats, median / max | Spearman MACs vs latency "
-          "| table: within +-10% | table: Spearman | table: mean abs. error (bias) | layers (export s, time s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print(f"\n{machine()}; ONNX Runtime {args.threads} thread(s), batch 1, fastest of {PASSES} medians of {RUNS} "
+          "runs\n")
+    print("| space | specs | latency (ms) | CV of 5 repeats, median / max | Spearman MACs vs latency [90%] "
+          "| s per latency check |")
+    print("|---|---|---|---|---|---|")
+    for r in rows[::2]:
         lo, hi = r["macs_interval"]
         print(f"| {r['space']} | {r['specs']} | {r['latency_ms']} | {r['cv_median']:.1%} / {r['cv_max']:.1%} "
-              f"| {r['spearman_macs']:.2f} [{lo:.2f}, {hi:.2f}] | {r['within_10']:.0%} | {r['spearman_table']:.2f} "
-              f"| {r['mape']:.1%} ({r['bias']:+.1%}) | {r['layers']} ({r['export_s']:.0f}, {r['time_s']:.0f}) |")
+              f"| {r['spearman_macs']:.2f} [{lo:.2f}, {hi:.2f}] | {r['check_s']:.2f} |")
     lo, hi = bootstrap_interval(pooled_macs, pooled_ms, spearman)
-    print(f"| both, pooled | {len(pooled_ms)} | | | {spearman(pooled_macs, pooled_ms):.2f} [{lo:.2f}, {hi:.2f}] | | | | |")
+    print(f"| both, pooled | {len(pooled_ms)} | | | {spearman(pooled_macs, pooled_ms):.2f} [{lo:.2f}, {hi:.2f}] | |\n")
+    print("| space | predictor | specs compared | within +-10% | Spearman | mean abs. error (bias) "
+          "| layers + networks (export s, time s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['space']} | {r['predictor']} | {r['compared']} | {r['within_10']:.0%} | {r['spearman_table']:.2f} "
+              f"| {r['mape']:.1%} ({r['bias']:+.1%}) | {r['layers']} + {r['networks']} ({r['export_s']:.0f}, "
+              f"{r['time_s']:.0f}) |")
     return 0
 
 

@@ -48,7 +48,7 @@ from nas_kd.latency import (
     to_onnx,
 )
 from nas_kd.teachers import Ensemble, load_state, save_model, soft_targets
-from nas_kd.time_blocks import make_session, median_ms
+from nas_kd.time_blocks import latency_ms, make_session
 from nas_kd.train import accuracy, evaluate, predict
 
 STUDENT_FORMAT = "nas_kd.student"
@@ -115,7 +115,7 @@ def export_onnx(model: Network, dataset: Dataset, meta: dict[str, str], out_dir:
         "onnx_file": str(out_dir / "model.onnx"), "onnx_exporter": EXPORTER, "onnx_opset": OPSET,
         "onnx_max_logit_diff": diff, "onnx_logit_tolerance": bound, "onnx_matches_torch": diff <= bound,
         "onnx_test_acc": float((logits.argmax(1) == labels).mean()),
-        "latency_ms_fp32": round(median_ms(make_session(fp32, threads)), 4), "latency_threads": threads}
+        "latency_ms_fp32": round(latency_ms(make_session(fp32, threads)), 4), "latency_threads": threads}
     if diff > bound:
         log(f"warning: ONNX Runtime's logits differ from torch's by {diff:.3g} (> {bound:.3g}) in {out_dir / 'model.onnx'}")
     if int8:
@@ -126,7 +126,7 @@ def export_onnx(model: Network, dataset: Dataset, meta: dict[str, str], out_dir:
             "int8_file": str(out_dir / "model.int8.onnx"), "int8_calibration_images": CALIBRATION_IMAGES,
             "int8_test_acc": float((int8_logits.argmax(1) == labels).mean()),
             "int8_agreement": float((int8_logits.argmax(1) == logits.argmax(1)).mean()),
-            "latency_ms_int8": round(median_ms(make_session(quantized, threads)), 4)})
+            "latency_ms_int8": round(latency_ms(make_session(quantized, threads)), 4)})
         facts["int8_accuracy_drop"] = round(100 * (facts["onnx_test_acc"] - facts["int8_test_acc"]), 2)  # points
         if facts["int8_accuracy_drop"] > INT8_WARN_POINTS:
             log(f"warning: the int8 model loses {facts['int8_accuracy_drop']:.2f} points of test accuracy "

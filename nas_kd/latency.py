@@ -7,14 +7,20 @@ from a per-block table timed on the target device, and memory (peak activations 
     python -m nas_kd.latency measure --spec 'c16|basic_d1_w16_s1_k3_e1|...' --input 1x28x28
 
 Latency is one image (batch 1) through the ONNX model with ONNX Runtime's CPU provider, after
-warm-up, the median of at least 50 runs (`time_blocks.median_ms`, the same code on both machines).
+warm-up, the fastest of 3 medians of at least 50 runs each (`time_blocks.latency_ms`, the same code
+on both machines).
 Weights do not change it, so a spec is timed with freshly initialised weights.
 
 A table holds the latency of every layer the search space can produce, each at every input shape
 the space can feed it (Once-for-All / FBNet style): the stem, every block (type, widths, stride,
-kernel, expansion, SE) and the head with the classifier. A spec's predicted latency is the sum of
-its layers' latencies minus the per-call overhead of all but one of them (each layer was timed as
-its own model; the overhead is the time of a no-op model of the network's input shape).
+kernel, expansion, SE) and the head with the classifier. A spec's layer sum is the sum of its
+layers' latencies minus the per-call overhead of all but one of them (each layer was timed as its
+own model; the overhead is the time of a no-op model of the network's input shape). A table also
+holds a dozen whole networks of the space timed beside the layers (`CALIBRATION_NETWORKS`, spread
+over the space's MACs); the prediction is the layer sum times a scale plus an offset, fitted to
+those networks by least squares on relative error. The fit absorbs what separate timing gets
+wrong on that device (each layer model's own output allocation, caches cold between models,
+runtime fusions across layer boundaries).
 
 Memory follows MCUNet (Lin et al., NeurIPS 2020): the peak activation memory is the most bytes
 alive at any layer, its input plus its output plus every tensor a later layer still needs (a
@@ -57,6 +63,7 @@ from nas_kd import time_blocks
 from nas_kd.arch import BLOCKS, Spec, StageSpec, build, conv_bn, downsampled
 from nas_kd.cli import base_parser, fail, log, quiet_libraries
 from nas_kd.config import SearchConfig
+from nas_kd.cost import count
 from nas_kd.errors import InputError
 from nas_kd.space import SearchSpace, load_space
 
@@ -66,6 +73,10 @@ PRECISIONS = ("fp32", "int8")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 INT8_WARN_POINTS = 1.0  # an int8 model that loses more test accuracy than this is flagged in the report
 RUNS, WARMUP = 100, 10  # timed runs (>= time_blocks.MIN_RUNS) and untimed runs before them
+PASSES = time_blocks.PASSES  # medians of RUNS runs of which the fastest is the latency
+CALIBRATION_NETWORKS = 12  # whole networks timed beside a table's layers
+CALIBRATION_SEED = 1_000_003  # draws them (not a seed benchmarks or tests use for their specs)
+MIN_CALIBRATION = 3  # networks needed to fit a scale and an offset
 
 # ---------------------------------------------------------------- units
 
@@ -185,8 +196,9 @@ def quantize_int8(model: bytes, calibration: np.ndarray, batch: int = 32) -> byt
 
 def measure_latency(spec: Spec, input_shape: tuple[int, int, int], num_classes: int, precision: str = "fp32",
                     threads: int = 1, calibration: np.ndarray | None = None, runs: int = RUNS,
-                    warmup: int = WARMUP) -> float:
-    """Milliseconds for one image through `spec` with ONNX Runtime on this machine (median of `runs`).
+                    warmup: int = WARMUP, passes: int = PASSES) -> float:
+    """Milliseconds for one image through `spec` with ONNX Runtime on this machine: the fastest
+    of `passes` medians of `runs` runs (`time_blocks.latency_ms`).
 
     int8 models are quantised with `calibration` images (random ones when None: the ranges do not
     change the time)."""
@@ -198,7 +210,7 @@ def measure_latency(spec: Spec, input_shape: tuple[int, int, int], num_classes: 
         if calibration is None:
             calibration = np.random.default_rng(0).standard_normal((32, *input_shape)).astype(np.float32)
         data = quantize_int8(data, calibration)
-    return time_blocks.median_ms(time_blocks.make_session(data, threads), warmup, runs)
+    return time_blocks.latency_ms(time_blocks.make_session(data, threads), warmup, runs, passes)
 
 
 def latency_meter(cfg: SearchConfig, space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int,
@@ -209,7 +221,8 @@ def latency_meter(cfg: SearchConfig, space: SearchSpace, input_shape: tuple[int,
     if cfg.latency_table:
         table = LatencyTable.load(cfg.latency_table, space, input_shape, num_classes, cfg.latency_precision)
         where = table.device.get("cpu") or table.device.get("machine") or "unknown device"
-        return table.predict, f"latency ({cfg.latency_precision}) predicted from {cfg.latency_table} ({where})"
+        return table.predict, (f"latency ({cfg.latency_precision}) predicted from {cfg.latency_table} ({where}; "
+                               f"{table.calibration_line()})")
     if not (cfg.onnx or cfg.latency_budget_ms is not None or cfg.pareto_cost == "latency_ms"):
         return None, "latency not measured (--no-onnx)"
     require_runtime()
@@ -219,7 +232,7 @@ def latency_meter(cfg: SearchConfig, space: SearchSpace, input_shape: tuple[int,
         return measure_latency(spec, input_shape, num_classes, cfg.latency_precision, cfg.latency_threads, calibration)
 
     return measure, (f"latency ({cfg.latency_precision}) measured here with ONNX Runtime, batch 1, "
-                     f"{cfg.latency_threads} thread(s), median of {RUNS} runs")
+                     f"{cfg.latency_threads} thread(s), fastest of {PASSES} medians of {RUNS} runs")
 
 
 # ---------------------------------------------------------------- layers and tables
@@ -345,10 +358,25 @@ def noop_model(input_shape: tuple[int, int, int]) -> bytes:
     return model.SerializeToString()
 
 
+def calibration_specs(space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int,
+                      n: int = CALIBRATION_NETWORKS) -> list[Spec]:
+    """`n` distinct specs of `space` spread evenly over its MACs (of 20n seeded random ones, those
+    at evenly spaced ranks), so a fit to them spans the space's latencies."""
+    drawn = list(dict.fromkeys(space.random_specs(20 * n, seed=CALIBRATION_SEED)))
+    if len(drawn) <= n:
+        return drawn
+    with torch.random.fork_rng(devices=[]):
+        macs = {s: count(build(s, input_shape, num_classes, channels_last=False), input_shape).macs for s in drawn}
+    ranked = sorted(drawn, key=lambda s: (macs[s], str(s)))
+    return [ranked[round(i * (len(ranked) - 1) / (n - 1))] for i in range(n)] if n > 1 else ranked[-1:]
+
+
 def export_blocks(space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int, out: Path,
-                  precisions: tuple[str, ...] = ("fp32",), progress: Callable[[str], None] = log) -> dict[str, Any]:
-    """Write every layer of `space` as its own ONNX model of batch 1 under `out`, with
-    `manifest.json` and a copy of the stand-alone timing script; returns the manifest."""
+                  precisions: tuple[str, ...] = ("fp32",), progress: Callable[[str], None] = log,
+                  networks: int = CALIBRATION_NETWORKS) -> dict[str, Any]:
+    """Write every layer of `space` as its own ONNX model of batch 1 under `out`, and `networks`
+    whole calibration networks (`calibration_specs`), with `manifest.json` and a copy of the
+    stand-alone timing script; returns the manifest."""
     require_runtime()
     out.mkdir(parents=True, exist_ok=True)
     layers = space_layers(space, input_shape, num_classes)
@@ -373,9 +401,22 @@ def export_blocks(space: SearchSpace, input_shape: tuple[int, int, int], num_cla
             files[precision][layer.key()] = name
         if (i + 1) % 25 == 0 or i + 1 == len(layers):
             progress(f"exported {i + 1}/{len(layers)} layers")
+    nets: dict[str, dict[str, str]] = {p: {} for p in precisions}
+    for i, spec in enumerate(calibration_specs(space, input_shape, num_classes, networks) if networks else []):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            data = to_onnx(build(spec, input_shape, num_classes, channels_last=False), input_shape, dynamic_batch=False)
+        for precision in precisions:
+            name = f"{precision}/network{i:02d}.onnx"
+            blob = data if precision == "fp32" else quantize_int8(
+                data, rng.standard_normal((8, *input_shape)).astype(np.float32), batch=1)
+            (out / name).write_bytes(blob)
+            nets[precision][str(spec)] = name
+    if networks:
+        progress(f"exported {len(nets[precisions[0]])} calibration networks")
     manifest = {"format": time_blocks.MANIFEST_FORMAT, "space": space.name, "space_fingerprint": space_fingerprint(space),
                 "input_shape": list(input_shape), "num_classes": num_classes, "noop": noop, "opset": OPSET,
-                "exporter": EXPORTER, "files": files}
+                "exporter": EXPORTER, "files": files, "networks": nets}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     shutil.copyfile(Path(time_blocks.__file__), out / "time_blocks.py")
     return manifest
@@ -393,6 +434,9 @@ class LatencyTable:
     entries: dict[str, float]  # layer key -> ms
     overhead: float  # ms of one call of a no-op model
     device: dict[str, Any]
+    networks: dict[str, float] = dataclasses.field(default_factory=dict)  # calibration spec -> measured ms
+    scale: float = 1.0  # prediction = scale * layer sum + offset, fitted to `networks`
+    offset: float = 0.0
 
     @classmethod
     def load(cls, path: str | Path, space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int,
@@ -405,6 +449,12 @@ class LatencyTable:
             raise InputError(f"cannot read latency table {path}: {e.strerror}") from None
         except ValueError:
             raise InputError(f"latency table {path} is not JSON; expected the table written by time_blocks.py") from None
+        return cls.from_data(data, str(path), space, input_shape, num_classes, precision)
+
+    @classmethod
+    def from_data(cls, data: Any, path: str, space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int,
+                  precision: str) -> LatencyTable:
+        """`load` of a table already read (`time_blocks.time_folder`'s dict); `path` names it in messages."""
         if not isinstance(data, dict) or data.get("format") != time_blocks.TABLE_FORMAT:
             raise InputError(f"{path} is not a nas_kd latency table (expected format {time_blocks.TABLE_FORMAT!r}, "
                              "written by time_blocks.py)")
@@ -421,17 +471,53 @@ class LatencyTable:
             raise InputError(f"latency table {path} has no {precision} timings (it has "
                              f"{', '.join(data.get('entries', {})) or 'none'}); run python -m nas_kd.latency blocks "
                              f"--precision {precision} and time them")
-        return cls(str(path), space.name, tuple(input_shape), num_classes, precision,
-                   {k: float(v) for k, v in entries.items()}, float(entries[data["noop"]]), data.get("device", {}))
+        try:
+            networks = {str(Spec.parse(k)): float(v) for k, v in (data.get("networks") or {}).get(precision, {}).items()}
+        except (InputError, TypeError, ValueError, AttributeError) as e:
+            raise InputError(f"latency table {path} has unreadable calibration networks ({e}); time the folder "
+                             "again with its time_blocks.py") from None
+        table = cls(str(path), space.name, tuple(input_shape), num_classes, precision,
+                    {k: float(v) for k, v in entries.items()}, float(entries[data["noop"]]), data.get("device", {}),
+                    networks)
+        return table.calibrated()
 
-    def predict(self, spec: Spec) -> float:
-        """Milliseconds for one image through `spec` on the table's device."""
+    def layer_sum(self, spec: Spec) -> float:
+        """The sum of `spec`'s layer timings, less the per-call overhead of all but one, in ms."""
         layers = spec_layers(spec, self.input_shape, self.num_classes)
         missing = [layer.key() for layer in layers if layer.key() not in self.entries]
         if missing:
             raise InputError(f"latency table {self.path} has no entry for {missing[0]} (spec {spec}); "
                              "it was made for another space")
-        return max(0.0, sum(self.entries[layer.key()] - self.overhead for layer in layers) + self.overhead)
+        return sum(self.entries[layer.key()] - self.overhead for layer in layers) + self.overhead
+
+    def calibrated(self) -> LatencyTable:
+        """This table with the scale and offset that map layer sums onto its networks' measured
+        latencies, least squares on relative error; as it is with fewer than `MIN_CALIBRATION`
+        networks or a fit that does not scale up (tables of before calibration, a degenerate set)."""
+        if len(self.networks) < MIN_CALIBRATION:
+            return self
+        sums = np.array([self.layer_sum(Spec.parse(k)) for k in self.networks])
+        measured = np.array(list(self.networks.values()))
+        weight = 1 / np.maximum(measured, 1e-9)
+        (scale, offset), *_ = np.linalg.lstsq(np.stack([sums, np.ones_like(sums)], 1) * weight[:, None],
+                                              measured * weight, rcond=None)
+        if not (math.isfinite(scale) and math.isfinite(offset) and scale > 0):
+            return self
+        return dataclasses.replace(self, scale=float(scale), offset=float(offset))
+
+    def predict(self, spec: Spec) -> float:
+        """Milliseconds for one image through `spec` on the table's device."""
+        return max(0.0, self.scale * self.layer_sum(spec) + self.offset)
+
+    def calibration_line(self) -> str:
+        """How the table's predictions are calibrated, and how well they fit its networks."""
+        if (self.scale, self.offset) == (1.0, 0.0):
+            return (f"layer sums uncalibrated: {len(self.networks)} calibration networks, need {MIN_CALIBRATION}; "
+                    "time a folder from this version's python -m nas_kd.latency blocks")
+        errors = [self.predict(Spec.parse(k)) / ms - 1 for k, ms in self.networks.items()]
+        within = sum(abs(e) <= 0.10 for e in errors)
+        return (f"layer sums x{self.scale:.3f} {self.offset:+.4f} ms, fitted to {len(errors)} networks, "
+                f"{within} of them within +-10%, largest error {max(errors, key=abs):+.1%}")
 
 
 # ---------------------------------------------------------------- memory
@@ -527,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     b.add_argument("--precision", default="fp32", choices=[*PRECISIONS, "both"], help="fp32 (default), int8 or both")
     b.add_argument("--out", type=Path, required=True, help="folder to write (then copy it to the device)")
+    b.add_argument("--networks", type=int, default=CALIBRATION_NETWORKS,
+                   help=f"whole networks timed beside the layers, to calibrate the layer sums (default "
+                        f"{CALIBRATION_NETWORKS}; 0: none, predictions uncalibrated)")
     m = sub.add_parser("measure", help="latency and memory of one spec on this machine")
     m.add_argument("--spec", required=True, help="a spec string, e.g. 'c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1'")
     m.add_argument("--input", required=True, help="input shape CxHxW, e.g. 1x28x28")
@@ -542,11 +631,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.classes < 2:
             raise InputError(f"--classes must be >= 2, got {args.classes}")
         if args.command == "blocks":
+            if args.networks != 0 and args.networks < MIN_CALIBRATION:
+                raise InputError(f"--networks must be 0 or at least {MIN_CALIBRATION} (a scale and an offset are "
+                                 f"fitted to them), got {args.networks}")
             space = load_space(args.search_space)
             precisions = PRECISIONS if args.precision == "both" else (args.precision,)
             layers = space_layers(space, shape, args.classes)
-            log(f"exporting {len(layers)} layers of space {space.name} at input {args.input} ({', '.join(precisions)})")
-            export_blocks(space, shape, args.classes, args.out, precisions)
+            log(f"exporting {len(layers)} layers and {args.networks} calibration networks of space {space.name} at "
+                f"input {args.input} ({', '.join(precisions)})")
+            export_blocks(space, shape, args.classes, args.out, precisions, networks=args.networks)
             print(f"wrote {args.out}: copy it to the device and run there\n"
                   f"  python3 {args.out / 'time_blocks.py'} {args.out} --out table.json --threads 1\n"
                   f"(needs only Python, numpy and onnxruntime); then search with --latency-table table.json")

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nas_kd import time_blocks
 from nas_kd.arch import BLOCKS, BasicBlock, Spec, build
 from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.cost import Budget, count
@@ -23,12 +24,15 @@ from nas_kd.errors import InputError
 from nas_kd.export import LOGIT_TOLERANCE, export, export_onnx, load_student, student_metadata
 from nas_kd.export import main as export_main
 from nas_kd.latency import (
+    CALIBRATION_NETWORKS,
     LatencyTable,
+    calibration_specs,
     export_blocks,
     measure_latency,
     parse_bytes,
     parse_latency,
     peak_activations,
+    space_fingerprint,
     space_layers,
     spec_layers,
     to_onnx,
@@ -294,12 +298,84 @@ def test_time_blocks_runs_without_torch_and_the_table_round_trips(tiny_table, tm
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["device"]["onnxruntime"] and data["runs"] == 50 and set(data["entries"]) == {"fp32", "int8"}
+    assert data["passes"] == time_blocks.PASSES
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(data["networks"]["fp32"]) == set(manifest["networks"]["fp32"]) == set(manifest["networks"]["int8"])
+    assert len(data["networks"]["fp32"]) == CALIBRATION_NETWORKS and min(data["networks"]["fp32"].values()) > 0
     table = LatencyTable.load(out, space, (1, 12, 12), 4, "fp32")
     spec = space.random_specs(1, seed=3)[0]
     layers = spec_layers(spec, (1, 12, 12), 4)
     expected = sum(data["entries"]["fp32"][la.key()] - table.overhead for la in layers) + table.overhead
-    assert table.predict(spec) == pytest.approx(max(0.0, expected))
+    assert table.layer_sum(spec) == pytest.approx(expected)
+    assert table.scale > 0 and (table.scale, table.offset) != (1.0, 0.0)  # fitted to the 12 networks
+    assert table.predict(spec) == pytest.approx(max(0.0, table.scale * expected + table.offset))
+    assert "fitted to 12 networks" in table.calibration_line()
     assert LatencyTable.load(out, space, (1, 12, 12), 4, "int8").entries != table.entries
+
+
+def test_calibration_networks_span_the_space(tiny_table) -> None:
+    space, folder = tiny_table
+    specs = calibration_specs(space, (1, 12, 12), 4)
+    assert len(specs) == len(set(specs)) == CALIBRATION_NETWORKS
+    assert calibration_specs(space, (1, 12, 12), 4) == specs  # seeded
+    macs = [count(build(s, (1, 12, 12), 4, channels_last=False), (1, 12, 12)).macs for s in specs]
+    assert macs == sorted(macs)
+    every = [count(build(s, (1, 12, 12), 4, channels_last=False), (1, 12, 12)).macs
+             for s in set(space.random_specs(300, seed=0))]
+    assert macs[0] == min(every) and macs[-1] == max(every)  # the cheapest and the dearest of this small space
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert list(manifest["networks"]["fp32"]) == [str(s) for s in specs]
+
+
+def fake_table(tmp_path: Path, space, networks: dict[str, float]) -> Path:
+    """A table for `space` at 1x12x12 whose every layer takes 0.1 ms and the no-op 0.01 ms."""
+    keys = {layer.key() for layer in space_layers(space, (1, 12, 12), 4)}
+    entries = {**{k: 0.1 for k in keys}, "noop:1x12x12": 0.01}
+    data = {"format": time_blocks.TABLE_FORMAT, "space": space.name, "space_fingerprint": space_fingerprint(space),
+            "input_shape": [1, 12, 12], "num_classes": 4, "noop": "noop:1x12x12", "entries": {"fp32": entries},
+            "networks": {"fp32": networks}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_table_calibrates_its_layer_sums_on_its_networks(tiny_table, tmp_path: Path) -> None:
+    space, _ = tiny_table
+    specs = space.random_specs(40, seed=2)
+    plain = LatencyTable.load(fake_table(tmp_path, space, {}), space, (1, 12, 12), 4, "fp32")
+    assert (plain.scale, plain.offset) == (1.0, 0.0) and "uncalibrated" in plain.calibration_line()
+    sums = {str(s): plain.layer_sum(s) for s in specs}
+    assert len(set(sums.values())) >= 3  # depths differ, so the sums do
+    # networks that run exactly 1.5x their layer sum plus 0.02 ms: the fit finds both
+    table = LatencyTable.load(fake_table(tmp_path, space, {k: 1.5 * v + 0.02 for k, v in sums.items()}), space,
+                              (1, 12, 12), 4, "fp32")
+    assert table.scale == pytest.approx(1.5) and table.offset == pytest.approx(0.02)
+    other = space.random_specs(1, seed=9)[0]
+    assert table.predict(other) == pytest.approx(1.5 * plain.layer_sum(other) + 0.02)
+    assert f"fitted to {len(sums)} networks, {len(sums)} of them within +-10%" in table.calibration_line()
+    two = dict(list(sums.items())[:2])  # too few to fit a scale and an offset: the sums as they are
+    assert LatencyTable.load(fake_table(tmp_path, space, two), space, (1, 12, 12), 4, "fp32").scale == 1.0
+    with pytest.raises(InputError, match="unreadable calibration networks"):
+        LatencyTable.load(fake_table(tmp_path, space, {"c8|nope": 1.0}), space, (1, 12, 12), 4, "fp32")
+
+
+def test_timing_keeps_the_fastest_round(monkeypatch) -> None:
+    """Every model is timed once per round, round after round, and its fastest median is kept."""
+    calls: list[str] = []
+    slow = {("a", 0): 5.0, ("b", 1): 7.0}  # a slow spell: a's first round, b's second
+
+    def median(session, warmup=10, runs=100, seed=0):
+        rnd = sum(1 for c in calls if c == session)
+        calls.append(session)
+        return slow.get((session, rnd), {"a": 1.0, "b": 2.0}[session]) + rnd * 0.01
+
+    monkeypatch.setattr(time_blocks, "median_ms", median)
+    assert time_blocks.time_round_robin({"a": "a", "b": "b"}, passes=3) == {"a": 1.01, "b": 2.0}
+    assert calls == ["a", "b"] * 3
+    calls.clear()
+    assert time_blocks.latency_ms("a", passes=2) == 1.01
+    with pytest.raises(ValueError, match="passes must be >= 1"):
+        time_blocks.latency_ms("a", passes=0)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -338,6 +414,7 @@ def test_a_table_of_another_space_with_the_same_name_is_refused(tiny_table, tmp_
     (["measure", "--spec", "c16|nope", "--input", "1x28x28"], "bad stage 'nope'"),
     (["measure", "--spec", "c16|basic_d1_w16_s1_k3_e1", "--input", "1x28x28", "--latency-table", "no.json"],
      "cannot read latency table no.json"),
+    (["blocks", "--input", "1x28x28", "--out", "b", "--networks", "2"], "--networks must be 0 or at least 3"),
 ])
 def test_latency_command_refuses_bad_input(args: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -379,9 +456,9 @@ def test_search_on_a_table_with_a_memory_budget_and_a_latency_front(tmp_path: Pa
     space_file = tmp_path / "tiny.yaml"
     space_file.write_text(yaml.safe_dump(TINY_SPACE))
     space = load_space(str(space_file))
-    export_blocks(space, (1, 28, 28), 10, tmp_path / "blocks", progress=lambda m: None)
+    export_blocks(space, (1, 28, 28), 10, tmp_path / "blocks", progress=lambda m: None, networks=3)
     table_file = tmp_path / "table.json"
-    table_file.write_text(json.dumps(time_folder(tmp_path / "blocks", runs=50, log=lambda m: None)))
+    table_file.write_text(json.dumps(time_folder(tmp_path / "blocks", runs=50, passes=1, log=lambda m: None)))
     table = LatencyTable.load(table_file, space, (1, 28, 28), 10, "fp32")
     memory_budget = 15000
     study, _ = search_cli(tmp_path, tmp_path / "cache", mini_fashion_dir, "--search-space", str(space_file),
