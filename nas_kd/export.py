@@ -18,7 +18,7 @@ Files of one export (OUT = the winner's, a baseline's or an online student's fol
   channel, uint8 activations calibrated on `CALIBRATION_IMAGES` seeded training images, never test
   images), tested the same way;
 - `metrics.json`: the student's and teachers' test figures, costs, memory, and per model its test
-  accuracy and its latency here (batch 1, median of 100 runs after 10 warm-up runs).
+  accuracy and its latency here (batch 1, the fastest of 3 medians of 100 runs after 10 warm-up runs).
 """
 
 from __future__ import annotations

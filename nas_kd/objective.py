@@ -167,7 +167,7 @@ def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, 
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes)
     memory = memory_facts(model, ctx.dataset.input_shape)
     cost = replace(count(model, ctx.dataset.input_shape), memory=memory["peak_memory_int8"])
-    # the latency (1-2 s to export and time) only of specs within the cheaper bounds
+    # the latency (1.5-3 s to export and time) only of specs within the cheaper bounds
     if ctx.latency is not None and replace(ctx.budget, latency_ms=None).fits(cost):
         cost = replace(cost, latency_ms=ctx.latency(spec))
     if not record_cost(trial, spec, cost, ctx.ensemble.largest(), ctx.budget, memory):
