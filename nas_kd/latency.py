@@ -473,6 +473,9 @@ class LatencyTable:
                              f"--precision {precision} and time them")
         try:
             networks = {str(Spec.parse(k)): float(v) for k, v in (data.get("networks") or {}).get(precision, {}).items()}
+            bad = [f"{k}: {v}" for k, v in networks.items() if not (math.isfinite(v) and v > 0)]
+            if bad:
+                raise ValueError(f"a latency must be a positive number of ms, got {bad[0]}")
         except (InputError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"latency table {path} has unreadable calibration networks ({e}); time the folder "
                              "again with its time_blocks.py") from None
@@ -498,11 +501,11 @@ class LatencyTable:
             return self
         sums = np.array([self.layer_sum(Spec.parse(k)) for k in self.networks])
         measured = np.array(list(self.networks.values()))
-        weight = 1 / np.maximum(measured, 1e-9)
-        (scale, offset), *_ = np.linalg.lstsq(np.stack([sums, np.ones_like(sums)], 1) * weight[:, None],
-                                              measured * weight, rcond=None)
-        if not (math.isfinite(scale) and math.isfinite(offset) and scale > 0):
-            return self
+        weight = 1 / measured
+        (scale, offset), _, rank, _ = np.linalg.lstsq(np.stack([sums, np.ones_like(sums)], 1) * weight[:, None],
+                                                      measured * weight, rcond=None)
+        if rank < 2 or not (math.isfinite(scale) and math.isfinite(offset) and scale > 0):
+            return self  # networks of one layer sum fix no scale; a shrinking fit explains nothing
         return dataclasses.replace(self, scale=float(scale), offset=float(offset))
 
     def predict(self, spec: Spec) -> float:
@@ -512,8 +515,11 @@ class LatencyTable:
     def calibration_line(self) -> str:
         """How the table's predictions are calibrated, and how well they fit its networks."""
         if (self.scale, self.offset) == (1.0, 0.0):
-            return (f"layer sums uncalibrated: {len(self.networks)} calibration networks, need {MIN_CALIBRATION}; "
-                    "time a folder from this version's python -m nas_kd.latency blocks")
+            if len(self.networks) < MIN_CALIBRATION:
+                return (f"layer sums uncalibrated: {len(self.networks)} calibration networks, need {MIN_CALIBRATION}; "
+                        "time a folder from this version's python -m nas_kd.latency blocks")
+            return (f"layer sums uncalibrated: no scale fits the {len(self.networks)} calibration networks (their layer "
+                    "sums are all equal, or the fit shrinks them to nothing)")
         errors = [self.predict(Spec.parse(k)) / ms - 1 for k, ms in self.networks.items()]
         within = sum(abs(e) <= 0.10 for e in errors)
         return (f"layer sums x{self.scale:.3f} {self.offset:+.4f} ms, fitted to {len(errors)} networks, "

@@ -14,8 +14,8 @@ Every model is timed as the search times whole students (`nas_kd.latency.measure
 graph optimisations, `warmup` runs, then the median of `runs` timed runs, in milliseconds; that
 `passes` times, and the fastest of those medians is kept. A shared or busy machine slows some
 passes down by 5-20% for seconds at a time; the fastest pass is the model's own cost. Here the
-passes go round the whole folder (every model once, then again), so a slow spell hits one pass
-of many models rather than every pass of one.
+passes go round the whole folder (every model once, then again, warmed up each time), so a slow
+spell hits one pass of many models rather than every pass of one.
 
 The folder also holds a dozen whole networks of the space (the calibration networks): timed
 beside the layers, they let nas_kd fit how a sum of separately timed layers relates to a whole
@@ -31,7 +31,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,22 +74,25 @@ def median_ms(session, warmup: int = 10, runs: int = 100, seed: int = 0) -> floa
     return statistics.median(times) * 1e3
 
 
-def latency_ms(session, warmup: int = 10, runs: int = 100, passes: int = PASSES) -> float:
+def latency_ms(session: Any, warmup: int = 10, runs: int = 100, passes: int = PASSES) -> float:
     """The fastest of `passes` medians of `session` (`median_ms`), in milliseconds: what nas_kd
-    calls a model's latency. The warm-up runs once."""
+    calls a model's latency. The passes run back to back, so the warm-up runs once."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     return min(median_ms(session, warmup if i == 0 else 0, runs) for i in range(passes))
 
 
-def time_round_robin(sessions: dict, warmup: int = 10, runs: int = 100, passes: int = PASSES, log=None) -> dict:
-    """`latency_ms` of every session, in `passes` rounds over all of them (each round times every
-    session once), so a slow spell of the machine slows one round of many models, not every
-    round of a few."""
-    best: dict = {}
+def time_round_robin(sessions: dict[Any, Any], warmup: int = 10, runs: int = 100, passes: int = PASSES,
+                     log: Callable[[str], None] | None = None) -> dict[Any, float]:
+    """The fastest of `passes` medians of every session, in rounds over all of them (each round
+    times every session once), so a slow spell of the machine slows one round of many models, not
+    every round of a few. Every round warms a model up again: the others ran since its last one."""
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    best: dict[Any, float] = {}
     for i in range(passes):
         for key, session in sessions.items():
-            ms = median_ms(session, warmup if i == 0 else 0, runs)
+            ms = median_ms(session, warmup, runs)
             best[key] = min(ms, best.get(key, ms))
         if log:
             log(f"pass {i + 1}/{passes}: timed {len(sessions)} models")

@@ -327,13 +327,15 @@ def test_calibration_networks_span_the_space(tiny_table) -> None:
     assert list(manifest["networks"]["fp32"]) == [str(s) for s in specs]
 
 
-def fake_table(tmp_path: Path, space, networks: dict[str, float]) -> Path:
-    """A table for `space` at 1x12x12 whose every layer takes 0.1 ms and the no-op 0.01 ms."""
+def fake_table(tmp_path: Path, space, networks: dict[str, float] | None) -> Path:
+    """A table for `space` at 1x12x12 whose every layer takes 0.1 ms and the no-op 0.01 ms (no
+    "networks" key at all when `networks` is None, as tables made before calibration)."""
     keys = {layer.key() for layer in space_layers(space, (1, 12, 12), 4)}
     entries = {**{k: 0.1 for k in keys}, "noop:1x12x12": 0.01}
     data = {"format": time_blocks.TABLE_FORMAT, "space": space.name, "space_fingerprint": space_fingerprint(space),
-            "input_shape": [1, 12, 12], "num_classes": 4, "noop": "noop:1x12x12", "entries": {"fp32": entries},
-            "networks": {"fp32": networks}}
+            "input_shape": [1, 12, 12], "num_classes": 4, "noop": "noop:1x12x12", "entries": {"fp32": entries}}
+    if networks is not None:
+        data["networks"] = {"fp32": networks}
     path = tmp_path / "table.json"
     path.write_text(json.dumps(data))
     return path
@@ -342,8 +344,8 @@ def fake_table(tmp_path: Path, space, networks: dict[str, float]) -> Path:
 def test_a_table_calibrates_its_layer_sums_on_its_networks(tiny_table, tmp_path: Path) -> None:
     space, _ = tiny_table
     specs = space.random_specs(40, seed=2)
-    plain = LatencyTable.load(fake_table(tmp_path, space, {}), space, (1, 12, 12), 4, "fp32")
-    assert (plain.scale, plain.offset) == (1.0, 0.0) and "uncalibrated" in plain.calibration_line()
+    plain = LatencyTable.load(fake_table(tmp_path, space, None), space, (1, 12, 12), 4, "fp32")  # an old table
+    assert (plain.scale, plain.offset) == (1.0, 0.0) and "0 calibration networks, need 3" in plain.calibration_line()
     sums = {str(s): plain.layer_sum(s) for s in specs}
     assert len(set(sums.values())) >= 3  # depths differ, so the sums do
     # networks that run exactly 1.5x their layer sum plus 0.02 ms: the fit finds both
@@ -355,27 +357,39 @@ def test_a_table_calibrates_its_layer_sums_on_its_networks(tiny_table, tmp_path:
     assert f"fitted to {len(sums)} networks, {len(sums)} of them within +-10%" in table.calibration_line()
     two = dict(list(sums.items())[:2])  # too few to fit a scale and an offset: the sums as they are
     assert LatencyTable.load(fake_table(tmp_path, space, two), space, (1, 12, 12), 4, "fp32").scale == 1.0
-    with pytest.raises(InputError, match="unreadable calibration networks"):
-        LatencyTable.load(fake_table(tmp_path, space, {"c8|nope": 1.0}), space, (1, 12, 12), 4, "fp32")
+    # networks of one layer sum fix no scale, and a fit that shrinks the sums explains nothing
+    by_sum: dict[float, list[str]] = {}
+    for k, v in sums.items():
+        by_sum.setdefault(round(v, 9), []).append(k)
+    same = next(ks for ks in by_sum.values() if len(ks) >= 3)
+    for networks in ({k: 3.0 + 0.01 * i for i, k in enumerate(same)}, {k: 10 - v for k, v in sums.items()}):
+        table = LatencyTable.load(fake_table(tmp_path, space, networks), space, (1, 12, 12), 4, "fp32")
+        assert (table.scale, table.offset) == (1.0, 0.0) and "no scale fits" in table.calibration_line()
+    for bad in ("c8|nope", float("nan"), 0.0, -1.0):
+        networks = {"c8|nope": 1.0} if bad == "c8|nope" else {next(iter(sums)): bad}
+        with pytest.raises(InputError, match="unreadable calibration networks"):
+            LatencyTable.load(fake_table(tmp_path, space, networks), space, (1, 12, 12), 4, "fp32")
 
 
 def test_timing_keeps_the_fastest_round(monkeypatch) -> None:
     """Every model is timed once per round, round after round, and its fastest median is kept."""
-    calls: list[str] = []
+    calls: list[tuple[str, int]] = []
     slow = {("a", 0): 5.0, ("b", 1): 7.0}  # a slow spell: a's first round, b's second
 
     def median(session, warmup=10, runs=100, seed=0):
-        rnd = sum(1 for c in calls if c == session)
-        calls.append(session)
+        rnd = sum(1 for c, _ in calls if c == session)
+        calls.append((session, warmup))
         return slow.get((session, rnd), {"a": 1.0, "b": 2.0}[session]) + rnd * 0.01
 
     monkeypatch.setattr(time_blocks, "median_ms", median)
-    assert time_blocks.time_round_robin({"a": "a", "b": "b"}, passes=3) == {"a": 1.01, "b": 2.0}
-    assert calls == ["a", "b"] * 3
+    assert time_blocks.time_round_robin({"a": "a", "b": "b"}, warmup=7, passes=3) == {"a": 1.01, "b": 2.0}
+    assert calls == [("a", 7), ("b", 7)] * 3  # round after round, each model warmed up again
     calls.clear()
-    assert time_blocks.latency_ms("a", passes=2) == 1.01
-    with pytest.raises(ValueError, match="passes must be >= 1"):
-        time_blocks.latency_ms("a", passes=0)
+    assert time_blocks.latency_ms("a", warmup=7, passes=2) == 1.01
+    assert calls == [("a", 7), ("a", 0)]  # back to back: warmed up once
+    for timing in (time_blocks.latency_ms, time_blocks.time_round_robin):
+        with pytest.raises(ValueError, match="passes must be >= 1"):
+            timing("a" if timing is time_blocks.latency_ms else {"a": "a"}, passes=0)
 
 
 @pytest.mark.parametrize(("change", "message"), [
