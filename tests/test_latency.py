@@ -313,6 +313,14 @@ def test_time_blocks_runs_without_torch_and_the_table_round_trips(tiny_table, tm
     assert LatencyTable.load(out, space, (1, 12, 12), 4, "int8").entries != table.entries
 
 
+@pytest.mark.parametrize("args", [["--passes", "0"], ["--runs", "10"], ["--threads", "0"], ["--warmup", "-1"]])
+def test_time_blocks_refuses_bad_settings(tiny_table, tmp_path: Path, capsys, args: list[str]) -> None:
+    _, folder = tiny_table
+    assert time_blocks.main([str(folder), "--out", str(tmp_path / "t.json"), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--passes >= 1" in lines[0] and not (tmp_path / "t.json").exists()
+
+
 def test_calibration_networks_span_the_space(tiny_table) -> None:
     space, folder = tiny_table
     specs = calibration_specs(space, (1, 12, 12), 4)
