@@ -139,6 +139,8 @@ def main() -> None:
                         help="where the searches' studies go")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--results", type=Path, default=RESULTS / "search_vs_baselines.json")
+    parser.add_argument("--table-only", action="store_true",
+                        help="pick and retrain nothing: the table of what the results file holds")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.threads:
@@ -153,7 +155,7 @@ def main() -> None:
     work = args.work / format_count(args.budget)
     print(f"budget {format_count(args.budget)} MACs; seeds {args.seeds}; {machine()}", flush=True)
 
-    for seed in args.seeds:
+    for seed in [] if args.table_only else args.seeds:
         cfg = dataclasses.replace(base, seed=seed)
         for method in args.methods:
             key = f"{args.budget}|{method}|{seed}|{sid}"
