@@ -50,5 +50,5 @@ def test_the_device_script_needs_no_torch_and_no_nas_kd() -> None:
     tree = ast.parse((PACKAGE / "time_blocks.py").read_text())
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert modules <= {"__future__", "argparse", "json", "os", "platform", "statistics", "sys", "time", "pathlib",
-                       "numpy", "onnxruntime"}
+    assert modules <= {"__future__", "argparse", "collections", "json", "os", "platform", "statistics", "sys", "time",
+                       "pathlib", "typing", "numpy", "onnxruntime"}  # the standard library of Python 3.8, numpy, ORT
