@@ -387,31 +387,29 @@ def export_blocks(space: SearchSpace, input_shape: tuple[int, int, int], num_cla
         (out / precision / "noop.onnx").write_bytes(noop_model(input_shape))
         files[precision][noop] = f"{precision}/noop.onnx"
     rng = np.random.default_rng(0)
-    for i, layer in enumerate(layers):
-        shape = (layer.cin, layer.h, layer.w)
+    nets: dict[str, dict[str, str]] = {p: {} for p in precisions}
+
+    def write(make: Callable[[], nn.Module], shape: tuple[int, int, int], stem: str, into: dict[str, dict[str, str]],
+              key: str) -> None:
+        """`make()`'s module, seeded, as `<precision>/<stem>.onnx` for every precision, listed under `key`."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            module = layer.module()
+            module = make()
         data = to_onnx(module, shape, dynamic_batch=False)
         for precision in precisions:
-            name = f"{precision}/{i:04d}.onnx"
+            name = f"{precision}/{stem}.onnx"
             blob = data if precision == "fp32" else quantize_int8(
                 data, rng.standard_normal((8, *shape)).astype(np.float32), batch=1)
             (out / name).write_bytes(blob)
-            files[precision][layer.key()] = name
+            into[precision][key] = name
+
+    for i, layer in enumerate(layers):
+        write(layer.module, (layer.cin, layer.h, layer.w), f"{i:04d}", files, layer.key())
         if (i + 1) % 25 == 0 or i + 1 == len(layers):
             progress(f"exported {i + 1}/{len(layers)} layers")
-    nets: dict[str, dict[str, str]] = {p: {} for p in precisions}
     for i, spec in enumerate(calibration_specs(space, input_shape, num_classes, networks) if networks else []):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            data = to_onnx(build(spec, input_shape, num_classes, channels_last=False), input_shape, dynamic_batch=False)
-        for precision in precisions:
-            name = f"{precision}/network{i:02d}.onnx"
-            blob = data if precision == "fp32" else quantize_int8(
-                data, rng.standard_normal((8, *input_shape)).astype(np.float32), batch=1)
-            (out / name).write_bytes(blob)
-            nets[precision][str(spec)] = name
+        write(functools.partial(build, spec, input_shape, num_classes, channels_last=False), input_shape,
+              f"network{i:02d}", nets, str(spec))
     if networks:
         progress(f"exported {len(nets[precisions[0]])} calibration networks")
     manifest = {"format": time_blocks.MANIFEST_FORMAT, "space": space.name, "space_fingerprint": space_fingerprint(space),
