@@ -98,7 +98,7 @@ def main() -> int:
                            "time_seconds": round(time.perf_counter() - start - exported, 1)}
             results.put("tables", key, table_entry)
         predictor = LatencyTable.from_data(table_entry["table"], f"{folder}", space, INPUT, CLASSES, "fp32")
-        if predictor.scale == 1.0 and predictor.offset == 0.0:
+        if not predictor.is_calibrated:
             raise SystemExit(f"the {name} table is not calibrated ({predictor.calibration_line()}); export --blocks "
                              "again with this version")
         held_out = [(s, m) for s, m in zip(specs, measured) if str(s) not in predictor.networks]

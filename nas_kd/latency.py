@@ -506,13 +506,18 @@ class LatencyTable:
             return self  # networks of one layer sum fix no scale; a shrinking fit explains nothing
         return dataclasses.replace(self, scale=float(scale), offset=float(offset))
 
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether `calibrated` fitted a scale and offset (else predictions are the layer sums)."""
+        return (self.scale, self.offset) != (1.0, 0.0)
+
     def predict(self, spec: Spec) -> float:
         """Milliseconds for one image through `spec` on the table's device."""
         return max(0.0, self.scale * self.layer_sum(spec) + self.offset)
 
     def calibration_line(self) -> str:
         """How the table's predictions are calibrated, and how well they fit its networks."""
-        if (self.scale, self.offset) == (1.0, 0.0):
+        if not self.is_calibrated:
             if len(self.networks) < MIN_CALIBRATION:
                 return (f"layer sums uncalibrated: {len(self.networks)} calibration networks, need {MIN_CALIBRATION}; "
                         "time a folder from this version's python -m nas_kd.latency blocks")

@@ -307,7 +307,7 @@ def test_time_blocks_runs_without_torch_and_the_table_round_trips(tiny_table, tm
     layers = spec_layers(spec, (1, 12, 12), 4)
     expected = sum(data["entries"]["fp32"][la.key()] - table.overhead for la in layers) + table.overhead
     assert table.layer_sum(spec) == pytest.approx(expected)
-    assert table.scale > 0 and (table.scale, table.offset) != (1.0, 0.0)  # fitted to the 12 networks
+    assert table.scale > 0 and table.is_calibrated  # fitted to the 12 networks
     assert table.predict(spec) == pytest.approx(max(0.0, table.scale * expected + table.offset))
     assert "fitted to 12 networks" in table.calibration_line()
     assert LatencyTable.load(out, space, (1, 12, 12), 4, "int8").entries != table.entries
@@ -353,13 +353,13 @@ def test_a_table_calibrates_its_layer_sums_on_its_networks(tiny_table, tmp_path:
     space, _ = tiny_table
     specs = space.random_specs(40, seed=2)
     plain = LatencyTable.load(fake_table(tmp_path, space, None), space, (1, 12, 12), 4, "fp32")  # an old table
-    assert (plain.scale, plain.offset) == (1.0, 0.0) and "0 calibration networks, need 3" in plain.calibration_line()
+    assert not plain.is_calibrated and "0 calibration networks, need 3" in plain.calibration_line()
     sums = {str(s): plain.layer_sum(s) for s in specs}
     assert len(set(sums.values())) >= 3  # depths differ, so the sums do
     # networks that run exactly 1.5x their layer sum plus 0.02 ms: the fit finds both
     table = LatencyTable.load(fake_table(tmp_path, space, {k: 1.5 * v + 0.02 for k, v in sums.items()}), space,
                               (1, 12, 12), 4, "fp32")
-    assert table.scale == pytest.approx(1.5) and table.offset == pytest.approx(0.02)
+    assert table.is_calibrated and table.scale == pytest.approx(1.5) and table.offset == pytest.approx(0.02)
     other = space.random_specs(1, seed=9)[0]
     assert table.predict(other) == pytest.approx(1.5 * plain.layer_sum(other) + 0.02)
     assert f"fitted to {len(sums)} networks, {len(sums)} of them within +-10%" in table.calibration_line()
@@ -372,7 +372,7 @@ def test_a_table_calibrates_its_layer_sums_on_its_networks(tiny_table, tmp_path:
     same = next(ks for ks in by_sum.values() if len(ks) >= 3)
     for networks in ({k: 3.0 + 0.01 * i for i, k in enumerate(same)}, {k: 10 - v for k, v in sums.items()}):
         table = LatencyTable.load(fake_table(tmp_path, space, networks), space, (1, 12, 12), 4, "fp32")
-        assert (table.scale, table.offset) == (1.0, 0.0) and "no scale fits" in table.calibration_line()
+        assert not table.is_calibrated and "no scale fits" in table.calibration_line()
     for bad in ("c8|nope", float("nan"), 0.0, -1.0):
         networks = {"c8|nope": 1.0} if bad == "c8|nope" else {next(iter(sums)): bad}
         with pytest.raises(InputError, match="unreadable calibration networks"):
