@@ -12,6 +12,12 @@ teachers), and prints one table: per score, Spearman's rho with a bootstrap 90% 
 Kendall's tau, precision of its top 3 (how many of the reference's best 3 it ranks in its own
 top 3), regret of its pick in points of reference accuracy, and seconds per spec.
 
+Two more rows come from the default score's trainings, with nothing more trained: its curve of
+validation accuracies extrapolated to the reference's steps, and (`--capacity-prior W ...`) the
+score plus W x log2(params). `--baselines` also computes the reference of the hand-made network
+and of the largest of 200 random specs (`search_vs_baselines.py`'s untrained picks) and prints
+how many of the random specs reach above them.
+
 References and scores are kept in `benchmarks/results/trial_scores.json`, keyed by spec and a
 digest of the settings that determine them, so a killed run goes on where it stopped and a
 re-run with a new score retrains nothing. The test split is never read.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import random
 import statistics
 import sys
@@ -35,12 +42,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_cache import RESULTS, ResultsFile, machine, settings_id  # noqa: E402
+from search_vs_baselines import hand_made, largest  # noqa: E402
 
 from nas_kd.arch import Spec, build  # noqa: E402
 from nas_kd.blockwise import BlockwiseScorer, most_accurate  # noqa: E402
-from nas_kd.config import SearchConfig  # noqa: E402
+from nas_kd.config import SearchConfig, steps_per_epoch  # noqa: E402
 from nas_kd.cost import Budget, Cost, count, format_count, parse_count  # noqa: E402
 from nas_kd.data import BatchIterator, Dataset, Split, load_dataset, seeded_subset  # noqa: E402
+from nas_kd.errors import InputError  # noqa: E402
 from nas_kd.losses import recipe_features  # noqa: E402
 from nas_kd.objective import (  # noqa: E402
     CURVE_ATTR,
@@ -291,9 +300,13 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
             score_spec(n, spec, cost, schedules, with_blockwise)
 
 
-def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]]) -> dict[str, tuple[list[float], list[float]]]:
+def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]], reference_images: int = 20000,
+               capacity_priors: tuple[float, ...] = ()) -> dict[str, tuple[list[float], list[float]]]:
     """Per score row of the table, (its value for each spec, its seconds for each spec), from the
-    results file; rows whose scores are missing for some spec are left out."""
+    results file; rows whose scores are missing for some spec are left out. Two rows are read
+    from the default score's training, nothing more trained: its validation curve extrapolated to
+    the reference's steps, and, per weight w of `capacity_priors`, the score plus w x log2 of the
+    parameter count (a prior that bigger students gain more from the long retrain)."""
     cfg = bench.cfg
     rows: dict[str, tuple[list[float], list[float]]] = {}
 
@@ -325,7 +338,44 @@ def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]]) -> dict[str, tuple[
         add(name, entries, lambda e, name=name: e["proxies"][name], lambda e: e["seconds"])
     rows["macs"] = ([float(c.macs) for _, c in specs], [0.0] * len(specs))
     rows["params"] = ([float(c.params) for _, c in specs], [0.0] * len(specs))
+    default = f"distill {epochs}x{images} {recal}"
+    if default in rows:
+        values, seconds = rows[default]
+        entries = [bench.results.get("scores", f"{s}|{first_schedule_sid(bench)}") for s, _ in specs]
+        steps = reference_steps(bench, reference_images) / (epochs * steps_per_epoch(images, cfg.train.batch_size))
+        rows[f"{default}, curve extrapolated x{steps:.1f} steps"] = (
+            [extrapolated(e["curve"], steps) for e in entries], seconds)
+        for weight in capacity_priors:
+            rows[f"{default} + {weight:g} x log2(params)"] = (
+                [v + weight * math.log2(c.params) for v, (_, c) in zip(values, specs)], seconds)
     return rows
+
+
+def first_schedule_sid(bench: Bench) -> str:
+    """The settings id of the default schedule's distill scores."""
+    cfg = bench.cfg
+    epochs, images = SCHEDULES[0]
+    return settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
+                                      recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
+                                      report_images=REPORT_IMAGES))
+
+
+def reference_steps(bench: Bench, images: int) -> int:
+    """Optimizer steps of a reference's retrain."""
+    cfg = bench.cfg
+    return cfg.final_epochs * steps_per_epoch(images or len(bench.dataset.train), cfg.train.batch_size)
+
+
+def extrapolated(curve: list[list[float]], factor: float) -> float:
+    """The accuracy a trial's curve [[epochs, acc], ...] reaches at `factor` times its last point,
+    by a least-squares line through all its points in log(epochs) (a learning curve's usual
+    shape at this length; Domhan et al. 2015 fit richer families to longer curves)."""
+    xs, ys = [math.log2(e) for e, _ in curve], [a for _, a in curve]
+    if len(curve) < 2:
+        return ys[-1]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return ys[-1] + slope * math.log2(factor)
 
 
 def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[float]) -> list[dict[str, Any]]:
@@ -336,6 +386,38 @@ def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[floa
                     "kendall": kendall(values, reference), "top3": top_k_precision(values, reference),
                     "regret_pp": regret(values, reference), "seconds": statistics.mean(seconds)})
     return out
+
+
+def baseline_references(bench: Bench, specs: list[tuple[Spec, Cost]], images: int, seed: int,
+                        log: Callable[[str], None], compute: bool) -> None:
+    """The reference of the two picks of benchmarks/search_vs_baselines.py that need no training
+    (the hand-made network scaled to the budget, the largest of 200 random specs drawn with
+    `seed`), beside the random specs': does the space hold a better student than they are?
+    Computed if `compute`, else printed only when already in the results file."""
+    sid = settings_id(reference_settings(bench, images))
+    known = [(s, bench.results.get("references", f"{s}|{sid}")) for s, _ in specs]
+    known = [(s, e["val_acc"]) for s, e in known if e is not None]
+    if not known:
+        return
+    shape, classes = bench.dataset.input_shape, bench.dataset.num_classes
+    best_spec, best = max(known, key=lambda item: item[1])
+    log(f"the best of the {len(known)} random specs with a reference: val {best:.4f}  {best_spec}")
+    for name, spec in (("hand-made", hand_made(bench.budget, bench.dataset)),
+                       ("largest of 200", largest(bench.budget, bench.dataset, bench.cfg, seed))):
+        cost = count(build(spec, shape, classes, channels_last=False), shape)
+        if compute:
+            references(bench, [(spec, cost)], images, log)
+        entry = bench.results.get("references", f"{spec}|{sid}")
+        if entry is None:
+            continue
+        above = sum(acc > entry["val_acc"] for _, acc in known)
+        try:
+            bench.space.params_of(spec)
+            where = "in the space"
+        except InputError as e:
+            where = f"outside the space ({e})"
+        log(f"{name}: {format_count(cost.macs)} MACs, {format_count(cost.params)} params, val {entry['val_acc']:.4f}; "
+            f"{above} of the {len(known)} random specs above it; {where}  {spec}")
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -360,6 +442,10 @@ def main() -> None:
     parser.add_argument("--no-blockwise", action="store_true", help="leave the block-wise scores out")
     parser.add_argument("--table-only", action="store_true", help="compute nothing: the table over the specs that "
                                                                   "have a reference so far")
+    parser.add_argument("--baselines", action="store_true", help="also the references of the hand-made network "
+                        "and the largest of 200 random specs (search_vs_baselines.py's untrained picks)")
+    parser.add_argument("--capacity-prior", type=float, nargs="+", default=[], metavar="W",
+                        help="rows of the default score + W x log2(params), one a weight")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
     parser.add_argument("--results", type=Path, default=RESULTS / "trial_scores.json")
@@ -382,19 +468,20 @@ def main() -> None:
     log(f"{len(specs)} random specs of {space.name} under {budget} (seed {args.seed}); reference: "
         f"{cfg.final_epochs} epochs on {args.reference_images or len(dataset.train)} images, recipe "
         f"{cfg.distill.describe()}; {machine()}")
+    priors = tuple(args.capacity_prior)
     if args.table_only:
         sid = settings_id(reference_settings(bench, args.reference_images))
         epochs, images = SCHEDULES[0]
-        first = settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
-                                           recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
-                                           report_images=REPORT_IMAGES))
+        first = first_schedule_sid(bench)
         have = [(s, c) for s, c in specs if bench.results.get("references", f"{s}|{sid}") is not None
                 and bench.results.get("scores", f"{s}|{first}") is not None]
-        rows = score_rows(bench, have)
+        rows = score_rows(bench, have, args.reference_images, priors)
         log(f"table only: {len(have)} of {len(specs)} specs have a reference and a {epochs}x{images} score; rows "
             f"missing a score of any of them are left out")
         reference = [bench.results.get("references", f"{s}|{sid}")["val_acc"] for s, _ in have]
         print_table(table(rows, reference))
+        if args.baselines:
+            baseline_references(bench, specs, args.reference_images, args.seed, log, compute=False)
         return
     if args.scores_only:
         trial_scores(bench, specs, log, blockwise=not args.no_blockwise)
@@ -402,13 +489,15 @@ def main() -> None:
     reference = references(bench, specs, args.reference_images, log, args.reverse)
     log(f"references: val acc {min(reference):.4f}-{max(reference):.4f} "
         f"({(time.perf_counter() - started) / 60:.1f} min so far)")
+    if args.baselines:
+        baseline_references(bench, specs, args.reference_images, args.seed, log, compute=True)
     if args.references_only:
         return
     trial_scores(bench, specs, log, blockwise=not args.no_blockwise)
     log(f"\n{len(specs)} specs under {budget}; reference val acc {min(reference):.4f}-{max(reference):.4f}; "
         f"s / spec of naswot and synflow is the time of both, with macs and params (known before any score) 0; "
         f"{machine()}; {(time.perf_counter() - started) / 60:.1f} min")
-    print_table(table(score_rows(bench, specs), reference))
+    print_table(table(score_rows(bench, specs, args.reference_images, priors), reference))
 
 
 if __name__ == "__main__":
