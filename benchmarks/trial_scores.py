@@ -373,9 +373,24 @@ def extrapolated(curve: list[list[float]], factor: float) -> float:
     xs, ys = [math.log2(e) for e, _ in curve], [a for _, a in curve]
     if len(curve) < 2:
         return ys[-1]
-    mx, my = statistics.mean(xs), statistics.mean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return ys[-1] + slope * math.log2(factor)
+    return ys[-1] + slope(xs, ys) * math.log2(factor)
+
+
+def slope(x: list[float], y: list[float]) -> float:
+    """Least-squares slope of y on x."""
+    mx, my = statistics.mean(x), statistics.mean(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+
+
+def size_line(rows: dict[str, tuple[list[float], list[float]]], reference: list[float]) -> str:
+    """How much the default score and the reference rise per doubling of the parameter count: a
+    brief trial biased against big students would rise less than the reference does."""
+    default = next((name for name in rows if name.startswith("distill") and "recalibrated" in name), None)
+    if default is None:
+        return ""
+    doublings = [math.log2(p) for p in rows["params"][0]]
+    return (f"per doubling of the parameter count: {default} {100 * slope(doublings, rows[default][0]):+.2f} points, "
+            f"the reference {100 * slope(doublings, reference):+.2f} points")
 
 
 def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[float]) -> list[dict[str, Any]]:
@@ -480,6 +495,7 @@ def main() -> None:
             f"missing a score of any of them are left out")
         reference = [bench.results.get("references", f"{s}|{sid}")["val_acc"] for s, _ in have]
         print_table(table(rows, reference))
+        log(size_line(rows, reference))
         if args.baselines:
             baseline_references(bench, specs, args.reference_images, args.seed, log, compute=False)
         return
@@ -497,7 +513,9 @@ def main() -> None:
     log(f"\n{len(specs)} specs under {budget}; reference val acc {min(reference):.4f}-{max(reference):.4f}; "
         f"s / spec of naswot and synflow is the time of both, with macs and params (known before any score) 0; "
         f"{machine()}; {(time.perf_counter() - started) / 60:.1f} min")
-    print_table(table(score_rows(bench, specs, args.reference_images, priors), reference))
+    rows = score_rows(bench, specs, args.reference_images, priors)
+    print_table(table(rows, reference))
+    log(size_line(rows, reference))
 
 
 if __name__ == "__main__":
