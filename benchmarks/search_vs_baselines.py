@@ -12,7 +12,10 @@ At each budget and seed, four methods each pick one student of the default searc
 - largest: no training: of 200 seeded random specs that fit the budget, the one with the most MACs;
 - hand-made: the deepest of ResNet-20, -14 and -8 (He et al. 2016) that fits the budget at half
   its widths or more, every width scaled by the largest factor (step 0.01, widths rounded to
-  multiples of 4) that fits.
+  multiples of 4) that fits;
+- params: the default search scoring by parameter count (`--trial-score params`: nothing
+  trained, the same number of trials), what a user would run after reading that the count ranks
+  students under a wide budget better than a brief training does.
 
 Every pick is then retrained with the search's final schedule and recipe (default
 `--final-epochs`, the whole training split, the default teachers, seed S) and tested once on the
@@ -53,7 +56,7 @@ from nas_kd.space import load_space  # noqa: E402
 from nas_kd.study import pick_winner  # noqa: E402
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config, teacher_spec  # noqa: E402
 
-METHODS = ("search", "random", "largest", "hand-made")
+METHODS = ("search", "random", "largest", "hand-made", "params")
 
 
 # SearchConfig keys added after the first results were recorded: left out of the settings while at
@@ -119,7 +122,8 @@ def pick(method: str, cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[
     if method == "hand-made":
         return hand_made(budget, dataset), {}
     run = dataclasses.replace(cfg, final_epochs=0, out_dir=str(work), study_name=f"{method}-seed{cfg.seed}",
-                              sampler="random" if method == "random" else cfg.sampler)
+                              sampler="random" if method == "random" else cfg.sampler,
+                              trial_score="params" if method == "params" else cfg.trial_score)
     for stale in work.glob(f"{run.study_name}*"):  # an unfinished search starts again
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     study = search(run, progress=False)
