@@ -3,7 +3,7 @@
     python benchmarks/search_vs_baselines.py --budget 5M --seeds 0 1 2
     python benchmarks/search_vs_baselines.py --budget 50M --seeds 0 1 2
 
-At each budget and seed, four methods each pick one student of the default search space:
+At each budget and seed, five methods each pick one student of the default search space:
 
 - search: nas_kd's default search (`python -m nas_kd.search --flops-budget B --seed S
   --final-epochs 0`), its winner;
