@@ -34,12 +34,11 @@ from results_cache import (  # noqa: E402
     ResultsFile,
     settings_id,  # noqa: E402
 )
-from trial_scores import Bench, draw_specs, reference_settings, trial_settings  # noqa: E402
+from trial_scores import Bench, distill_sid, draw_specs, reference_settings  # noqa: E402
 
 from nas_kd.config import SearchConfig  # noqa: E402
 from nas_kd.cost import Budget, format_count, parse_count  # noqa: E402
 from nas_kd.data import load_dataset  # noqa: E402
-from nas_kd.objective import REPORT_IMAGES  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
 from nas_kd.study import PRUNERS, make_pruner  # noqa: E402
 from nas_kd.teachers import ensemble_from_config  # noqa: E402
@@ -99,9 +98,7 @@ def main() -> None:
     bench = Bench(cfg, dataset, load_space(cfg.search_space), budget, ensemble, ResultsFile(args.results))
     drawn = draw_specs(bench.space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes)
     rid = settings_id(reference_settings(bench, args.reference_images))
-    sid = settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
-                                     recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
-                                     report_images=REPORT_IMAGES))
+    sid = distill_sid(bench, epochs, images)
     # the specs trial_scores.py has finished (a reference and a trial of this schedule); nothing is trained here
     specs = [(s, c) for s, c in drawn if bench.results.get("references", f"{s}|{rid}") is not None
              and bench.results.get("scores", f"{s}|{sid}") is not None]

@@ -214,6 +214,14 @@ def trial_settings(bench: Bench, what: str, **extra: Any) -> dict[str, Any]:
             "teachers": bench.teacher_ids(), "dataset": bench.dataset.fingerprint(), **extra}
 
 
+def distill_sid(bench: Bench, epochs: int, images: int) -> str:
+    """The settings id of the distill scores of the schedule `epochs` x `images`."""
+    cfg = bench.cfg
+    return settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
+                                      recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
+                                      report_images=REPORT_IMAGES))
+
+
 def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[str], None],
                  blockwise: bool = True) -> None:
     """Every trial score of every spec, each computed as a trial of the search computes it, into
@@ -252,9 +260,7 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
                                               "seconds": round(time.perf_counter() - start, 3)})
             done.append("proxies")
         for epochs, images in schedules:
-            sid = settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
-                                             recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
-                                             report_images=REPORT_IMAGES))
+            sid = distill_sid(bench, epochs, images)
             if bench.results.get("scores", f"{spec}|{sid}") is not None:
                 continue
             if targets is None:
@@ -317,10 +323,7 @@ def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]], reference_images: i
 
     recal = f"recalibrated ({cfg.bn_recalibration} batches)"
     for n, (epochs, images) in enumerate(SCHEDULES):
-        sid = settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
-                                         recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
-                                         report_images=REPORT_IMAGES))
-        entries = [bench.results.get("scores", f"{s}|{sid}") for s, _ in specs]
+        entries = [bench.results.get("scores", f"{s}|{distill_sid(bench, epochs, images)}") for s, _ in specs]
         old = " (the old default)" if n == 0 else ""
         add(f"distill {epochs}x{images}{old}", entries, lambda e: e["raw"], lambda e: e["seconds"])
         add(f"distill {epochs}x{images} {recal}", entries, lambda e: e["recalibrated"], lambda e: e["seconds"])
@@ -341,7 +344,7 @@ def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]], reference_images: i
     default = default_row(bench)
     if default in rows:
         values, seconds = rows[default]
-        first = first_schedule_sid(bench)
+        first = distill_sid(bench, epochs, images)
         entries = [bench.results.get("scores", f"{s}|{first}") for s, _ in specs]
         steps = reference_steps(bench, reference_images) / (epochs * steps_per_epoch(images, cfg.train.batch_size))
         rows[f"{default}, curve extrapolated x{steps:.1f} steps"] = (
@@ -350,15 +353,6 @@ def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]], reference_images: i
             rows[f"{default} + {weight:g} x log2(params)"] = (
                 [v + weight * math.log2(c.params) for v, (_, c) in zip(values, specs)], seconds)
     return rows
-
-
-def first_schedule_sid(bench: Bench) -> str:
-    """The settings id of the default schedule's distill scores."""
-    cfg = bench.cfg
-    epochs, images = SCHEDULES[0]
-    return settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
-                                      recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
-                                      report_images=REPORT_IMAGES))
 
 
 def reference_steps(bench: Bench, images: int) -> int:
@@ -425,11 +419,13 @@ def baseline_references(bench: Bench, specs: list[tuple[Spec, Cost]], images: in
     shape, classes = bench.dataset.input_shape, bench.dataset.num_classes
     best_spec, best = max(known, key=lambda item: item[1])
     log(f"the best of the {len(known)} random specs with a reference: val {best:.4f}  {best_spec}")
-    for name, spec in (("hand-made", hand_made(bench.budget, bench.dataset)),
-                       ("largest of 200", largest(bench.budget, bench.dataset, bench.cfg, seed))):
-        cost = count(build(spec, shape, classes, channels_last=False), shape)
-        if compute:
-            references(bench, [(spec, cost)], images, log)
+    picks = {"hand-made": hand_made(bench.budget, bench.dataset),
+             "largest of 200": largest(bench.budget, bench.dataset, bench.cfg, seed)}
+    costs = {name: count(build(spec, shape, classes, channels_last=False), shape) for name, spec in picks.items()}
+    if compute:  # one call: the teachers' targets are computed once for both
+        references(bench, [(picks[name], costs[name]) for name in picks], images, log)
+    for name, spec in picks.items():
+        cost = costs[name]
         entry = bench.results.get("references", f"{spec}|{sid}")
         if entry is None:
             continue
@@ -495,7 +491,7 @@ def main() -> None:
     if args.table_only:
         sid = settings_id(reference_settings(bench, args.reference_images))
         epochs, images = SCHEDULES[0]
-        first = first_schedule_sid(bench)
+        first = distill_sid(bench, epochs, images)
         have = [(s, c) for s, c in specs if bench.results.get("references", f"{s}|{sid}") is not None
                 and bench.results.get("scores", f"{s}|{first}") is not None]
         rows = score_rows(bench, have, args.reference_images, priors)
