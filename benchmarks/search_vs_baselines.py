@@ -6,7 +6,8 @@
 At each budget and seed, five methods each pick one student of the default search space:
 
 - search: nas_kd's default search (`python -m nas_kd.search --flops-budget B --seed S
-  --final-epochs 0`), its winner;
+  --final-epochs 0`), its winner; with `--budget-floor 0` the search as it was before the budget
+  floor (those picks are kept under their old keys);
 - random: the same search with `--sampler random` (the same number of trained trials, the same
   score), its winner;
 - largest: no training: of 200 seeded random specs that fit the budget, the one with the most MACs;
@@ -66,11 +67,21 @@ LATER_KEYS = ("latency_budget_ms", "memory_budget", "latency_precision", "latenc
               # issue 11: at their defaults they change nothing on Fashion-MNIST (min_steps raises no
               # epoch there, tests/test_small_data.py checks it; the others are checks and logistics)
               "study_trials", "worker", "heartbeat", "min_steps", "teacher_min_gain")
+# keys that change only what a search picks, not a retrain or an untrained pick: in the pick's key
+# of the three searching methods instead, and only when not 0 (the value before the key existed)
+PICK_KEYS = ("budget_floor",)
+SEARCHES = ("search", "random", "params")
 
 
 def config_json(cfg: SearchConfig) -> str:
     d, defaults = cfg.to_dict(), SearchConfig().to_dict()
-    return json.dumps({k: v for k, v in d.items() if k not in LATER_KEYS or v != defaults[k]}, sort_keys=True)
+    return json.dumps({k: v for k, v in d.items() if k not in PICK_KEYS and (k not in LATER_KEYS or v != defaults[k])},
+                      sort_keys=True)
+
+
+def pick_key(budget: int, method: str, seed: int, sid: str, floor: float) -> str:
+    """The results key of a pick: the searches' with their budget floor (none: the keys of before it)."""
+    return f"{budget}|{method}|{seed}|{sid}" + (f"|floor{floor:g}" if floor and method in SEARCHES else "")
 
 
 def scaled(base: Spec, factor: float) -> Spec:
@@ -141,6 +152,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
     parser.add_argument("--work", type=Path, default=Path("studies/bench-search-vs-baselines"),
                         help="where the searches' studies go")
+    parser.add_argument("--budget-floor", type=float, default=SearchConfig().floor(),
+                        help="the searches' --budget-floor (default: the search's; 0 = none, the picks of before it)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--results", type=Path, default=RESULTS / "search_vs_baselines.json")
     parser.add_argument("--table-only", action="store_true",
@@ -150,19 +163,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = ResultsFile(args.results)
-    base = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir)
+    base = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir, budget_floor=args.budget_floor)
     dataset = load_dataset(base.dataset)
     ensemble: Ensemble | None = None
     targets: CachedTargets | None = None
     settings = {"dataset": dataset.fingerprint(), "config": config_json(base), "methods": "v1"}
     sid = settings_id(settings)
     work = args.work / format_count(args.budget)
-    print(f"budget {format_count(args.budget)} MACs; seeds {args.seeds}; {machine()}", flush=True)
+    print(f"budget {format_count(args.budget)} MACs; searches' budget floor {args.budget_floor:g}; seeds {args.seeds}; "
+          f"{machine()}", flush=True)
 
     for seed in [] if args.table_only else args.seeds:
         cfg = dataclasses.replace(base, seed=seed)
         for method in args.methods:
-            key = f"{args.budget}|{method}|{seed}|{sid}"
+            key = pick_key(args.budget, method, seed, sid, args.budget_floor)
             if results.get("picks", key) is None:
                 start = time.perf_counter()
                 spec, extra = pick(method, cfg, dataset, work / method)
@@ -190,7 +204,7 @@ def main() -> None:
     for method in args.methods:
         rows = []
         for seed in args.seeds:
-            p = results.get("picks", f"{args.budget}|{method}|{seed}|{sid}")
+            p = results.get("picks", pick_key(args.budget, method, seed, sid, args.budget_floor))
             r = p and results.get("retrains", f"{p['spec']}|{seed}|{sid}")
             if r:
                 rows.append((r["test_acc"], r["val_acc"], r["macs"], p["pick_seconds"]))

@@ -395,6 +395,37 @@ def size_line(bench: Bench, rows: dict[str, tuple[list[float], list[float]]], re
             f"the reference {100 * slope(doublings, reference):+.2f} points")
 
 
+def floor_lines(bench: Bench, specs: list[tuple[Spec, Cost]], rows: dict[str, tuple[list[float], list[float]]],
+                reference: list[float], trials: int = 10, draws: int = 2000) -> list[str]:
+    """What the search's default budget floor does on these students: the mean reference below and
+    above it, and the mean reference of the pick of a search of `trials` trials drawn at random
+    from them (`draws` seeded draws), by the default score and by params, without and with the
+    floor: a search that never trains the small students spends its trials on the others."""
+    floor = bench.cfg.floor()
+    use = [bench.budget.use(c) for _, c in specs]
+    above = [u >= floor for u in use]
+    if not floor or all(above) or not any(above):
+        return [f"budget floor {floor:.0%}: {sum(above)} of {len(specs)} students meet it; nothing to compare"]
+    mean = statistics.mean
+    out = [f"budget floor {floor:.0%}: {above.count(False)} students below it, mean reference "
+           f"{100 * mean(r for r, a in zip(reference, above) if not a):.2f}%; {sum(above)} above, "
+           f"{100 * mean(r for r, a in zip(reference, above) if a):.2f}%"]
+    rng = random.Random(0)
+    pools = {"no floor": list(range(len(specs))), "floor": [i for i, a in enumerate(above) if a]}
+    for name in (default_row(bench), "params"):
+        if name not in rows:
+            continue
+        values = rows[name][0]
+        picks = {k: [] for k in pools}
+        for _ in range(draws):
+            for k, pool in pools.items():
+                drawn = rng.sample(pool, min(trials, len(pool)))
+                picks[k].append(reference[max(drawn, key=lambda i: values[i])])
+        out.append(f"a {trials}-trial search drawn from them, picking by {name}: mean reference "
+                   + ", ".join(f"{k} {100 * mean(v):.2f}%" for k, v in picks.items()))
+    return out
+
+
 def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[float]) -> list[dict[str, Any]]:
     out = []
     for name, (values, seconds) in rows.items():
@@ -469,6 +500,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
     parser.add_argument("--results", type=Path, default=RESULTS / "trial_scores.json")
     args = parser.parse_args()
+    if args.baselines and args.scores_only:
+        parser.error("--baselines computes references, --scores-only none: pass one of them")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -500,6 +533,8 @@ def main() -> None:
         reference = [bench.results.get("references", f"{s}|{sid}")["val_acc"] for s, _ in have]
         print_table(table(rows, reference))
         log(size_line(bench, rows, reference))
+        for line in floor_lines(bench, have, rows, reference):
+            log(line)
         if args.baselines:
             baseline_references(bench, specs, args.reference_images, args.seed, log, compute=False)
         return
@@ -520,6 +555,8 @@ def main() -> None:
     rows = score_rows(bench, specs, args.reference_images, priors)
     print_table(table(rows, reference))
     log(size_line(bench, rows, reference))
+    for line in floor_lines(bench, specs, rows, reference):
+        log(line)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,15 @@ class Budget:
     def fits(self, cost: Cost) -> bool:
         return all(v <= 0 for v in self.violations(cost).values())
 
+    def use(self, cost: Cost) -> float | None:
+        """`cost`'s largest share of a bound (0.5: half of the one it comes closest to), over every
+        bound whose figure is known (latency and memory may not be); None when there is none.
+        What the budget floor reads: a student that nearly meets its latency bound uses its
+        budget, however few MACs it has."""
+        shares = [value / limit for key in ("macs", "params", "latency_ms", "memory")
+                  if (limit := getattr(self, key)) is not None and (value := getattr(cost, key)) is not None]
+        return max(shares) if shares else None
+
     def __str__(self) -> str:
         parts = []
         if self.macs is not None:

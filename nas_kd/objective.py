@@ -57,12 +57,13 @@ class TrialContext:
     proxy_images: torch.Tensor | None = None  # NASWOT's batch; None = proxies not computed
     latency: Callable[[Spec], float] | None = None  # spec -> ms (latency.latency_meter); None = not known
     pareto_cost: str = "macs"  # the Cost field minimised beside accuracy when `pareto`
+    floor: float = 0.0  # the budget floor in force (search.effective_floor): a lesser budget.use is not trained
 
 
 def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budget: Budget, batches: BatchIterator,
                   targets: TargetSource | None, cfg: SearchConfig, progress: bool = True,
                   scorer: BlockwiseScorer | None = None,
-                  latency: Callable[[Spec], float] | None = None) -> TrialContext:
+                  latency: Callable[[Spec], float] | None = None, floor: float = 0.0) -> TrialContext:
     """The context of a search's trials, from its config: the calibration batches (a seeded draw
     of `cfg.bn_recalibration` batches of the trial subset, view 0), the seeded validation subset of
     the intermediate reports and NASWOT's seeded batch of training images."""
@@ -77,7 +78,7 @@ def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budg
     proxy_images = batches.images(positions[:PROXY_BATCH], 0)
     return TrialContext(space, dataset, ensemble, budget, batches, targets, cfg.distill, cfg.train, cfg.trial_epochs,
                         cfg.objective == "pareto", cfg.seed, progress, cfg.trial_score, scorer, calibration,
-                        cfg.trial_reports, report_val, proxy_images, latency, cfg.pareto_cost)
+                        cfg.trial_reports, report_val, proxy_images, latency, cfg.pareto_cost, floor)
 
 
 REPORT_IMAGES = 2000  # validation images read by a trial's intermediate reports (the last reads them all)
@@ -97,19 +98,35 @@ def cost_facts(cost: Cost, reference: Cost) -> dict[str, int | float]:
             "params_compression": round(params_c, 4)}
 
 
+FLOOR_CONSTRAINT = "budget_floor"  # the constraint of a student under the budget floor
+USE_ATTR = "budget_use"  # Budget.use of the trial's spec: its largest share of a bound
+
+
+def floor_shortfall(budget: Budget, cost: Cost, floor: float) -> float | None:
+    """How far `cost` falls short of the budget floor, Optuna's convention: <= 0 meets it, 0.25
+    is a quarter of the floor short; None when there is no floor, or no bound with a known figure."""
+    use = budget.use(cost)
+    return None if not floor or use is None else 1.0 - use / floor
+
+
 def record_cost(trial: optuna.Trial, spec: Spec, cost: Cost, reference: Cost, budget: Budget,
-                memory: dict[str, int] | None = None) -> bool:
-    """Store the spec, its cost (and memory figures) and its constraints on the trial; return whether it fits."""
+                memory: dict[str, int] | None = None, floor: float = 0.0) -> bool:
+    """Store the spec, its cost (and memory figures) and its constraints on the trial, the budget
+    floor's among them; return whether it fits the budget and meets the floor."""
     facts = {"spec": str(spec), **cost_facts(cost, reference), **(memory or {})}
     if cost.latency_ms is not None:
         facts["latency_ms"] = round(cost.latency_ms, 4)
+    if (use := budget.use(cost)) is not None:
+        facts[USE_ATTR] = round(use, 4)
     for key, value in facts.items():
         trial.set_user_attr(key, value)
     violations = budget.violations(cost)
+    if (short := floor_shortfall(budget, cost, floor)) is not None:
+        violations[FLOOR_CONSTRAINT] = short
     for key, value in violations.items():
         trial.set_constraint(key, value)
     trial.storage.set_trial_system_attr(trial._trial_id, LEGACY_CONSTRAINTS_KEY, list(violations.values()))
-    return budget.fits(cost)
+    return all(v <= 0 for v in violations.values())
 
 
 def run_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -167,11 +184,17 @@ def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, 
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes)
     memory = memory_facts(model, ctx.dataset.input_shape)
     cost = replace(count(model, ctx.dataset.input_shape), memory=memory["peak_memory_int8"])
-    # the latency (1.5-3 s to export and time) only of specs within the cheaper bounds
-    if ctx.latency is not None and replace(ctx.budget, latency_ms=None).fits(cost):
+    short = floor_shortfall(ctx.budget, cost, ctx.floor)
+    # the latency (1.5-3 s to export and time) only of specs within the cheaper bounds, and of
+    # those under the floor only when a latency bound could lift them over it
+    if ctx.latency is not None and replace(ctx.budget, latency_ms=None).fits(cost) and (
+            not (short and short > 0) or ctx.budget.latency_ms is not None):
         cost = replace(cost, latency_ms=ctx.latency(spec))
-    if not record_cost(trial, spec, cost, ctx.ensemble.largest(), ctx.budget, memory):
-        raise optuna.TrialPruned(f"over budget ({ctx.budget.excess(cost)}); not trained")
+    if not record_cost(trial, spec, cost, ctx.ensemble.largest(), ctx.budget, memory, ctx.floor):
+        if not ctx.budget.fits(cost):
+            raise optuna.TrialPruned(f"over budget ({ctx.budget.excess(cost)}); not trained")
+        raise optuna.TrialPruned(f"under the budget floor (uses {ctx.budget.use(cost):.0%} of the budget, "
+                                 f"< {ctx.floor:.0%}); not trained")
     earlier = scored_before(trial, str(spec))
     if earlier is not None:
         # the spec's score is known: the stored one is returned (so the sampler sees the spec

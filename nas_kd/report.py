@@ -26,7 +26,17 @@ from nas_kd.cli import fail, quiet_libraries, study_parser
 from nas_kd.cost import format_count
 from nas_kd.errors import InputError
 from nas_kd.latency import INT8_WARN_POINTS, format_bytes
-from nas_kd.objective import FAIL_ATTR, NASWOT, REPEAT_ATTR, SYNFLOW, curve, is_feasible, trial_score, was_trained
+from nas_kd.objective import (
+    FAIL_ATTR,
+    FLOOR_CONSTRAINT,
+    NASWOT,
+    REPEAT_ATTR,
+    SYNFLOW,
+    curve,
+    is_feasible,
+    trial_score,
+    was_trained,
+)
 from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR, load_existing
 
 COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "latency_ms",
@@ -35,10 +45,14 @@ COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "pa
 
 
 def status(trial: optuna.trial.FrozenTrial) -> str:
-    """complete, pruned (stopped early by the pruner), over_budget (never trained), repeat (a spec
-    already scored: its score reused, nothing trained), failed or running."""
+    """complete, pruned (stopped early by the pruner), over_budget or under_floor (never trained:
+    over a budget, or under the budget floor), repeat (a spec already scored: its score reused,
+    nothing trained), failed or running."""
     if trial.state == TrialState.PRUNED:
-        return "pruned" if was_trained(trial) else "over_budget"
+        if was_trained(trial):
+            return "pruned"
+        over = any(v > 0 for k, v in trial.constraints.items() if k != FLOOR_CONSTRAINT and not k.isdigit())
+        return "under_floor" if not over and trial.constraints.get(FLOOR_CONSTRAINT, 0) > 0 else "over_budget"
     if trial.state == TrialState.COMPLETE and REPEAT_ATTR in trial.user_attrs:
         return "repeat"
     return {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.RUNNING: "running",
@@ -131,7 +145,7 @@ def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: 
     complete = feasible[feasible["status"] == "complete"]
     front_idx = pareto_front([float(v) for v in complete[cost]], [float(v) for v in complete["score"]])
     front = complete.iloc[front_idx]
-    infeasible = frame[has_cost & (frame["status"] == "over_budget")].assign(score=float("nan"))
+    infeasible = frame[has_cost & frame["status"].isin(["over_budget", "under_floor"])].assign(score=float("nan"))
     pruned = trained[trained["status"] == "pruned"]
     teacher_points = Points([float(t[cost]) for t in teachers], [float(t["val_acc"]) for t in teachers],
                             [-1] * len(teachers), [str(t["name"]) for t in teachers])
@@ -194,8 +208,9 @@ def pareto_figure(data: ParetoData) -> go.Figure:
                                  hovertext=_hover(points, data, label), hoverinfo="text"))
     if data.infeasible.x:  # never trained: shown as a rug under the plot, at their cost
         fig.add_trace(go.Scatter(x=data.infeasible.x, y=[0] * len(data.infeasible.x), yaxis="y2", mode="markers",
-                                 name="over budget (not trained)", marker=dict(color="#7f7f7f", symbol="line-ns-open", size=12),
-                                 hovertext=_hover(data.infeasible, data, "over budget"), hoverinfo="text"))
+                                 name="over budget or under its floor (not trained)",
+                                 marker=dict(color="#7f7f7f", symbol="line-ns-open", size=12),
+                                 hovertext=_hover(data.infeasible, data, "not trained"), hoverinfo="text"))
     if data.winner is not None and data.winner in data.feasible.number:
         i = data.feasible.number.index(data.winner)
         fig.add_trace(go.Scatter(x=[data.feasible.x[i]], y=[data.feasible.acc[i]], mode="markers", name="winner",
@@ -329,7 +344,9 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     sections = [
         f"<h1>nas_kd study {esc(study.study_name)}</h1>",
         f"<p>Dataset <b>{esc(str(info.get('guarded', {}).get('dataset', '?')))}</b>; budget "
-        f"<b>{esc(info.get('budget_text', 'none'))}</b> (MACs of one forward pass, ptflops aten backend); "
+        f"<b>{esc(info.get('budget_text', 'none'))}</b> (MACs of one forward pass, ptflops aten backend)"
+        + (f", floor {info['budget_floor']:.0%} of it (students using less were not trained)"
+           if info.get("budget_floor") else "") + "; "
         f"search space <b>{esc(str(info.get('space', '?')))}</b>; distillation <b>{esc(str(info.get('recipe', '?')))}</b>. "
         f"Trials: {esc(summary)}.</p>",
         "<p class=note>Accuracies in the plots and the trial table are on the validation split carved from the "

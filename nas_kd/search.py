@@ -23,7 +23,7 @@ from nas_kd.baselines import check_prunable, pruned_baseline
 from nas_kd.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.cli import OneLineParser, bars_shown, base_parser, fail, log, number, quiet_libraries
 from nas_kd.config import SearchConfig, adapt_schedule, from_dict, parse_distill
-from nas_kd.cost import Budget, format_count, parse_count
+from nas_kd.cost import Budget, count, format_count, parse_count
 from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.distill import check_two_stage
 from nas_kd.errors import InputError
@@ -39,9 +39,11 @@ from nas_kd.latency import (
 from nas_kd.losses import LOSSES, Criterion, loss_class, recipe_features, recipe_uses_teachers
 from nas_kd.objective import (
     FAIL_ATTR,
+    FLOOR_CONSTRAINT,
     REPEAT_ATTR,
     TRAINED_SCORES,
     TRIAL_SCORES,
+    USE_ATTR,
     run_trial,
     stored_blockwise_scores,
     training_done,
@@ -130,7 +132,9 @@ ptflops' aten backend: convolutions and linear layers, which is what the NAS lit
 "FLOPs". K/M/G are decimal: 50M = 50e6. --latency-budget is one image, batch 1, through the
 student's ONNX model with ONNX Runtime (us or ms), measured here or predicted from
 --latency-table; --memory-budget is peak int8 activation memory in bytes (MCUNet). A student over
-any budget is recorded as infeasible and never trained.
+any budget is recorded as infeasible and never trained. So is one under the budget floor: with
+--objective accuracy a student must use at least half of one bound of the budget
+(--budget-floor).
 
 outputs (OUT_DIR defaults to ./studies):
   OUT_DIR/<study>.db                Optuna storage (unless --storage); open it with
@@ -156,6 +160,12 @@ def build_parser() -> OneLineParser:
                    help="most MACs of one forward pass, e.g. 300K, 50M, 1.5G, 2.5e6 (ptflops 'FLOPs')")
     g.add_argument("--params-budget", type=_count("--params-budget"), metavar="N",
                    help="most trainable parameters, e.g. 100K, 1.5M")
+    g.add_argument("--budget-floor", type=_fraction("--budget-floor"), metavar="SHARE",
+                   help="students using less than this share of every bound of the budget (MACs, params, "
+                        "latency, memory) are not trained, as over-budget ones are not: within a budget, accuracy "
+                        "rises with size (default 0.5 with --objective accuracy, 0 = none with pareto; applies "
+                        "with a MACs or params budget; lowered when the space's largest students use less of it: "
+                        "the log says to what)")
     g.add_argument("--latency-budget", type=_typed(parse_latency, "--latency-budget"), metavar="TIME",
                    help="most milliseconds for one image (batch 1) with ONNX Runtime, with a unit: e.g. 500us, 2ms; "
                         "measured on this machine, or predicted from --latency-table")
@@ -330,7 +340,7 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
                  "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score",
                  "bn_recalibration", "trial_reports", "pruner", "sampler", "latency_precision", "latency_threads",
                  "latency_table", "memory_budget", "pareto_cost", "min_steps", "teacher_min_gain", "study_trials",
-                 "heartbeat"):
+                 "heartbeat", "budget_floor"):
         flag(name)
     flag("latency_budget", "latency_budget_ms")
     flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])
@@ -401,6 +411,8 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     check_weighting(cfg.distill.ensemble_weighting)
     if cfg.heartbeat < 1 or (cfg.study_trials is not None and cfg.study_trials < 1):
         raise InputError(f"heartbeat must be >= 1 s and study_trials >= 1, got {cfg.heartbeat} and {cfg.study_trials}")
+    if cfg.budget_floor is not None and not 0 <= cfg.budget_floor < 1:
+        raise InputError(f"budget_floor must be a share in [0, 1), got {cfg.budget_floor}")
     if cfg.min_steps < 0 or not 0 <= cfg.teacher_min_gain < 1:
         raise InputError(f"min_steps must be >= 0 and teacher_min_gain in [0, 1), got {cfg.min_steps} and "
                          f"{cfg.teacher_min_gain}")
@@ -430,6 +442,9 @@ def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
     for key in ("two_stage", "ensemble_weighting"):
         if getattr(cfg.distill, key) != getattr(DEFAULTS.distill, key):
             d["distill"][key] = getattr(cfg.distill, key)
+    d["budget_floor"] = cfg.floor()  # the share asked for (None: the objective's default), or 0: not recorded
+    if not d["budget_floor"]:
+        del d["budget_floor"]
     return {k: d[k] for k in GUARDED_KEYS if k in d and (k not in LATE_GUARDED_KEYS or d[k] != getattr(DEFAULTS, k))}
 
 
@@ -458,6 +473,32 @@ def check_reachable(cfg: SearchConfig, space: SearchSpace, input_shape: tuple[in
             raise InputError(f"no student of search space {space.name!r} meets {flag} {text(limit)}: the lowest "
                              f"{what} of {len(specs)} specs tried (the smallest and {probes} random ones) is "
                              f"{text(best[0])}, by {best[1]}; raise the budget or use a smaller space")
+
+
+FLOOR_PROBES = 100  # seeded random specs whose use of the budget tells how much of it the space reaches
+
+
+def effective_floor(share: float, budget: Budget, space: SearchSpace, input_shape: tuple[int, int, int],
+                    num_classes: int, fitting: list[Spec]) -> tuple[float, str]:
+    """The budget floor a search applies, and one line saying so. 0 without a MACs or params
+    bound (the probes below could not tell how much of a latency bound the space reaches).
+    `share` of the budget when the space's students reach it; else `share` of the most that
+    `fitting` (specs known to fit: the smallest) and FLOOR_PROBES seeded random specs that fit use
+    of the MACs and params bounds, so that a budget larger than the space still trains its larger
+    students instead of rejecting every one."""
+    if not share or (budget.macs is None and budget.params is None):
+        return 0.0, "budget floor: none" + (" (no MACs or params budget)" if share else "")
+    reach = 0.0
+    for spec in fitting + space.random_specs(FLOOR_PROBES, seed=0):
+        cost = count(build(spec, input_shape, num_classes, channels_last=False), input_shape)
+        if budget.fits(cost):
+            reach = max(reach, budget.use(cost))
+    if reach >= share:
+        return share, (f"budget floor: students using less than {share:.0%} of every bound of the budget are not "
+                       "trained (--budget-floor)")
+    floor = share * reach
+    return floor, (f"budget floor: the space's students reach {reach:.0%} of the budget, so the floor is "
+                   f"{share:.0%} of that, {floor:.0%} of the budget (--budget-floor)")
 
 
 def budget_warning(budget: Budget, teachers: list[str], input_shape: tuple[int, int, int],
@@ -510,8 +551,13 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
         parts.append(f"repeat of trial {a[REPEAT_ATTR]}: not trained again")
     elif trial.state == optuna.trial.TrialState.PRUNED and not was_trained(trial):
         # the named constraints; "0" is the legacy list optuna-dashboard reads
-        violated = [k for k, v in trial.constraints.items() if v > 0 and not k.isdigit()]
-        parts.append(f"over budget ({', '.join(violated)}): not trained" if violated else "not trained")
+        violated = [k for k, v in trial.constraints.items() if v > 0 and not k.isdigit() and k != FLOOR_CONSTRAINT]
+        if violated:
+            parts.append(f"over budget ({', '.join(violated)}): not trained")
+        elif trial.constraints.get(FLOOR_CONSTRAINT, 0) > 0:
+            parts.append(f"under the budget floor (uses {a.get(USE_ATTR, 0):.0%} of the budget): not trained")
+        else:
+            parts.append("not trained")
     return ": ".join([parts[0], ", ".join(p for p in parts[1:] if p)])
 
 
@@ -520,8 +566,12 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
     winner = study.user_attrs.get(WINNER_ATTR)
     trials = study.get_trials(deepcopy=False)
     trained = sum(was_trained(t) for t in trials)
-    rows = [("study", study.study_name), ("storage", url), ("budget", info.get("budget_text", "")),
-            ("trials", f"{len(trials)} in the study, {trained} trained, {len(trials) - trained} not trained")]
+    floor = info.get("budget_floor")
+    budget = info.get("budget_text", "") + (f"; floor {floor:.0%} of a bound" if floor else "")
+    under = sum(status(t) == "under_floor" for t in trials)
+    rows = [("study", study.study_name), ("storage", url), ("budget", budget),
+            ("trials", f"{len(trials)} in the study, {trained} trained, {len(trials) - trained} not trained"
+                       + (f" ({under} under the floor)" if under else ""))]
     for t in info.get("teachers", []):
         rows.append((f"teacher {t['name']}", f"{format_count(t['macs'])} MACs, {format_count(t['params'])} params, "
                                              f"val acc {t['val_acc']:.4f}"))
@@ -565,6 +615,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     cfg, schedule_text = adapt_schedule(cfg, len(dataset.train))
     latency, latency_text = latency_meter(cfg, space, dataset.input_shape, dataset.num_classes)
     check_reachable(cfg, space, dataset.input_shape, dataset.num_classes, [min_macs_spec, min_params_spec], latency)
+    fitting = [s for s, c in ((min_macs_spec, min_macs), (min_params_spec, min_params)) if budget.fits(c)]
+    floor, floor_text = effective_floor(cfg.floor(), budget, space, dataset.input_shape, dataset.num_classes, fitting)
     if cfg.pruned_baseline:
         check_prunable(cfg, dataset.input_shape, dataset.num_classes)
     device = resolve_device(cfg.device)
@@ -574,6 +626,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     log(f"search space {describe(space)}; budget {budget}")
     log(schedule_text)
     log(latency_text)
+    log(floor_text)
     if (warning := budget_warning(budget, teacher_names(cfg), dataset.input_shape, dataset.num_classes)):
         log(warning)
 
@@ -594,7 +647,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     update_study_attr(study, STUDY_ATTR, {
         "config": cfg.to_dict(), "space": space.name,
         "budget": {"macs": budget.macs, "params": budget.params, "latency_ms": budget.latency_ms, "memory": budget.memory},
-        "budget_text": str(budget), "teachers": ensemble_summary(ensemble), "ensemble": {"val_acc": ensemble_val},
+        "budget_text": str(budget), "budget_floor": floor, "teachers": ensemble_summary(ensemble), "ensemble": {"val_acc": ensemble_val},
         "reference_name": f"{reference.name} for MACs, "
                           f"{max(ensemble.members, key=lambda t: t.cost.params).name} for params",
         "recipe": cfg.distill.describe(), "input_shape": list(dataset.input_shape)})
@@ -622,7 +675,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         targets = CachedTargets(ensemble, cover, features, progress=progress)
         log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
             f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}")
-    ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer, latency)
+    ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer, latency, floor)
     log(trial_text(cfg, len(subset)))
 
     # the bar counts trials' worth of training, as --trials does: a pruned trial its share

@@ -26,13 +26,15 @@ ONLINE_ATTR = "online_ensemble"  # study user attribute: the online ensemble of 
 GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "teachers", "teacher_epochs",
                 "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed",
                 "trial_score", "shipped_teachers", "bn_recalibration", "latency_budget_ms", "memory_budget",
-                "latency_precision", "latency_threads", "latency_table", "pareto_cost")
+                "latency_precision", "latency_threads", "latency_table", "pareto_cost", "budget_floor")
 # keys added later: recorded only when not at their default, so older studies keep their names
 LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "memory_budget", "latency_precision",
                      "latency_threads", "latency_table", "pareto_cost")
 # keys added later that change what a trial's score means, so they are always recorded (and new
 # studies get new default names); a study recorded before such a key had this value
-LEGACY_VALUES = {"bn_recalibration": 0}
+# (`budget_floor` is recorded only when not 0, so studies without a floor, Pareto ones by default,
+# keep their names; with objective accuracy the default floor gives new studies new names)
+LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0}
 
 
 def make_pruner(name: str, reports: int) -> optuna.pruners.BasePruner:
@@ -198,9 +200,10 @@ def open_study(storage: RDBStorage, name: str, pareto: bool, seed: int, guarded:
     else:
         now = json.loads(json.dumps(guarded, default=str))
         for key in GUARDED_KEYS:
-            if recorded.get(key, LEGACY_VALUES.get(key)) != now.get(key):
-                raise InputError(f"study {name!r} was created with {key}={recorded.get(key, LEGACY_VALUES.get(key))!r}, this run has "
-                                 f"{key}={now.get(key)!r}; use the same settings to resume, or another --study-name")
+            was, is_ = recorded.get(key, LEGACY_VALUES.get(key)), now.get(key, LEGACY_VALUES.get(key))
+            if was != is_:
+                raise InputError(f"study {name!r} was created with {key}={was!r}, this run has {key}={is_!r}; use "
+                                 "the same settings to resume, or another --study-name")
     return study
 
 

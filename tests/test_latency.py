@@ -41,6 +41,7 @@ from nas_kd.latency import (
     main as latency_main,
 )
 from nas_kd.objective import run_trial, trial_context
+from nas_kd.report import status
 from nas_kd.space import load_space, parse_space
 from nas_kd.teachers import Ensemble, Teacher, teacher_spec
 from nas_kd.time_blocks import make_session, time_folder
@@ -257,6 +258,34 @@ def test_a_latency_budget_rejects_a_spec_before_training(context, mini_dataset, 
     assert 0 < a["latency_ms"] < 100 and trial.constraints["latency_ms"] == pytest.approx(a["latency_ms"] / budget_ms - 1, rel=1e-3)
     assert a["peak_memory_int8"] == peak_activations(build(SMALL, (1, 28, 28), 10), (1, 28, 28))
     assert ("score" in a) == (state == optuna.trial.TrialState.COMPLETE)  # over budget: never scored
+
+
+@pytest.mark.parametrize(("latency_bound", "measured", "trained"), [
+    (1.0, 0.9, True),  # far under the MACs floor, yet near its latency bound: it uses its budget
+    (1.0, 0.1, False),  # under the floor on every bound
+    (None, 0.9, False),  # no latency bound: under the MACs floor, and its latency is never measured
+])
+def test_the_floor_reads_every_bound(context, mini_dataset, latency_bound, measured, trained) -> None:
+    cfg, ensemble, batches = context
+    space = load_space("resnet")
+    budget = Budget(cfg.flops_budget, latency_ms=latency_bound)
+    calls = []
+
+    def meter(spec: Spec) -> float:
+        calls.append(spec)
+        return measured
+
+    ctx = trial_context(space, mini_dataset, ensemble, budget, batches, None, cfg, False, latency=meter, floor=0.5)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(space.params_of(SMALL))
+    study.optimize(lambda t: run_trial(ctx, t), n_trials=1)
+    trial = study.trials[0]
+    assert trial.user_attrs["macs"] < 0.5 * cfg.flops_budget
+    assert (trial.state == optuna.trial.TrialState.COMPLETE) == trained
+    assert (trial.constraints["budget_floor"] <= 0) == trained
+    assert len(calls) == (latency_bound is not None)
+    if not trained:
+        assert "score" not in trial.user_attrs and status(trial) == "under_floor"
 
 
 # ---------------------------------------------------------------- tables

@@ -71,6 +71,7 @@ FRAME = pd.DataFrame([
     _row(6, "complete", 15e6, 20e3, 0.95, False),  # trained yet over budget: on no layer
     _row(7, "running", 3e6, 35e3, None, True),  # counted, not trained yet
     _row(8, "complete", 2e6, 50e3, 0.65, True),  # same MACs as trial 1, less accurate
+    _row(9, "under_floor", 1.5e6, 15e3, None, False),  # under the budget floor: never trained, in the rug
 ], columns=COLUMNS)
 TEACHERS = [{"name": "resnet8", "macs": 9e6, "params": 80e3, "val_acc": 0.85, "source": "trained"},
             {"name": "resnet20", "macs": 40e6, "params": 270e3, "val_acc": 0.9, "source": "trained"}]
@@ -84,7 +85,8 @@ def _spec(number: int) -> str:
 
 def _pts(cost: str, numbers: list[int]) -> Points:
     return Points([float(FRAME.loc[n, cost]) for n in numbers],
-                  [NAN if FRAME.loc[n, "status"] == "over_budget" else float(FRAME.loc[n, "score"]) for n in numbers],
+                  [NAN if FRAME.loc[n, "status"] in ("over_budget", "under_floor") else float(FRAME.loc[n, "score"])
+                   for n in numbers],
                   numbers, [_spec(n) for n in numbers])
 
 
@@ -104,7 +106,7 @@ def _comparable(data: ParetoData) -> ParetoData:
 def test_pareto_data(cost: str, budget: float | None, front: list[int], reference: float) -> None:
     data = report.pareto_data(FRAME, cost, budget, TEACHERS, winner=0)
     expected = ParetoData(cost=cost, front=_pts(cost, front), feasible=_pts(cost, [0, 1, 2, 3, 8]),
-                          infeasible=_pts(cost, [4]), pruned=_pts(cost, [3]), teachers=TEACHER_POINTS[cost],
+                          infeasible=_pts(cost, [4, 9]), pruned=_pts(cost, [3]), teachers=TEACHER_POINTS[cost],
                           budget=budget, reference=reference, winner=0)
     assert math.isnan(data.infeasible.acc[0])  # over budget: never trained, so no accuracy
     assert _comparable(data) == _comparable(expected)
@@ -133,7 +135,7 @@ def test_pareto_figure(cost: str, ticks: list[float], shapes: int, annotations: 
     """One trace per layer in drawing order, log ticks spanning every point, the budget as a line."""
     fig = report.pareto_figure(report.pareto_data(FRAME, cost, 12e6 if cost == "macs" else None, TEACHERS, winner=0))
     assert [t.name for t in fig.data] == ["trained within budget", "pruned early", "Pareto front",
-                                          "teachers (full training)", "over budget (not trained)", "winner"]
+                                          "teachers (full training)", "over budget or under its floor (not trained)", "winner"]
     # trial scores (brief training) and full-training accuracies are on separate panels
     assert [t.yaxis for t in fig.data] == ["y", "y", "y", "y3", "y2", None]
     assert fig.layout.yaxis.domain[0] > fig.layout.yaxis3.domain[1] > fig.layout.yaxis3.domain[0] > fig.layout.yaxis2.domain[1]

@@ -1,0 +1,118 @@
+"""The budget floor: students that leave most of the budget unused are recorded, never trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from nas_kd.arch import Spec
+from nas_kd.config import SearchConfig
+from nas_kd.cost import Budget, Cost
+from nas_kd.errors import InputError
+from nas_kd.objective import FLOOR_CONSTRAINT, USE_ATTR, floor_shortfall, is_feasible, record_cost
+from nas_kd.report import status
+from nas_kd.search import effective_floor, guarded, main, trial_line
+from nas_kd.space import load_space
+from nas_kd.study import default_study_name, open_storage, open_study
+
+SPEC = Spec.parse("c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1")
+REFERENCE = Cost(40_000_000, 400_000)
+
+
+def test_use_is_the_larger_share_of_the_count_bounds() -> None:
+    cost = Cost(10_000_000, 300_000)
+    assert Budget(macs=40_000_000).use(cost) == 0.25
+    assert Budget(params=400_000).use(cost) == 0.75
+    assert Budget(macs=40_000_000, params=400_000).use(cost) == 0.75  # the binding bound
+    assert Budget(latency_ms=2.0).use(cost) is None  # the latency is not known
+    # a student close to its latency bound uses its budget, however few MACs it has
+    assert Budget(macs=40_000_000, latency_ms=2.0).use(Cost(10_000_000, 300_000, latency_ms=1.5)) == 0.75
+    assert Budget(macs=40_000_000, memory=100_000).use(Cost(10_000_000, 300_000, memory=20_000)) == 0.25
+    assert floor_shortfall(Budget(macs=40_000_000), cost, 0.5) == pytest.approx(0.5)  # half the floor short
+    assert floor_shortfall(Budget(macs=20_000_000), cost, 0.5) == pytest.approx(0.0)  # exactly on it: met
+    assert floor_shortfall(Budget(macs=40_000_000), cost, 0.0) is None
+
+
+@pytest.mark.parametrize(("cost", "state", "line"), [
+    (Cost(4_000_000, 40_000), "under_floor", "under the budget floor (uses 33% of the budget): not trained"),
+    (Cost(6_000_000, 60_000), "complete", None),  # exactly half the budget: trained
+    (Cost(13_000_000, 60_000), "over_budget", "over budget (macs): not trained"),
+])
+def test_a_student_under_the_floor_is_recorded_and_not_trained(cost: Cost, state: str, line: str | None) -> None:
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    budget = Budget(macs=12_000_000)
+
+    def objective(trial: optuna.Trial) -> float:
+        if not record_cost(trial, SPEC, cost, REFERENCE, budget, floor=0.5):
+            raise optuna.TrialPruned("not trained")
+        trial.set_user_attr("score", 0.5)
+        return 0.5
+
+    study.optimize(objective, n_trials=1)
+    t = study.trials[0]
+    assert status(t) == state
+    assert t.user_attrs[USE_ATTR] == pytest.approx(cost.macs / 12_000_000, abs=1e-4)
+    assert t.constraints[FLOOR_CONSTRAINT] == pytest.approx(1 - cost.macs / 6_000_000)
+    assert is_feasible(t) == (state == "complete")
+    if line:
+        assert trial_line(t).endswith(line), trial_line(t)
+
+
+def test_the_floor_follows_the_space_when_the_budget_is_beyond_it() -> None:
+    space = load_space("resnet")
+    shape = (1, 28, 28)
+    floor, text = effective_floor(0.5, Budget(macs=50_000_000), space, shape, 10, [])
+    assert floor == 0.5 and "less than 50% of every bound of the budget are not trained" in text
+    # the resnet space's students stay far under 5G MACs: the floor is half of what they reach,
+    # so the larger ones still train instead of every trial being refused
+    floor, text = effective_floor(0.5, Budget(macs=5_000_000_000), space, shape, 10, [])
+    assert 0 < floor < 0.1 and "the space's students reach" in text
+    reach = 2 * floor
+    big = effective_floor(0.5, Budget(macs=int(5_000_000_000 * reach) + 1), space, shape, 10, [])[0]
+    assert big == pytest.approx(0.5)  # a budget the space reaches: the share as asked
+    assert effective_floor(0.0, Budget(macs=50_000_000), space, shape, 10, [])[0] == 0.0
+    assert effective_floor(0.5, Budget(latency_ms=2.0), space, shape, 10, []) == (
+        0.0, "budget floor: none (no MACs or params budget)")
+
+
+def test_the_default_floor_depends_on_the_objective() -> None:
+    assert SearchConfig().floor() == 0.5
+    assert SearchConfig(objective="pareto").floor() == 0.0  # a front over every size
+    assert SearchConfig(objective="pareto", budget_floor=0.3).floor() == 0.3
+    assert SearchConfig(budget_floor=0.0).floor() == 0.0
+
+
+def test_a_study_made_before_the_floor_resumes_only_without_it(tmp_path: Path) -> None:
+    """Studies made before the floor trained students of any size: resuming one with the floor
+    on is refused, naming the setting; Pareto studies (no floor by default) keep their names."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'old.db'}", heartbeat=False)
+    before = guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+    del before["budget_floor"]  # what an older nas_kd recorded
+    open_study(storage, "old", False, 0, before)
+    now = guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+    assert now["budget_floor"] == 0.5 and default_study_name(now) != default_study_name(before)
+    with pytest.raises(InputError, match="created with budget_floor=0.0, this run has budget_floor=0.5"):
+        open_study(storage, "old", False, 0, now)
+    off = guarded(SearchConfig(flops_budget=5_000_000, budget_floor=0.0), "resnet")
+    assert "budget_floor" not in off and off == before
+    assert open_study(storage, "old", False, 0, off).study_name == "old"
+    assert "budget_floor" not in guarded(SearchConfig(flops_budget=5_000_000, objective="pareto"), "resnet")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--budget-floor", "1"], "argument --budget-floor: expected a fraction in [0, 1), got '1'"),
+    (["--budget-floor", "-0.1"], "argument --budget-floor: expected a fraction in [0, 1), got '-0.1'"),
+    (["--budget-floor", "half"], "argument --budget-floor: expected a fraction in [0, 1), got 'half'"),
+    (["--config", "c.yaml"], "budget_floor must be a share in [0, 1), got 1.5"),
+])
+def test_a_bad_floor_is_one_line_and_exit_2(argv: list[str], message: str, capsys, tmp_path: Path,
+                                            monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("budget_floor: 1.5\n")
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(["--flops-budget", "50M", *argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "studies").exists()  # refused before any work
