@@ -23,7 +23,7 @@ from nas_kd.baselines import check_prunable, pruned_baseline
 from nas_kd.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.cli import OneLineParser, bars_shown, base_parser, fail, log, number, quiet_libraries
 from nas_kd.config import SearchConfig, adapt_schedule, from_dict, parse_distill
-from nas_kd.cost import Budget, count, format_count, parse_count
+from nas_kd.cost import Budget, Cost, format_count, parse_count
 from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.distill import check_two_stage
 from nas_kd.errors import InputError
@@ -475,30 +475,23 @@ def check_reachable(cfg: SearchConfig, space: SearchSpace, input_shape: tuple[in
                              f"{text(best[0])}, by {best[1]}; raise the budget or use a smaller space")
 
 
-FLOOR_PROBES = 100  # seeded random specs whose use of the budget tells how much of it the space reaches
-
-
 def effective_floor(share: float, budget: Budget, space: SearchSpace, input_shape: tuple[int, int, int],
-                    num_classes: int, fitting: list[Spec]) -> tuple[float, str]:
+                    num_classes: int) -> tuple[float, str]:
     """The budget floor a search applies, and one line saying so. 0 without a MACs or params
-    bound (the probes below could not tell how much of a latency bound the space reaches).
-    `share` of the budget when the space's students reach it; else `share` of the most that
-    `fitting` (specs known to fit: the smallest) and FLOOR_PROBES seeded random specs that fit use
-    of the MACs and params bounds, so that a budget larger than the space still trains its larger
-    students instead of rejecting every one."""
+    bound (nothing cheap tells how much of a latency bound the space reaches). `share` of the
+    budget when the space's largest student (`SearchSpace.largest`) uses at least that much of its
+    MACs or params bound; else `share` of what that student uses, so that a budget beyond the
+    space still trains its larger students instead of rejecting every one."""
     if not share or (budget.macs is None and budget.params is None):
         return 0.0, "budget floor: none" + (" (no MACs or params budget)" if share else "")
-    reach = 0.0
-    for spec in fitting + space.random_specs(FLOOR_PROBES, seed=0):
-        cost = count(build(spec, input_shape, num_classes, channels_last=False), input_shape)
-        if budget.fits(cost):
-            reach = max(reach, budget.use(cost))
+    _, cost = space.largest(input_shape, num_classes)
+    reach = budget.use(Cost(cost.macs, cost.params))
     if reach >= share:
         return share, (f"budget floor: students using less than {share:.0%} of every bound of the budget are not "
                        "trained (--budget-floor)")
     floor = share * reach
-    return floor, (f"budget floor: the space's students reach {reach:.0%} of the budget, so the floor is "
-                   f"{share:.0%} of that, {floor:.0%} of the budget (--budget-floor)")
+    return floor, (f"budget floor: the space's largest student uses {reach:.0%} of the budget, so the floor is "
+                   f"{share:.0%} of that, {floor:.1%} of the budget (--budget-floor)")
 
 
 def budget_warning(budget: Budget, teachers: list[str], input_shape: tuple[int, int, int],
@@ -615,8 +608,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     cfg, schedule_text = adapt_schedule(cfg, len(dataset.train))
     latency, latency_text = latency_meter(cfg, space, dataset.input_shape, dataset.num_classes)
     check_reachable(cfg, space, dataset.input_shape, dataset.num_classes, [min_macs_spec, min_params_spec], latency)
-    fitting = [s for s, c in ((min_macs_spec, min_macs), (min_params_spec, min_params)) if budget.fits(c)]
-    floor, floor_text = effective_floor(cfg.floor(), budget, space, dataset.input_shape, dataset.num_classes, fitting)
+    floor, floor_text = effective_floor(cfg.floor(), budget, space, dataset.input_shape, dataset.num_classes)
     if cfg.pruned_baseline:
         check_prunable(cfg, dataset.input_shape, dataset.num_classes)
     device = resolve_device(cfg.device)

@@ -19,7 +19,7 @@ and not shown to Optuna; a list is a categorical choice named `s<i>_<field>` (`s
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,28 @@ class SearchSpace:
             per_block = sum(len(st.expand) if BLOCKS[b].uses_expand else 1 for b in st.block)
             n *= per_block * len(st.depth) * len(st.width) * len(st.kernel) * len(st.se)
         return n
+
+    def largest(self, input_shape: tuple[int, int, int], num_classes: int) -> tuple[Spec, Cost]:
+        """About the spec of most MACs, with its cost: the widest stem and head, every stage at its
+        greatest depth, width and kernel with SE where allowed, and per stage, in order, the block
+        and expansion that give the whole network the most MACs (greedy: exact unless a block
+        choice changes what later stages cost more than it adds itself)."""
+        def cost(spec: Spec) -> Cost:
+            return count(build(spec, input_shape, num_classes, channels_last=False), input_shape)
+
+        stages: list[StageSpec] = [StageSpec(st.block[0], max(st.depth), max(st.width), st.stride, max(st.kernel),
+                                             max(st.expand) if BLOCKS[st.block[0]].uses_expand else 1, max(st.se))
+                                   for st in self.stages]
+        for i, st in enumerate(self.stages):
+            options = [replace(stages[i], block=b, expand=e) for b in st.block
+                       for e in (st.expand if BLOCKS[b].uses_expand else (1,))]
+            scored = []
+            for o in options:
+                spec = Spec(max(self.stem), tuple(stages[:i] + [o] + stages[i + 1:]), max(self.head))
+                scored.append((cost(spec).macs, str(spec), o))
+            stages[i] = max(scored, key=lambda item: (item[0], item[1]))[2]
+        best = Spec(max(self.stem), tuple(stages), max(self.head))
+        return best, cost(best)
 
     def smallest(self, input_shape: tuple[int, int, int], num_classes: int) -> tuple[tuple[Spec, Cost], tuple[Spec, Cost]]:
         """The spec of fewest MACs and the spec of fewest params, with their costs.

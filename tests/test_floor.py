@@ -7,9 +7,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas_kd.arch import Spec
+from nas_kd.arch import Spec, build
 from nas_kd.config import SearchConfig
-from nas_kd.cost import Budget, Cost
+from nas_kd.cost import Budget, Cost, count
 from nas_kd.errors import InputError
 from nas_kd.objective import FLOOR_CONSTRAINT, USE_ATTR, floor_shortfall, is_feasible, record_cost
 from nas_kd.report import status
@@ -60,20 +60,32 @@ def test_a_student_under_the_floor_is_recorded_and_not_trained(cost: Cost, state
         assert trial_line(t).endswith(line), trial_line(t)
 
 
+def test_the_largest_spec_has_more_macs_than_any_random_one() -> None:
+    space = load_space("resnet")
+    spec, cost = space.largest((1, 28, 28), 10)
+    assert space.params_of(spec) is not None  # in the space
+    assert cost.macs == count(build(spec, (1, 28, 28), 10, channels_last=False), (1, 28, 28)).macs
+    randoms = [count(build(s, (1, 28, 28), 10, channels_last=False), (1, 28, 28)).macs
+               for s in space.random_specs(60, seed=1)]
+    assert cost.macs >= max(randoms)
+
+
 def test_the_floor_follows_the_space_when_the_budget_is_beyond_it() -> None:
     space = load_space("resnet")
     shape = (1, 28, 28)
-    floor, text = effective_floor(0.5, Budget(macs=50_000_000), space, shape, 10, [])
+    # a tight budget most random specs exceed keeps the whole floor (few random specs fit 5M)
+    assert effective_floor(0.5, Budget(macs=5_000_000), space, shape, 10)[0] == 0.5
+    floor, text = effective_floor(0.5, Budget(macs=50_000_000), space, shape, 10)
     assert floor == 0.5 and "less than 50% of every bound of the budget are not trained" in text
     # the resnet space's students stay far under 5G MACs: the floor is half of what they reach,
     # so the larger ones still train instead of every trial being refused
-    floor, text = effective_floor(0.5, Budget(macs=5_000_000_000), space, shape, 10, [])
-    assert 0 < floor < 0.1 and "the space's students reach" in text
+    floor, text = effective_floor(0.5, Budget(macs=5_000_000_000), space, shape, 10)
+    assert 0 < floor < 0.1 and "the space's largest student uses" in text
     reach = 2 * floor
-    big = effective_floor(0.5, Budget(macs=int(5_000_000_000 * reach) + 1), space, shape, 10, [])[0]
+    big = effective_floor(0.5, Budget(macs=int(5_000_000_000 * reach) + 1), space, shape, 10)[0]
     assert big == pytest.approx(0.5)  # a budget the space reaches: the share as asked
-    assert effective_floor(0.0, Budget(macs=50_000_000), space, shape, 10, [])[0] == 0.0
-    assert effective_floor(0.5, Budget(latency_ms=2.0), space, shape, 10, []) == (
+    assert effective_floor(0.0, Budget(macs=50_000_000), space, shape, 10)[0] == 0.0
+    assert effective_floor(0.5, Budget(latency_ms=2.0), space, shape, 10) == (
         0.0, "budget floor: none (no MACs or params budget)")
 
 
