@@ -6,8 +6,9 @@
 At each budget and seed, five methods each pick one student of the default search space:
 
 - search: nas_kd's default search (`python -m nas_kd.search --flops-budget B --seed S
-  --final-epochs 0`), its winner; with `--budget-floor 0` the search as it was before the budget
-  floor (those picks are kept under their old keys);
+  --final-epochs 0`), its winner; with `--budget-floor 0.5` the searches (search, random,
+  params) train only students that use half the budget (their picks are kept under keys of their
+  own);
 - random: the same search with `--sampler random` (the same number of trained trials, the same
   score), its winner;
 - largest: no training: of 200 seeded random specs that fit the budget, the one with the most MACs;
@@ -152,8 +153,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
     parser.add_argument("--work", type=Path, default=Path("studies/bench-search-vs-baselines"),
                         help="where the searches' studies go")
-    parser.add_argument("--budget-floor", type=float, default=SearchConfig().floor(),
-                        help="the searches' --budget-floor (default: the search's; 0 = none, the picks of before it)")
+    parser.add_argument("--budget-floor", type=float, default=SearchConfig().budget_floor,
+                        help="the searches' --budget-floor (default: the search's, 0 = none)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--results", type=Path, default=RESULTS / "search_vs_baselines.json")
     parser.add_argument("--table-only", action="store_true",

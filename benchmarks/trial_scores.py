@@ -396,12 +396,11 @@ def size_line(bench: Bench, rows: dict[str, tuple[list[float], list[float]]], re
 
 
 def floor_lines(bench: Bench, specs: list[tuple[Spec, Cost]], rows: dict[str, tuple[list[float], list[float]]],
-                reference: list[float], trials: int = 10, draws: int = 2000) -> list[str]:
-    """What the search's default budget floor does on these students: the mean reference below and
+                reference: list[float], floor: float, trials: int = 10, draws: int = 2000) -> list[str]:
+    """What the search's budget floor `floor` (--budget-floor) does on these students: the mean reference below and
     above it, and the mean reference of the pick of a search of `trials` trials drawn at random
     from them (`draws` seeded draws), by the default score and by params, without and with the
     floor: a search that never trains the small students spends its trials on the others."""
-    floor = bench.cfg.floor()
     use = [bench.budget.use(c) for _, c in specs]
     above = [u >= floor for u in use]
     if not floor or all(above) or not any(above):
@@ -496,6 +495,8 @@ def main() -> None:
                         "and the largest of 200 random specs (search_vs_baselines.py's untrained picks)")
     parser.add_argument("--capacity-prior", type=float, nargs="+", default=[], metavar="W",
                         help="rows of the default score + W x log2(params), one a weight")
+    parser.add_argument("--budget-floor", type=float, default=0.5,
+                        help="the search's --budget-floor whose effect on these students is printed")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
     parser.add_argument("--results", type=Path, default=RESULTS / "trial_scores.json")
@@ -533,7 +534,7 @@ def main() -> None:
         reference = [bench.results.get("references", f"{s}|{sid}")["val_acc"] for s, _ in have]
         print_table(table(rows, reference))
         log(size_line(bench, rows, reference))
-        for line in floor_lines(bench, have, rows, reference):
+        for line in floor_lines(bench, have, rows, reference, args.budget_floor):
             log(line)
         if args.baselines:
             baseline_references(bench, specs, args.reference_images, args.seed, log, compute=False)
@@ -555,7 +556,7 @@ def main() -> None:
     rows = score_rows(bench, specs, args.reference_images, priors)
     print_table(table(rows, reference))
     log(size_line(bench, rows, reference))
-    for line in floor_lines(bench, specs, rows, reference):
+    for line in floor_lines(bench, specs, rows, reference, args.budget_floor):
         log(line)
 
 

@@ -132,9 +132,7 @@ ptflops' aten backend: convolutions and linear layers, which is what the NAS lit
 "FLOPs". K/M/G are decimal: 50M = 50e6. --latency-budget is one image, batch 1, through the
 student's ONNX model with ONNX Runtime (us or ms), measured here or predicted from
 --latency-table; --memory-budget is peak int8 activation memory in bytes (MCUNet). A student over
-any budget is recorded as infeasible and never trained. So is one under the budget floor: with
---objective accuracy a student must use at least half of one bound of the budget
-(--budget-floor).
+any budget is recorded as infeasible and never trained, and so is one under --budget-floor.
 
 outputs (OUT_DIR defaults to ./studies):
   OUT_DIR/<study>.db                Optuna storage (unless --storage); open it with
@@ -162,10 +160,9 @@ def build_parser() -> OneLineParser:
                    help="most trainable parameters, e.g. 100K, 1.5M")
     g.add_argument("--budget-floor", type=_fraction("--budget-floor"), metavar="SHARE",
                    help="students using less than this share of every bound of the budget (MACs, params, "
-                        "latency, memory) are not trained, as over-budget ones are not: within a budget, accuracy "
-                        "rises with size (default 0.5 with --objective accuracy, 0 = none with pareto; applies "
-                        "with a MACs or params budget; lowered when the space's largest students use less of it: "
-                        "the log says to what)")
+                        "latency, memory) are not trained, as over-budget ones are not (default 0: off; applies "
+                        "with a MACs or params budget; lowered when the space's largest student uses less of it: "
+                        "the log says to what). At 0.5 it picked no better students under 50M MACs (BENCHMARKS.md)")
     g.add_argument("--latency-budget", type=_typed(parse_latency, "--latency-budget"), metavar="TIME",
                    help="most milliseconds for one image (batch 1) with ONNX Runtime, with a unit: e.g. 500us, 2ms; "
                         "measured on this machine, or predicted from --latency-table")
@@ -411,7 +408,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     check_weighting(cfg.distill.ensemble_weighting)
     if cfg.heartbeat < 1 or (cfg.study_trials is not None and cfg.study_trials < 1):
         raise InputError(f"heartbeat must be >= 1 s and study_trials >= 1, got {cfg.heartbeat} and {cfg.study_trials}")
-    if cfg.budget_floor is not None and not 0 <= cfg.budget_floor < 1:
+    if not 0 <= cfg.budget_floor < 1:
         raise InputError(f"budget_floor must be a share in [0, 1), got {cfg.budget_floor}")
     if cfg.min_steps < 0 or not 0 <= cfg.teacher_min_gain < 1:
         raise InputError(f"min_steps must be >= 0 and teacher_min_gain in [0, 1), got {cfg.min_steps} and "
@@ -442,8 +439,7 @@ def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
     for key in ("two_stage", "ensemble_weighting"):
         if getattr(cfg.distill, key) != getattr(DEFAULTS.distill, key):
             d["distill"][key] = getattr(cfg.distill, key)
-    d["budget_floor"] = cfg.floor()  # the share asked for (None: the objective's default), or 0: not recorded
-    if not d["budget_floor"]:
+    if not d["budget_floor"]:  # off: not recorded, so studies made before the floor keep their names
         del d["budget_floor"]
     return {k: d[k] for k in GUARDED_KEYS if k in d and (k not in LATE_GUARDED_KEYS or d[k] != getattr(DEFAULTS, k))}
 
@@ -477,13 +473,15 @@ def check_reachable(cfg: SearchConfig, space: SearchSpace, input_shape: tuple[in
 
 def effective_floor(share: float, budget: Budget, space: SearchSpace, input_shape: tuple[int, int, int],
                     num_classes: int) -> tuple[float, str]:
-    """The budget floor a search applies, and one line saying so. 0 without a MACs or params
+    """The budget floor a search applies, and one line saying so ("" when `share` is 0). 0 without a MACs or params
     bound (nothing cheap tells how much of a latency bound the space reaches). `share` of the
     budget when the space's largest student (`SearchSpace.largest`) uses at least that much of its
     MACs or params bound; else `share` of what that student uses, so that a budget beyond the
     space still trains its larger students instead of rejecting every one."""
-    if not share or (budget.macs is None and budget.params is None):
-        return 0.0, "budget floor: none" + (" (no MACs or params budget)" if share else "")
+    if not share:
+        return 0.0, ""
+    if budget.macs is None and budget.params is None:
+        return 0.0, "budget floor: none, as the budget has no MACs or params bound"
     _, cost = space.largest(input_shape, num_classes)
     reach = budget.use(Cost(cost.macs, cost.params))
     if reach >= share:
@@ -608,7 +606,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     cfg, schedule_text = adapt_schedule(cfg, len(dataset.train))
     latency, latency_text = latency_meter(cfg, space, dataset.input_shape, dataset.num_classes)
     check_reachable(cfg, space, dataset.input_shape, dataset.num_classes, [min_macs_spec, min_params_spec], latency)
-    floor, floor_text = effective_floor(cfg.floor(), budget, space, dataset.input_shape, dataset.num_classes)
+    floor, floor_text = effective_floor(cfg.budget_floor, budget, space, dataset.input_shape, dataset.num_classes)
     if cfg.pruned_baseline:
         check_prunable(cfg, dataset.input_shape, dataset.num_classes)
     device = resolve_device(cfg.device)
@@ -618,7 +616,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     log(f"search space {describe(space)}; budget {budget}")
     log(schedule_text)
     log(latency_text)
-    log(floor_text)
+    if floor_text:
+        log(floor_text)
     if (warning := budget_warning(budget, teacher_names(cfg), dataset.input_shape, dataset.num_classes)):
         log(warning)
 

@@ -32,8 +32,7 @@ LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "me
                      "latency_threads", "latency_table", "pareto_cost")
 # keys added later that change what a trial's score means, so they are always recorded (and new
 # studies get new default names); a study recorded before such a key had this value
-# (`budget_floor` is recorded only when not 0, so studies without a floor, Pareto ones by default,
-# keep their names; with objective accuracy the default floor gives new studies new names)
+# (`budget_floor` is recorded only when not 0, its default, so studies made before it keep their names)
 LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0}
 
 

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import search_cli
 
 from nas_kd.arch import Spec, build
 from nas_kd.config import SearchConfig
 from nas_kd.cost import Budget, Cost, count
 from nas_kd.errors import InputError
-from nas_kd.objective import FLOOR_CONSTRAINT, USE_ATTR, floor_shortfall, is_feasible, record_cost
+from nas_kd.objective import FLOOR_CONSTRAINT, USE_ATTR, floor_shortfall, is_feasible, record_cost, was_trained
 from nas_kd.report import status
 from nas_kd.search import effective_floor, guarded, main, trial_line
 from nas_kd.space import load_space
@@ -84,33 +85,47 @@ def test_the_floor_follows_the_space_when_the_budget_is_beyond_it() -> None:
     reach = 2 * floor
     big = effective_floor(0.5, Budget(macs=int(5_000_000_000 * reach) + 1), space, shape, 10)[0]
     assert big == pytest.approx(0.5)  # a budget the space reaches: the share as asked
-    assert effective_floor(0.0, Budget(macs=50_000_000), space, shape, 10)[0] == 0.0
     assert effective_floor(0.5, Budget(latency_ms=2.0), space, shape, 10) == (
-        0.0, "budget floor: none (no MACs or params budget)")
+        0.0, "budget floor: none, as the budget has no MACs or params bound")
+    assert effective_floor(0.0, Budget(macs=50_000_000), space, shape, 10) == (0.0, "")  # off: nothing to say
 
 
-def test_the_default_floor_depends_on_the_objective() -> None:
-    assert SearchConfig().floor() == 0.5
-    assert SearchConfig(objective="pareto").floor() == 0.0  # a front over every size
-    assert SearchConfig(objective="pareto", budget_floor=0.3).floor() == 0.3
-    assert SearchConfig(budget_floor=0.0).floor() == 0.0
-
-
-def test_a_study_made_before_the_floor_resumes_only_without_it(tmp_path: Path) -> None:
-    """Studies made before the floor trained students of any size: resuming one with the floor
-    on is refused, naming the setting; Pareto studies (no floor by default) keep their names."""
+def test_a_study_resumes_only_with_the_floor_it_was_made_with(tmp_path: Path) -> None:
+    """The floor decides which students a study trains: off (the default, and every study made
+    before the floor existed) it is not recorded, so those keep their names; a study made with
+    one resumes only with the same one, and one made without refuses a floor, naming the setting."""
     storage = open_storage(f"sqlite:///{tmp_path / 'old.db'}", heartbeat=False)
-    before = guarded(SearchConfig(flops_budget=5_000_000), "resnet")
-    del before["budget_floor"]  # what an older nas_kd recorded
-    open_study(storage, "old", False, 0, before)
-    now = guarded(SearchConfig(flops_budget=5_000_000), "resnet")
-    assert now["budget_floor"] == 0.5 and default_study_name(now) != default_study_name(before)
+    off = guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+    assert "budget_floor" not in off
+    open_study(storage, "old", False, 0, off)
+    half = guarded(SearchConfig(flops_budget=5_000_000, budget_floor=0.5), "resnet")
+    assert half["budget_floor"] == 0.5 and default_study_name(half) != default_study_name(off)
     with pytest.raises(InputError, match="created with budget_floor=0.0, this run has budget_floor=0.5"):
-        open_study(storage, "old", False, 0, now)
-    off = guarded(SearchConfig(flops_budget=5_000_000, budget_floor=0.0), "resnet")
-    assert "budget_floor" not in off and off == before
+        open_study(storage, "old", False, 0, half)
     assert open_study(storage, "old", False, 0, off).study_name == "old"
-    assert "budget_floor" not in guarded(SearchConfig(flops_budget=5_000_000, objective="pareto"), "resnet")
+    open_study(storage, "new", False, 0, half)
+    with pytest.raises(InputError, match="created with budget_floor=0.5, this run has budget_floor=0.0"):
+        open_study(storage, "new", False, 0, off)
+
+
+def test_a_search_with_a_floor_trains_only_students_over_it(e2e_run: dict, tmp_path: Path) -> None:
+    study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], "--flops-budget", "12M",
+                            "--teachers", "resnet8", "--trials", "2", "--trial-epochs", "1", "--subset", "300",
+                            "--final-epochs", "0", "--seed", "3", "--no-onnx", "--quiet", "--budget-floor", "0.5")
+    assert sum(was_trained(t) for t in study.trials) == 2
+    for t in study.trials:
+        macs = t.user_attrs["macs"]
+        # the named constraints, and the legacy list optuna-dashboard 0.21 reads (items "0", "1")
+        assert set(t.constraints) == {"macs", "budget_floor", "0", "1"}
+        assert [t.constraints["0"], t.constraints["1"]] == [t.constraints["macs"], t.constraints["budget_floor"]]
+        assert t.constraints["budget_floor"] == pytest.approx(1 - macs / 6_000_000)
+        assert is_feasible(t) == (6_000_000 <= macs <= 12_000_000) == was_trained(t)
+        if not was_trained(t):
+            assert status(t) == ("over_budget" if macs > 12_000_000 else "under_floor")
+    under = sum(status(t) == "under_floor" for t in study.trials)
+    assert "budget floor: students using less than 50% of every bound of the budget are not trained" in out
+    assert "MACs <= 12M; floor 50% of a bound" in out and (f"({under} under the floor)" in out) == (under > 0)
+    assert study.user_attrs["nas_kd"]["budget_floor"] == 0.5
 
 
 @pytest.mark.parametrize(("argv", "message"), [
