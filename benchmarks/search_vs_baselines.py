@@ -17,7 +17,12 @@ At each budget and seed, five methods each pick one student of the default searc
   multiples of 4) that fits;
 - params: the default search scoring by parameter count (`--trial-score params`: nothing
   trained, the same number of trials), what a user would run after reading that the count ranks
-  students under a wide budget better than a brief training does.
+  students under a wide budget better than a brief training does;
+- finalists: the default search with `--finalists K` (default 3): its K best trials by trial score
+  (`nas_kd.study.finalists`) are each retrained as below, and the one of best validation accuracy
+  is the pick. It reads the search method's study (run first when missing) and reuses the
+  retrains already in the results file; its pick time is the search's plus its finalists'
+  retrains.
 
 Every pick is then retrained with the search's final schedule and recipe (default
 `--final-epochs`, the whole training split, the default teachers, seed S) and tested once on the
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import shutil
 import statistics
@@ -55,10 +61,10 @@ from nas_kd.objective import was_trained  # noqa: E402
 from nas_kd.retrain import retrain  # noqa: E402
 from nas_kd.search import search  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
-from nas_kd.study import pick_winner  # noqa: E402
+from nas_kd.study import finalists, pick_winner, study_training  # noqa: E402
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config, teacher_spec  # noqa: E402
 
-METHODS = ("search", "random", "largest", "hand-made", "params")
+METHODS = ("search", "random", "largest", "hand-made", "params", "finalists")
 
 
 # SearchConfig keys added after the first results were recorded: left out of the settings while at
@@ -67,11 +73,14 @@ LATER_KEYS = ("latency_budget_ms", "memory_budget", "latency_precision", "latenc
               "pareto_cost", "onnx",
               # issue 11: at their defaults they change nothing on Fashion-MNIST (min_steps raises no
               # epoch there, tests/test_small_data.py checks it; the others are checks and logistics)
-              "study_trials", "worker", "heartbeat", "min_steps", "teacher_min_gain")
+              "study_trials", "worker", "heartbeat", "min_steps", "teacher_min_gain",
+              "finalists")  # issue 9: what the retrain stage does, not the retrain itself
 # keys that change only what a search picks, not a retrain or an untrained pick: in the pick's key
 # of the three searching methods instead, and only when not 0 (the value before the key existed)
 PICK_KEYS = ("budget_floor",)
-SEARCHES = ("search", "random", "params")
+SEARCHES = ("search", "random", "params", "finalists")
+# keys `pick` sets for its searches' run, or that leave their trials alone
+RUN_KEYS = ("final_epochs", "out_dir", "study_name", "finalists")
 
 
 def config_json(cfg: SearchConfig) -> str:
@@ -80,9 +89,11 @@ def config_json(cfg: SearchConfig) -> str:
                       sort_keys=True)
 
 
-def pick_key(budget: int, method: str, seed: int, sid: str, floor: float) -> str:
-    """The results key of a pick: the searches' with their budget floor (none: the keys of before it)."""
-    return f"{budget}|{method}|{seed}|{sid}" + (f"|floor{floor:g}" if floor and method in SEARCHES else "")
+def pick_key(budget: int, method: str, seed: int, sid: str, floor: float, finalists: int = 3) -> str:
+    """The results key of a pick: the searches' with their budget floor (none: the keys of before it),
+    the finalists' with their number."""
+    return (f"{budget}|{method}|{seed}|{sid}" + (f"|floor{floor:g}" if floor and method in SEARCHES else "")
+            + (f"|k{finalists}" if method == "finalists" else ""))
 
 
 def scaled(base: Spec, factor: float) -> Spec:
@@ -129,6 +140,7 @@ def largest(budget: Budget, dataset: Dataset, cfg: SearchConfig, seed: int, n: i
 
 def pick(method: str, cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[Spec, dict[str, Any]]:
     budget = Budget(cfg.flops_budget, cfg.params_budget)
+    assert method != "finalists", "picked by pick_finalists"
     if method == "largest":
         return largest(budget, dataset, cfg, cfg.seed), {}
     if method == "hand-made":
@@ -145,6 +157,33 @@ def pick(method: str, cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[
                                                    "trials_in_study": len(study.trials), "trained": len(trained)}
 
 
+def search_study(cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[optuna.Study, float]:
+    """The search method's study for cfg.seed (run here when its file is missing), and the seconds
+    its search took (0 when it was found)."""
+    path = work / "search" / f"search-seed{cfg.seed}.db"
+    if path.exists():  # made by this script's search method with these settings, and finished
+        study = optuna.load_study(study_name=path.stem, storage=f"sqlite:///{path}")
+        stored, now = study.user_attrs.get("nas_kd", {}).get("config", {}), json.loads(cfg.to_json())  # tuples as lists
+        if all(stored.get(k) == v for k, v in now.items() if k not in RUN_KEYS) and study_training(study) >= cfg.trials:
+            return study, 0.0
+    start = time.perf_counter()
+    pick("search", cfg, dataset, work / "search")
+    return optuna.load_study(study_name=path.stem, storage=f"sqlite:///{path}"), time.perf_counter() - start
+
+
+def pick_finalists(study: optuna.Study, k: int, retrained: Any) -> tuple[Spec, dict[str, Any]]:
+    """As `--finalists k` picks: the best k trials of the study by trial score, each retrained; the
+    one of best validation accuracy (ties: the better trial score). `retrained(spec)` is the
+    results entry of the spec's retrain."""
+    rows = []
+    for trial in finalists(study, k):
+        r = retrained(Spec.parse(trial.user_attrs["spec"]))
+        rows.append({"trial": trial.number, "spec": r["spec"], "trial_score": trial.value, "val_acc": r["val_acc"],
+                     "retrain_seconds": r["seconds"]})
+    best = max(rows, key=lambda row: row["val_acc"])  # max keeps the first of equal ones: the better score
+    return Spec.parse(best["spec"]), {"trial": best["trial"], "finalists": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=parse_count, default=5_000_000, help="MACs, e.g. 5M or 50M")
@@ -155,6 +194,8 @@ def main() -> None:
                         help="where the searches' studies go")
     parser.add_argument("--budget-floor", type=float, default=SearchConfig().budget_floor,
                         help="the searches' --budget-floor (default: the search's, 0 = none)")
+    parser.add_argument("--finalists", type=int, default=3, metavar="K",
+                        help="how many of the search's best trials the finalists method retrains (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--results", type=Path, default=RESULTS / "search_vs_baselines.json")
     parser.add_argument("--table-only", action="store_true",
@@ -174,38 +215,54 @@ def main() -> None:
     print(f"budget {format_count(args.budget)} MACs; searches' budget floor {args.budget_floor:g}; seeds {args.seeds}; "
           f"{machine()}", flush=True)
 
+    def retrained(spec: Spec, seed: int, cfg: SearchConfig, method: str) -> dict[str, Any]:
+        """The results entry of `spec`'s retrain for `seed`, retrained here when missing."""
+        nonlocal ensemble, targets
+        rkey = f"{spec}|{seed}|{sid}"
+        if results.get("retrains", rkey) is None:
+            if ensemble is None:
+                ensemble = ensemble_from_config(base, dataset, progress=False, log=lambda m: print("  " + m))
+                batches = BatchIterator(dataset.train, dataset, base.train.batch_size, base.seed, views=1)
+                targets = CachedTargets(ensemble, batches, recipe_features(base.distill.weights()), progress=False)
+            model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, False, targets)
+            cost = count(build(spec, dataset.input_shape, dataset.num_classes), dataset.input_shape)
+            results.put("retrains", rkey, {"spec": str(spec), "seed": seed, **student_metrics(model, dataset),
+                                           "macs": cost.macs, "params": cost.params,
+                                           "seconds": round(seconds, 1), "machine": machine()})
+            print(f"  seed {seed} {method}: retrained {spec}, val {results.get('retrains', rkey)['val_acc']:.4f} "
+                  f"({seconds:.0f} s)", flush=True)
+        return results.get("retrains", rkey)
+
     for seed in [] if args.table_only else args.seeds:
         cfg = dataclasses.replace(base, seed=seed)
         for method in args.methods:
-            key = pick_key(args.budget, method, seed, sid, args.budget_floor)
+            key = pick_key(args.budget, method, seed, sid, args.budget_floor, args.finalists)
             if results.get("picks", key) is None:
                 start = time.perf_counter()
-                spec, extra = pick(method, cfg, dataset, work / method)
+                if method == "finalists":
+                    study, search_seconds = search_study(cfg, dataset, work)
+                    spec, extra = pick_finalists(study, args.finalists,
+                                                 functools.partial(retrained, seed=seed, cfg=cfg, method=method))
+                    # the pick's time: its search (as recorded when it ran) and its finalists' retrains
+                    searched = results.get("picks", pick_key(args.budget, "search", seed, sid, args.budget_floor))
+                    seconds = (search_seconds or (searched or {}).get("pick_seconds", float("nan"))) + sum(
+                        f["retrain_seconds"] for f in extra["finalists"])
+                else:
+                    spec, extra = pick(method, cfg, dataset, work / method)
+                    seconds = time.perf_counter() - start
                 results.put("picks", key, {"budget": args.budget, "method": method, "seed": seed, "spec": str(spec),
-                                           "pick_seconds": round(time.perf_counter() - start, 1), **extra,
-                                           "machine": machine()})
-                print(f"  seed {seed} {method}: picked {spec} in {time.perf_counter() - start:.0f} s", flush=True)
+                                           "pick_seconds": round(seconds, 1), **extra, "machine": machine()})
+                print(f"  seed {seed} {method}: picked {spec} in {seconds:.0f} s", flush=True)
             spec = Spec.parse(results.get("picks", key)["spec"])
-            rkey = f"{spec}|{seed}|{sid}"
-            if results.get("retrains", rkey) is None:
-                if ensemble is None:
-                    ensemble = ensemble_from_config(base, dataset, progress=False, log=lambda m: print("  " + m))
-                    batches = BatchIterator(dataset.train, dataset, base.train.batch_size, base.seed, views=1)
-                    targets = CachedTargets(ensemble, batches, recipe_features(base.distill.weights()), progress=False)
-                model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, False, targets)
-                cost = count(build(spec, dataset.input_shape, dataset.num_classes), dataset.input_shape)
-                results.put("retrains", rkey, {"spec": str(spec), "seed": seed, **student_metrics(model, dataset),
-                                               "macs": cost.macs, "params": cost.params,
-                                               "seconds": round(seconds, 1), "machine": machine()})
-                print(f"  seed {seed} {method}: retrained, test {results.get('retrains', rkey)['test_acc']:.4f} "
-                      f"({seconds:.0f} s)", flush=True)
+            r = retrained(spec, seed, cfg, method)
+            print(f"  seed {seed} {method}: test {r['test_acc']:.4f}, val {r['val_acc']:.4f}", flush=True)
 
     print(f"\n| method ({format_count(args.budget)} MACs) | seeds | test acc | val acc | MACs | wall time of the pick |")
     print("|---|---|---|---|---|---|")
     for method in args.methods:
         rows = []
         for seed in args.seeds:
-            p = results.get("picks", pick_key(args.budget, method, seed, sid, args.budget_floor))
+            p = results.get("picks", pick_key(args.budget, method, seed, sid, args.budget_floor, args.finalists))
             r = p and results.get("retrains", f"{p['spec']}|{seed}|{sid}")
             if r:
                 rows.append((r["test_acc"], r["val_acc"], r["macs"], p["pick_seconds"]))

@@ -152,6 +152,9 @@ class SearchConfig:
     # final model
     final_epochs: int = 3
     retrain_trial: int | None = None
+    # retrain the best `finalists` trials (distinct specs, by trial score) with the full schedule and
+    # keep the one of best validation accuracy; 1 = the best trial only. Each costs a retrain.
+    finalists: int = 1
     # also L1-prune the largest teacher to the budget and distil it with the same recipe and epochs
     # as the winner (KD in place of fine-tuning after pruning); shown in the report
     pruned_baseline: bool = False

@@ -564,11 +564,17 @@ class _Liveness(TorchFunctionMode):
 
 
 def peak_activations(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Values alive at once at the peak of one forward pass of one input (MCUNet's definition)."""
-    model = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
-    x = torch.zeros(1, *input_shape)
-    with torch.no_grad(), _Liveness(x) as trace:
-        out = model(x)
+    """Values alive at once at the peak of one forward pass of one input (MCUNet's definition).
+    Counts depend on shapes only, so the pass runs where the model is, in any memory format; in
+    eval mode, so no BatchNorm statistic moves (the model is left as it was, and not copied)."""
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
+    training = model.training
+    try:
+        with torch.no_grad(), _Liveness(x) as trace:
+            out = model.eval()(x)
+    finally:
+        model.train(training)
     last = [0] * len(trace.sizes)
     for i, (_, read) in enumerate(trace.events):
         for b in read:

@@ -117,6 +117,14 @@ class ParetoData(NamedTuple):
     # the winner after its full retrain (validation accuracy), drawn in the lower panel under its
     # trial score in the upper one
     retrained: Points = Points([], [], [], [])
+    # the legend of the never-trained rug: what kept its students from training
+    rug_label: str = "over budget (not trained)"
+
+
+# the rug's legend by the statuses in it (report.status)
+RUG_LABELS = {frozenset({"over_budget"}): "over budget (not trained)",
+              frozenset({"under_floor"}): "under the budget floor (not trained)",
+              frozenset({"over_budget", "under_floor"}): "over budget or under the budget floor (not trained)"}
 
 
 SCORE_LABELS = {"distill": "validation accuracy", "blockwise": "block-wise score (mean R^2 of stages)",
@@ -158,7 +166,7 @@ def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: 
                         else Points([], [], [], []))
     return ParetoData(cost, _points(front, cost), _points(feasible, cost), _points(infeasible, cost),
                       _points(pruned, cost), teacher_points, budget, reference, winner, score_label, baseline_points,
-                      retrained_points)
+                      retrained_points, RUG_LABELS.get(frozenset(infeasible["status"]), RUG_LABELS[frozenset({"over_budget"})]))
 
 
 # ---------------------------------------------------------------- rendering
@@ -208,7 +216,7 @@ def pareto_figure(data: ParetoData) -> go.Figure:
                                  hovertext=_hover(points, data, label), hoverinfo="text"))
     if data.infeasible.x:  # never trained: shown as a rug under the plot, at their cost
         fig.add_trace(go.Scatter(x=data.infeasible.x, y=[0] * len(data.infeasible.x), yaxis="y2", mode="markers",
-                                 name="over budget or under its floor (not trained)",
+                                 name=data.rug_label,
                                  marker=dict(color="#7f7f7f", symbol="line-ns-open", size=12),
                                  hovertext=_hover(data.infeasible, data, "not trained"), hoverinfo="text"))
     if data.winner is not None and data.winner in data.feasible.number:
@@ -301,6 +309,19 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return frame.to_html(index=False, border=0, escape=True, na_rep="")
 
 
+def finalists_table(metrics: dict[str, Any]) -> list[str]:
+    """The finalists retrained with the full schedule (--finalists K), the one kept marked; none
+    without the stage."""
+    rows = metrics.get("finalists")
+    if not rows:
+        return []
+    table = _table([{"trial": r["trial"], "spec": r["spec"], "trial score": r["search_val_acc"],
+                     "val acc after the retrain": r["val_acc"], "kept": "yes" if r["trial"] == metrics["trial"] else ""}
+                    for r in rows])
+    return [f"<h3>Finalists</h3><p class=note>The best {len(rows)} trials by trial score, each retrained with the "
+            "full schedule; the one of best validation accuracy is the winner, and only it was tested.</p>", table]
+
+
 def deployment(metrics: dict[str, Any]) -> list[str]:
     """The exported models side by side (fp32 ONNX, int8 ONNX), with a warning when int8 loses
     more than INT8_WARN_POINTS of test accuracy."""
@@ -355,7 +376,7 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     ]
     if winner:
         test = winner.get("teachers_test_acc", {})
-        sections += ["<h2>Winner</h2>", _facts(winner), *deployment(winner)]
+        sections += ["<h2>Winner</h2>", _facts(winner), *finalists_table(winner), *deployment(winner)]
         teachers = [{**t, "test_acc": test.get(t["name"])} for t in teachers]
         ensemble = {"name": "ensemble", **info.get("ensemble", {}), "test_acc": winner.get("ensemble_test_acc")}
     else:

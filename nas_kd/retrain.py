@@ -1,6 +1,6 @@
 """Retrain the winner with the full schedule, test it once beside the teachers, export it.
 
-    python -m nas_kd.retrain --study-name NAME [--trial N] [--final-epochs E]
+    python -m nas_kd.retrain --study-name NAME [--trial N | --finalists K] [--final-epochs E]
 
 Without augmentation the teachers' outputs are computed once for the whole training split (or
 taken from the search's cache); with it, the teachers run live on a fresh view every epoch
@@ -31,9 +31,9 @@ from nas_kd.latency import require_runtime
 from nas_kd.objective import cost_facts
 from nas_kd.online import retrain_online, top_students
 from nas_kd.report import write_report
-from nas_kd.study import STUDY_ATTR, WINNER_ATTR, check_same_teachers, load_existing, pick_winner
+from nas_kd.study import STUDY_ATTR, WINNER_ATTR, check_same_teachers, finalists, load_existing, pick_winner
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config, ensemble_summary
-from nas_kd.train import resolve_device
+from nas_kd.train import evaluate, resolve_device
 
 
 def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
@@ -56,19 +56,43 @@ def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[s
 
 def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
                    out_dir: Path, progress: bool = True, log=print, cached: CachedTargets | None = None) -> dict[str, Any]:
-    """Pick the winner (or cfg.retrain_trial), retrain, test, export, and store the figures in the study."""
-    trial = pick_winner(study, cfg.retrain_trial)
-    spec = Spec.parse(trial.user_attrs["spec"])
-    log(f"retraining trial {trial.number} ({spec}) for {cfg.final_epochs} epochs")
+    """Pick the winner (or cfg.retrain_trial), retrain, test, export, and store the figures in the study.
+
+    With cfg.finalists K > 1 the K best trials are each retrained and the one of best validation
+    accuracy is the winner (ties: the better trial score); only it is tested and exported."""
+    many = cfg.retrain_trial is None and cfg.finalists > 1
+    candidates = finalists(study, cfg.finalists) if many else [pick_winner(study, cfg.retrain_trial)]
+    if many and len(candidates) < cfg.finalists:
+        log(f"--finalists {cfg.finalists}: the study has {len(candidates)} distinct feasible students; "
+            f"retraining {len(candidates)}")
     start = time.perf_counter()
-    model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached)
+    rows: list[dict[str, Any]] = []
+    best: tuple[float, optuna.trial.FrozenTrial, Network, float] | None = None
+    for rank, trial in enumerate(candidates, 1):
+        spec = Spec.parse(trial.user_attrs["spec"])
+        which = f"finalist {rank} of {len(candidates)}: " if many else ""
+        log(f"retraining {which}trial {trial.number} ({spec}) for {cfg.final_epochs} epochs")
+        model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached)
+        val = evaluate(model, dataset.val, dataset) if many else 0.0
+        if many:
+            rows.append({"trial": trial.number, "spec": str(spec), "search_val_acc": trial.values[0], "val_acc": val,
+                         "train_seconds": round(seconds, 2)})
+            log(f"finalist {rank}: trial {trial.number} val acc {val:.4f} after the retrain "
+                f"(trial score {trial.values[0]:.4f})")
+        if best is None or val > best[0]:  # only the best model is kept in memory
+            best = (val, trial, model, seconds)
+    assert best is not None
+    _, trial, model, seconds = best
+    if many:
+        log(f"finalists: trial {trial.number} has the best validation accuracy ({best[0]:.4f}); testing it")
     metrics = test_metrics(model, dataset, ensemble)
-    metrics = {"trial": trial.number, "spec": str(spec),
+    metrics = {"trial": trial.number, "spec": trial.user_attrs["spec"],
                **cost_facts(count(model, dataset.input_shape), ensemble.largest()),
                "latency_ms": trial.user_attrs.get("latency_ms"),
                "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,
                "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
-               "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature}
+               "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature,
+               **({"finalists": rows} if many else {})}
     weights, metrics_path = export(model, dataset, cfg, metrics, out_dir)
     metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)
     study.set_user_attr(WINNER_ATTR, metrics)
@@ -101,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                           "each learning from the ensemble of all of them (into OUT_DIR/<study>/online/).")
     parser.add_argument("--trial", type=int, help="retrain this trial instead of the best feasible one")
     parser.add_argument("--final-epochs", type=int, help="epochs of the retrain (default: the search's)")
+    parser.add_argument("--finalists", type=int, metavar="K",
+                        help="retrain the K best trials (distinct students) and keep the one of best validation "
+                             "accuracy; only it is tested (default: the search's, 1)")
     parser.add_argument("--online-ensemble", type=int, metavar="K",
                         help="retrain the K (>= 2) most accurate feasible students of the Pareto front together, "
                              "as an online ensemble (Walawalkar et al., ECCV 2020)")
@@ -121,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         if online and args.trial is not None:
             raise InputError(f"--trial picks one student, --online-ensemble the top {args.online_ensemble}; "
                              "pass one of them")
+        if args.finalists is not None and (args.finalists < 1 or online or args.trial is not None):
+            raise InputError(f"--finalists must be >= 1, got {args.finalists}" if args.finalists < 1 else
+                             f"--finalists {args.finalists} picks the winner by retraining the best {args.finalists}; "
+                             f"it does not go with {'--online-ensemble' if online else '--trial'}")
         study = load_existing(args.storage, args.study_name, Path(args.out_dir))
         cfg = config_of(study)
         if online:
@@ -133,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.final_epochs < 1:
                 raise InputError(f"--final-epochs must be >= 1, got {args.final_epochs}")
             overrides["final_epochs"] = args.final_epochs
+        if args.finalists is not None:
+            overrides["finalists"] = args.finalists
+        elif args.trial is not None:
+            overrides["finalists"] = 1  # the trial asked for, whatever the search's --finalists was
         if args.no_onnx:
             overrides["onnx"] = False
         cfg = from_dict(SearchConfig, {**cfg.to_dict(), **overrides})

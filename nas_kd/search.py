@@ -284,6 +284,10 @@ def build_parser() -> OneLineParser:
                         "in the report")
     g.add_argument("--retrain-trial", type=_positive(int, "--retrain-trial", 0), metavar="N",
                    help="retrain trial N instead of the best feasible one")
+    g.add_argument("--finalists", type=_positive(int, "--finalists"), default=DEFAULTS.finalists, metavar="K",
+                   help="retrain the K best trials (distinct students, by trial score) with the full schedule and "
+                        "keep the one of best validation accuracy; the test set sees only that one (default "
+                        f"{DEFAULTS.finalists}: the best trial only; each finalist costs a retrain)")
     g.add_argument("--no-onnx", action="store_true",
                    help="export the weights only (no model.onnx / model.int8.onnx) and do not measure the trials' "
                         "latency (unless a latency flag asks for it)")
@@ -337,7 +341,7 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
                  "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score",
                  "bn_recalibration", "trial_reports", "pruner", "sampler", "latency_precision", "latency_threads",
                  "latency_table", "memory_budget", "pareto_cost", "min_steps", "teacher_min_gain", "study_trials",
-                 "heartbeat", "budget_floor"):
+                 "heartbeat", "budget_floor", "finalists"):
         flag(name)
     flag("latency_budget", "latency_budget_ms")
     flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])
@@ -408,6 +412,11 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     check_weighting(cfg.distill.ensemble_weighting)
     if cfg.heartbeat < 1 or (cfg.study_trials is not None and cfg.study_trials < 1):
         raise InputError(f"heartbeat must be >= 1 s and study_trials >= 1, got {cfg.heartbeat} and {cfg.study_trials}")
+    if cfg.finalists < 1:
+        raise InputError(f"finalists must be >= 1, got {cfg.finalists}")
+    if cfg.finalists > 1 and cfg.retrain_trial is not None:
+        raise InputError(f"--retrain-trial picks one trial and --finalists {cfg.finalists} the best "
+                         f"{cfg.finalists}; give one of them")
     if not 0 <= cfg.budget_floor < 1:
         raise InputError(f"budget_floor must be a share in [0, 1), got {cfg.budget_floor}")
     if cfg.min_steps < 0 or not 0 <= cfg.teacher_min_gain < 1:
@@ -533,22 +542,20 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     a = trial.user_attrs
     score = trial_score(trial) if was_trained(trial) else None
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
-    parts = [f"trial {trial.number} {status(trial)}", a.get("spec", "?"),
+    kind = status(trial)
+    parts = [f"trial {trial.number} {kind}", a.get("spec", "?"),
              f"{format_count(a['macs'])} MACs" if "macs" in a else "", f"score {score:.4f}" if score is not None else "",
              f"{seconds:.1f} s"]
-    if trial.state == optuna.trial.TrialState.FAIL and FAIL_ATTR in a:
+    if kind == "failed" and FAIL_ATTR in a:
         parts.append(a[FAIL_ATTR])
-    elif REPEAT_ATTR in a:
+    elif kind == "repeat":
         parts.append(f"repeat of trial {a[REPEAT_ATTR]}: not trained again")
-    elif trial.state == optuna.trial.TrialState.PRUNED and not was_trained(trial):
+    elif kind == "under_floor":
+        parts.append(f"under the budget floor (uses {a.get(USE_ATTR, 0):.0%} of the budget): not trained")
+    elif kind == "over_budget":
         # the named constraints; "0" is the legacy list optuna-dashboard reads
         violated = [k for k, v in trial.constraints.items() if v > 0 and not k.isdigit() and k != FLOOR_CONSTRAINT]
-        if violated:
-            parts.append(f"over budget ({', '.join(violated)}): not trained")
-        elif trial.constraints.get(FLOOR_CONSTRAINT, 0) > 0:
-            parts.append(f"under the budget floor (uses {a.get(USE_ATTR, 0):.0%} of the budget): not trained")
-        else:
-            parts.append("not trained")
+        parts.append(f"over budget ({', '.join(violated)}): not trained" if violated else "not trained")
     return ": ".join([parts[0], ", ".join(p for p in parts[1:] if p)])
 
 
@@ -574,6 +581,9 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
                  ("winner accuracy", f"test {winner['test_acc']:.4f}, val {winner['val_acc']:.4f} after "
                                      f"{winner['final_epochs']} epochs; teacher ensemble test {winner['ensemble_test_acc']:.4f}"),
                  ("winner files", str(Path(winner["weights"]).parent))]
+        if winner.get("finalists"):
+            rows.append(("finalists", "retrained, kept on validation: " + ", ".join(
+                f"trial {f['trial']} {f['val_acc']:.4f}" for f in winner["finalists"])))
         if "onnx_test_acc" in winner:
             int8 = (f"; int8: test {winner['int8_test_acc']:.4f}, {winner['latency_ms_int8']:.3f} ms"
                     if "int8_test_acc" in winner else "")

@@ -288,9 +288,6 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
 
 def pick_winner(study: optuna.Study, trial_number: int | None = None) -> FrozenTrial:
     """The feasible trial of best validation accuracy (ties: fewer MACs), or the one asked for."""
-    from nas_kd.objective import is_feasible
-
-    trials = completed(study)
     if trial_number is not None:
         for t in study.get_trials(deepcopy=False):
             if t.number == trial_number:
@@ -299,8 +296,21 @@ def pick_winner(study: optuna.Study, trial_number: int | None = None) -> FrozenT
                                      f"{'' if was_trained(t) else ' and was never trained'}; pick a completed trial")
                 return t
         raise InputError(f"study {study.study_name!r} has no trial {trial_number} (it has {len(study.trials)})")
-    feasible = [t for t in trials if is_feasible(t)]
+    return finalists(study, 1)[0]
+
+
+def finalists(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    """The `k` feasible completed trials of best trial score (a distill trial's: its validation
+    accuracy; ties: fewer MACs), best first, one per spec: a spec the study trained twice is one finalist, at its better score. Fewer when
+    the study has fewer distinct feasible students."""
+    from nas_kd.objective import is_feasible
+
+    feasible = sorted((t for t in completed(study) if is_feasible(t)),
+                      key=lambda t: (t.values[0], -t.user_attrs["macs"]), reverse=True)
     if not feasible:
         raise InputError(f"study {study.study_name!r} has no completed trial within the budget yet; "
                          "run more trials (--trials) first")
-    return max(feasible, key=lambda t: (t.values[0], -t.user_attrs["macs"]))
+    best: dict[str, FrozenTrial] = {}
+    for t in feasible:
+        best.setdefault(t.user_attrs["spec"], t)
+    return list(best.values())[:k]

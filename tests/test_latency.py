@@ -91,6 +91,20 @@ def test_peak_memory_keeps_a_residual_input_alive() -> None:
     assert peak_activations(block, (4, 8, 8)) == 768
 
 
+def test_peak_memory_counts_shapes_and_leaves_the_model_as_it_was() -> None:
+    """The pass runs on the model itself (not a copy), in eval mode: no BatchNorm statistic moves,
+    the training flag comes back, and the memory format changes no count."""
+    spec = Spec.parse("c16|bottleneck_d2_w24_s1_k3_e4_se|basic_d1_w32_s2_k5_e1|bottleneck_d1_w64_s2_k3_e2")
+    contiguous, channels_last = (build(spec, (1, 28, 28), 10, channels_last=c) for c in (False, True))
+    channels_last.load_state_dict(contiguous.state_dict())
+    before = {k: v.clone() for k, v in contiguous.state_dict().items()}
+    assert contiguous.training
+    peak = peak_activations(contiguous, (1, 28, 28))
+    assert contiguous.training and all(torch.equal(v, contiguous.state_dict()[k]) for k, v in before.items())
+    assert peak == peak_activations(channels_last, (1, 28, 28)) == peak_activations(contiguous.eval(), (1, 28, 28))
+    assert not contiguous.training
+
+
 def test_peak_memory_of_a_projection_shortcut() -> None:
     block = BasicBlock(4, 8, 2, 3, 1, False)
     # x = 256. conv1 -> 8x4x4 = 128: 384. conv2: 128 + 128 + x 256 = 512. Shortcut pool: x 256 +

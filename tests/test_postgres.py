@@ -61,6 +61,7 @@ def postgres_url() -> str:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow  # the three-worker test below shares a study too, and more: kept out of the default run for time
 def test_two_workers_share_one_study(postgres_url: str, e2e_run: dict, tmp_path: Path) -> None:
     args = list(E2E_ARGS)
     args[args.index("--study-name") + 1] = "shared"

@@ -107,7 +107,8 @@ def test_pareto_data(cost: str, budget: float | None, front: list[int], referenc
     data = report.pareto_data(FRAME, cost, budget, TEACHERS, winner=0)
     expected = ParetoData(cost=cost, front=_pts(cost, front), feasible=_pts(cost, [0, 1, 2, 3, 8]),
                           infeasible=_pts(cost, [4, 9]), pruned=_pts(cost, [3]), teachers=TEACHER_POINTS[cost],
-                          budget=budget, reference=reference, winner=0)
+                          budget=budget, reference=reference, winner=0,
+                          rug_label="over budget or under the budget floor (not trained)")
     assert math.isnan(data.infeasible.acc[0])  # over budget: never trained, so no accuracy
     assert _comparable(data) == _comparable(expected)
 
@@ -120,6 +121,19 @@ def test_pareto_data_without_budget_keeps_every_trained_trial() -> None:
     assert (data.front.number, data.feasible.number, data.pruned.number, data.infeasible) == \
         ([1, 0], [0, 1, 2], [2], Points([], [], [], []))
     assert (data.budget, data.reference, data.winner) == (None, 9e6, None)
+
+
+@pytest.mark.parametrize(("rejected", "label"), [
+    ([4], "over budget (not trained)"),
+    ([9], "under the budget floor (not trained)"),
+    ([4, 9], "over budget or under the budget floor (not trained)"),
+])
+def test_the_rug_is_named_by_what_it_holds(rejected: list[int], label: str) -> None:
+    """A study without a budget floor has no under-floor students: its rug does not mention a floor."""
+    frame = FRAME[~FRAME["number"].isin({4, 9} - set(rejected))]
+    data = report.pareto_data(frame, "macs", 12e6, TEACHERS, winner=0)
+    assert (data.infeasible.number, data.rug_label) == (rejected, label)
+    assert label in [t.name for t in report.pareto_figure(data).data]
 
 
 def test_pareto_data_rejects_an_unknown_cost() -> None:
@@ -135,7 +149,8 @@ def test_pareto_figure(cost: str, ticks: list[float], shapes: int, annotations: 
     """One trace per layer in drawing order, log ticks spanning every point, the budget as a line."""
     fig = report.pareto_figure(report.pareto_data(FRAME, cost, 12e6 if cost == "macs" else None, TEACHERS, winner=0))
     assert [t.name for t in fig.data] == ["trained within budget", "pruned early", "Pareto front",
-                                          "teachers (full training)", "over budget or under its floor (not trained)", "winner"]
+                                          "teachers (full training)",
+                                          "over budget or under the budget floor (not trained)", "winner"]
     # trial scores (brief training) and full-training accuracies are on separate panels
     assert [t.yaxis for t in fig.data] == ["y", "y", "y", "y3", "y2", None]
     assert fig.layout.yaxis.domain[0] > fig.layout.yaxis3.domain[1] > fig.layout.yaxis3.domain[0] > fig.layout.yaxis2.domain[1]
