@@ -22,7 +22,8 @@ At each budget and seed, five methods each pick one student of the default searc
   (`nas_kd.study.finalists`) are each retrained as below, and the one of best validation accuracy
   is the pick. It reads the search method's study (run first when missing) and reuses the
   retrains already in the results file; its pick time is the search's plus its finalists'
-  retrains.
+  retrains. Like every retrain here, each finalist's is tested too, for the results file; the
+  pick reads only the validation accuracies.
 
 Every pick is then retrained with the search's final schedule and recipe (default
 `--final-epochs`, the whole training split, the default teachers, seed S) and tested once on the

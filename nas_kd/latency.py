@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -567,14 +568,15 @@ def peak_activations(model: nn.Module, input_shape: tuple[int, int, int]) -> int
     """Values alive at once at the peak of one forward pass of one input (MCUNet's definition).
     Counts depend on shapes only, so the pass runs where the model is, in any memory format; in
     eval mode, so no BatchNorm statistic moves (the model is left as it was, and not copied)."""
-    param = next(model.parameters(), None)
-    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
-    training = model.training
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    x = torch.zeros(1, *input_shape, device=tensor.device if tensor is not None else "cpu")
+    modes = [(m, m.training) for m in model.modules()]
     try:
         with torch.no_grad(), _Liveness(x) as trace:
             out = model.eval()(x)
     finally:
-        model.train(training)
+        for m, training in modes:
+            m.training = training
     last = [0] * len(trace.sizes)
     for i, (_, read) in enumerate(trace.events):
         for b in read:

@@ -66,6 +66,13 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
         log(f"--finalists {cfg.finalists}: the study has {len(candidates)} distinct feasible students; "
             f"retraining {len(candidates)}")
     start = time.perf_counter()
+    if many and cached is None:
+        # the teachers' outputs over the training split, once for every finalist (each retrain
+        # would compute its own); None when they run live (augmentation, or too big to cache)
+        first = build(Spec.parse(candidates[0].user_attrs["spec"]), dataset.input_shape, dataset.num_classes)
+        _, shared = retrain_targets(ensemble, dataset, cfg, criterion_for(first, cfg.distill, ensemble.feature_channels),
+                                    None, progress)
+        cached = shared if isinstance(shared, CachedTargets) else None
     rows: list[dict[str, Any]] = []
     best: tuple[float, optuna.trial.FrozenTrial, Network, float] | None = None
     for rank, trial in enumerate(candidates, 1):
@@ -78,15 +85,16 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
             rows.append({"trial": trial.number, "spec": str(spec), "search_val_acc": trial.values[0], "val_acc": val,
                          "train_seconds": round(seconds, 2)})
             log(f"finalist {rank}: trial {trial.number} val acc {val:.4f} after the retrain "
-                f"(trial score {trial.values[0]:.4f})")
+                f"(trial score {trial.values[0]:.4g})")
         if best is None or val > best[0]:  # only the best model is kept in memory
             best = (val, trial, model, seconds)
+        del model  # before the next finalist trains
     assert best is not None
     _, trial, model, seconds = best
     if many:
         log(f"finalists: trial {trial.number} has the best validation accuracy ({best[0]:.4f}); testing it")
     metrics = test_metrics(model, dataset, ensemble)
-    metrics = {"trial": trial.number, "spec": trial.user_attrs["spec"],
+    metrics = {"trial": trial.number, "spec": str(Spec.parse(trial.user_attrs["spec"])),
                **cost_facts(count(model, dataset.input_shape), ensemble.largest()),
                "latency_ms": trial.user_attrs.get("latency_ms"),
                "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,

@@ -13,14 +13,14 @@ import pytest
 import torch
 from conftest import E2E_STUDY, load_json
 
-from nas_kd import retrain, search
+from nas_kd import distill, retrain, search
 from nas_kd.arch import Spec, build
 from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import count
 from nas_kd.errors import InputError
 from nas_kd.report import write_report
 from nas_kd.study import WINNER_ATTR, finalists, pick_winner
-from nas_kd.teachers import Ensemble, Teacher
+from nas_kd.teachers import CachedTargets, Ensemble, Teacher
 
 A, B, C, D = "c8|basic_d1_w8_s2_k3_e1", "c8|basic_d1_w16_s2_k3_e1", "c8|basic_d1_w24_s2_k3_e1", "c8|basic_d1_w32_s2_k3_e1"
 
@@ -69,6 +69,9 @@ def test_retrain_winner_keeps_the_finalist_of_best_validation_and_tests_only_it(
         macs = count(build(Spec.parse(spec), mini_dataset.input_shape, mini_dataset.num_classes),
                      mini_dataset.input_shape).macs
         add(study, spec, score, macs)
+    # the validation accuracies after the retrain, set here: the second finalist is the better one
+    val = {B: 0.30, A: 0.60}
+    monkeypatch.setattr(retrain, "evaluate", lambda model, split, dataset: val[str(model.spec)])
     tested: list[str] = []
 
     def test_metrics(model, dataset, ensemble) -> dict[str, Any]:
@@ -76,21 +79,35 @@ def test_retrain_winner_keeps_the_finalist_of_best_validation_and_tests_only_it(
         return original(model, dataset, ensemble)
     original = retrain.test_metrics
     monkeypatch.setattr(retrain, "test_metrics", test_metrics)
+    made: list[int] = []
+
+    class Counted(CachedTargets):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(1)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(distill, "CachedTargets", Counted)
     lines: list[str] = []
     cfg = SearchConfig(final_epochs=1, finalists=2, onnx=False, seed=1,
                        distill=DistillConfig(losses=(("ce", 1.0), ("kl", 1.0))))
     metrics = retrain.retrain_winner(study, mini_dataset, tiny_ensemble, cfg, tmp_path / "winner", False, lines.append)
 
-    rows = metrics["finalists"]
-    assert [(r["trial"], r["spec"], r["search_val_acc"]) for r in rows] == [(1, B, 0.6), (0, A, 0.5)]  # C is third
-    kept = max(rows, key=lambda r: r["val_acc"])  # the first of equal ones: the better trial score
-    assert (metrics["trial"], metrics["spec"], metrics["val_acc"]) == (kept["trial"], kept["spec"], kept["val_acc"])
-    assert tested == [kept["spec"]]  # the test set saw the kept finalist only
+    rows = metrics["finalists"]  # C is third by score: not a finalist
+    assert [(r["trial"], r["spec"], r["search_val_acc"], r["val_acc"]) for r in rows] == [(1, B, 0.6, 0.30),
+                                                                                          (0, A, 0.5, 0.60)]
+    assert (metrics["trial"], metrics["spec"], metrics["search_val_acc"]) == (0, A, 0.5)  # validation, not score
+    assert tested == [A]  # the test set saw the kept finalist only
+    assert len(made) == 1  # the teachers' outputs were computed once for both finalists
     assert load_json(tmp_path / "winner" / "metrics.json")["finalists"] == rows == study.user_attrs[WINNER_ATTR]["finalists"]
     assert lines[0] == f"retraining finalist 1 of 2: trial 1 ({B}) for 1 epochs"
-    assert f"finalists: trial {kept['trial']} has the best validation accuracy ({kept['val_acc']:.4f}); testing it" in lines
+    assert "finalist 2: trial 0 val acc 0.6000 after the retrain (trial score 0.5)" in lines
+    assert "finalists: trial 0 has the best validation accuracy (0.6000); testing it" in lines
     html, _ = write_report(study, tmp_path)
     assert "<h3>Finalists</h3>" in html.read_text()
+
+    # a tie on validation goes to the better trial score
+    val[A] = 0.30
+    tie = retrain.retrain_winner(study, mini_dataset, tiny_ensemble, cfg, tmp_path / "tie", False, lambda _: None)
+    assert tie["trial"] == 1
 
     # the default, one finalist: the best trial, tested, no finalists recorded
     tested.clear()
