@@ -388,3 +388,9 @@ def stored_blockwise_scores(study: optuna.Study) -> dict[str, float]:
 
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return all(v <= 0 for v in trial.constraints.values())
+
+
+def violated_bounds(trial: optuna.trial.FrozenTrial) -> list[str]:
+    """The budget's bounds the trial is over, by name: not the budget floor, nor the items ("0",
+    "1", ...) of the legacy list optuna-dashboard reads."""
+    return [k for k, v in trial.constraints.items() if v > 0 and k != FLOOR_CONSTRAINT and not k.isdigit()]

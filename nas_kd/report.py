@@ -35,6 +35,7 @@ from nas_kd.objective import (
     curve,
     is_feasible,
     trial_score,
+    violated_bounds,
     was_trained,
 )
 from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR, load_existing
@@ -51,8 +52,8 @@ def status(trial: optuna.trial.FrozenTrial) -> str:
     if trial.state == TrialState.PRUNED:
         if was_trained(trial):
             return "pruned"
-        over = any(v > 0 for k, v in trial.constraints.items() if k != FLOOR_CONSTRAINT and not k.isdigit())
-        return "under_floor" if not over and trial.constraints.get(FLOOR_CONSTRAINT, 0) > 0 else "over_budget"
+        under = not violated_bounds(trial) and trial.constraints.get(FLOOR_CONSTRAINT, 0) > 0
+        return "under_floor" if under else "over_budget"
     if trial.state == TrialState.COMPLETE and REPEAT_ATTR in trial.user_attrs:
         return "repeat"
     return {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.RUNNING: "running",

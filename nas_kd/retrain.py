@@ -66,15 +66,16 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
         log(f"--finalists {cfg.finalists}: the study has {len(candidates)} distinct feasible students; "
             f"retraining {len(candidates)}")
     start = time.perf_counter()
-    if many and cached is None:
-        # the teachers' outputs over the training split, once for every finalist (each retrain
-        # would compute its own); None when they run live (augmentation, or too big to cache)
+    if many:
+        # the teachers' outputs over the training split once for every finalist: the search's cache
+        # when it covers the split, else computed here (each retrain would compute its own); when
+        # they run live (augmentation, or too big to cache) each retrain runs them
         first = build(Spec.parse(candidates[0].user_attrs["spec"]), dataset.input_shape, dataset.num_classes)
         _, shared = retrain_targets(ensemble, dataset, cfg, criterion_for(first, cfg.distill, ensemble.feature_channels),
-                                    None, progress)
-        cached = shared if isinstance(shared, CachedTargets) else None
+                                    cached, progress)
+        cached = shared if isinstance(shared, CachedTargets) else cached
     rows: list[dict[str, Any]] = []
-    best: tuple[float, optuna.trial.FrozenTrial, Network, float] | None = None
+    best: tuple[float, optuna.trial.FrozenTrial, Spec, Network, float] | None = None
     for rank, trial in enumerate(candidates, 1):
         spec = Spec.parse(trial.user_attrs["spec"])
         which = f"finalist {rank} of {len(candidates)}: " if many else ""
@@ -87,14 +88,14 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
             log(f"finalist {rank}: trial {trial.number} val acc {val:.4f} after the retrain "
                 f"(trial score {trial.values[0]:.4g})")
         if best is None or val > best[0]:  # only the best model is kept in memory
-            best = (val, trial, model, seconds)
+            best = (val, trial, spec, model, seconds)
         del model  # before the next finalist trains
     assert best is not None
-    _, trial, model, seconds = best
+    _, trial, spec, model, seconds = best
     if many:
         log(f"finalists: trial {trial.number} has the best validation accuracy ({best[0]:.4f}); testing it")
     metrics = test_metrics(model, dataset, ensemble)
-    metrics = {"trial": trial.number, "spec": str(Spec.parse(trial.user_attrs["spec"])),
+    metrics = {"trial": trial.number, "spec": str(spec),
                **cost_facts(count(model, dataset.input_shape), ensemble.largest()),
                "latency_ms": trial.user_attrs.get("latency_ms"),
                "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,

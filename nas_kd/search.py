@@ -39,7 +39,6 @@ from nas_kd.latency import (
 from nas_kd.losses import LOSSES, Criterion, loss_class, recipe_features, recipe_uses_teachers
 from nas_kd.objective import (
     FAIL_ATTR,
-    FLOOR_CONSTRAINT,
     REPEAT_ATTR,
     TRAINED_SCORES,
     TRIAL_SCORES,
@@ -49,6 +48,7 @@ from nas_kd.objective import (
     training_done,
     trial_context,
     trial_score,
+    violated_bounds,
     was_trained,
 )
 from nas_kd.report import status, write_report
@@ -553,8 +553,7 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     elif kind == "under_floor":
         parts.append(f"under the budget floor (uses {a.get(USE_ATTR, 0):.0%} of the budget): not trained")
     elif kind == "over_budget":
-        # the named constraints; "0" is the legacy list optuna-dashboard reads
-        violated = [k for k, v in trial.constraints.items() if v > 0 and not k.isdigit() and k != FLOOR_CONSTRAINT]
+        violated = violated_bounds(trial)
         parts.append(f"over budget ({', '.join(violated)}): not trained" if violated else "not trained")
     return ": ".join([parts[0], ", ".join(p for p in parts[1:] if p)])
 

@@ -301,8 +301,8 @@ def pick_winner(study: optuna.Study, trial_number: int | None = None) -> FrozenT
 
 def finalists(study: optuna.Study, k: int) -> list[FrozenTrial]:
     """The `k` feasible completed trials of best trial score (a distill trial's: its validation
-    accuracy; ties: fewer MACs), best first, one per spec: a spec the study trained twice is one finalist, at its better score. Fewer when
-    the study has fewer distinct feasible students."""
+    accuracy; ties: fewer MACs), best first, one per spec: a spec the study trained twice is one
+    finalist, at its better score. Fewer when the study has fewer distinct feasible students."""
     from nas_kd.objective import is_feasible
 
     feasible = sorted((t for t in completed(study) if is_feasible(t)),
