@@ -78,22 +78,33 @@ LATER_KEYS = ("latency_budget_ms", "memory_budget", "latency_precision", "latenc
               "finalists")  # issue 9: what the retrain stage does, not the retrain itself
 # keys that change only what a search picks, not a retrain or an untrained pick: in the pick's key
 # of the three searching methods instead, and only when not 0 (the value before the key existed)
-PICK_KEYS = ("budget_floor",)
+PICK_KEYS = ("budget_floor", "trials", "subset")
 SEARCHES = ("search", "random", "params", "finalists")
 # keys `pick` sets for its searches' run, or that leave their trials alone
 RUN_KEYS = ("final_epochs", "out_dir", "study_name", "finalists")
 
 
 def config_json(cfg: SearchConfig) -> str:
+    """The settings of the retrains and untrained picks: the PICK_KEYS at their defaults (the budget
+    floor left out, as before it existed)."""
     d, defaults = cfg.to_dict(), SearchConfig().to_dict()
-    return json.dumps({k: v for k, v in d.items() if k not in PICK_KEYS and (k not in LATER_KEYS or v != defaults[k])},
+    d.update({k: defaults[k] for k in PICK_KEYS})
+    return json.dumps({k: v for k, v in d.items() if k != "budget_floor" and (k not in LATER_KEYS or v != defaults[k])},
                       sort_keys=True)
 
 
-def pick_key(budget: int, method: str, seed: int, sid: str, floor: float, finalists: int = 3) -> str:
-    """The results key of a pick: the searches' with their budget floor (none: the keys of before it),
-    the finalists' with their number."""
-    return (f"{budget}|{method}|{seed}|{sid}" + (f"|floor{floor:g}" if floor and method in SEARCHES else "")
+def pick_settings(cfg: SearchConfig) -> str:
+    """The PICK_KEYS that differ from their defaults, as a key suffix ("" at the defaults: the keys of
+    before they existed): "|floor0.5" for a budget floor, then "|trials20", "|subset2000"."""
+    defaults = SearchConfig()
+    return ((f"|floor{cfg.budget_floor:g}" if cfg.budget_floor else "")
+            + "".join(f"|{k}{getattr(cfg, k)}" for k in PICK_KEYS[1:] if getattr(cfg, k) != getattr(defaults, k)))
+
+
+def pick_key(budget: int, method: str, seed: int, sid: str, searching: str = "", finalists: int = 3) -> str:
+    """The results key of a pick: the searches' with their `pick_settings`, the finalists' with their
+    number."""
+    return (f"{budget}|{method}|{seed}|{sid}" + (searching if method in SEARCHES else "")
             + (f"|k{finalists}" if method == "finalists" else ""))
 
 
@@ -195,6 +206,10 @@ def main() -> None:
                         help="where the searches' studies go")
     parser.add_argument("--budget-floor", type=float, default=SearchConfig().budget_floor,
                         help="the searches' --budget-floor (default: the search's, 0 = none)")
+    parser.add_argument("--trials", type=int, default=SearchConfig().trials,
+                        help="the searches' --trials (default: the search's); their studies go in a folder of their own")
+    parser.add_argument("--subset", type=int, default=SearchConfig().subset,
+                        help="the searches' --subset, training images a trial (default: the search's)")
     parser.add_argument("--finalists", type=int, default=3, metavar="K",
                         help="how many of the search's best trials the finalists method retrains (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -206,14 +221,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = ResultsFile(args.results)
-    base = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir, budget_floor=args.budget_floor)
+    base = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir, budget_floor=args.budget_floor,
+                        trials=args.trials, subset=args.subset)
+    searching = pick_settings(base)
     dataset = load_dataset(base.dataset)
     ensemble: Ensemble | None = None
     targets: CachedTargets | None = None
     settings = {"dataset": dataset.fingerprint(), "config": config_json(base), "methods": "v1"}
     sid = settings_id(settings)
-    work = args.work / format_count(args.budget)
-    print(f"budget {format_count(args.budget)} MACs; searches' budget floor {args.budget_floor:g}; seeds {args.seeds}; "
+    # searches with other pick settings keep their studies apart: an unfinished one is deleted
+    work = args.work / format_count(args.budget) / searching.replace("|", "-").strip("-")
+    print(f"budget {format_count(args.budget)} MACs; searches' budget floor {args.budget_floor:g}, trials "
+          f"{args.trials}, subset {args.subset}; seeds {args.seeds}; "
           f"{machine()}", flush=True)
 
     def retrained(spec: Spec, seed: int, cfg: SearchConfig, method: str) -> dict[str, Any]:
@@ -237,7 +256,7 @@ def main() -> None:
     for seed in [] if args.table_only else args.seeds:
         cfg = dataclasses.replace(base, seed=seed)
         for method in args.methods:
-            key = pick_key(args.budget, method, seed, sid, args.budget_floor, args.finalists)
+            key = pick_key(args.budget, method, seed, sid, searching, args.finalists)
             if results.get("picks", key) is None:
                 start = time.perf_counter()
                 if method == "finalists":
@@ -245,7 +264,7 @@ def main() -> None:
                     spec, extra = pick_finalists(study, args.finalists,
                                                  functools.partial(retrained, seed=seed, cfg=cfg, method=method))
                     # the pick's time: its search (as recorded when it ran) and its finalists' retrains
-                    searched = results.get("picks", pick_key(args.budget, "search", seed, sid, args.budget_floor))
+                    searched = results.get("picks", pick_key(args.budget, "search", seed, sid, searching))
                     seconds = (search_seconds or (searched or {}).get("pick_seconds", float("nan"))) + sum(
                         f["retrain_seconds"] for f in extra["finalists"])
                 else:
@@ -263,7 +282,7 @@ def main() -> None:
     for method in args.methods:
         rows = []
         for seed in args.seeds:
-            p = results.get("picks", pick_key(args.budget, method, seed, sid, args.budget_floor, args.finalists))
+            p = results.get("picks", pick_key(args.budget, method, seed, sid, searching, args.finalists))
             r = p and results.get("retrains", f"{p['spec']}|{seed}|{sid}")
             if r:
                 rows.append((r["test_acc"], r["val_acc"], r["macs"], p["pick_seconds"]))

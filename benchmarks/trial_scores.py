@@ -425,6 +425,33 @@ def floor_lines(bench: Bench, specs: list[tuple[Spec, Cost]], rows: dict[str, tu
     return out
 
 
+def ceiling_lines(bench: Bench, rows: dict[str, tuple[list[float], list[float]]], reference: list[float],
+                  baselines: dict[str, float], trials: tuple[int, ...], draws: int = 2000) -> list[str]:
+    """How good a search of n trials drawn at random from these students can be, for each n of
+    `trials`: the mean reference of its pick and how often the pick is above each baseline's
+    reference (`draws` seeded draws), picking by the default score, by params, by macs and by the
+    reference itself (an oracle: a perfect score). A random sampler stands in for TPE, whose first
+    trials are random. The n students are drawn with replacement, as from a space far larger than
+    these students (without, 30 draws of 30 students would be all of them). When even the oracle's
+    pick seldom beats a baseline, no score can make a search of n trials beat it: the space and the
+    number of trials bound the search."""
+    mean = statistics.mean
+    rows = {**rows, "oracle (the reference itself)": (reference, [0.0] * len(reference))}
+    out = []
+    for n in trials:
+        rng = random.Random(n)
+        draw = [rng.choices(range(len(reference)), k=n) for _ in range(draws)]
+        for name in (default_row(bench), "params", "macs", "oracle (the reference itself)"):
+            if name not in rows:
+                continue
+            values = rows[name][0]
+            picks = [reference[max(d, key=lambda i: values[i])] for d in draw]
+            above = "".join(f"; above {b} ({100 * ref:.2f}%) in {sum(p > ref for p in picks) / draws:.0%}"
+                            for b, ref in baselines.items())
+            out.append(f"{n} trials drawn at random, picking by {name}: mean reference {100 * mean(picks):.2f}%{above}")
+    return out
+
+
 def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[float]) -> list[dict[str, Any]]:
     out = []
     for name, (values, seconds) in rows.items():
@@ -436,16 +463,18 @@ def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[floa
 
 
 def baseline_references(bench: Bench, specs: list[tuple[Spec, Cost]], images: int, seed: int,
-                        log: Callable[[str], None], compute: bool) -> None:
+                        log: Callable[[str], None], compute: bool) -> dict[str, float]:
     """The reference of the two picks of benchmarks/search_vs_baselines.py that need no training
     (the hand-made network scaled to the budget, the largest of 200 random specs drawn with
     `seed`), beside the random specs': does the space hold a better student than they are?
-    Computed if `compute`, else printed only when already in the results file."""
+    Computed if `compute`, else printed only when already in the results file. Returns the
+    references known, by pick."""
     sid = settings_id(reference_settings(bench, images))
     known = [(s, bench.results.get("references", f"{s}|{sid}")) for s, _ in specs]
     known = [(s, e["val_acc"]) for s, e in known if e is not None]
+    found: dict[str, float] = {}
     if not known:
-        return
+        return found
     shape, classes = bench.dataset.input_shape, bench.dataset.num_classes
     best_spec, best = max(known, key=lambda item: item[1])
     log(f"the best of the {len(known)} random specs with a reference: val {best:.4f}  {best_spec}")
@@ -459,6 +488,7 @@ def baseline_references(bench: Bench, specs: list[tuple[Spec, Cost]], images: in
         entry = bench.results.get("references", f"{spec}|{sid}")
         if entry is None:
             continue
+        found[name] = entry["val_acc"]
         above = sum(acc > entry["val_acc"] for _, acc in known)
         try:
             bench.space.params_of(spec)
@@ -467,6 +497,7 @@ def baseline_references(bench: Bench, specs: list[tuple[Spec, Cost]], images: in
             where = f"outside the space ({e})"
         log(f"{name}: {format_count(cost.macs)} MACs, {format_count(cost.params)} params, val {entry['val_acc']:.4f}; "
             f"{above} of the {len(known)} random specs above it; {where}  {spec}")
+    return found
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -495,6 +526,9 @@ def main() -> None:
                         "and the largest of 200 random specs (search_vs_baselines.py's untrained picks)")
     parser.add_argument("--capacity-prior", type=float, nargs="+", default=[], metavar="W",
                         help="rows of the default score + W x log2(params), one a weight")
+    parser.add_argument("--ceiling", type=int, nargs="+", default=[], metavar="N",
+                        help="with --table-only: what searches of N trials drawn from these students pick, by "
+                             "the scores and by the reference itself, against the baselines' references")
     parser.add_argument("--budget-floor", type=float, default=0.5,
                         help="the search's --budget-floor whose effect on these students is printed")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -536,8 +570,11 @@ def main() -> None:
         log(size_line(bench, rows, reference))
         for line in floor_lines(bench, have, rows, reference, args.budget_floor):
             log(line)
-        if args.baselines:
-            baseline_references(bench, specs, args.reference_images, args.seed, log, compute=False)
+        baselines = {}
+        if args.baselines or args.ceiling:
+            baselines = baseline_references(bench, specs, args.reference_images, args.seed, log, compute=False)
+        for line in ceiling_lines(bench, rows, reference, baselines, tuple(args.ceiling)):
+            log(line)
         return
     if args.scores_only:
         trial_scores(bench, specs, log, blockwise=not args.no_blockwise)
