@@ -206,6 +206,7 @@ def references(bench: Bench, specs: list[tuple[Spec, Cost]], images: int, log: C
 
 
 SCHEDULES = ((2, 4000), (1, 8000), (4, 2000))  # (epochs, images) of about equal cost; the first is the old default
+HALF_COST = (2, 2000)  # the default's epochs on half its images (--half-cost): twice the trials for the same training
 
 
 def trial_settings(bench: Bench, what: str, **extra: Any) -> dict[str, Any]:
@@ -223,11 +224,12 @@ def distill_sid(bench: Bench, epochs: int, images: int) -> str:
 
 
 def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[str], None],
-                 blockwise: bool = True) -> None:
+                 blockwise: bool = True, half_cost: bool = False) -> None:
     """Every trial score of every spec, each computed as a trial of the search computes it, into
     the results file (section "scores"): proxies; distill at each of SCHEDULES, with the raw and
     the recalibrated final accuracy and the curve of the pruner's reports; blockwise without and
-    with recalibration (one training: R^2 before and after)."""
+    with recalibration (one training: R^2 before and after); with `half_cost`, distill at HALF_COST
+    too, last."""
     cfg, dataset = bench.cfg, bench.dataset
     most_images = max(images for _, images in SCHEDULES)
     cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=1, augment=cfg.train.augment,
@@ -301,7 +303,8 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
 
     # in rounds, so that a run stopped early has every spec's cheap and default scores: the proxies
     # and the first schedule, then the other schedules, then the block-wise scores
-    for schedules, with_blockwise in ((SCHEDULES[:1], False), (SCHEDULES[1:], False), ((), blockwise)):
+    rounds = ((SCHEDULES[:1], False), (SCHEDULES[1:], False), ((), blockwise), ((HALF_COST,) if half_cost else (), False))
+    for schedules, with_blockwise in rounds:
         for n, (spec, cost) in enumerate(specs):
             score_spec(n, spec, cost, schedules, with_blockwise)
 
@@ -322,7 +325,7 @@ def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]], reference_images: i
             rows[name] = ([value(e) for e in entries], [seconds(e) for e in entries])
 
     recal = f"recalibrated ({cfg.bn_recalibration} batches)"
-    for n, (epochs, images) in enumerate(SCHEDULES):
+    for n, (epochs, images) in enumerate(SCHEDULES + (HALF_COST,)):
         entries = [bench.results.get("scores", f"{s}|{distill_sid(bench, epochs, images)}") for s, _ in specs]
         old = " (the old default)" if n == 0 else ""
         add(f"distill {epochs}x{images}{old}", entries, lambda e: e["raw"], lambda e: e["seconds"])
@@ -439,17 +442,25 @@ def ceiling_lines(bench: Bench, rows: dict[str, tuple[list[float], list[float]]]
     rows = {**rows, "oracle (the reference itself)": (reference, [0.0] * len(reference))}
     out = []
     for n in trials:
-        rng = random.Random(n)
-        draw = [rng.choices(range(len(reference)), k=n) for _ in range(draws)]
-        for name in (default_row(bench), "params", "macs", "oracle (the reference itself)"):
+        # the half-cost score is drawn twice the trials: the same training as the default's n
+        for name, k in ((default_row(bench), n), (half_cost_row(bench), 2 * n), ("params", n), ("macs", n),
+                        ("oracle (the reference itself)", n)):
             if name not in rows:
                 continue
+            rng = random.Random(k)
+            draw = [rng.choices(range(len(reference)), k=k) for _ in range(draws)]
             values = rows[name][0]
             picks = [reference[max(d, key=lambda i: values[i])] for d in draw]
             above = "".join(f"; above {b} ({100 * ref:.2f}%) in {sum(p > ref for p in picks) / draws:.0%}"
                             for b, ref in baselines.items())
-            out.append(f"{n} trials drawn at random, picking by {name}: mean reference {100 * mean(picks):.2f}%{above}")
+            out.append(f"{k} trials drawn at random, picking by {name}: mean reference {100 * mean(picks):.2f}%{above}")
     return out
+
+
+def half_cost_row(bench: Bench) -> str:
+    """The table's row name of the HALF_COST schedule, recalibrated."""
+    epochs, images = HALF_COST
+    return f"distill {epochs}x{images} recalibrated ({bench.cfg.bn_recalibration} batches)"
 
 
 def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[float]) -> list[dict[str, Any]]:
@@ -526,6 +537,8 @@ def main() -> None:
                         "and the largest of 200 random specs (search_vs_baselines.py's untrained picks)")
     parser.add_argument("--capacity-prior", type=float, nargs="+", default=[], metavar="W",
                         help="rows of the default score + W x log2(params), one a weight")
+    parser.add_argument("--half-cost", action="store_true",
+                        help=f"also the distill score at {HALF_COST[0]}x{HALF_COST[1]}: half the default's training")
     parser.add_argument("--ceiling", type=int, nargs="+", default=[], metavar="N",
                         help="with --table-only: what searches of N trials drawn from these students pick, by "
                              "the scores and by the reference itself, against the baselines' references")
@@ -577,7 +590,7 @@ def main() -> None:
             log(line)
         return
     if args.scores_only:
-        trial_scores(bench, specs, log, blockwise=not args.no_blockwise)
+        trial_scores(bench, specs, log, blockwise=not args.no_blockwise, half_cost=args.half_cost)
         return
     reference = references(bench, specs, args.reference_images, log, args.reverse)
     log(f"references: val acc {min(reference):.4f}-{max(reference):.4f} "
@@ -586,7 +599,7 @@ def main() -> None:
         baseline_references(bench, specs, args.reference_images, args.seed, log, compute=True)
     if args.references_only:
         return
-    trial_scores(bench, specs, log, blockwise=not args.no_blockwise)
+    trial_scores(bench, specs, log, blockwise=not args.no_blockwise, half_cost=args.half_cost)
     log(f"\n{len(specs)} specs under {budget}; reference val acc {min(reference):.4f}-{max(reference):.4f}; "
         f"s / spec of naswot and synflow is the time of both, with macs and params (known before any score) 0; "
         f"{machine()}; {(time.perf_counter() - started) / 60:.1f} min")
