@@ -18,7 +18,7 @@ import optuna
 import yaml
 from tqdm.auto import tqdm
 
-from nas_kd.arch import Spec, build
+from nas_kd.arch import Spec
 from nas_kd.baselines import check_prunable, pruned_baseline
 from nas_kd.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.cli import OneLineParser, bars_shown, base_parser, fail, log, number, quiet_libraries
@@ -455,19 +455,20 @@ def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
 
 LATENCY_PROBES = 8  # random specs timed before a search with a latency budget (besides the smallest ones)
 TABLE_PROBES = 500  # random specs predicted from a latency table for the same check
-MEMORY_PROBES = 200  # random specs whose peak memory is computed for a memory budget's check
 
 
 def check_reachable(cfg: SearchConfig, space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int,
                     smallest: list[Spec], latency: Callable[[Spec], float] | None) -> None:
-    """Before any training: a latency or memory budget that none of the space's smallest specs and
-    a seeded sample of others meets is refused, naming the best spec found."""
-    checks = []
+    """Before any training: a memory budget below the space's least peak (`SearchSpace.least_peak`,
+    exact) is refused, as is a latency budget that none of the space's smallest specs and a seeded
+    sample of others meets, naming the best spec found."""
     if cfg.memory_budget is not None:
-        def memory(spec: Spec) -> float:
-            return float(peak_activations(build(spec, input_shape, num_classes, channels_last=False), input_shape))
-        checks.append(("peak int8 activation memory", memory, cfg.memory_budget, MEMORY_PROBES,
-                       lambda v: f"{format_count(v)}B", "--memory-budget"))
+        spec, peak = space.least_peak(input_shape, num_classes, peak_activations)
+        if peak > cfg.memory_budget:
+            raise InputError(f"no student of search space {space.name!r} meets --memory-budget "
+                             f"{format_count(cfg.memory_budget)}B: its lowest peak int8 activation memory is "
+                             f"{format_count(peak)}B, by {spec}; raise the budget or use a smaller space")
+    checks = []
     if cfg.latency_budget_ms is not None and latency is not None:
         checks.append((f"{cfg.latency_precision} latency", latency, cfg.latency_budget_ms,
                        TABLE_PROBES if cfg.latency_table else LATENCY_PROBES, lambda v: f"{v:.4g} ms", "--latency-budget"))

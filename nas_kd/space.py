@@ -19,6 +19,7 @@ and not shown to Optuna; a list is a categorical choice named `s<i>_<field>` (`s
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,20 @@ SHIPPED = Path(__file__).resolve().parent.parent / "search_spaces"
 _STAGE_FIELDS = {"block": str, "depth": int, "width": int, "stride": int, "kernel": int, "expand": int, "se": bool}
 _STAGE_DEFAULTS = {"stride": 1, "kernel": 3, "expand": 1, "se": False}
 _TOP_FIELDS = {"name", "description", "stem", "head", "stages"}
+
+
+def part_module(kind: str, cin: int, arg: Any, num_classes: int) -> nn.Module:
+    """One part of a network as `arch.Network` builds it, on an input of `cin` channels: the stem
+    ("stem", arg: its width), a stage ("stage", arg: its StageSpec) or the head ("head", arg: the
+    head conv's width or 0) with pooling and the classifier."""
+    if kind == "stem":
+        return nn.Sequential(conv_bn(cin, arg, 3), nn.ReLU(inplace=True))
+    if kind == "stage":
+        cls = BLOCKS[arg.block]
+        return nn.Sequential(*(cls(cin if j == 0 else arg.width, arg.width, arg.stride if j == 0 else 1, arg.kernel,
+                                   arg.expand, arg.se) for j in range(arg.depth)))
+    return nn.Sequential(*([conv_bn(cin, arg, 1), nn.ReLU(inplace=True)] if arg else []), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(arg or cin, num_classes))
 
 
 @dataclass(frozen=True)
@@ -137,19 +152,41 @@ class SearchSpace:
         no shortcut convolution, so neither the least stem nor the least width is always the
         cheapest). Depth, kernel and SE only ever add cost and take their least value; the stem,
         each stage's (block, expand, width) and the head are chosen exactly, by dynamic programming
-        over the (width, size) entering each stage.
+        over the (width, size) entering each stage (`_least`).
         """
         @functools.cache
-        def part(kind: str, cin: int, size: tuple[int, int], arg: Any) -> Cost:
-            if kind == "stage":
-                cls = BLOCKS[arg.block]
-                module = nn.Sequential(*(cls(cin if j == 0 else arg.width, arg.width, arg.stride if j == 0 else 1,
-                                             arg.kernel, arg.expand, arg.se) for j in range(arg.depth)))
-            else:  # the head conv (if any), pooling and the classifier
-                module = nn.Sequential(*([conv_bn(cin, arg, 1)] if arg else []), nn.AdaptiveAvgPool2d(1),
-                                       nn.Flatten(), nn.Linear(arg or cin, num_classes))
-            return count(module, (cin, *size))
+        def cost(kind: str, cin: int, size: tuple[int, int], arg: Any) -> Cost:
+            return count(part_module(kind, cin, arg, num_classes), (cin, *size))
 
+        out = []
+        for key in ("macs", "params"):
+            spec = self._least(input_shape, lambda *part, key=key: getattr(cost(*part), key), lambda a, b: a + b)
+            out.append((spec, count(build(spec, input_shape, num_classes, channels_last=False), input_shape)))
+        return out[0], out[1]
+
+    def least_peak(self, input_shape: tuple[int, int, int], num_classes: int,
+                   peak: Callable[[nn.Module, tuple[int, int, int]], int]) -> tuple[Spec, int]:
+        """The spec of lowest peak activation memory, exactly, and that peak; `peak(module, shape)`
+        counts the values alive at once in one pass of `module` on one input of `shape`
+        (`latency.peak_activations`).
+
+        Between two parts of a network (stem, stages, head) only the tensor passed on is alive, so
+        a network's peak is the greatest of its parts' peaks, each counted with its input; a
+        stage's depth, kernel and SE never lower it. The same dynamic programming as `smallest`,
+        with max in place of sum."""
+        @functools.cache
+        def part(kind: str, cin: int, size: tuple[int, int], arg: Any) -> int:
+            return peak(part_module(kind, cin, arg, num_classes), (cin, *size))
+
+        spec = self._least(input_shape, part, max)
+        return spec, peak(build(spec, input_shape, num_classes, channels_last=False), input_shape)
+
+    def _least(self, input_shape: tuple[int, int, int], value: Callable[[str, int, tuple[int, int], Any], int],
+               combine: Callable[[int, int], int]) -> Spec:
+        """The spec whose parts' values, combined in order by `combine` (sum or max: never less
+        than either), are least; ties go to the spec's text. `value(kind, cin, (h, w), arg)` is a
+        part's value (`part_module`) on an input of cin channels and size (h, w); stages are
+        taken at their least depth, kernel and SE."""
         def after(stage: StageSpec, size: tuple[int, int]) -> tuple[int, int]:
             return tuple(downsampled(stage.block, stage.stride, n) for n in size)  # type: ignore[return-value]
 
@@ -157,25 +194,20 @@ class SearchSpace:
                     for b in st.block for e in (st.expand if BLOCKS[b].uses_expand else (1,)) for width in st.width]
                    for st in self.stages]
         c, h, w = input_shape
-        best = {}
-        for key in ("macs", "params"):
-            # (width, size) leaving what is placed so far -> (its cost, stem, stages)
-            frontier = {(stem, (h, w)): (getattr(count(conv_bn(c, stem, 3), input_shape), key), stem, ())
-                        for stem in self.stem}
-            for opts in options:
-                nxt: dict[tuple[int, tuple[int, int]], tuple[int, int, tuple[StageSpec, ...]]] = {}
-                for (cin, size), (total, stem, stages) in frontier.items():
-                    for o in opts:
-                        t = total + getattr(part("stage", cin, size, o), key)
-                        state = (o.width, after(o, size))
-                        if state not in nxt or t < nxt[state][0]:
-                            nxt[state] = (t, stem, (*stages, o))
-                frontier = nxt
-            _, _, spec = min((t + getattr(part("head", cin, size, head), key), str(spec), spec)
-                             for (cin, size), (t, stem, stages) in frontier.items() for head in self.head
-                             for spec in [Spec(stem, stages, head)])
-            best[key] = (spec, count(build(spec, input_shape, num_classes, channels_last=False), input_shape))
-        return best["macs"], best["params"]
+        # (width, size) leaving what is placed so far -> (its value, stem, stages)
+        frontier = {(stem, (h, w)): (value("stem", c, (h, w), stem), stem, ()) for stem in self.stem}
+        for opts in options:
+            nxt: dict[tuple[int, tuple[int, int]], tuple[int, int, tuple[StageSpec, ...]]] = {}
+            for (cin, size), (total, stem, stages) in frontier.items():
+                for o in opts:
+                    t = combine(total, value("stage", cin, size, o))
+                    state = (o.width, after(o, size))
+                    if state not in nxt or t < nxt[state][0]:
+                        nxt[state] = (t, stem, (*stages, o))
+            frontier = nxt
+        return min((combine(t, value("head", cin, size, head)), str(spec), spec)
+                   for (cin, size), (t, stem, stages) in frontier.items() for head in self.head
+                   for spec in [Spec(stem, stages, head)])[2]
 
     def random_specs(self, n: int, seed: int) -> list[Spec]:
         """`n` specs drawn uniformly with `seed` (for tests and benchmarks)."""

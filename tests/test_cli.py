@@ -38,7 +38,8 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     (["--flops-budget", "50M", "--latency-threads", "0"], "argument --latency-threads: must be >= 1, got '0'"),
     (["--flops-budget", "50M", "--pareto-cost", "energy"], "argument --pareto-cost: invalid choice: 'energy'"),
     (["--flops-budget", "50M", "--latency-table", "missing.json"], "cannot read latency table missing.json"),
-    (["--memory-budget", "1K"], "no student of search space 'resnet' meets --memory-budget 1KB: the lowest peak int8"),
+    (["--memory-budget", "1K"], "no student of search space 'resnet' meets --memory-budget 1KB: its lowest peak int8 activation memory "
+                                   "is 28.22KB, by c16|bottleneck_d1_w16_s1_k3_e4|basic_d1_w32_s2_k3_e1|basic_d1_w128_s2"),
     (["--latency-budget", "1us"], "no student of search space 'resnet' meets --latency-budget 0.001 ms: the lowest"),
     (["--flops-budget", "50M", "--trials", "x"], "argument --trials: expected an integer, got 'x'"),
     (["--flops-budget", "50M", "--trial-epochs", "0"], "argument --trial-epochs: must be >= 1, got '0'"),

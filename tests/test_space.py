@@ -1,4 +1,5 @@
-"""Search spaces: loading, size, sampling through Optuna, the smallest student, and bad YAML."""
+"""Search spaces: loading, size, sampling through Optuna, the smallest student, the student of least
+peak memory, and bad YAML."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import optuna
 import pytest
 import torch
 
-from nas_kd.arch import BLOCKS, Spec, StageSpec, build
+from nas_kd.arch import BLOCKS, Spec, StageSpec, build, downsampled
 from nas_kd.cost import Cost, count
 from nas_kd.errors import InputError
-from nas_kd.space import SearchSpace, load_space, parse_space, shipped_spaces
+from nas_kd.latency import peak_activations
+from nas_kd.space import SearchSpace, load_space, parse_space, part_module, shipped_spaces
 
 SHAPE = (1, 28, 28)
 
@@ -200,6 +202,46 @@ def test_shipped_smallest_undercuts_samples(name):
     for spec in space.random_specs(16, seed=1):
         cost = cost_of(spec)
         assert macs_cost.macs <= cost.macs and params_cost.params <= cost.params
+
+
+# ---------------------------------------------------------------- least peak memory
+
+
+@functools.cache
+def peak_of(spec: Spec, shape: tuple[int, int, int] = SHAPE) -> int:
+    return peak_activations(build(spec, shape, 10, channels_last=False), shape)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_least_peak_is_brute_force_minimum(name):
+    space = tiny(name)
+    spec, peak = space.least_peak(SHAPE, 10, peak_activations)
+    assert spec in all_specs(space) and peak == peak_of(spec)
+    assert peak == min(peak_of(s) for s in all_specs(space))
+
+
+@pytest.mark.parametrize("name, shape", [("resnet", SHAPE), ("mobilenetv2", (3, 32, 32))])
+def test_peak_is_the_greatest_of_its_parts(name, shape):
+    """What makes least_peak exact: between the stem, the stages and the head only the tensor
+    passed on is alive."""
+    space = load_space(name)
+    for spec in space.random_specs(12, seed=2):
+        c, h, w = shape
+        parts = [peak_activations(part_module("stem", c, spec.stem, 10), shape)]
+        cin, size = spec.stem, (h, w)
+        for st in spec.stages:
+            parts.append(peak_activations(part_module("stage", cin, st, 10), (cin, *size)))
+            cin, size = st.width, tuple(downsampled(st.block, st.stride, n) for n in size)
+        parts.append(peak_activations(part_module("head", cin, spec.head, 10), (cin, *size)))
+        assert peak_of(spec, shape) == max(parts), spec
+
+
+@pytest.mark.parametrize("name", shipped_spaces())
+def test_shipped_least_peak_undercuts_samples(name):
+    space = load_space(name)
+    spec, peak = space.least_peak(SHAPE, 10, peak_activations)
+    space.params_of(spec)  # raises unless it is in the space
+    assert all(peak <= peak_of(s) for s in space.random_specs(40, seed=3))
 
 
 # ---------------------------------------------------------------- bad files
