@@ -711,6 +711,10 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
             f"python -m nas_kd.retrain --study-name {name} --storage '{url}'")
     else:
         log(f"{trained} trials trained in this run{done}; report {out / 'report.html'}")
+        if cfg.final_epochs == 0:
+            finalists = f" its {cfg.finalists} best trials" if cfg.finalists > 1 else " its winner"
+            log(f"--final-epochs 0: nothing retrained; to retrain{finalists}: python -m nas_kd.retrain "
+                f"--study-name {name} --storage '{url}'")
     if cfg.final_epochs > 0 and not cfg.worker:
         finish_retrain(study, dataset, ensemble, cfg, progress, log, targets)
         if cfg.pruned_baseline:

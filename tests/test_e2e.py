@@ -131,6 +131,8 @@ def test_same_study_name_adds_trials_to_the_same_study(e2e_copy: dict) -> None:
     assert len([t for t in study.trials if was_trained(t)]) == before + 1
     assert len(optuna.get_all_study_summaries(study._storage)) == 1
     assert "(cache: " in result.stderr  # the teacher was not trained again
+    assert (f"--final-epochs 0: nothing retrained; to retrain its winner: python -m nas_kd.retrain --study-name "
+            f"{E2E_STUDY} --storage 'sqlite:///") in result.stderr
 
 
 def test_resuming_with_other_settings_is_refused(e2e_copy: dict) -> None:
