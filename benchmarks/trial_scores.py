@@ -16,7 +16,11 @@ Two more rows come from the default score's trainings, with nothing more trained
 validation accuracies extrapolated to the reference's steps, and (`--capacity-prior W ...`) the
 score plus W x log2(params). `--baselines` also computes the reference of the hand-made network
 and of the largest of 200 random specs (`search_vs_baselines.py`'s untrained picks) and prints
-how many of the random specs reach above them.
+how many of the random specs reach above them. `--half-cost` adds the distill score at 2 x 2000
+images, half the default's training. With `--table-only`, `--ceiling N ...` simulates searches of
+N trials drawn from the students, picking by the default score, by the half-cost score (2N
+trials: the same training), by params, by macs and by the reference itself (a perfect score),
+against the baselines' references: what bounds a search of N trials.
 
 References and scores are kept in `benchmarks/results/trial_scores.json`, keyed by spec and a
 digest of the settings that determine them, so a killed run goes on where it stopped and a
