@@ -19,7 +19,7 @@ and of the largest of 200 random specs (`search_vs_baselines.py`'s untrained pic
 how many of the random specs reach above them. `--half-cost` adds the distill score at 2 x 2000
 images, half the default's training. With `--table-only`, `--ceiling N ...` simulates searches of
 N trials drawn from the students, picking by the default score, by the half-cost score (2N
-trials: the same training), by params, by macs and by the reference itself (a perfect score),
+trials: the same training; and as many as take the same wall time), by params, by macs and by the reference itself (a perfect score),
 against the baselines' references: what bounds a search of N trials.
 
 References and scores are kept in `benchmarks/results/trial_scores.json`, keyed by spec and a
@@ -432,8 +432,22 @@ def floor_lines(bench: Bench, specs: list[tuple[Spec, Cost]], rows: dict[str, tu
     return out
 
 
+def half_cost_time(bench: Bench, specs: list[tuple[Spec, Cost]]) -> float | None:
+    """A HALF_COST trial's wall time as a share of a default one: its training is half, its
+    validation passes (recalibration included) the same. The default trials' validation share is
+    the median over `specs` of their cached seconds; measured within each trial, it does not
+    depend on how busy the machine was. None without the default trials' seconds."""
+    sid = distill_sid(bench, *SCHEDULES[0])
+    entries = [bench.results.get("scores", f"{s}|{sid}") for s, _ in specs]
+    if not entries or any(e is None for e in entries):
+        return None
+    validation = statistics.median(1 - e["train_seconds"] / e["seconds"] for e in entries)
+    return validation + (1 - validation) / 2
+
+
 def ceiling_lines(bench: Bench, rows: dict[str, tuple[list[float], list[float]]], reference: list[float],
-                  baselines: dict[str, float], trials: tuple[int, ...], draws: int = 2000) -> list[str]:
+                  baselines: dict[str, float], trials: tuple[int, ...], half_time: float | None = None,
+                  draws: int = 2000) -> list[str]:
     """How good a search of n trials drawn at random from these students can be, for each n of
     `trials`: the mean reference of its pick and how often the pick is above each baseline's
     reference (`draws` seeded draws), picking by the default score, by params, by macs and by the
@@ -441,14 +455,17 @@ def ceiling_lines(bench: Bench, rows: dict[str, tuple[list[float], list[float]]]
     trials are random. The n students are drawn with replacement, as from a space far larger than
     these students (without, 30 draws of 30 students would be all of them). When even the oracle's
     pick seldom beats a baseline, no score can make a search of n trials beat it: the space and the
-    number of trials bound the search."""
+    number of trials bound the search. The half-cost score is drawn at twice the trials (the same
+    training) and, given `half_time` (`half_cost_time`), at n / half_time (the same wall time)."""
     mean = statistics.mean
     rows = {**rows, "oracle (the reference itself)": (reference, [0.0] * len(reference))}
     out = []
     for n in trials:
-        # the half-cost score is drawn twice the trials: the same training as the default's n
-        for name, k in ((default_row(bench), n), (half_cost_row(bench), 2 * n), ("params", n), ("macs", n),
-                        ("oracle (the reference itself)", n)):
+        half = [(half_cost_row(bench), 2 * n, " (the same training)")]
+        if half_time:
+            half.append((half_cost_row(bench), round(n / half_time), " (the same wall time)"))
+        for name, k, same in ((default_row(bench), n, ""), *half, ("params", n, ""), ("macs", n, ""),
+                              ("oracle (the reference itself)", n, "")):
             if name not in rows:
                 continue
             rng = random.Random(k)
@@ -457,7 +474,8 @@ def ceiling_lines(bench: Bench, rows: dict[str, tuple[list[float], list[float]]]
             picks = [reference[max(d, key=lambda i: values[i])] for d in draw]
             above = "".join(f"; above {b} ({100 * ref:.2f}%) in {sum(p > ref for p in picks) / draws:.0%}"
                             for b, ref in baselines.items())
-            out.append(f"{k} trials drawn at random, picking by {name}: mean reference {100 * mean(picks):.2f}%{above}")
+            out.append(f"{k} trials{same} drawn at random, picking by {name}: mean reference "
+                       f"{100 * mean(picks):.2f}%{above}")
     return out
 
 
@@ -590,7 +608,11 @@ def main() -> None:
         baselines = {}
         if args.baselines or args.ceiling:
             baselines = baseline_references(bench, specs, args.reference_images, args.seed, log, compute=False)
-        for line in ceiling_lines(bench, rows, reference, baselines, tuple(args.ceiling)):
+        half_time = half_cost_time(bench, have)
+        if args.ceiling and half_time:
+            log(f"a {HALF_COST[0]}x{HALF_COST[1]} trial takes {half_time:.2f} of a default trial's wall time (its "
+                "validation passes cost the same)")
+        for line in ceiling_lines(bench, rows, reference, baselines, tuple(args.ceiling), half_time):
             log(line)
         return
     if args.scores_only:
