@@ -1,4 +1,4 @@
-"""Which pruner picks the best student at equal wall time: a replay of measured trials.
+"""Which pruner picks the best student at equal training: a replay of measured trials.
 
     python benchmarks/pruners.py --budget 5M --specs 20
     python benchmarks/pruners.py --budget 50M --specs 30
@@ -10,7 +10,9 @@ retrain). Then, for each pruner of `--pruner`, it replays `--orders` seeded rand
 specs through a real Optuna study with that pruner: each trial reports its measured values step
 by step and stops where the pruner says. A trial costs the fraction of its steps it trained; each
 order runs until `--trials` full trials' worth of training is spent (the default search's
-`--trials`) or the specs run out. The pick is the completed trial of best score, as the search's.
+`--trials`) or the specs run out. Validation passes are not counted: every pruner's trials,
+`none`'s included, make the same passes up to where they stop, and those cost about half of a
+default trial's time (`trial_scores.py --ceiling` counts them). The pick is the completed trial of best score, as the search's.
 Printed per pruner: the pick's mean reference accuracy, its mean regret against the best spec of
 the pool, how often it is one of the pool's best 3, and the mean number of trials started.
 
