@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.final_epochs < 1:
                 raise InputError(f"--final-epochs must be >= 1, got {args.final_epochs}")
             overrides["final_epochs"] = args.final_epochs
+        elif cfg.final_epochs == 0:  # searched with --final-epochs 0: nothing retrained then, so nothing to repeat
+            overrides["final_epochs"] = SearchConfig().final_epochs
+            log(f"the search ran with --final-epochs 0: retraining for the default {SearchConfig().final_epochs} "
+                "epochs (--final-epochs E for others)")
         if args.finalists is not None:
             overrides["finalists"] = args.finalists
         elif args.trial is not None:

@@ -3,6 +3,7 @@ resume, refusal to mix settings, a killed run started again, retrain, pareto mod
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sqlite3
@@ -133,6 +134,13 @@ def test_same_study_name_adds_trials_to_the_same_study(e2e_copy: dict) -> None:
     assert "(cache: " in result.stderr  # the teacher was not trained again
     assert (f"--final-epochs 0: nothing retrained; to retrain its winner: python -m nas_kd.retrain --study-name "
             f"{E2E_STUDY} --storage 'sqlite:///") in result.stderr
+    # the command it gives retrains for the default epochs, not the 0 the study now records
+    assert study.user_attrs["nas_kd"]["config"]["final_epochs"] == 0
+    result = run_cli("nas_kd.retrain", "--study-name", E2E_STUDY, "--storage", e2e_copy["url"], "--no-onnx", "--quiet",
+                     "--out-dir", str(e2e_copy["work"] / "retrained"), cwd=e2e_copy["work"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the search ran with --final-epochs 0: retraining for the default 3 epochs" in result.stderr
+    assert json.loads(result.stdout)["final_epochs"] == 3
 
 
 def test_resuming_with_other_settings_is_refused(e2e_copy: dict) -> None:
