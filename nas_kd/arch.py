@@ -291,6 +291,23 @@ def downsampled(block: str, stride: int, n: int) -> int:
     return n // stride if block == "conv" else -(-n // stride)
 
 
+def stem_module(cin: int, width: int) -> nn.Sequential:
+    """A network's stem: a 3x3 conv of `width` filters on `cin` channels, BatchNorm, ReLU."""
+    return nn.Sequential(conv_bn(cin, width, 3), nn.ReLU(inplace=True))
+
+
+def stage_module(cin: int, stage: StageSpec) -> nn.Sequential:
+    """One stage of `stage.depth` blocks on `cin` channels; the first block strides."""
+    cls = BLOCKS[stage.block]
+    return nn.Sequential(*(cls(cin if i == 0 else stage.width, stage.width, stage.stride if i == 0 else 1, stage.kernel,
+                               stage.expand, stage.se, stage.mid) for i in range(stage.depth)))
+
+
+def head_module(cin: int, width: int) -> nn.Module:
+    """The optional 1x1 head conv of `width` filters (0: none) before pooling and the classifier."""
+    return nn.Sequential(conv_bn(cin, width, 1), nn.ReLU(inplace=True)) if width else nn.Identity()
+
+
 class Network(nn.Module):
     """The network of a spec, for any input channels, size and number of classes.
 
@@ -301,22 +318,18 @@ class Network(nn.Module):
     def __init__(self, spec: Spec, in_channels: int, num_classes: int, image_size: int | None = None):
         super().__init__()
         self.spec = spec
-        self.stem = nn.Sequential(conv_bn(in_channels, spec.stem, 3), nn.ReLU(inplace=True))
+        self.stem = stem_module(in_channels, spec.stem)
         stages, cin, size = [], spec.stem, image_size
         for st in spec.stages:
             if size is not None:
                 size = downsampled(st.block, st.stride, size)
                 if size < 1:
                     raise InputError(f"spec {spec} downsamples {image_size}px inputs below one pixel")
-            cls = BLOCKS[st.block]
-            blocks = [cls(cin if i == 0 else st.width, st.width, st.stride if i == 0 else 1, st.kernel,
-                          st.expand, st.se, st.mid) for i in range(st.depth)]
-            stages.append(nn.Sequential(*blocks))
+            stages.append(stage_module(cin, st))
             cin = st.width
         self.stages = nn.ModuleList(stages)
         self.stage_channels = [st.width for st in spec.stages]
-        self.head = (nn.Sequential(conv_bn(cin, spec.head, 1), nn.ReLU(inplace=True)) if spec.head
-                     else nn.Identity())
+        self.head = head_module(cin, spec.head)
         self.classifier = nn.Linear(spec.head or cin, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -28,7 +28,7 @@ import optuna
 import torch.nn as nn
 import yaml
 
-from nas_kd.arch import BLOCKS, Spec, StageSpec, build, conv_bn, downsampled
+from nas_kd.arch import BLOCKS, Spec, StageSpec, build, downsampled, head_module, stage_module, stem_module
 from nas_kd.cost import Cost, count
 from nas_kd.errors import InputError
 
@@ -39,18 +39,21 @@ _STAGE_DEFAULTS = {"stride": 1, "kernel": 3, "expand": 1, "se": False}
 _TOP_FIELDS = {"name", "description", "stem", "head", "stages"}
 
 
+# a network's parts as `arch.Network` builds them, each with what follows it up to the next part:
+# (input channels, the part's argument, classes) -> module; the head part pools and classifies
+PARTS: dict[str, Callable[[int, Any, int], nn.Module]] = {
+    "stem": lambda cin, width, classes: stem_module(cin, width),
+    "stage": lambda cin, stage, classes: stage_module(cin, stage),
+    "head": lambda cin, width, classes: nn.Sequential(head_module(cin, width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                                      nn.Linear(width or cin, classes)),
+}
+
+
 def part_module(kind: str, cin: int, arg: Any, num_classes: int) -> nn.Module:
-    """One part of a network as `arch.Network` builds it, on an input of `cin` channels: the stem
-    ("stem", arg: its width), a stage ("stage", arg: its StageSpec) or the head ("head", arg: the
-    head conv's width or 0) with pooling and the classifier."""
-    if kind == "stem":
-        return nn.Sequential(conv_bn(cin, arg, 3), nn.ReLU(inplace=True))
-    if kind == "stage":
-        cls = BLOCKS[arg.block]
-        return nn.Sequential(*(cls(cin if j == 0 else arg.width, arg.width, arg.stride if j == 0 else 1, arg.kernel,
-                                   arg.expand, arg.se) for j in range(arg.depth)))
-    return nn.Sequential(*([conv_bn(cin, arg, 1), nn.ReLU(inplace=True)] if arg else []), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(arg or cin, num_classes))
+    """One part of a network on an input of `cin` channels (PARTS): the stem ("stem", arg: its
+    width), a stage ("stage", arg: its StageSpec) or the head ("head", arg: the head conv's width
+    or 0) with pooling and the classifier."""
+    return PARTS[kind](cin, arg, num_classes)
 
 
 @dataclass(frozen=True)
@@ -183,10 +186,10 @@ class SearchSpace:
 
     def _least(self, input_shape: tuple[int, int, int], value: Callable[[str, int, tuple[int, int], Any], int],
                combine: Callable[[int, int], int]) -> Spec:
-        """The spec whose parts' values, combined in order by `combine` (sum or max: never less
-        than either), are least; ties go to the spec's text. `value(kind, cin, (h, w), arg)` is a
-        part's value (`part_module`) on an input of cin channels and size (h, w); stages are
-        taken at their least depth, kernel and SE."""
+        """A spec whose parts' values, combined in order by `combine` (sum or max: never less
+        than either), are least; of equal ones, a deterministic one. `value(kind, cin, (h, w),
+        arg)` is a part's value (`part_module`) on an input of cin channels and size (h, w);
+        stages are taken at their least depth, kernel and SE."""
         def after(stage: StageSpec, size: tuple[int, int]) -> tuple[int, int]:
             return tuple(downsampled(stage.block, stage.stride, n) for n in size)  # type: ignore[return-value]
 
