@@ -210,7 +210,9 @@ def references(bench: Bench, specs: list[tuple[Spec, Cost]], images: int, log: C
 
 
 SCHEDULES = ((2, 4000), (1, 8000), (4, 2000))  # (epochs, images) of about equal cost; the first is the old default
-HALF_COST = (2, 2000)  # the default's epochs on half its images (--half-cost): twice the trials for the same training
+# the default's epochs on half its images (--half-cost): twice the trials for the same training. Trained as given
+# here; a search with --subset 2000 raises it to 4 epochs (--min-steps 60) unless run with --min-steps 32 or less
+HALF_COST = (2, 2000)
 
 
 def trial_settings(bench: Bench, what: str, **extra: Any) -> dict[str, Any]:
@@ -572,6 +574,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.baselines and args.scores_only:
         parser.error("--baselines computes references, --scores-only none: pass one of them")
+    if args.ceiling and not args.table_only:
+        parser.error("--ceiling simulates searches from what the results file holds: add --table-only")
+    if args.half_cost and args.table_only:
+        parser.error("--half-cost computes the 2 x 2000 scores, --table-only nothing: drop one (the table shows "
+                     "them whenever every student has one)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
