@@ -211,7 +211,8 @@ def references(bench: Bench, specs: list[tuple[Spec, Cost]], images: int, log: C
 
 SCHEDULES = ((2, 4000), (1, 8000), (4, 2000))  # (epochs, images) of about equal cost; the first is the old default
 # the default's epochs on half its images (--half-cost): twice the trials for the same training. Trained as given
-# here; a search with --subset 2000 raises it to 4 epochs (--min-steps 60) unless run with --min-steps 32 or less
+# here; a search with --subset 2000 raises it to 4 epochs (a trial makes --min-steps / 20 steps, 60 by default;
+# 2 x 2000 is 30) unless run with --min-steps 600 or less
 HALF_COST = (2, 2000)
 
 
