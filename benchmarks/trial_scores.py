@@ -19,8 +19,9 @@ and of the largest of 200 random specs (`search_vs_baselines.py`'s untrained pic
 how many of the random specs reach above them. `--half-cost` adds the distill score at 2 x 2000
 images, half the default's training. With `--table-only`, `--ceiling N ...` simulates searches of
 N trials drawn from the students, picking by the default score, by the half-cost score (2N
-trials: the same training; and as many as take the same wall time), by params, by macs and by the reference itself (a perfect score),
-against the baselines' references: what bounds a search of N trials.
+trials: the same training; and as many as take the same wall time), by params, by macs and by
+the reference itself (a perfect score), against the baselines' references: what bounds a search
+of N trials.
 
 References and scores are kept in `benchmarks/results/trial_scores.json`, keyed by spec and a
 digest of the settings that determine them, so a killed run goes on where it stopped and a
@@ -336,7 +337,7 @@ def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]], reference_images: i
         entries = [bench.results.get("scores", f"{s}|{distill_sid(bench, epochs, images)}") for s, _ in specs]
         old = " (the old default)" if n == 0 else ""
         add(f"distill {epochs}x{images}{old}", entries, lambda e: e["raw"], lambda e: e["seconds"])
-        add(f"distill {epochs}x{images} {recal}", entries, lambda e: e["recalibrated"], lambda e: e["seconds"])
+        add(recalibrated_row(bench, (epochs, images)), entries, lambda e: e["recalibrated"], lambda e: e["seconds"])
     epochs, images = SCHEDULES[0]
     teacher = most_accurate(bench.ensemble.members)
     sid = settings_id(trial_settings(bench, "blockwise", epochs=epochs, images=images, teacher=teacher.digest,
@@ -388,10 +389,15 @@ def slope(x: list[float], y: list[float]) -> float:
     return statistics.linear_regression(x, y).slope
 
 
+def recalibrated_row(bench: Bench, schedule: tuple[int, int]) -> str:
+    """The table's row name of the distill score at `schedule` (epochs, images), recalibrated."""
+    epochs, images = schedule
+    return f"distill {epochs}x{images} recalibrated ({bench.cfg.bn_recalibration} batches)"
+
+
 def default_row(bench: Bench) -> str:
     """The table's row name of the default score: the first schedule, recalibrated."""
-    epochs, images = SCHEDULES[0]
-    return f"distill {epochs}x{images} recalibrated ({bench.cfg.bn_recalibration} batches)"
+    return recalibrated_row(bench, SCHEDULES[0])
 
 
 def size_line(bench: Bench, rows: dict[str, tuple[list[float], list[float]]], reference: list[float]) -> str:
@@ -464,9 +470,9 @@ def ceiling_lines(bench: Bench, rows: dict[str, tuple[list[float], list[float]]]
     rows = {**rows, "oracle (the reference itself)": (reference, [0.0] * len(reference))}
     out = []
     for n in trials:
-        half = [(half_cost_row(bench), 2 * n, " (the same training)")]
+        half = [(recalibrated_row(bench, HALF_COST), 2 * n, " (the same training)")]
         if half_time:
-            half.append((half_cost_row(bench), round(n / half_time), " (the same wall time)"))
+            half.append((recalibrated_row(bench, HALF_COST), round(n / half_time), " (the same wall time)"))
         for name, k, same in ((default_row(bench), n, ""), *half, ("params", n, ""), ("macs", n, ""),
                               ("oracle (the reference itself)", n, "")):
             if name not in rows:
@@ -481,11 +487,6 @@ def ceiling_lines(bench: Bench, rows: dict[str, tuple[list[float], list[float]]]
                        f"{100 * mean(picks):.2f}%{above}")
     return out
 
-
-def half_cost_row(bench: Bench) -> str:
-    """The table's row name of the HALF_COST schedule, recalibrated."""
-    epochs, images = HALF_COST
-    return f"distill {epochs}x{images} recalibrated ({bench.cfg.bn_recalibration} batches)"
 
 
 def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[float]) -> list[dict[str, Any]]:
