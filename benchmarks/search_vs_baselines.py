@@ -52,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from results_cache import RESULTS, ResultsFile, machine, settings_id  # noqa: E402
 
+from nas_kd import start  # noqa: E402
 from nas_kd.arch import Spec, build  # noqa: E402
 from nas_kd.config import SearchConfig  # noqa: E402
 from nas_kd.cost import Budget, count, format_count, parse_count  # noqa: E402
@@ -63,7 +64,7 @@ from nas_kd.retrain import retrain  # noqa: E402
 from nas_kd.search import search  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
 from nas_kd.study import finalists, pick_winner, study_training  # noqa: E402
-from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config, teacher_spec  # noqa: E402
+from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
 
 METHODS = ("search", "random", "largest", "hand-made", "params", "finalists")
 
@@ -75,10 +76,11 @@ LATER_KEYS = ("latency_budget_ms", "memory_budget", "latency_precision", "latenc
               # issue 11: at their defaults they change nothing on Fashion-MNIST (min_steps raises no
               # epoch there, tests/test_small_data.py checks it; the others are checks and logistics)
               "study_trials", "worker", "heartbeat", "min_steps", "teacher_min_gain",
-              "finalists")  # issue 9: what the retrain stage does, not the retrain itself
+              "finalists",  # issue 9: what the retrain stage does, not the retrain itself
+              "start_from")  # issue 9: a pick setting (PICK_KEYS)
 # keys that change only what a search picks, not a retrain or an untrained pick: in the pick's key
 # of the three searching methods instead, and only when not 0 (the value before the key existed)
-PICK_KEYS = ("budget_floor", "trials", "subset")
+PICK_KEYS = ("budget_floor", "trials", "subset", "start_from")
 SEARCHES = ("search", "random", "params", "finalists")
 # keys `pick` sets for its searches' run, or that leave their trials alone
 RUN_KEYS = ("final_epochs", "out_dir", "study_name", "finalists")
@@ -95,10 +97,12 @@ def config_json(cfg: SearchConfig) -> str:
 
 def pick_settings(cfg: SearchConfig) -> str:
     """The PICK_KEYS that differ from their defaults, as a key suffix ("" at the defaults: the keys of
-    before they existed): "|floor0.5" for a budget floor, then "|trials20", "|subset2000"."""
+    before they existed): "|floor0.5" for a budget floor, then "|trials20", "|subset2000", then
+    "|start-hand-made" for each start point (none before they existed)."""
     defaults = SearchConfig()
     return ((f"|floor{cfg.budget_floor:g}" if cfg.budget_floor else "")
-            + "".join(f"|{k}{getattr(cfg, k)}" for k in PICK_KEYS[1:] if getattr(cfg, k) != getattr(defaults, k)))
+            + "".join(f"|{k}{getattr(cfg, k)}" for k in ("trials", "subset") if getattr(cfg, k) != getattr(defaults, k))
+            + "".join(f"|start-{name}" for name in cfg.start_from))
 
 
 def pick_key(budget: int, method: str, seed: int, sid: str, searching: str = "", finalists: int = 3) -> str:
@@ -108,32 +112,13 @@ def pick_key(budget: int, method: str, seed: int, sid: str, searching: str = "",
             + (f"|k{finalists}" if method == "finalists" else ""))
 
 
-def scaled(base: Spec, factor: float) -> Spec:
-    """`base` with every width times `factor`, rounded to a multiple of 4."""
-    def width(w: int) -> int:
-        return max(4, round(w * factor / 4) * 4)
-    return Spec(width(base.stem), tuple(dataclasses.replace(s, width=width(s.width)) for s in base.stages), base.head)
-
-
-def fitting_factor(base: Spec, budget: Budget, dataset: Dataset) -> float:
-    """The largest width factor (0.01 to 3, step 0.01) at which `base` fits `budget` (0: none)."""
-    for step in range(300, 0, -1):
-        spec = scaled(base, step / 100)
-        if budget.fits(count(build(spec, dataset.input_shape, dataset.num_classes, channels_last=False),
-                             dataset.input_shape)):
-            return step / 100
-    return 0.0
-
-
 def hand_made(budget: Budget, dataset: Dataset) -> Spec:
-    """What a person would pick without a search: the deepest of ResNet-20, -14 and -8 (He et al.
-    2016: 3, 2 and 1 basic blocks a stage) that fits the budget at half its widths or more, at the
-    largest width that fits; ResNet-8 narrower still if none does."""
-    for name in ("resnet20", "resnet14", "resnet8"):
-        factor = fitting_factor(teacher_spec(name), budget, dataset)
-        if factor >= 0.5 or (name == "resnet8" and factor > 0):
-            return scaled(teacher_spec(name), factor)
-    raise SystemExit(f"no width of ResNet-8 fits {budget}")
+    """What a person would pick without a search (`nas_kd.start.hand_made`): the deepest of
+    ResNet-20, -14 and -8 that fits the budget at half its widths or more, scaled to fit."""
+    found = start.hand_made(budget, dataset.input_shape, dataset.num_classes)
+    if found is None:
+        raise SystemExit(f"no width of ResNet-8 fits {budget}")
+    return found[0]
 
 
 def largest(budget: Budget, dataset: Dataset, cfg: SearchConfig, seed: int, n: int = 200) -> Spec:
@@ -210,6 +195,9 @@ def main() -> None:
                         help="the searches' --trials (default: the search's); their studies go in a folder of their own")
     parser.add_argument("--subset", type=int, default=SearchConfig().subset,
                         help="the searches' --subset, training images a trial (default: the search's)")
+    parser.add_argument("--start-from", nargs="*", default=list(SearchConfig().start_from), metavar="hand-made|SPEC",
+                        help="the searches' --start-from (default: the search's); their studies go in a folder of "
+                             "their own")
     parser.add_argument("--finalists", type=int, default=3, metavar="K",
                         help="how many of the search's best trials the finalists method retrains (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -222,7 +210,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = ResultsFile(args.results)
     base = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir, budget_floor=args.budget_floor,
-                        trials=args.trials, subset=args.subset)
+                        trials=args.trials, subset=args.subset, start_from=tuple(args.start_from))
     searching = pick_settings(base)
     dataset = load_dataset(base.dataset)
     ensemble: Ensemble | None = None
@@ -232,7 +220,7 @@ def main() -> None:
     # searches with other pick settings keep their studies apart: an unfinished one is deleted
     work = args.work / format_count(args.budget) / searching.replace("|", "-").strip("-")
     print(f"budget {format_count(args.budget)} MACs; searches' budget floor {args.budget_floor:g}, trials "
-          f"{args.trials}, subset {args.subset}; seeds {args.seeds}; "
+          f"{args.trials}, subset {args.subset}, start from {args.start_from or 'nothing'}; seeds {args.seeds}; "
           f"{machine()}", flush=True)
 
     def retrained(spec: Spec, seed: int, cfg: SearchConfig, method: str) -> dict[str, Any]:

@@ -114,6 +114,10 @@ class SearchConfig:
     # 94.57% against 94.39% for the default search, 94.27% against 94.38% for random search, 3
     # seeds) and their trials, on bigger students, took longer (BENCHMARKS.md, "The budget floor")
     budget_floor: float = 0.0
+    # students trained first, before the sampler proposes any (nas_kd.start): "hand-made" (the
+    # deepest of ResNet-20/14/8 scaled to the budget) and/or spec strings; each counts towards
+    # `trials`, and a resumed study does not train one it holds again
+    start_from: tuple[str, ...] = ()
     # how a trial is scored (objective.TRIAL_SCORES): "distill" = validation accuracy after brief
     # whole-network distillation; "blockwise" = DNA-style block-wise score, each student stage
     # trained alone to reproduce a teacher stage (see blockwise.py); "naswot", "synflow" =

@@ -23,6 +23,7 @@ from nas_kd.errors import InputError
 from nas_kd.latency import memory_facts
 from nas_kd.proxies import naswot, synflow
 from nas_kd.space import SearchSpace
+from nas_kd.start import trial_spec
 from nas_kd.teachers import Ensemble, TargetSource
 from nas_kd.train import evaluate, recalibrated
 
@@ -180,7 +181,7 @@ WORKER_ATTR = "worker"  # "host:pid" of the process that ran the trial (many wor
 
 def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, float]:
     trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-    spec = ctx.space.sample(trial)
+    spec = trial_spec(ctx.space, trial)
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes)
     memory = memory_facts(model, ctx.dataset.input_shape)
     cost = replace(count(model, ctx.dataset.input_shape), memory=memory["peak_memory_int8"])

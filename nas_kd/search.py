@@ -54,6 +54,7 @@ from nas_kd.objective import (
 from nas_kd.report import status, write_report
 from nas_kd.retrain import finish_retrain
 from nas_kd.space import SHIPPED, SearchSpace, describe, load_space
+from nas_kd.start import START_ATTR, enqueue, start_points
 from nas_kd.study import (
     BASELINE_ATTR,
     GUARDED_KEYS,
@@ -204,6 +205,13 @@ def build_parser() -> OneLineParser:
                         "nothing")
     g.add_argument("--timeout", type=_positive(float, "--timeout", 1), metavar="SECONDS",
                    help="stop starting trials after this many seconds")
+    g.add_argument("--start-from", action="append", metavar="hand-made|SPEC",
+                   help="train this student first, before the sampler proposes any; repeatable. hand-made: the "
+                        "deepest of ResNet-20/14/8 scaled to fit the budget (He et al. 2016), what a person would "
+                        "pick without a search; SPEC: any student, e.g. 'c16|basic_d2_w16_s1_k3_e1|"
+                        "basic_d3_w32_s2_k3_e1|basic_d3_w64_s2_k3_e1'. Each counts towards --trials, and the winner "
+                        "is the best trial whoever proposed it, so the study shows whether the search beat it "
+                        f"(default: {', '.join(DEFAULTS.start_from) or 'none'})")
     g.add_argument("--trial-epochs", type=_positive(int, "--trial-epochs"), default=DEFAULTS.trial_epochs,
                    help=f"distillation epochs per trial (default {DEFAULTS.trial_epochs})")
     g.add_argument("--trial-score", choices=list(TRIAL_SCORES), default=DEFAULTS.trial_score,
@@ -343,6 +351,7 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
                  "latency_table", "memory_budget", "pareto_cost", "min_steps", "teacher_min_gain", "study_trials",
                  "heartbeat", "budget_floor", "finalists"):
         flag(name)
+    flag("start_from", convert=lambda v: list(dict.fromkeys(v)))
     flag("latency_budget", "latency_budget_ms")
     flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])
     flag("teacher_ckpt", "teacher_ckpts", convert=lambda v: [list(x) for x in v])
@@ -542,7 +551,8 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     score = trial_score(trial) if was_trained(trial) else None
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     kind = status(trial)
-    parts = [f"trial {trial.number} {kind}", a.get("spec", "?"),
+    start = f" ({a[START_ATTR]} start point)" if START_ATTR in a else ""
+    parts = [f"trial {trial.number} {kind}{start}", a.get("spec", "?"),
              f"{format_count(a['macs'])} MACs" if "macs" in a else "", f"score {score:.4f}" if score is not None else "",
              f"{seconds:.1f} s"]
     if kind == "failed" and FAIL_ATTR in a:
@@ -615,6 +625,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     latency, latency_text = latency_meter(cfg, space, dataset.input_shape, dataset.num_classes)
     check_reachable(cfg, space, dataset.input_shape, dataset.num_classes, [min_macs_spec, min_params_spec], latency)
     floor, floor_text = effective_floor(cfg.budget_floor, budget, space, dataset.input_shape, dataset.num_classes)
+    starts, starts_skipped = start_points(cfg.start_from, space, budget, dataset.input_shape, dataset.num_classes)
     if cfg.pruned_baseline:
         check_prunable(cfg, dataset.input_shape, dataset.num_classes)
     device = resolve_device(cfg.device)
@@ -638,6 +649,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         log("--objective pareto: trials are not pruned (Optuna cannot prune multi-objective studies); "
             "every trial trains to its end")
     log(f"study {name} in {url} ({len(study.trials)} trials already)")
+    for line in starts_skipped + enqueue(study, starts):
+        log(line)
 
     ensemble = ensemble_from_config(cfg, dataset, progress, log)
     check_same_teachers(study, ensemble_summary(ensemble))
