@@ -8,7 +8,9 @@ At each budget and seed, five methods each pick one student of the default searc
 - search: nas_kd's default search (`python -m nas_kd.search --flops-budget B --seed S
   --final-epochs 0`), its winner; with `--budget-floor 0.5` the searches (search, random,
   params) train only students that use half the budget (their picks are kept under keys of their
-  own);
+  own); with `--start-from hand-made` the searches train the hand-made network below first
+  (`nas_kd.start`), and their picks and studies are kept apart too (`|start-hand-made`): the
+  search's pick is then its best trial by score, as before;
 - random: the same search with `--sampler random` (the same number of trained trials, the same
   score), its winner;
 - largest: no training: of 200 seeded random specs that fit the budget, the one with the most MACs;
@@ -19,8 +21,10 @@ At each budget and seed, five methods each pick one student of the default searc
   trained, the same number of trials), what a user would run after reading that the count ranks
   students under a wide budget better than a brief training does;
 - finalists: the default search with `--finalists K` (default 3): its K best trials by trial score
-  (`nas_kd.study.finalists`) are each retrained as below, and the one of best validation accuracy
-  is the pick. It reads the search method's study (run first when missing) and reuses the
+  and its start points (`nas_kd.study.retrain_candidates`) are each retrained as below, and the
+  one of best validation accuracy is the pick; with `--start-from hand-made --finalists 1`, the
+  better on validation of the search's best trial and the hand-made network, which is what
+  `python -m nas_kd.search --start-from hand-made` itself keeps. It reads the search method's study (run first when missing) and reuses the
   retrains already in the results file; its pick time is the search's plus its finalists'
   retrains. Like every retrain here, each finalist's is tested too, for the results file; the
   pick reads only the validation accuracies.
@@ -63,7 +67,7 @@ from nas_kd.objective import was_trained  # noqa: E402
 from nas_kd.retrain import retrain  # noqa: E402
 from nas_kd.search import search  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
-from nas_kd.study import finalists, pick_winner, study_training  # noqa: E402
+from nas_kd.study import pick_winner, retrain_candidates, study_training  # noqa: E402
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
 
 METHODS = ("search", "random", "largest", "hand-made", "params", "finalists")
@@ -169,11 +173,11 @@ def search_study(cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[optun
 
 
 def pick_finalists(study: optuna.Study, k: int, retrained: Any) -> tuple[Spec, dict[str, Any]]:
-    """As `--finalists k` picks: the best k trials of the study by trial score, each retrained; the
-    one of best validation accuracy (ties: the better trial score). `retrained(spec)` is the
-    results entry of the spec's retrain."""
+    """As `--finalists k` picks: the best k trials of the study by trial score and its start points
+    (`nas_kd.study.retrain_candidates`), each retrained; the one of best validation accuracy (ties:
+    the earlier). `retrained(spec)` is the results entry of the spec's retrain."""
     rows = []
-    for trial in finalists(study, k):
+    for trial in retrain_candidates(study, k):
         r = retrained(Spec.parse(trial.user_attrs["spec"]))
         rows.append({"trial": trial.number, "spec": r["spec"], "trial_score": trial.value, "val_acc": r["val_acc"],
                      "retrain_seconds": r["seconds"]})

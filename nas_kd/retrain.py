@@ -31,7 +31,16 @@ from nas_kd.latency import require_runtime
 from nas_kd.objective import cost_facts
 from nas_kd.online import retrain_online, top_students
 from nas_kd.report import write_report
-from nas_kd.study import STUDY_ATTR, WINNER_ATTR, check_same_teachers, finalists, load_existing, pick_winner
+from nas_kd.start import START_ATTR
+from nas_kd.study import (
+    STUDY_ATTR,
+    WINNER_ATTR,
+    check_same_teachers,
+    finalists,
+    load_existing,
+    pick_winner,
+    retrain_candidates,
+)
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config, ensemble_summary
 from nas_kd.train import evaluate, resolve_device
 
@@ -59,12 +68,21 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     """Pick the winner (or cfg.retrain_trial), retrain, test, export, and store the figures in the study.
 
     With cfg.finalists K > 1 the K best trials are each retrained and the one of best validation
-    accuracy is the winner (ties: the better trial score); only it is tested and exported."""
-    many = cfg.retrain_trial is None and cfg.finalists > 1
-    candidates = finalists(study, cfg.finalists) if many else [pick_winner(study, cfg.retrain_trial)]
-    if many and len(candidates) < cfg.finalists:
-        log(f"--finalists {cfg.finalists}: the study has {len(candidates)} distinct feasible students; "
-            f"retraining {len(candidates)}")
+    accuracy is the winner (ties: the better trial score); only it is tested and exported. The
+    study's start points (`study.retrain_candidates`) are retrained beside them, whatever their
+    trial scores, and win only on validation too."""
+    if cfg.retrain_trial is None:
+        best = finalists(study, cfg.finalists)
+        if cfg.finalists > 1 and len(best) < cfg.finalists:
+            log(f"--finalists {cfg.finalists}: the study has {len(best)} distinct feasible students; "
+                f"retraining {len(best)}")
+        candidates = retrain_candidates(study, cfg.finalists)
+        if starts := [t for t in candidates if START_ATTR in t.user_attrs]:
+            log("start points, retrained whatever their trial score and kept only if best on validation: " + ", ".join(
+                f"trial {t.number} ({t.user_attrs[START_ATTR]}, trial score {t.values[0]:.4g})" for t in starts))
+    else:
+        candidates = [pick_winner(study, cfg.retrain_trial)]
+    many = len(candidates) > 1
     start = time.perf_counter()
     if many:
         # the teachers' outputs over the training split once for every finalist: the search's cache
@@ -78,13 +96,15 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     best: tuple[float, optuna.trial.FrozenTrial, Spec, Network, float] | None = None
     for rank, trial in enumerate(candidates, 1):
         spec = Spec.parse(trial.user_attrs["spec"])
-        which = f"finalist {rank} of {len(candidates)}: " if many else ""
+        label = f" ({trial.user_attrs[START_ATTR]} start point)" if START_ATTR in trial.user_attrs else ""
+        which = f"finalist {rank} of {len(candidates)}{label}: " if many else ""
         log(f"retraining {which}trial {trial.number} ({spec}) for {cfg.final_epochs} epochs")
         model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached)
         val = evaluate(model, dataset.val, dataset) if many else 0.0
         if many:
             rows.append({"trial": trial.number, "spec": str(spec), "search_val_acc": trial.values[0], "val_acc": val,
-                         "train_seconds": round(seconds, 2)})
+                         "train_seconds": round(seconds, 2),
+                         **({"start_point": trial.user_attrs[START_ATTR]} if label else {})})
             log(f"finalist {rank}: trial {trial.number} val acc {val:.4f} after the retrain "
                 f"(trial score {trial.values[0]:.4g})")
         if best is None or val > best[0]:  # only the best model is kept in memory

@@ -591,7 +591,8 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
                  ("winner files", str(Path(winner["weights"]).parent))]
         if winner.get("finalists"):
             rows.append(("finalists", "retrained, kept on validation: " + ", ".join(
-                f"trial {f['trial']} {f['val_acc']:.4f}" for f in winner["finalists"])))
+                f"trial {f['trial']}{' (' + f['start_point'] + ')' if 'start_point' in f else ''} {f['val_acc']:.4f}"
+                for f in winner["finalists"])))
         if "onnx_test_acc" in winner:
             int8 = (f"; int8: test {winner['int8_test_acc']:.4f}, {winner['latency_ms_int8']:.3f} ms"
                     if "int8_test_acc" in winner else "")

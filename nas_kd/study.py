@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_kd.errors import InputError
 from nas_kd.objective import FAIL_ATTR, MAX_FAILURES_IN_A_ROW, REPEAT_ATTR, training_done, was_trained
+from nas_kd.start import START_ATTR
 
 STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, reference
 WINNER_ATTR = "winner"  # study user attribute: the retrained winner's final numbers
@@ -314,3 +315,24 @@ def finalists(study: optuna.Study, k: int) -> list[FrozenTrial]:
     for t in feasible:
         best.setdefault(t.user_attrs["spec"], t)
     return list(best.values())[:k]
+
+
+def start_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's start points (`nas_kd.start`) that completed within the budget, one per spec."""
+    from nas_kd.objective import is_feasible
+
+    found: dict[str, FrozenTrial] = {}
+    for t in completed(study):
+        if START_ATTR in t.user_attrs and is_feasible(t):
+            found.setdefault(t.user_attrs["spec"], t)
+    return list(found.values())
+
+
+def retrain_candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    """What the retrain compares on validation: the `k` best trials by score (`finalists`), then
+    every start point not among them. A start point is the search's baseline (what a person would
+    pick, or a student the user gave): it is retrained whatever its brief trial scored, so the
+    winner beats it after the full schedule or is it."""
+    best = finalists(study, k)
+    held = {t.user_attrs["spec"] for t in best}
+    return best + [t for t in start_trials(study) if t.user_attrs["spec"] not in held]

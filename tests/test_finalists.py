@@ -19,17 +19,20 @@ from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import count
 from nas_kd.errors import InputError
 from nas_kd.report import write_report
-from nas_kd.study import WINNER_ATTR, finalists, pick_winner
+from nas_kd.start import HAND_MADE, START_ATTR
+from nas_kd.study import WINNER_ATTR, finalists, pick_winner, retrain_candidates, start_trials
 from nas_kd.teachers import CachedTargets, Ensemble, Teacher
 
 A, B, C, D = "c8|basic_d1_w8_s2_k3_e1", "c8|basic_d1_w16_s2_k3_e1", "c8|basic_d1_w24_s2_k3_e1", "c8|basic_d1_w32_s2_k3_e1"
 
 
-def add(study: optuna.Study, spec: str, value: float, macs: int, over: bool = False, trained: bool = True) -> int:
+def add(study: optuna.Study, spec: str, value: float, macs: int, over: bool = False, trained: bool = True,
+        start: str | None = None) -> int:
     """A completed trial of `spec` scored `value`; over budget when `over`; a repeat that reused a
-    stored score (not trained) unless `trained`."""
+    stored score (not trained) unless `trained`; a start point (nas_kd.start) named `start`."""
     study.add_trial(optuna.trial.create_trial(value=value, constraints={"macs": 0.5 if over else -0.5}, user_attrs={
-        "spec": spec, "macs": macs, "params": 1, **({"val_acc_per_epoch": [value]} if trained else {})}))
+        "spec": spec, "macs": macs, "params": 1, **({"val_acc_per_epoch": [value]} if trained else {}),
+        **({START_ATTR: start} if start else {})}))
     return len(study.trials) - 1
 
 
@@ -45,6 +48,18 @@ def test_finalists_are_the_best_distinct_feasible_trials() -> None:
     assert [t.number for t in finalists(study, 10)] == [c, b, a2]  # no more distinct feasible students
     assert [t.number for t in finalists(study, 1)] == [pick_winner(study).number] == [c]
     assert a not in [t.number for t in finalists(study, 3)]
+
+
+def test_start_points_are_retrained_whatever_their_score() -> None:
+    study = optuna.create_study(direction="maximize")
+    made = add(study, A, 0.60, 10, start=HAND_MADE)  # scored last of the feasible trials
+    b = add(study, B, 0.80, 20)
+    c = add(study, C, 0.70, 15)
+    add(study, D, 0.50, 5, over=True, start="given")  # over budget: never retrained
+    assert [t.number for t in retrain_candidates(study, 1)] == [b, made]
+    assert [t.number for t in retrain_candidates(study, 2)] == [b, c, made]
+    assert [t.number for t in retrain_candidates(study, 3)] == [b, c, made]  # a finalist already: once
+    assert [t.number for t in start_trials(study)] == [made]
 
 
 def test_finalists_of_a_study_without_feasible_trials_is_input_error() -> None:
@@ -115,6 +130,21 @@ def test_retrain_winner_keeps_the_finalist_of_best_validation_and_tests_only_it(
         final_epochs=1, onnx=False, seed=1, distill=cfg.distill), tmp_path / "one", False, lambda _: None)
     assert one["trial"] == 1 and "finalists" not in one and tested == [B]
     assert "<h3>Finalists</h3>" not in write_report(study, tmp_path)[0].read_text()
+
+    # a start point scored below every trial is retrained beside the best one, and kept when it is
+    # better on validation
+    macs = count(build(Spec.parse(D), mini_dataset.input_shape, mini_dataset.num_classes), mini_dataset.input_shape).macs
+    add(study, D, 0.1, macs, start=HAND_MADE)
+    val.update({B: 0.30, D: 0.70})
+    lines.clear()
+    kept = retrain.retrain_winner(study, mini_dataset, tiny_ensemble, SearchConfig(
+        final_epochs=1, onnx=False, seed=1, distill=cfg.distill), tmp_path / "start", False, lines.append)
+    assert [(r["trial"], r.get("start_point")) for r in kept["finalists"]] == [(1, None), (3, HAND_MADE)]
+    assert kept["trial"] == 3 and kept["spec"] == D
+    assert lines[0] == ("start points, retrained whatever their trial score and kept only if best on validation: "
+                        "trial 3 (hand-made, trial score 0.1)")
+    assert f"retraining finalist 2 of 2 (hand-made start point): trial 3 ({D}) for 1 epochs" in lines
+    assert "start point" in write_report(study, tmp_path)[0].read_text().split("<h3>Finalists</h3>")[1]
 
 
 def test_retrain_command_with_finalists(e2e_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
