@@ -90,11 +90,17 @@ SEARCHES = ("search", "random", "params", "finalists")
 RUN_KEYS = ("final_epochs", "out_dir", "study_name", "finalists")
 
 
+CACHE_DIR = "studies/cache"  # the default --cache-dir, and the one every settings id records
+
+
 def config_json(cfg: SearchConfig) -> str:
     """The settings of the retrains and untrained picks: the PICK_KEYS at their defaults (the budget
-    floor left out, as before it existed)."""
+    floor left out, as before it existed), and the teacher cache at this script's default: where
+    teachers are looked up is not what they are (the shipped ones are used from any folder, and
+    the search refuses a study whose teachers' weights changed)."""
     d, defaults = cfg.to_dict(), SearchConfig().to_dict()
     d.update({k: defaults[k] for k in PICK_KEYS})
+    d["cache_dir"] = CACHE_DIR
     return json.dumps({k: v for k, v in d.items() if k != "budget_floor" and (k not in LATER_KEYS or v != defaults[k])},
                       sort_keys=True)
 
@@ -190,7 +196,7 @@ def main() -> None:
     parser.add_argument("--budget", type=parse_count, default=5_000_000, help="MACs, e.g. 5M or 50M")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
+    parser.add_argument("--cache-dir", default=CACHE_DIR, help="where the teachers are cached (the search's)")
     parser.add_argument("--work", type=Path, default=Path("studies/bench-search-vs-baselines"),
                         help="where the searches' studies go")
     parser.add_argument("--budget-floor", type=float, default=SearchConfig().budget_floor,

@@ -38,11 +38,13 @@ from nas_kd.objective import (
     violated_bounds,
     was_trained,
 )
+from nas_kd.start import START_ATTR
 from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR, load_existing
 
 COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "latency_ms",
            "peak_memory_int8", "weights_int8", "score",
-           "val_acc_raw", "naswot", "synflow", "val_acc_curve", "train_seconds", "feasible", "repeat_of", "fail_reason"]
+           "val_acc_raw", "naswot", "synflow", "val_acc_curve", "train_seconds", "feasible", "repeat_of", "start_point",
+           "fail_reason"]
 
 
 def status(trial: optuna.trial.FrozenTrial) -> str:
@@ -73,7 +75,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                      "score": trial_score(t), "val_acc_raw": a.get("val_acc_raw"), "naswot": a.get(NASWOT),
                      "synflow": a.get(SYNFLOW), "val_acc_curve": json.dumps(points) if points else None,
                      "train_seconds": a.get("train_seconds"), "feasible": is_feasible(t) if t.constraints else None,
-                     "repeat_of": a.get(REPEAT_ATTR), "fail_reason": a.get(FAIL_ATTR)})
+                     "repeat_of": a.get(REPEAT_ATTR), "start_point": a.get(START_ATTR), "fail_reason": a.get(FAIL_ATTR)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

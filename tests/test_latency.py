@@ -511,9 +511,10 @@ def test_export_onnx_without_int8(trained_student, mini_dataset, tmp_path: Path)
     assert "int8_test_acc" not in facts and facts["onnx_opset"] == 20
 
 
-def test_search_on_a_table_with_a_memory_budget_and_a_latency_front(tmp_path: Path, mini_fashion_dir: Path) -> None:
+def test_search_on_a_table_with_a_memory_budget_and_a_latency_front(tmp_path: Path, e2e_run: dict) -> None:
     """End to end: latencies predicted from a table, a memory budget, and accuracy vs latency as
-    the Pareto objectives; the report draws the latency front."""
+    the Pareto objectives; the report draws the latency front. The teacher is the e2e search's,
+    from its cache (the same flags train it)."""
     import yaml
 
     from tests.conftest import search_cli
@@ -526,7 +527,7 @@ def test_search_on_a_table_with_a_memory_budget_and_a_latency_front(tmp_path: Pa
     table_file.write_text(json.dumps(time_folder(tmp_path / "blocks", runs=50, passes=1, log=lambda m: None)))
     table = LatencyTable.load(table_file, space, (1, 28, 28), 10, "fp32")
     memory_budget = 15000
-    study, _ = search_cli(tmp_path, tmp_path / "cache", mini_fashion_dir, "--search-space", str(space_file),
+    study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], "--search-space", str(space_file),
                           "--memory-budget", str(memory_budget), "--latency-table", str(table_file), "--objective",
                           "pareto", "--pareto-cost", "latency_ms", "--trial-score", "macs", "--trials", "6",
                           "--teachers", "resnet8", "--teacher-epochs", "1", "--subset", "300", "--final-epochs", "0",
@@ -547,6 +548,7 @@ def test_search_on_a_table_with_a_memory_budget_and_a_latency_front(tmp_path: Pa
     assert feasible >= 1 and infeasible >= 1  # the budget splits this space
     report = (tmp_path / "studies" / "s" / "report.html").read_text()
     assert "vs latency (ms)" in report and "budget" in report
+    assert "training teacher" not in out  # the e2e search's, from its cache
 
 
 def test_measuring_latency_leaves_the_random_state_alone() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 
 from nas_kd.arch import Spec
@@ -92,6 +93,8 @@ def test_a_search_trains_its_start_points_first_and_once_per_study(e2e_run: dict
     assert f"start point hand-made: {made} (ResNet-20 at x0.62 widths, " in out
     assert f"trial 0 complete (hand-made start point): {made}" in out
     assert START_ATTR not in study.trials[2].user_attrs
+    rows = pd.read_csv(tmp_path / "studies" / "s" / "trials.csv")
+    assert list(rows["start_point"].fillna(""))[:3] == [HAND_MADE, "given", ""]
     # resumed: the study holds both start points, so neither is enqueued (nor trained) again
     points, _ = start_points((HAND_MADE, GIVEN), load_space("resnet"), Budget(12_000_000), SHAPE, CLASSES)
     assert enqueue(study, points) == [f"start point hand-made: {made} is already in the study",
