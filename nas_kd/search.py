@@ -209,9 +209,9 @@ def build_parser() -> OneLineParser:
                    help="train this student first, before the sampler proposes any; repeatable. hand-made: the "
                         "deepest of ResNet-20/14/8 scaled to fit the budget (He et al. 2016), what a person would "
                         "pick without a search; SPEC: any student, e.g. 'c16|basic_d2_w16_s1_k3_e1|"
-                        "basic_d3_w32_s2_k3_e1|basic_d3_w64_s2_k3_e1'. Each counts towards --trials, and the winner "
-                        "is the best trial whoever proposed it, so the study shows whether the search beat it "
-                        f"(default: {', '.join(DEFAULTS.start_from) or 'none'})")
+                        "basic_d3_w32_s2_k3_e1|basic_d3_w64_s2_k3_e1'. Each counts towards --trials, and is retrained "
+                        "beside the best trial whatever its trial score, kept only if better on validation: one "
+                        f"more retrain each (default: {', '.join(DEFAULTS.start_from) or 'none'})")
     g.add_argument("--trial-epochs", type=_positive(int, "--trial-epochs"), default=DEFAULTS.trial_epochs,
                    help=f"distillation epochs per trial (default {DEFAULTS.trial_epochs})")
     g.add_argument("--trial-score", choices=list(TRIAL_SCORES), default=DEFAULTS.trial_score,
