@@ -23,7 +23,7 @@ from nas_kd.errors import InputError
 from nas_kd.latency import memory_facts
 from nas_kd.proxies import naswot, synflow
 from nas_kd.space import SearchSpace
-from nas_kd.start import trial_spec
+from nas_kd.start import START_ATTR, trial_spec
 from nas_kd.teachers import Ensemble, TargetSource
 from nas_kd.train import evaluate, recalibrated
 
@@ -282,7 +282,7 @@ def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
         if not ctx.pareto:  # Trial.report raises in multi-objective studies
             trial.report(curve[-1][1], len(curve))
             # pruning after the last report would only throw finished work away
-            if not last and trial.should_prune():
+            if not last and may_prune(trial):
                 trial.set_user_attr(TRAINED_FRACTION_ATTR, round(step / total, 4))
                 raise optuna.TrialPruned(f"pruned after {curve[-1][0]:g} epochs at val acc {curve[-1][1]:.4f}")
 
@@ -295,6 +295,13 @@ def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
         trial.set_user_attr("eval_seconds", round(eval_seconds, 3))
     trial.set_user_attr("val_acc", curve[-1][1])
     return curve[-1][1]
+
+
+def may_prune(trial: optuna.Trial) -> bool:
+    """Whether the pruner stops the trial here. Never a start point (nas_kd.start): it is the
+    search's baseline, retrained whatever it scores, and a brief trial underrates exactly the
+    deep networks a person would pick."""
+    return START_ATTR not in trial.user_attrs and trial.should_prune()
 
 
 def blockwise_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:

@@ -318,11 +318,12 @@ def finalists_table(metrics: dict[str, Any]) -> list[str]:
     rows = metrics.get("finalists")
     if not rows:
         return []
-    table = _table([{"trial": r["trial"], "start point": r.get("start_point", ""), "spec": r["spec"],
-                     "trial score": r["search_val_acc"], "val acc after the retrain": r["val_acc"],
+    starts = any("start_point" in r for r in rows)
+    table = _table([{"trial": r["trial"], **({"start point": r.get("start_point", "")} if starts else {}),
+                     "spec": r["spec"], "trial score": r["search_val_acc"], "val acc after the retrain": r["val_acc"],
                      "kept": "yes" if r["trial"] == metrics["trial"] else ""} for r in rows])
     chosen = (f"The best {len(rows)} trials by trial score"
-              if not any("start_point" in r for r in rows) else
+              if not starts else
               "The best trials by trial score and the study's start points (--start-from: retrained whatever their "
               "trial score)")
     return [f"<h3>Finalists</h3><p class=note>{chosen}, each retrained with the full schedule; the one of "

@@ -31,7 +31,6 @@ from nas_kd.latency import require_runtime
 from nas_kd.objective import cost_facts
 from nas_kd.online import retrain_online, top_students
 from nas_kd.report import write_report
-from nas_kd.start import START_ATTR
 from nas_kd.study import (
     STUDY_ATTR,
     WINNER_ATTR,
@@ -40,6 +39,7 @@ from nas_kd.study import (
     load_existing,
     pick_winner,
     retrain_candidates,
+    start_names,
 )
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config, ensemble_summary
 from nas_kd.train import evaluate, resolve_device
@@ -77,11 +77,12 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
             log(f"--finalists {cfg.finalists}: the study has {len(best)} distinct feasible students; "
                 f"retraining {len(best)}")
         candidates = retrain_candidates(study, cfg.finalists)
-        if starts := [t for t in candidates if START_ATTR in t.user_attrs]:
+        names = start_names(study)
+        if starts := [t for t in candidates if t.user_attrs["spec"] in names]:
             log("start points, retrained whatever their trial score and kept only if best on validation: " + ", ".join(
-                f"trial {t.number} ({t.user_attrs[START_ATTR]}, trial score {t.values[0]:.4g})" for t in starts))
+                f"trial {t.number} ({names[t.user_attrs['spec']]}, trial score {t.values[0]:.4g})" for t in starts))
     else:
-        candidates = [pick_winner(study, cfg.retrain_trial)]
+        candidates, names = [pick_winner(study, cfg.retrain_trial)], {}
     many = len(candidates) > 1
     start = time.perf_counter()
     if many:
@@ -96,7 +97,8 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     best: tuple[float, optuna.trial.FrozenTrial, Spec, Network, float] | None = None
     for rank, trial in enumerate(candidates, 1):
         spec = Spec.parse(trial.user_attrs["spec"])
-        label = f" ({trial.user_attrs[START_ATTR]} start point)" if START_ATTR in trial.user_attrs else ""
+        start_point = names.get(str(spec))
+        label = f" ({start_point} start point)" if start_point else ""
         which = f"finalist {rank} of {len(candidates)}{label}: " if many else ""
         log(f"retraining {which}trial {trial.number} ({spec}) for {cfg.final_epochs} epochs")
         model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached)
@@ -104,7 +106,7 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
         if many:
             rows.append({"trial": trial.number, "spec": str(spec), "search_val_acc": trial.values[0], "val_acc": val,
                          "train_seconds": round(seconds, 2),
-                         **({"start_point": trial.user_attrs[START_ATTR]} if label else {})})
+                         **({"start_point": start_point} if start_point else {})})
             log(f"finalist {rank}: trial {trial.number} val acc {val:.4f} after the retrain "
                 f"(trial score {trial.values[0]:.4g})")
         if best is None or val > best[0]:  # only the best model is kept in memory
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final-epochs", type=int, help="epochs of the retrain (default: the search's)")
     parser.add_argument("--finalists", type=int, metavar="K",
                         help="retrain the K best trials (distinct students) and keep the one of best validation "
-                             "accuracy; only it is tested (default: the search's, 1)")
+                             "accuracy; only it is tested (default: the search's, 1). The study's start points "
+                             "(--start-from) are retrained beside them")
     parser.add_argument("--online-ensemble", type=int, metavar="K",
                         help="retrain the K (>= 2) most accurate feasible students of the Pareto front together, "
                              "as an online ensemble (Walawalkar et al., ECCV 2020)")

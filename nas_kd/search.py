@@ -54,7 +54,7 @@ from nas_kd.objective import (
 from nas_kd.report import status, write_report
 from nas_kd.retrain import finish_retrain
 from nas_kd.space import SHIPPED, SearchSpace, describe, load_space
-from nas_kd.start import START_ATTR, enqueue, start_points
+from nas_kd.start import START_ATTR, start_points
 from nas_kd.study import (
     BASELINE_ATTR,
     GUARDED_KEYS,
@@ -67,6 +67,7 @@ from nas_kd.study import (
     check_study_name,
     check_url,
     default_study_name,
+    enqueue_start_points,
     open_storage,
     open_study,
     run,
@@ -626,7 +627,8 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     latency, latency_text = latency_meter(cfg, space, dataset.input_shape, dataset.num_classes)
     check_reachable(cfg, space, dataset.input_shape, dataset.num_classes, [min_macs_spec, min_params_spec], latency)
     floor, floor_text = effective_floor(cfg.budget_floor, budget, space, dataset.input_shape, dataset.num_classes)
-    starts, starts_skipped = start_points(cfg.start_from, space, budget, dataset.input_shape, dataset.num_classes)
+    starts, starts_skipped = start_points(cfg.start_from, space, budget, dataset.input_shape, dataset.num_classes,
+                                          floor, latency if cfg.latency_table else None)
     if cfg.pruned_baseline:
         check_prunable(cfg, dataset.input_shape, dataset.num_classes)
     device = resolve_device(cfg.device)
@@ -650,7 +652,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
         log("--objective pareto: trials are not pruned (Optuna cannot prune multi-objective studies); "
             "every trial trains to its end")
     log(f"study {name} in {url} ({len(study.trials)} trials already)")
-    for line in starts_skipped + enqueue(study, starts):
+    for line in starts_skipped:
         log(line)
 
     ensemble = ensemble_from_config(cfg, dataset, progress, log)
@@ -709,6 +711,11 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
                                 f"{format_count(trial.user_attrs['macs'])} MACs")
 
     out = Path(cfg.out_dir) / name
+    # the start points go in only now, when this run trains (a run refused above, or one with
+    # nothing to train, leaves the study as it was)
+    if cfg.trials > 0 if cfg.study_trials is None else study_training(study) < cfg.study_trials:
+        for line in enqueue_start_points(study, starts):
+            log(line)
     try:
         trained = run(study, lambda trial: run_trial(ctx, trial), cfg.trials, cfg.timeout, on_trial,
                       study_target=cfg.study_trials)

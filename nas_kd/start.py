@@ -23,13 +23,15 @@ validation. A start point the study already holds (a resumed study) is not enque
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import optuna
 
 from nas_kd.arch import Spec, build
 from nas_kd.cost import Budget, Cost, count, format_count
 from nas_kd.errors import InputError
+from nas_kd.latency import peak_activations
 from nas_kd.space import SearchSpace
 from nas_kd.teachers import teacher_spec
 
@@ -37,7 +39,7 @@ HAND_MADE = "hand-made"
 HAND_MADE_BASES = ("resnet20", "resnet14", "resnet8")  # deepest first
 WIDTH_STEPS = 300  # width factors 0.01, 0.02, ... 3.00
 
-START_ATTR = "start_point"  # of an enqueued start trial: "hand-made", or "given" (a spec passed in)
+START_ATTR = "start_point"  # of a start trial: "hand-made", or "given" (a spec passed in)
 START_SPEC_ATTR = "start_spec"  # its spec, as text
 START_IN_SPACE_ATTR = "start_in_space"  # whether its spec is in the search space (then it has params)
 
@@ -53,28 +55,54 @@ def spec_cost(spec: Spec, input_shape: tuple[int, int, int], num_classes: int) -
     return count(build(spec, input_shape, num_classes, channels_last=False), input_shape)
 
 
-def fitting_factor(base: Spec, budget: Budget, input_shape: tuple[int, int, int], num_classes: int) -> float:
-    """The largest width factor (0.01 to 3, step 0.01) at which `base` fits the MACs and params
-    bounds of `budget` (0: none does). Widths never shrink as the factor grows, so neither does the
-    cost: a bisection finds it in about 9 counts."""
-    bounds = Budget(budget.macs, budget.params)
+def checkable(budget: Budget, latency: Callable[[Spec], float] | None) -> Budget:
+    """The bounds of `budget` a start point is checked against before any work: MACs, params and
+    peak memory, and latency when `latency` prices a spec cheaply (a table); a measured latency
+    bound is left to the trial."""
+    return replace(budget, latency_ms=budget.latency_ms if latency is not None else None)
+
+
+def spec_facts(spec: Spec, bounds: Budget, input_shape: tuple[int, int, int], num_classes: int,
+               latency: Callable[[Spec], float] | None = None) -> Cost:
+    """`spec`'s MACs and params, and its peak memory and latency where `bounds` has those bounds
+    (`latency` may raise InputError: a table that cannot price the spec)."""
+    model = build(spec, input_shape, num_classes, channels_last=False)
+    cost = count(model, input_shape)
+    return replace(cost, memory=peak_activations(model, input_shape) if bounds.memory is not None else None,
+                   latency_ms=latency(spec) if bounds.latency_ms is not None and latency is not None else None)
+
+
+def fitting_factor(base: Spec, fits: Callable[[Spec], bool]) -> float:
+    """The largest width factor (0.01 to 3, step 0.01) at which `fits(scaled(base, factor))` (0:
+    none does). Widths never shrink as the factor grows, nor do MACs, params and peak memory, so a
+    bisection finds it in about 9 checks (a table's latency grows with width too, all but exactly)."""
     lo, hi = 0, WIDTH_STEPS  # steps: lo fits (0 = none), every step above hi does not
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if bounds.fits(spec_cost(scaled(base, mid / 100), input_shape, num_classes)):
+        if fits(scaled(base, mid / 100)):
             lo = mid
         else:
             hi = mid - 1
     return lo / 100
 
 
-def hand_made(budget: Budget, input_shape: tuple[int, int, int], num_classes: int) -> tuple[Spec, str] | None:
+def hand_made(budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
+              latency: Callable[[Spec], float] | None = None) -> tuple[Spec, str] | None:
     """What a person would pick without a search, and its name: the deepest of ResNet-20, -14 and -8
-    that fits the budget's MACs and params bounds at half its widths or more, at the largest width
-    that fits; ResNet-8 narrower still if none does; None if not even that fits."""
+    that fits the budget at half its widths or more, at the largest width that fits; ResNet-8
+    narrower still if none does; None if not even that fits, or if the budget has no bound it can
+    be scaled to (MACs, params, peak memory, or a latency `latency` prices). Raises InputError when
+    `latency` cannot price it."""
+    bounds = checkable(budget, latency)
+    if all(getattr(bounds, k) is None for k in ("macs", "params", "memory", "latency_ms")):
+        return None
+
+    def fits(spec: Spec) -> bool:
+        return bounds.fits(spec_facts(spec, bounds, input_shape, num_classes, latency))
+
     for name in HAND_MADE_BASES:
         base = teacher_spec(name)
-        factor = fitting_factor(base, budget, input_shape, num_classes)
+        factor = fitting_factor(base, fits)
         if factor >= 0.5 or (name == HAND_MADE_BASES[-1] and factor > 0):
             return scaled(base, factor), f"{name.replace('resnet', 'ResNet-')} at x{factor:.2f} widths"
     return None
@@ -88,59 +116,63 @@ class StartPoint:
     text: str  # how the log names it
 
 
+def space_params(space: SearchSpace, spec: Spec) -> dict[str, object] | None:
+    """The Optuna params of `spec` when the space holds it (sampling them gives `spec` back: a
+    pruned internal width `_m` is not a choice of any space), else None."""
+    try:
+        params = space.params_of(spec)
+    except InputError:
+        return None
+    return params if space.sample(optuna.trial.FixedTrial(params)) == spec else None
+
+
 def start_points(names: tuple[str, ...], space: SearchSpace, budget: Budget, input_shape: tuple[int, int, int],
-                 num_classes: int) -> tuple[list[StartPoint], list[str]]:
-    """The start points `names` ask for (HAND_MADE or spec strings), and a log line for each one
-    left out. A given spec that does not parse, or is over the budget's MACs or params bound, is
-    refused (InputError); the hand-made network is left out, with a line, when no width of ResNet-8
-    fits. Latency and memory bounds are checked by the trial itself, as for every student."""
-    bounds = Budget(budget.macs, budget.params)
+                 num_classes: int, floor: float = 0.0,
+                 latency: Callable[[Spec], float] | None = None) -> tuple[list[StartPoint], list[str]]:
+    """The start points `names` ask for (HAND_MADE or spec strings), one per spec, and a log line
+    for each one left out. `latency`: a cheap latency of a spec (a table), or None when latencies
+    are measured (then a latency bound is left to the trial). A given spec that does not parse,
+    breaks a bound, is under the budget floor or cannot be priced is refused (InputError); the
+    hand-made network is left out, with a line, when none of its widths fits or it cannot be priced."""
+    bounds = checkable(budget, latency)
     points: list[StartPoint] = []
     skipped: list[str] = []
     for name in dict.fromkeys(names):
         if name == HAND_MADE:
-            found = hand_made(budget, input_shape, num_classes)
+            try:
+                found = hand_made(budget, input_shape, num_classes, latency)
+            except InputError as e:
+                skipped.append(f"start point {HAND_MADE}: {e}; left out")
+                continue
             if found is None:
-                skipped.append(f"start point {HAND_MADE}: no width of ResNet-8 fits {bounds}; left out")
+                scalable = any(getattr(bounds, k) is not None for k in ("macs", "params", "memory", "latency_ms"))
+                skipped.append(f"start point {HAND_MADE}: " + (
+                    f"no width of ResNet-8 fits {bounds}" if scalable else
+                    "the budget has no MACs, params or memory bound to scale it to (a measured latency bound is "
+                    "checked by the trials alone)") + "; left out")
                 continue
             spec, text = found
-            kind = HAND_MADE
         else:
             try:
                 spec = Spec.parse(name)
+                cost = spec_facts(spec, bounds, input_shape, num_classes, latency)
             except InputError as e:
-                raise InputError(f"--start-from: {e}; or pass {HAND_MADE!r}") from None
-            text, kind = "given", "given"
-        cost = spec_cost(spec, input_shape, num_classes)
-        if not bounds.fits(cost):
-            if kind == HAND_MADE:  # cannot happen: fitting_factor checked it
-                raise AssertionError(f"hand-made network {spec} over {bounds}")
-            raise InputError(f"--start-from {name}: {bounds.excess(cost)}, over the budget; give a student "
-                             "that fits")
-        try:
-            params = space.params_of(spec)
-        except InputError:
-            params = None
-        where = "in the search space" if params is not None else "outside the search space"
-        points.append(StartPoint(kind, spec, params, f"{text}, {format_count(cost.macs)} MACs, "
-                                                     f"{format_count(cost.params)} params, {where}"))
-    return points, skipped
-
-
-def enqueue(study: optuna.Study, points: list[StartPoint]) -> list[str]:
-    """Enqueue every start point the study does not hold yet (as a trial of any state, or already
-    enqueued); one log line per point."""
-    held = {t.user_attrs.get("spec") for t in study.get_trials(deepcopy=False)}
-    held |= {t.user_attrs.get(START_SPEC_ATTR) for t in study.get_trials(deepcopy=False)}
-    lines = []
-    for p in points:
-        if str(p.spec) in held:
-            lines.append(f"start point {p.name}: {p.spec} is already in the study")
+                raise InputError(f"--start-from {name}: {e}") from None
+            if not bounds.fits(cost):
+                raise InputError(f"--start-from {name}: {bounds.excess(cost)}, over the budget; give a student "
+                                 "that fits")
+            if floor and (use := budget.use(cost)) is not None and use < floor:
+                raise InputError(f"--start-from {name}: uses {use:.0%} of the budget, under the budget floor "
+                                 f"({floor:.0%}); give a larger student or lower --budget-floor")
+            text = "given"
+        if any(p.spec == spec for p in points):
             continue
-        study.enqueue_trial(p.params or {}, user_attrs={START_ATTR: p.name, START_SPEC_ATTR: str(p.spec),
-                                                        START_IN_SPACE_ATTR: p.params is not None})
-        lines.append(f"start point {p.name}: {p.spec} ({p.text}) is trained first")
-    return lines
+        cost = spec_cost(spec, input_shape, num_classes)
+        params = space_params(space, spec)
+        where = "in the search space" if params is not None else "outside the search space"
+        points.append(StartPoint(name if name == HAND_MADE else "given", spec, params,
+                                 f"{text}, {format_count(cost.macs)} MACs, {format_count(cost.params)} params, {where}"))
+    return points, skipped
 
 
 def trial_spec(space: SearchSpace, trial: optuna.Trial) -> Spec:
@@ -152,4 +184,3 @@ def trial_spec(space: SearchSpace, trial: optuna.Trial) -> Spec:
     spec = space.sample(trial)
     assert START_SPEC_ATTR not in a or str(spec) == a[START_SPEC_ATTR], (spec, a[START_SPEC_ATTR])
     return spec
-

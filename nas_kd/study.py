@@ -15,8 +15,8 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from nas_kd.errors import InputError
-from nas_kd.objective import FAIL_ATTR, MAX_FAILURES_IN_A_ROW, REPEAT_ATTR, training_done, was_trained
-from nas_kd.start import START_ATTR
+from nas_kd.objective import FAIL_ATTR, MAX_FAILURES_IN_A_ROW, REPEAT_ATTR, is_feasible, training_done, was_trained
+from nas_kd.start import START_ATTR, START_IN_SPACE_ATTR, START_SPEC_ATTR, StartPoint
 
 STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, reference
 WINNER_ATTR = "winner"  # study user attribute: the retrained winner's final numbers
@@ -304,8 +304,6 @@ def finalists(study: optuna.Study, k: int) -> list[FrozenTrial]:
     """The `k` feasible completed trials of best trial score (a distill trial's: its validation
     accuracy; ties: fewer MACs), best first, one per spec: a spec the study trained twice is one
     finalist, at its better score. Fewer when the study has fewer distinct feasible students."""
-    from nas_kd.objective import is_feasible
-
     feasible = sorted((t for t in completed(study) if is_feasible(t)),
                       key=lambda t: (t.values[0], -t.user_attrs["macs"]), reverse=True)
     if not feasible:
@@ -317,15 +315,52 @@ def finalists(study: optuna.Study, k: int) -> list[FrozenTrial]:
     return list(best.values())[:k]
 
 
-def start_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The study's start points (`nas_kd.start`) that completed within the budget, one per spec."""
-    from nas_kd.objective import is_feasible
+START_POINTS_ATTR = "start_points"  # study attribute: every start point enqueued, spec -> name
 
-    found: dict[str, FrozenTrial] = {}
-    for t in completed(study):
-        if START_ATTR in t.user_attrs and is_feasible(t):
-            found.setdefault(t.user_attrs["spec"], t)
-    return list(found.values())
+
+def enqueue_start_points(study: optuna.Study, points: list[StartPoint]) -> list[str]:
+    """Enqueue each start point the study does not hold yet, recording it in the study (so a
+    trial of its spec counts as the start point whoever proposed it); one log line per point. A
+    spec is held when a trial of it is waiting, running, or completed and scored; one that was
+    only rejected, pruned before this version exempted start points, or failed is enqueued again.
+    Workers that start at the same moment may each enqueue it: give --start-from to one of them."""
+    held: set[str] = set()
+    for t in study.get_trials(deepcopy=False):
+        spec = t.user_attrs.get("spec", t.user_attrs.get(START_SPEC_ATTR))
+        if t.state in (TrialState.WAITING, TrialState.RUNNING) or (t.state == TrialState.COMPLETE and was_trained(t)):
+            held.add(spec)
+    recorded = dict(study.user_attrs.get(START_POINTS_ATTR, {}))
+    lines = []
+    for p in points:
+        recorded.setdefault(str(p.spec), p.name)
+        if str(p.spec) in held:
+            lines.append(f"start point {p.name}: {p.spec} is already in the study")
+            continue
+        study.enqueue_trial(p.params or {}, user_attrs={START_ATTR: p.name, START_SPEC_ATTR: str(p.spec),
+                                                        START_IN_SPACE_ATTR: p.params is not None})
+        held.add(str(p.spec))
+        lines.append(f"start point {p.name}: {p.spec} ({p.text}) is trained first")
+    if recorded != study.user_attrs.get(START_POINTS_ATTR, {}):
+        study.set_user_attr(START_POINTS_ATTR, recorded)
+    return lines
+
+
+def start_names(study: optuna.Study) -> dict[str, str]:
+    """The study's start points: spec -> name (HAND_MADE or "given")."""
+    names = {t.user_attrs["spec"]: t.user_attrs[START_ATTR] for t in study.get_trials(deepcopy=False)
+             if START_ATTR in t.user_attrs and "spec" in t.user_attrs}
+    return {**names, **study.user_attrs.get(START_POINTS_ATTR, {})}
+
+
+def start_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """For each start point of the study (`start_names`), its best completed, scored trial within
+    the budget, whoever proposed it (the sampler may have trained the spec first)."""
+    names = start_names(study)
+    best: dict[str, FrozenTrial] = {}
+    for t in sorted(completed(study), key=lambda t: t.values[0], reverse=True):
+        if t.user_attrs["spec"] in names and is_feasible(t):
+            best.setdefault(t.user_attrs["spec"], t)
+    return [best[spec] for spec in names if spec in best]
 
 
 def retrain_candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:

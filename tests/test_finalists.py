@@ -144,7 +144,8 @@ def test_retrain_winner_keeps_the_finalist_of_best_validation_and_tests_only_it(
     assert lines[0] == ("start points, retrained whatever their trial score and kept only if best on validation: "
                         "trial 3 (hand-made, trial score 0.1)")
     assert f"retraining finalist 2 of 2 (hand-made start point): trial 3 ({D}) for 1 epochs" in lines
-    assert "start point" in write_report(study, tmp_path)[0].read_text().split("<h3>Finalists</h3>")[1]
+    finalists_html = write_report(study, tmp_path)[0].read_text().split("<h3>Finalists</h3>")[1].split("</table>")[0]
+    assert "<td>hand-made</td>" in finalists_html and "the study's start points" in finalists_html
 
 
 def test_retrain_command_with_finalists(e2e_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

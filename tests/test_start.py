@@ -3,18 +3,22 @@ and a search that trains them first, once per study."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 
-from nas_kd.arch import Spec
+from nas_kd.arch import Spec, build
 from nas_kd.cost import Budget
 from nas_kd.errors import InputError
+from nas_kd.latency import peak_activations
+from nas_kd.objective import may_prune
 from nas_kd.search import main
 from nas_kd.space import load_space
-from nas_kd.start import HAND_MADE, START_ATTR, enqueue, hand_made, scaled, spec_cost, start_points
+from nas_kd.start import HAND_MADE, START_ATTR, hand_made, scaled, space_params, spec_cost, start_points
+from nas_kd.study import START_POINTS_ATTR, enqueue_start_points, start_trials
 from nas_kd.teachers import teacher_spec
 from tests.conftest import search_cli
 
@@ -57,9 +61,83 @@ def test_start_points_in_the_space_carry_their_params_and_others_none() -> None:
     assert given.params == space.params_of(Spec.parse(GIVEN)) and given.text.endswith("in the search space")
 
 
+def test_the_hand_made_network_fits_a_memory_budget_and_needs_a_bound_to_scale_to() -> None:
+    budget = Budget(memory=20_000)
+    spec, text = hand_made(budget, SHAPE, CLASSES)
+    assert peak_activations(build(spec, SHAPE, CLASSES), SHAPE) <= 20_000
+    factor = float(text.split("x")[1].split(" ")[0])
+    bigger = scaled(teacher_spec("resnet20" if "20" in text else "resnet14" if "14" in text else "resnet8"), factor + 0.01)
+    assert peak_activations(build(bigger, SHAPE, CLASSES), SHAPE) > 20_000
+    # a measured latency bound alone: nothing to scale it to before the trials
+    assert hand_made(Budget(latency_ms=1.0), SHAPE, CLASSES) is None
+    points, skipped = start_points((HAND_MADE,), load_space("resnet"), Budget(latency_ms=1.0), SHAPE, CLASSES)
+    assert points == [] and skipped == ["start point hand-made: the budget has no MACs, params or memory bound to "
+                                        "scale it to (a measured latency bound is checked by the trials alone); left out"]
+
+
+def test_a_latency_table_prices_start_points_before_any_work() -> None:
+    space = load_space("resnet")
+
+    def table(spec: Spec) -> float:  # a table of the space: it cannot price a spec outside it
+        if space_params(space, spec) is None:
+            raise InputError(f"the latency table has no entry for a layer of {spec}")
+        return 0.5
+    budget = Budget(50_000_000, latency_ms=1.0)
+    points, skipped = start_points((HAND_MADE, GIVEN), space, budget, SHAPE, CLASSES, latency=table)
+    assert [p.spec for p in points] == [Spec.parse(GIVEN)]
+    assert skipped[0].startswith("start point hand-made: the latency table has no entry for a layer of c")
+    with pytest.raises(InputError, match=re.escape("--start-from c20|basic_d1_w20_s1_k3_e1: the latency table has no "
+                                                   "entry")):
+        start_points(("c20|basic_d1_w20_s1_k3_e1",), space, budget, SHAPE, CLASSES, latency=table)
+    with pytest.raises(InputError, match=r"latency_ms 2 > 1, over the budget"):
+        start_points((GIVEN,), space, budget, SHAPE, CLASSES, latency=lambda spec: 2.0)
+
+
+def test_a_start_point_is_one_per_spec_and_in_the_space_only_when_it_samples_back() -> None:
+    space = load_space("resnet")
+    made = "c20|basic_d3_w20_s1_k3_e1|basic_d3_w40_s2_k3_e1|basic_d3_w84_s2_k3_e1"
+    points, _ = start_points((HAND_MADE, made), space, Budget(50_000_000), SHAPE, CLASSES)
+    assert [(p.name, str(p.spec)) for p in points] == [(HAND_MADE, made)]  # the same student once
+    pruned = GIVEN.replace("basic_d1_w32_s2_k3_e1", "basic_d1_w32_s2_k3_e1_m12")  # a pruned internal width
+    (point,), _ = start_points((pruned,), space, Budget(50_000_000), SHAPE, CLASSES)
+    assert point.params is None and point.text.endswith("outside the search space")
+
+
+def test_a_given_start_point_under_the_budget_floor_is_refused() -> None:
+    with pytest.raises(InputError) as e:
+        start_points((GIVEN,), load_space("resnet"), Budget(50_000_000), SHAPE, CLASSES, floor=0.5)
+    assert str(e.value) == (f"--start-from {GIVEN}: uses 19% of the budget, under the budget floor (50%); give a "
+                            "larger student or lower --budget-floor")
+
+
+def test_a_start_point_is_never_pruned() -> None:
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(0, 0))
+    for value in (0.9, 0.8):
+        t = study.ask()
+        t.report(value, 1)
+        study.tell(t, value)
+    study.enqueue_trial({}, user_attrs={START_ATTR: HAND_MADE})
+    start, other = study.ask(), study.ask()
+    for t in (start, other):
+        t.report(0.1, 1)  # far below the median of the finished trials at this step
+    assert START_ATTR in start.user_attrs and not may_prune(start)
+    assert may_prune(other)
+
+
+def test_a_start_point_the_sampler_trained_first_is_still_the_start_point() -> None:
+    study = optuna.create_study(direction="maximize")
+    for spec, value in ((GIVEN, 0.7), ("c8|basic_d1_w8_s2_k3_e1", 0.8)):
+        study.add_trial(optuna.trial.create_trial(value=value, constraints={"macs": -0.5}, user_attrs={
+            "spec": spec, "macs": 1, "params": 1, "score": value}))
+    (point,), _ = start_points((GIVEN,), load_space("resnet"), Budget(50_000_000), SHAPE, CLASSES)
+    assert enqueue_start_points(study, [point]) == [f"start point given: {GIVEN} is already in the study"]
+    assert study.user_attrs[START_POINTS_ATTR] == {GIVEN: "given"}
+    assert [t.number for t in start_trials(study)] == [0]  # trial 0 trained it: it is the start point
+
+
 @pytest.mark.parametrize(("name", "message"), [
-    ("c16|basic_d9", "--start-from: bad stage 'basic_d9' in spec 'c16|basic_d9'"),
-    ("resnet20", "--start-from: bad spec 'resnet20': expected 'c<stem>|<stage>|...[|h<head>]'"),
+    ("c16|basic_d9", "--start-from c16|basic_d9: bad stage 'basic_d9' in spec 'c16|basic_d9'"),
+    ("resnet20", "--start-from resnet20: bad spec 'resnet20': expected 'c<stem>|<stage>|...[|h<head>]'"),
     (GIVEN, f"--start-from {GIVEN}: macs 9.346M > 5M, over the budget; give a student that fits"),
 ])
 def test_a_bad_start_point_is_refused(name: str, message: str) -> None:
@@ -79,7 +157,8 @@ def test_a_bad_start_point_on_the_command_line_is_one_line_and_exit_2(capsys, tm
 
 def test_a_search_trains_its_start_points_first_and_once_per_study(e2e_run: dict, tmp_path: Path) -> None:
     # scored by parameter count: nothing is trained, the plumbing is what is tested
-    args = ("--flops-budget", "12M", "--teachers", "resnet8", "--trials", "3", "--trial-score", "params",
+    args = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--subset", "300",
+            "--trials", "3", "--trial-score", "params",
             "--final-epochs", "0", "--seed", "3", "--no-onnx", "--quiet", "--start-from", HAND_MADE,
             "--start-from", GIVEN)
     study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], *args)
@@ -97,6 +176,6 @@ def test_a_search_trains_its_start_points_first_and_once_per_study(e2e_run: dict
     assert list(rows["start_point"].fillna(""))[:3] == [HAND_MADE, "given", ""]
     # resumed: the study holds both start points, so neither is enqueued (nor trained) again
     points, _ = start_points((HAND_MADE, GIVEN), load_space("resnet"), Budget(12_000_000), SHAPE, CLASSES)
-    assert enqueue(study, points) == [f"start point hand-made: {made} is already in the study",
+    assert enqueue_start_points(study, points) == [f"start point hand-made: {made} is already in the study",
                                       f"start point given: {GIVEN} is already in the study"]
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 0
