@@ -354,13 +354,13 @@ def start_names(study: optuna.Study) -> dict[str, str]:
 
 def start_trials(study: optuna.Study) -> list[FrozenTrial]:
     """For each start point of the study (`start_names`), its best completed, scored trial within
-    the budget, whoever proposed it (the sampler may have trained the spec first)."""
+    the budget, whoever proposed it (the sampler may have trained the spec first); best first."""
+    return _starts_among(study, finalists(study, len(study.trials)))
+
+
+def _starts_among(study: optuna.Study, ranked: list[FrozenTrial]) -> list[FrozenTrial]:
     names = start_names(study)
-    best: dict[str, FrozenTrial] = {}
-    for t in sorted(completed(study), key=lambda t: t.values[0], reverse=True):
-        if t.user_attrs["spec"] in names and is_feasible(t):
-            best.setdefault(t.user_attrs["spec"], t)
-    return [best[spec] for spec in names if spec in best]
+    return [t for t in ranked if t.user_attrs["spec"] in names]
 
 
 def retrain_candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:
@@ -368,6 +368,5 @@ def retrain_candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:
     every start point not among them. A start point is the search's baseline (what a person would
     pick, or a student the user gave): it is retrained whatever its brief trial scored, so the
     winner beats it after the full schedule or is it."""
-    best = finalists(study, k)
-    held = {t.user_attrs["spec"] for t in best}
-    return best + [t for t in start_trials(study) if t.user_attrs["spec"] not in held]
+    ranked = finalists(study, len(study.trials))  # one per spec, best first
+    return ranked[:k] + _starts_among(study, ranked[k:])
