@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import shutil
 import statistics
@@ -66,7 +67,7 @@ from nas_kd.losses import recipe_features  # noqa: E402
 from nas_kd.objective import was_trained  # noqa: E402
 from nas_kd.retrain import retrain  # noqa: E402
 from nas_kd.search import search  # noqa: E402
-from nas_kd.space import load_space  # noqa: E402
+from nas_kd.space import SearchSpace, load_space  # noqa: E402
 from nas_kd.study import pick_winner, retrain_candidates, study_training  # noqa: E402
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
 
@@ -84,13 +85,28 @@ LATER_KEYS = ("latency_budget_ms", "memory_budget", "latency_precision", "latenc
               "start_from")  # issue 9: a pick setting (PICK_KEYS)
 # keys that change only what a search picks, not a retrain or an untrained pick: in the pick's key
 # of the three searching methods instead, and only when not 0 (the value before the key existed)
-PICK_KEYS = ("budget_floor", "trials", "subset", "start_from")
+PICK_KEYS = ("budget_floor", "trials", "subset", "start_from", "search_space")
 SEARCHES = ("search", "random", "params", "finalists")
 # keys `pick` sets for its searches' run, or that leave their trials alone
 RUN_KEYS = ("final_epochs", "out_dir", "study_name", "finalists")
 
 
 CACHE_DIR = "studies/cache"  # the default --cache-dir, and the one every settings id records
+# the structure of the space every pick was drawn from before picks recorded theirs: the shipped
+# resnet space as it was until 2026-11-30, kept as benchmarks/spaces/resnet-se.yaml
+RECORDED_SPACE = "cfa18cd524dc"
+
+
+def space_digest(space: SearchSpace) -> str:
+    """What a space samples (stem, head and stage choices; not its name, file or description)."""
+    return hashlib.sha256(repr((space.stem, space.head, space.stages)).encode()).hexdigest()[:12]
+
+
+def space_setting(cfg: SearchConfig) -> str:
+    """The key suffix of every pick that depends on the search space (all but hand-made):
+    "|space-<digest>", or "" for the recorded space (the keys of before spaces were recorded)."""
+    digest = space_digest(load_space(cfg.search_space))
+    return "" if digest == RECORDED_SPACE else f"|space-{digest}"
 
 
 def config_json(cfg: SearchConfig) -> str:
@@ -115,11 +131,12 @@ def pick_settings(cfg: SearchConfig) -> str:
             + "".join(f"|start-{name}" for name in cfg.start_from))
 
 
-def pick_key(budget: int, method: str, seed: int, sid: str, searching: str = "", finalists: int = 3) -> str:
-    """The results key of a pick: the searches' with their `pick_settings`, the finalists' with their
-    number."""
+def pick_key(budget: int, method: str, seed: int, sid: str, searching: str = "", finalists: int = 3,
+             space: str = "") -> str:
+    """The results key of a pick: the searches' with their `pick_settings`, every pick drawn from the
+    space with its `space_setting`, the finalists' with their number."""
     return (f"{budget}|{method}|{seed}|{sid}" + (searching if method in SEARCHES else "")
-            + (f"|k{finalists}" if method == "finalists" else ""))
+            + (space if method != "hand-made" else "") + (f"|k{finalists}" if method == "finalists" else ""))
 
 
 def hand_made(budget: Budget, dataset: Dataset) -> Spec:
@@ -208,6 +225,9 @@ def main() -> None:
     parser.add_argument("--start-from", nargs="*", default=list(SearchConfig().start_from), metavar="hand-made|SPEC",
                         help="the searches' --start-from (default: the search's); their studies go in a folder of "
                              "their own")
+    parser.add_argument("--search-space", default=SearchConfig().search_space, metavar="NAME|YAML",
+                        help="the space the searches and the largest spec draw from (default: the search's); "
+                             "picks from another space than the recorded one are kept apart (|space-<digest>)")
     parser.add_argument("--finalists", type=int, default=3, metavar="K",
                         help="how many of the search's best trials the finalists method retrains (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -220,17 +240,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = ResultsFile(args.results)
     base = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir, budget_floor=args.budget_floor,
-                        trials=args.trials, subset=args.subset, start_from=tuple(args.start_from))
-    searching = pick_settings(base)
+                        trials=args.trials, subset=args.subset, start_from=tuple(args.start_from),
+                        search_space=args.search_space)
+    searching, space = pick_settings(base), space_setting(base)
     dataset = load_dataset(base.dataset)
     ensemble: Ensemble | None = None
     targets: CachedTargets | None = None
     settings = {"dataset": dataset.fingerprint(), "config": config_json(base), "methods": "v1"}
     sid = settings_id(settings)
     # searches with other pick settings keep their studies apart: an unfinished one is deleted
-    work = args.work / format_count(args.budget) / searching.replace("|", "-").strip("-")
+    work = args.work / format_count(args.budget) / (searching + space).replace("|", "-").strip("-")
     print(f"budget {format_count(args.budget)} MACs; searches' budget floor {args.budget_floor:g}, trials "
-          f"{args.trials}, subset {args.subset}, start from {args.start_from or 'nothing'}; seeds {args.seeds}; "
+          f"{args.trials}, subset {args.subset}, start from {args.start_from or 'nothing'}; space "
+          f"{load_space(base.search_space).name}{space or ' (the recorded one)'}; seeds {args.seeds}; "
           f"{machine()}", flush=True)
 
     def retrained(spec: Spec, seed: int, cfg: SearchConfig, method: str) -> dict[str, Any]:
@@ -254,7 +276,7 @@ def main() -> None:
     for seed in [] if args.table_only else args.seeds:
         cfg = dataclasses.replace(base, seed=seed)
         for method in args.methods:
-            key = pick_key(args.budget, method, seed, sid, searching, args.finalists)
+            key = pick_key(args.budget, method, seed, sid, searching, args.finalists, space)
             if results.get("picks", key) is None:
                 start = time.perf_counter()
                 if method == "finalists":
@@ -262,7 +284,7 @@ def main() -> None:
                     spec, extra = pick_finalists(study, args.finalists,
                                                  functools.partial(retrained, seed=seed, cfg=cfg, method=method))
                     # the pick's time: its search (as recorded when it ran) and its finalists' retrains
-                    searched = results.get("picks", pick_key(args.budget, "search", seed, sid, searching))
+                    searched = results.get("picks", pick_key(args.budget, "search", seed, sid, searching, space=space))
                     seconds = (search_seconds or (searched or {}).get("pick_seconds", float("nan"))) + sum(
                         f["retrain_seconds"] for f in extra["finalists"])
                 else:
@@ -280,7 +302,7 @@ def main() -> None:
     for method in args.methods:
         rows = []
         for seed in args.seeds:
-            p = results.get("picks", pick_key(args.budget, method, seed, sid, searching, args.finalists))
+            p = results.get("picks", pick_key(args.budget, method, seed, sid, searching, args.finalists, space))
             r = p and results.get("retrains", f"{p['spec']}|{seed}|{sid}")
             if r:
                 rows.append((r["test_acc"], r["val_acc"], r["macs"], p["pick_seconds"]))
