@@ -3,7 +3,8 @@
     python benchmarks/trial_scores.py --budget 50M --specs 30
     python benchmarks/trial_scores.py --budget 5M --specs 20
 
-It draws `--specs` seeded random students of the default search space under `--budget` MACs and,
+It draws `--specs` seeded random students of a search space (`--search-space`; by default the one
+every recorded table drew from, `benchmarks/spaces/resnet-se.yaml`) under `--budget` MACs and,
 for each, its **reference**: validation accuracy after the search's final retrain (the default
 `--final-epochs` and recipe, from the default teachers) on `--reference-images` training images
 (the whole training split with 0). Then it computes every trial score of the search on the same
@@ -21,7 +22,9 @@ images, half the default's training. With `--table-only`, `--ceiling N ...` simu
 N trials drawn from the students, picking by the default score, by the half-cost score (2N
 trials: the same training; and as many as take the same wall time), by params, by macs and by
 the reference itself (a perfect score), against the baselines' references: what bounds a search
-of N trials.
+of N trials. `--choices` (with `--table-only`) regresses the reference on the students' cost and
+each design choice in turn: what squeeze-excite, kernel 5, bottleneck blocks, depth and the stem
+are worth at equal MACs and params (design-space refinement, Radosavovic et al. 2020).
 
 References and scores are kept in `benchmarks/results/trial_scores.json`, keyed by spec and a
 digest of the settings that determine them, so a killed run goes on where it stopped and a
@@ -215,6 +218,8 @@ SCHEDULES = ((2, 4000), (1, 8000), (4, 2000))  # (epochs, images) of about equal
 # here; a search with --subset 2000 raises it to 4 epochs (a trial makes --min-steps / 20 steps, 60 by default;
 # 2 x 2000 is 30) unless run with --min-steps 600 or less
 HALF_COST = (2, 2000)
+# the space every recorded table drew its students from: the shipped resnet space until 2026-11-30
+RECORDED_SPACE = Path(__file__).parent / "spaces" / "resnet-se.yaml"
 
 
 def trial_settings(bench: Bench, what: str, **extra: Any) -> dict[str, Any]:
@@ -411,6 +416,44 @@ def size_line(bench: Bench, rows: dict[str, tuple[list[float], list[float]]], re
             f"the reference {100 * slope(doublings, reference):+.2f} points")
 
 
+CHOICES: dict[str, Callable[[Spec], float]] = {
+    "squeeze-excite stages": lambda spec: sum(s.se for s in spec.stages),
+    "kernel-5 stages": lambda spec: sum(s.kernel == 5 for s in spec.stages),
+    "bottleneck stages": lambda spec: sum(s.block == "bottleneck" for s in spec.stages),
+    "blocks": lambda spec: sum(s.depth for s in spec.stages),
+    "stem channels / 8": lambda spec: spec.stem / 8,
+}
+
+
+def choice_lines(specs: list[tuple[Spec, Cost]], reference: list[float], draws: int = 2000) -> list[str]:
+    """What each design choice is worth at equal cost, the question of design-space refinement
+    (Radosavovic et al., "Designing Network Design Spaces", CVPR 2020): the reference regressed
+    (least squares) on log2 MACs, log2 params and the count of one choice in the spec, one choice
+    at a time; the choice's coefficient in points, with the 5th-95th percentile of `draws`
+    bootstrap resamples of the students."""
+    import numpy as np
+
+    y = 100 * np.array(reference)
+    cost = np.array([[1.0, math.log2(c.macs), math.log2(c.params)] for _, c in specs])
+    out = [f"\n| choice, at equal MACs and params ({len(specs)} students) | points per unit [90% bootstrap] | "
+           "students with it |", "|---|---|---|"]
+    rng = np.random.default_rng(0)
+    for name, feature in CHOICES.items():
+        x = np.array([feature(s) for s, _ in specs], dtype=float)
+        if x.std() == 0:
+            continue
+        design = np.c_[cost, x]
+        coef = np.linalg.lstsq(design, y, rcond=None)[0][-1]
+        boot = []
+        for _ in range(draws):
+            i = rng.integers(0, len(y), len(y))
+            if np.linalg.matrix_rank(design[i]) == design.shape[1]:
+                boot.append(np.linalg.lstsq(design[i], y[i], rcond=None)[0][-1])
+        low, high = np.percentile(boot, [5, 95])
+        out.append(f"| {name} | {coef:+.2f} [{low:+.2f}, {high:+.2f}] | {int((x > 0).sum())} |")
+    return out
+
+
 def floor_lines(bench: Bench, specs: list[tuple[Spec, Cost]], rows: dict[str, tuple[list[float], list[float]]],
                 reference: list[float], floor: float, trials: int = 10, draws: int = 2000) -> list[str]:
     """What the search's budget floor `floor` (--budget-floor) does on these students: the mean reference below and
@@ -570,6 +613,11 @@ def main() -> None:
                              "the scores and by the reference itself, against the baselines' references")
     parser.add_argument("--budget-floor", type=float, default=0.5,
                         help="the search's --budget-floor whose effect on these students is printed")
+    parser.add_argument("--choices", action="store_true", help="with --table-only: what each design choice (squeeze-"
+                        "excite, kernel 5, bottleneck blocks, depth, stem) is worth at equal MACs and params")
+    parser.add_argument("--search-space", default=str(RECORDED_SPACE), metavar="NAME|YAML",
+                        help="the space the students are drawn from (default: the one every recorded table drew "
+                             "from, the shipped resnet space until 2026-11-30)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
     parser.add_argument("--results", type=Path, default=RESULTS / "trial_scores.json")
@@ -589,7 +637,7 @@ def main() -> None:
     def log(message: str) -> None:
         print(message, flush=True)
 
-    cfg = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir)
+    cfg = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir, search_space=args.search_space)
     dataset = load_dataset(cfg.dataset)
     space = load_space(cfg.search_space)
     budget = Budget(cfg.flops_budget, cfg.params_budget)
@@ -614,6 +662,9 @@ def main() -> None:
         log(size_line(bench, rows, reference))
         for line in floor_lines(bench, have, rows, reference, args.budget_floor):
             log(line)
+        if args.choices:
+            for line in choice_lines(have, reference):
+                log(line)
         baselines = {}
         if args.baselines or args.ceiling:
             baselines = baseline_references(bench, specs, args.reference_images, args.seed, log, compute=False)
