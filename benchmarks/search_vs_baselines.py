@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import shutil
 import statistics
@@ -63,11 +62,12 @@ from nas_kd.config import SearchConfig  # noqa: E402
 from nas_kd.cost import Budget, count, format_count, parse_count  # noqa: E402
 from nas_kd.data import BatchIterator, Dataset, load_dataset  # noqa: E402
 from nas_kd.export import student_metrics  # noqa: E402
+from nas_kd.latency import space_fingerprint  # noqa: E402
 from nas_kd.losses import recipe_features  # noqa: E402
 from nas_kd.objective import was_trained  # noqa: E402
 from nas_kd.retrain import retrain  # noqa: E402
 from nas_kd.search import search  # noqa: E402
-from nas_kd.space import SearchSpace, load_space  # noqa: E402
+from nas_kd.space import load_space  # noqa: E402
 from nas_kd.study import pick_winner, retrain_candidates, study_training  # noqa: E402
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
 
@@ -94,18 +94,14 @@ RUN_KEYS = ("final_epochs", "out_dir", "study_name", "finalists")
 CACHE_DIR = "studies/cache"  # the default --cache-dir, and the one every settings id records
 # the structure of the space every pick was drawn from before picks recorded theirs: the shipped
 # resnet space as it was until 2026-11-30, kept as benchmarks/spaces/resnet-se.yaml
-RECORDED_SPACE = "cfa18cd524dc"
-
-
-def space_digest(space: SearchSpace) -> str:
-    """What a space samples (stem, head and stage choices; not its name, file or description)."""
-    return hashlib.sha256(repr((space.stem, space.head, space.stages)).encode()).hexdigest()[:12]
+RECORDED_SPACE = "782e21e08f15"  # its nas_kd.latency.space_fingerprint
 
 
 def space_setting(cfg: SearchConfig) -> str:
     """The key suffix of every pick that depends on the search space (all but hand-made):
-    "|space-<digest>", or "" for the recorded space (the keys of before spaces were recorded)."""
-    digest = space_digest(load_space(cfg.search_space))
+    "|space-<fingerprint>" (what the space samples, not its name or file), or "" for the recorded
+    space (the keys of before spaces were recorded)."""
+    digest = space_fingerprint(load_space(cfg.search_space))
     return "" if digest == RECORDED_SPACE else f"|space-{digest}"
 
 
@@ -227,7 +223,7 @@ def main() -> None:
                              "their own")
     parser.add_argument("--search-space", default=SearchConfig().search_space, metavar="NAME|YAML",
                         help="the space the searches and the largest spec draw from (default: the search's); "
-                             "picks from another space than the recorded one are kept apart (|space-<digest>)")
+                             "picks from another space than the recorded one are kept apart (|space-<fingerprint>)")
     parser.add_argument("--finalists", type=int, default=3, metavar="K",
                         help="how many of the search's best trials the finalists method retrains (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
