@@ -62,7 +62,6 @@ from nas_kd.config import SearchConfig  # noqa: E402
 from nas_kd.cost import Budget, count, format_count, parse_count  # noqa: E402
 from nas_kd.data import BatchIterator, Dataset, load_dataset  # noqa: E402
 from nas_kd.export import student_metrics  # noqa: E402
-from nas_kd.latency import space_fingerprint  # noqa: E402
 from nas_kd.losses import recipe_features  # noqa: E402
 from nas_kd.objective import was_trained  # noqa: E402
 from nas_kd.retrain import retrain  # noqa: E402
@@ -94,14 +93,14 @@ RUN_KEYS = ("final_epochs", "out_dir", "study_name", "finalists")
 CACHE_DIR = "studies/cache"  # the default --cache-dir, and the one every settings id records
 # the structure of the space every pick was drawn from before picks recorded theirs: the shipped
 # resnet space as it was until 2026-11-30, kept as benchmarks/spaces/resnet-se.yaml
-RECORDED_SPACE = "782e21e08f15"  # its nas_kd.latency.space_fingerprint
+RECORDED_SPACE = "782e21e08f15"  # its SearchSpace.fingerprint()
 
 
 def space_setting(cfg: SearchConfig) -> str:
     """The key suffix of every pick that depends on the search space (all but hand-made):
     "|space-<fingerprint>" (what the space samples, not its name or file), or "" for the recorded
     space (the keys of before spaces were recorded)."""
-    digest = space_fingerprint(load_space(cfg.search_space))
+    digest = load_space(cfg.search_space).fingerprint()
     return "" if digest == RECORDED_SPACE else f"|space-{digest}"
 
 

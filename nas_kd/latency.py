@@ -37,7 +37,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
 import io
 import itertools
 import json
@@ -337,13 +336,6 @@ def space_layers(space: SearchSpace, input_shape: tuple[int, int, int], num_clas
     return list(found.values())
 
 
-def space_fingerprint(space: SearchSpace) -> str:
-    """A short hash of the space's choices (not its file name or description): a table is valid
-    for exactly these."""
-    choices = {"stem": space.stem, "head": space.head, "stages": [dataclasses.asdict(s) for s in space.stages]}
-    return hashlib.sha1(json.dumps(choices, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def noop_model(input_shape: tuple[int, int, int]) -> bytes:
     """An ONNX model that copies its (1, C, H, W) input: its run time is ONNX Runtime's per-call overhead."""
     import onnx
@@ -413,7 +405,7 @@ def export_blocks(space: SearchSpace, input_shape: tuple[int, int, int], num_cla
               f"network{i:02d}", nets, str(spec))
     if networks:
         progress(f"exported {len(nets[precisions[0]])} calibration networks")
-    manifest = {"format": time_blocks.MANIFEST_FORMAT, "space": space.name, "space_fingerprint": space_fingerprint(space),
+    manifest = {"format": time_blocks.MANIFEST_FORMAT, "space": space.name, "space_fingerprint": space.fingerprint(),
                 "input_shape": list(input_shape), "num_classes": num_classes, "noop": noop, "opset": OPSET,
                 "exporter": EXPORTER, "files": files, "networks": nets}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -459,7 +451,7 @@ class LatencyTable:
                              "written by time_blocks.py)")
         made = (data.get("space"), data.get("space_fingerprint"), tuple(data.get("input_shape") or ()),
                 data.get("num_classes"))
-        want = (space.name, space_fingerprint(space), tuple(input_shape), num_classes)
+        want = (space.name, space.fingerprint(), tuple(input_shape), num_classes)
         if made != want:
             raise InputError(f"latency table {path} was made for space {made[0]!r} (fingerprint {made[1]}), input "
                              f"{'x'.join(map(str, made[2]))}, {made[3]} classes; this search has space {want[0]!r} "

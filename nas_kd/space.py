@@ -19,8 +19,10 @@ and not shown to Optuna; a list is a categorical choice named `s<i>_<field>` (`s
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,12 @@ class SearchSpace:
                 put(f"s{i}_expand", s.expand, st.expand)
             put(f"s{i}_se", s.se, st.se)
         return params
+
+    def fingerprint(self) -> str:
+        """A short hash of the space's choices (not its name, file or description): what a latency
+        table is valid for, and what a study of a shipped space records besides its name."""
+        choices = {"stem": self.stem, "head": self.head, "stages": [asdict(s) for s in self.stages]}
+        return hashlib.sha1(json.dumps(choices, sort_keys=True).encode()).hexdigest()[:12]
 
     def size(self) -> int:
         """How many distinct specs the space holds."""

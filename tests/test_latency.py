@@ -32,7 +32,6 @@ from nas_kd.latency import (
     parse_bytes,
     parse_latency,
     peak_activations,
-    space_fingerprint,
     space_layers,
     spec_layers,
     to_onnx,
@@ -383,7 +382,7 @@ def fake_table(tmp_path: Path, space, networks: dict[str, float] | None) -> Path
     "networks" key at all when `networks` is None, as tables made before calibration)."""
     keys = {layer.key() for layer in space_layers(space, (1, 12, 12), 4)}
     entries = {**{k: 0.1 for k in keys}, "noop:1x12x12": 0.01}
-    data = {"format": time_blocks.TABLE_FORMAT, "space": space.name, "space_fingerprint": space_fingerprint(space),
+    data = {"format": time_blocks.TABLE_FORMAT, "space": space.name, "space_fingerprint": space.fingerprint(),
             "input_shape": [1, 12, 12], "num_classes": 4, "noop": "noop:1x12x12", "entries": {"fp32": entries}}
     if networks is not None:
         data["networks"] = {"fp32": networks}
