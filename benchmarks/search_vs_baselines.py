@@ -91,8 +91,7 @@ RUN_KEYS = ("final_epochs", "out_dir", "study_name", "finalists")
 
 
 CACHE_DIR = "studies/cache"  # the default --cache-dir, and the one every settings id records
-# the structure of the space every pick was drawn from before picks recorded theirs: the shipped
-# resnet space as it was until 2026-11-30, kept as benchmarks/spaces/resnet-se.yaml
+# the space every pick was drawn from before picks recorded theirs: the shipped resnet space
 RECORDED_SPACE = "782e21e08f15"  # its SearchSpace.fingerprint()
 
 

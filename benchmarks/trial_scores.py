@@ -3,8 +3,8 @@
     python benchmarks/trial_scores.py --budget 50M --specs 30
     python benchmarks/trial_scores.py --budget 5M --specs 20
 
-It draws `--specs` seeded random students of a search space (`--search-space`; by default the one
-every recorded table drew from, `benchmarks/spaces/resnet-se.yaml`) under `--budget` MACs and,
+It draws `--specs` seeded random students of the default search space (or `--search-space`) under
+`--budget` MACs and,
 for each, its **reference**: validation accuracy after the search's final retrain (the default
 `--final-epochs` and recipe, from the default teachers) on `--reference-images` training images
 (the whole training split with 0). Then it computes every trial score of the search on the same
@@ -218,8 +218,6 @@ SCHEDULES = ((2, 4000), (1, 8000), (4, 2000))  # (epochs, images) of about equal
 # here; a search with --subset 2000 raises it to 4 epochs (a trial makes --min-steps / 20 steps, 60 by default;
 # 2 x 2000 is 30) unless run with --min-steps 600 or less
 HALF_COST = (2, 2000)
-# the space every recorded table drew its students from: the shipped resnet space until 2026-11-30
-RECORDED_SPACE = Path(__file__).parent / "spaces" / "resnet-se.yaml"
 
 
 def trial_settings(bench: Bench, what: str, **extra: Any) -> dict[str, Any]:
@@ -615,9 +613,8 @@ def main() -> None:
                         help="the search's --budget-floor whose effect on these students is printed")
     parser.add_argument("--choices", action="store_true", help="with --table-only: what each design choice (squeeze-"
                         "excite, kernel 5, bottleneck blocks, depth, stem) is worth at equal MACs and params")
-    parser.add_argument("--search-space", default=str(RECORDED_SPACE), metavar="NAME|YAML",
-                        help="the space the students are drawn from (default: the one every recorded table drew "
-                             "from, the shipped resnet space until 2026-11-30)")
+    parser.add_argument("--search-space", default=SearchConfig().search_space, metavar="NAME|YAML",
+                        help="the space the students are drawn from (default: the search's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache-dir", default="studies/cache", help="where the teachers are cached (the search's)")
     parser.add_argument("--results", type=Path, default=RESULTS / "trial_scores.json")
