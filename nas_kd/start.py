@@ -62,6 +62,11 @@ def checkable(budget: Budget, latency: Callable[[Spec], float] | None) -> Budget
     return replace(budget, latency_ms=budget.latency_ms if latency is not None else None)
 
 
+def scalable(bounds: Budget) -> bool:
+    """Whether `bounds` (from `checkable`) has a bound the hand-made network can be scaled to."""
+    return any(getattr(bounds, k) is not None for k in ("macs", "params", "memory", "latency_ms"))
+
+
 def spec_facts(spec: Spec, bounds: Budget, input_shape: tuple[int, int, int], num_classes: int,
                latency: Callable[[Spec], float] | None = None) -> Cost:
     """`spec`'s MACs and params, and its peak memory and latency where `bounds` has those bounds
@@ -94,7 +99,7 @@ def hand_made(budget: Budget, input_shape: tuple[int, int, int], num_classes: in
     be scaled to (MACs, params, peak memory, or a latency `latency` prices). Raises InputError when
     `latency` cannot price it."""
     bounds = checkable(budget, latency)
-    if all(getattr(bounds, k) is None for k in ("macs", "params", "memory", "latency_ms")):
+    if not scalable(bounds):
         return None
 
     def fits(spec: Spec) -> bool:
@@ -145,13 +150,13 @@ def start_points(names: tuple[str, ...], space: SearchSpace, budget: Budget, inp
                 skipped.append(f"start point {HAND_MADE}: {e}; left out")
                 continue
             if found is None:
-                scalable = any(getattr(bounds, k) is not None for k in ("macs", "params", "memory", "latency_ms"))
                 skipped.append(f"start point {HAND_MADE}: " + (
-                    f"no width of ResNet-8 fits {bounds}" if scalable else
+                    f"no width of ResNet-8 fits {bounds}" if scalable(bounds) else
                     "the budget has no MACs, params or memory bound to scale it to (a measured latency bound is "
                     "checked by the trials alone)") + "; left out")
                 continue
             spec, text = found
+            cost = spec_cost(spec, input_shape, num_classes)
         else:
             try:
                 spec = Spec.parse(name)
@@ -167,7 +172,6 @@ def start_points(names: tuple[str, ...], space: SearchSpace, budget: Budget, inp
             text = "given"
         if any(p.spec == spec for p in points):
             continue
-        cost = spec_cost(spec, input_shape, num_classes)
         params = space_params(space, spec)
         where = "in the search space" if params is not None else "outside the search space"
         points.append(StartPoint(name if name == HAND_MADE else "given", spec, params,
