@@ -366,13 +366,15 @@ def calibration_specs(space: SearchSpace, input_shape: tuple[int, int, int], num
 
 def export_blocks(space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int, out: Path,
                   precisions: tuple[str, ...] = ("fp32",), progress: Callable[[str], None] = log,
-                  networks: int = CALIBRATION_NETWORKS) -> dict[str, Any]:
+                  networks: int = CALIBRATION_NETWORKS, extra: list[Spec] | tuple[Spec, ...] = ()) -> dict[str, Any]:
     """Write every layer of `space` as its own ONNX model of batch 1 under `out`, and `networks`
     whole calibration networks (`calibration_specs`), with `manifest.json` and a copy of the
-    stand-alone timing script; returns the manifest."""
+    stand-alone timing script; returns the manifest. The layers of the `extra` specs are added, so
+    the table also prices students outside the space (the hand-made family, `nas_kd.start.family_specs`)."""
     require_runtime()
     out.mkdir(parents=True, exist_ok=True)
-    layers = space_layers(space, input_shape, num_classes)
+    layers = list({layer.key(): layer for layer in space_layers(space, input_shape, num_classes)
+                   + [layer for spec in extra for layer in spec_layers(spec, input_shape, num_classes)]}.values())
     noop = f"noop:{'x'.join(map(str, input_shape))}"
     files: dict[str, dict[str, str]] = {p: {} for p in precisions}
     for precision in precisions:

@@ -38,6 +38,11 @@ from nas_kd.teachers import teacher_spec
 HAND_MADE = "hand-made"
 HAND_MADE_BASES = ("resnet20", "resnet14", "resnet8")  # deepest first
 WIDTH_STEPS = 300  # width factors 0.01, 0.02, ... 3.00
+# the hand-made family (DESIGN.md): the ResNets above and MobileNetV2 with CIFAR strides
+# (Sandler et al. 2018), each with the width step it is scaled by; MobileNetV2's coarser step
+# (0.05, up to 2.00) keeps the layers a latency table must hold for it at about 400
+FAMILY_STEPS = {"resnet20": (0.01, WIDTH_STEPS), "resnet14": (0.01, WIDTH_STEPS), "resnet8": (0.01, WIDTH_STEPS),
+                "mobilenetv2": (0.05, 40)}
 
 START_ATTR = "start_point"  # of a start trial: "hand-made", or "given" (a spec passed in)
 START_SPEC_ATTR = "start_spec"  # its spec, as text
@@ -77,18 +82,46 @@ def spec_facts(spec: Spec, bounds: Budget, input_shape: tuple[int, int, int], nu
                    latency_ms=latency(spec) if bounds.latency_ms is not None and latency is not None else None)
 
 
-def fitting_factor(base: Spec, fits: Callable[[Spec], bool]) -> float:
-    """The largest width factor (0.01 to 3, step 0.01) at which `fits(scaled(base, factor))` (0:
-    none does). Widths never shrink as the factor grows, nor do MACs, params and peak memory, so a
-    bisection finds it in about 9 checks (a table's latency grows with width too, all but exactly)."""
-    lo, hi = 0, WIDTH_STEPS  # steps: lo fits (0 = none), every step above hi does not
+def fitting_factor(base: Spec, fits: Callable[[Spec], bool], step: float = 0.01, steps: int = WIDTH_STEPS) -> float:
+    """The largest width factor (step, 2 step, ... steps x step) at which `fits(scaled(base,
+    factor))` (0: none does). Widths never shrink as the factor grows, nor do MACs, params and peak
+    memory, so a bisection finds it in about 9 checks (a table's latency grows with width too, all
+    but exactly)."""
+    lo, hi = 0, steps  # steps: lo fits (0 = none), every step above hi does not
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(scaled(base, mid / 100)):
+        if fits(scaled(base, round(mid * step, 2))):
             lo = mid
         else:
             hi = mid - 1
-    return lo / 100
+    return round(lo * step, 2)
+
+
+def family_specs(name: str) -> list[Spec]:
+    """Every width of the hand-made family member `name` its scaling can produce (the layers a
+    latency table needs to price it: `nas_kd.latency.export_blocks(extra=...)`)."""
+    step, steps = FAMILY_STEPS[name]
+    return list(dict.fromkeys(scaled(teacher_spec(name), round(k * step, 2)) for k in range(1, steps + 1)))
+
+
+def family(budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
+           latency: Callable[[Spec], float] | None = None) -> dict[str, tuple[Spec, float]]:
+    """Each member of the hand-made family at the largest width that fits the budget, with its width
+    factor; members of which no width fits are left out. Raises InputError when `latency` cannot
+    price a member (a table without the family's layers)."""
+    bounds = checkable(budget, latency)
+    if not scalable(bounds):
+        return {}
+
+    def fits(spec: Spec) -> bool:
+        return bounds.fits(spec_facts(spec, bounds, input_shape, num_classes, latency))
+
+    found = {}
+    for name, (step, steps) in FAMILY_STEPS.items():
+        factor = fitting_factor(teacher_spec(name), fits, step, steps)
+        if factor > 0:
+            found[name] = (scaled(teacher_spec(name), factor), factor)
+    return found
 
 
 def hand_made(budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
