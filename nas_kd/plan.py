@@ -1,0 +1,139 @@
+"""The time budget: how a run given `--time-budget 30m` splits its time between the search and the retrain.
+
+Users of AutoML tools state the time they have, not counts (auto-sklearn's
+`time_left_for_this_task`, FLAML's `time_budget`, AutoGluon's `time_limit`). A run plans from
+costs it measures on this machine: the seconds already spent (teachers, target caching), a
+trial's seconds (first from timed steps of a student of the budget's size, then the mean of the
+trials that finished), a retrain epoch's seconds (timed steps of the student to retrain), and a
+fixed allowance for the test, export and report. The search gets `search_share` of what is
+left after that allowance; the retrain gets the rest, in whole epochs.
+
+Everything here is arithmetic on seconds: the pipeline measures, this module decides, and the
+tests drive it with a fake clock and fake costs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from nas_kd.errors import InputError
+
+# the share of the planned time the search gets; the rest goes to the retrain (BENCHMARKS.md,
+# "Time budget": the split measured at the default budget)
+SEARCH_SHARE = 0.3
+MIN_EPOCHS = 1  # a retrain shorter than this is not a retrain
+EXPORT_SECONDS = 60.0  # test, ONNX and int8 export, report: about 30-50 s for a 50M student here
+TIMED_STEPS = 8  # optimizer steps timed to price a trial or a retrain epoch (after WARMUP_STEPS)
+WARMUP_STEPS = 2
+
+_DURATION = re.compile(r"^\s*(?:(?P<h>\d+(?:\.\d+)?)h)?\s*(?:(?P<m>\d+(?:\.\d+)?)m)?\s*(?:(?P<s>\d+(?:\.\d+)?)s)?\s*$")
+
+
+def parse_duration(text: str, what: str = "--time-budget") -> float:
+    """'90s', '30m', '2h', '1h30m', '1.5h' -> seconds. A unit is required: s, m or h."""
+    m = _DURATION.match(str(text))
+    seconds = math.nan
+    if m and any(m.group(k) for k in "hms"):
+        seconds = sum(float(m.group(k) or 0) * scale for k, scale in (("h", 3600), ("m", 60), ("s", 1)))
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InputError(f"{what} {text!r} is not a duration; use a number with s, m or h, e.g. 90s, 30m, 2h "
+                         "or 1h30m")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the plan line shows them: '45s', '290s', '18m', '1h05m' (seconds under ten minutes)."""
+    seconds = max(0.0, seconds)
+    if seconds < 600:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60)
+    return f"{minutes}m" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the run measured, in seconds."""
+
+    spent: float  # before planning: dataset, teachers, target caching
+    trial: float  # one trial
+    epoch: float  # one retrain epoch
+    export: float = EXPORT_SECONDS  # test, export and report after the retrain
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the budget is spent: the search's seconds and trials, the retrain's seconds and epochs."""
+
+    budget: float
+    spent: float
+    search: float
+    trials: int  # trials the study should hold when the search ends (those it held before included)
+    retrain: float
+    epochs: int
+    export: float
+
+    def line(self, new_trials: int) -> str:
+        return (f"time budget {format_duration(self.budget)} on this machine: "
+                + (f"{format_duration(self.spent)} spent on setup, " if self.spent >= 1 else "")
+                + f"search ~{format_duration(self.search)} (~{new_trials} trials), retrain "
+                f"~{format_duration(self.retrain)} (~{self.epochs} epochs), export ~{format_duration(self.export)}")
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def least_budget(costs: Costs, trials: int = 1) -> float:
+    """The smallest budget that fits what was already spent, `trials` trials, a minimal retrain and the export."""
+    return costs.spent + trials * costs.trial + MIN_EPOCHS * costs.epoch + costs.export
+
+
+def make_plan(budget: float, costs: Costs, search_share: float = SEARCH_SHARE, trials: int | None = None,
+              epochs: int | None = None, held: int = 0) -> Plan:
+    """Split `budget` seconds. `trials` / `epochs` given explicitly override their part of the
+    plan (the other part gets what is left); `held` trials' worth the study already holds (a
+    resumed study) count towards the plan's trials and cost nothing more. A budget too small for
+    one new trial (when the study holds none) and a minimal retrain is refused, naming the least
+    that works."""
+    if not 0 < search_share < 1:
+        raise InputError(f"the search's share of the time budget must be in (0, 1), got {search_share}")
+    need = 0 if held or trials is not None else 1
+    if epochs is None and trials is None and budget < least_budget(costs, need):
+        raise InputError(f"--time-budget {format_duration(budget)} is too small on this machine: "
+                         f"{format_duration(costs.spent)} of setup, {need} trial of ~{costs.trial:.0f}s, "
+                         f"{MIN_EPOCHS} retrain epoch of ~{costs.epoch:.0f}s and ~{costs.export:.0f}s of export need "
+                         f"at least {format_duration(least_budget(costs, need))}; give more or pass --trials and "
+                         "--final-epochs")
+    left = max(0.0, budget - costs.spent - costs.export)
+    if trials is not None:
+        search = max(0, trials - held) * costs.trial
+    elif epochs is not None:
+        search = max(0.0, left - epochs * costs.epoch)
+    else:
+        search = max(costs.trial * need, search_share * left)
+    new = math.floor(search / costs.trial + 1e-9) if trials is None else max(0, trials - held)
+    if trials is None:
+        search = new * costs.trial
+    if epochs is None:
+        epochs = max(MIN_EPOCHS, math.floor((left - search) / costs.epoch + 1e-9))
+    return Plan(budget, costs.spent, search, held + new, epochs * costs.epoch, epochs, costs.export)
+
+
+def epochs_left(budget: float, elapsed: float, epoch: float, export: float = EXPORT_SECONDS) -> int:
+    """Retrain epochs that fit what is left of `budget` after `elapsed` seconds, keeping `export`
+    for the end (at least MIN_EPOCHS: a run past its budget still hands over a trained student)."""
+    return max(MIN_EPOCHS, math.floor((budget - elapsed - export) / epoch + 1e-9))
+
+
+class Clock:
+    """Seconds since the run started; the tests pass a fake `now`."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter):
+        self.now = now
+        self.start = now()
+
+    def elapsed(self) -> float:
+        return self.now() - self.start

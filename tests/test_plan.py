@@ -1,0 +1,79 @@
+"""The time budget's arithmetic (nas_kd.plan), driven by fake costs and a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from nas_kd.errors import InputError
+from nas_kd.plan import Clock, Costs, epochs_left, format_duration, least_budget, make_plan, parse_duration
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400),
+                                           ("1.5h", 5400), (" 10m ", 600), ("1m30s", 90)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30", "5x", "-5m", "0s", "m", "1d", "30 minutes", "nan", "1e3s"])
+def test_bad_durations_are_refused_in_one_line(text: str) -> None:
+    with pytest.raises(InputError, match=r"--time-budget .* is not a duration; use a number with s, m or h") as e:
+        parse_duration(text)
+    assert "\n" not in str(e.value)
+
+
+def test_format_duration() -> None:
+    assert [format_duration(s) for s in (12, 89, 540, 1080, 3900)] == ["12s", "89s", "540s", "18m", "1h05m"]
+
+
+COSTS = Costs(spent=100.0, trial=40.0, epoch=90.0, export=60.0)
+
+
+def test_the_split() -> None:
+    plan = make_plan(1800.0, COSTS, search_share=0.3)
+    left = 1800 - 100 - 60  # 1640 s to share
+    assert plan.trials == 12  # floor(0.3 * 1640 / 40)
+    assert plan.search == 12 * 40
+    assert plan.epochs == 12  # floor((1640 - 480) / 90)
+    assert plan.retrain == 12 * 90
+    assert plan.spent + plan.search + plan.retrain + plan.export <= 1800
+    assert plan.line(12) == ("time budget 30m on this machine: 100s spent on setup, search ~480s (~12 trials), "
+                             "retrain ~18m (~12 epochs), export ~60s")
+    assert left - plan.search - plan.retrain < COSTS.epoch  # nothing worth an epoch is left over
+
+
+def test_a_larger_share_buys_trials_not_epochs() -> None:
+    small, large = make_plan(1800.0, COSTS, 0.2), make_plan(1800.0, COSTS, 0.4)
+    assert small.trials < large.trials and small.epochs > large.epochs
+
+
+def test_a_budget_that_fits_nothing_is_refused_naming_the_least() -> None:
+    assert least_budget(COSTS) == 100 + 40 + 90 + 60
+    with pytest.raises(InputError, match=r"--time-budget 240s is too small on this machine: .* need at least 290s"):
+        make_plan(240.0, COSTS)
+    plan = make_plan(290.0, COSTS)  # the least itself works: one trial, one epoch
+    assert (plan.trials, plan.epochs) == (1, 1)
+
+
+def test_overrides() -> None:
+    trials = make_plan(1800.0, COSTS, trials=5)
+    assert trials.trials == 5 and trials.search == 200 and trials.epochs == 16  # floor((1640 - 200) / 90)
+    epochs = make_plan(1800.0, COSTS, epochs=3)
+    assert epochs.epochs == 3 and epochs.trials == 34  # floor((1640 - 270) / 40)
+    both = make_plan(60.0, COSTS, trials=2, epochs=1)  # counts given: no refusal, whatever the budget
+    assert (both.trials, both.epochs) == (2, 1)
+
+
+def test_a_resumed_study_plans_from_what_it_holds() -> None:
+    fresh, resumed = make_plan(1800.0, COSTS), make_plan(1800.0, COSTS, held=7)
+    assert resumed.trials == fresh.trials + 7 and resumed.search == fresh.search
+    assert make_plan(1800.0, COSTS, trials=10, held=7).search == 3 * 40
+    assert make_plan(1800.0, COSTS, trials=5, held=7).search == 0
+
+
+def test_epochs_left_after_the_search_with_a_fake_clock() -> None:
+    now = [1000.0]
+    clock = Clock(lambda: now[0])
+    now[0] += 700.0
+    assert clock.elapsed() == 700.0
+    assert epochs_left(1800.0, clock.elapsed(), epoch=90.0, export=60.0) == 11  # floor(1040 / 90)
+    assert epochs_left(1800.0, 1790.0, epoch=90.0) == 1  # past the budget: still one epoch
