@@ -3,6 +3,7 @@ in one stage or two (feature alignment first, then KL + CE)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -104,3 +105,34 @@ def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, cri
                               cfg.target_cache_gb):
         return iterator(None), LiveTargets(ensemble, criterion.features)
     return batches, CachedTargets(ensemble, batches, criterion.features, progress=progress)
+
+
+class _Timed(Exception):
+    """Stops a timing run of `distill` after its last timed step."""
+
+
+def step_seconds(student: Network, batches: BatchIterator, targets: TargetSource | None, criterion: Criterion,
+                 cfg: TrainConfig, steps: int, warmup: int = 2) -> float:
+    """Seconds of one optimizer step of `student` with this recipe on this machine: the mean of
+    `steps` steps after `warmup` untimed ones, through the real training loop (a copy of the
+    student and the criterion is trained, so neither moves). What `nas_kd.plan` prices a trial
+    and a retrain epoch with."""
+    import copy
+
+    student, criterion = copy.deepcopy(student), copy.deepcopy(criterion)
+    marks: list[float] = []
+
+    def on_step(n: int) -> None:
+        marks.append(time.perf_counter())
+        if n >= warmup + steps:
+            raise _Timed
+
+    try:
+        distill(student, batches, targets, criterion, cfg, 1 + (warmup + steps) // max(1, len(batches)),
+                progress=False, on_step=on_step)
+    except _Timed:
+        pass
+    timed = marks[warmup - 1:] if warmup else marks
+    if len(timed) < 2:
+        raise ValueError(f"an epoch of {len(batches)} batches is too short to time {steps} steps")
+    return (timed[-1] - timed[0]) / (len(timed) - 1)

@@ -10,7 +10,7 @@ import torch
 from nas_kd.arch import Spec, build
 from nas_kd.config import DistillConfig, TrainConfig, parse_distill
 from nas_kd.data import BatchIterator
-from nas_kd.distill import check_two_stage, criterion_for, distill, stage_epochs
+from nas_kd.distill import check_two_stage, criterion_for, distill, stage_epochs, step_seconds
 from nas_kd.errors import InputError
 from nas_kd.teachers import CachedTargets, Ensemble, Teacher, teacher_spec
 
@@ -100,3 +100,20 @@ def test_one_stage_trains_everything_at_once(mini_dataset) -> None:
             TrainConfig(), 2, progress=False)
     difference = (plain.get_parameter(STEM) - student.get_parameter(STEM)).abs().max().item()
     assert difference > 1e-3, "the feature loss does not reach the student's first layer"
+
+
+def test_step_seconds_times_real_steps_and_leaves_the_student_alone(mini_dataset) -> None:
+    """`step_seconds` runs the training loop for warmup + steps optimizer steps (across epochs when
+    one is shorter) on a copy: the student's weights and the criterion's adapters do not move."""
+    torch.manual_seed(0)
+    teacher = Teacher("resnet8", build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), None, 0.5, "test")  # type: ignore[arg-type]
+    ensemble = Ensemble([teacher])
+    student = build(STUDENT, mini_dataset.input_shape, 10)
+    criterion = criterion_for(student, DistillConfig(losses=parse_distill("ce,kl,crosslayer")), ensemble.feature_channels)
+    batches = BatchIterator(mini_dataset.train, mini_dataset, 64, seed=0, views=1, augment=False, indices=torch.arange(128))
+    targets = CachedTargets(ensemble, batches, criterion.features, progress=False)
+    before = copy.deepcopy(student.state_dict()), copy.deepcopy(criterion.state_dict())
+    seconds = step_seconds(student, batches, targets, criterion, TrainConfig(), steps=3, warmup=2)  # 5 steps, 3 epochs
+    assert 0 < seconds < 10
+    assert all(torch.equal(v, before[0][k]) for k, v in student.state_dict().items())
+    assert all(torch.equal(v, before[1][k]) for k, v in criterion.state_dict().items())
