@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from nas_kd.arch import Network, Spec, SqueezeExcite, build
-from nas_kd.cost import Budget, count, format_count
+from nas_kd.budget import Budget
+from nas_kd.cost import count, format_count
 from nas_kd.errors import InputError
 from nas_kd.prune import STEPS, min_pruned_cost, prune, prune_to_budget, pruned_spec
 
