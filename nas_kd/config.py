@@ -107,7 +107,7 @@ class SearchConfig:
     trials: int = 10  # trials' worth of training in this run (a pruned trial counts its share)
     timeout: float | None = None  # seconds for the search phase
     trial_epochs: int = 2
-    # students that use less than this share of every bound of the budget (cost.Budget.use) are
+    # students that use less than this share of every bound of the budget (budget.Budget.use) are
     # recorded as under the floor and never trained, as over-budget ones are; 0 = off. Applies
     # when there is a MACs or params bound (budget.effective_floor). Off by default: at 0.5 the
     # 50M searches of benchmarks/search_vs_baselines.py picked no better students (validation
