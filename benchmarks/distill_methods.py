@@ -38,8 +38,9 @@ import torch
 
 from nas_kd.arch import Spec, build
 from nas_kd.baselines import FINE_TUNE, train_pruned
+from nas_kd.budget import Budget
 from nas_kd.config import DistillConfig, SearchConfig, parse_distill
-from nas_kd.cost import Budget, count, format_count
+from nas_kd.cost import count, format_count
 from nas_kd.data import BatchIterator, Split, load_dataset, seeded_subset
 from nas_kd.errors import InputError
 from nas_kd.online import train_online

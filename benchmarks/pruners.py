@@ -38,8 +38,9 @@ from results_cache import (  # noqa: E402
 )
 from trial_scores import Bench, distill_sid, draw_specs, reference_settings  # noqa: E402
 
+from nas_kd.budget import Budget  # noqa: E402
 from nas_kd.config import SearchConfig  # noqa: E402
-from nas_kd.cost import Budget, format_count, parse_count  # noqa: E402
+from nas_kd.cost import format_count, parse_count  # noqa: E402
 from nas_kd.data import load_dataset  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
 from nas_kd.study import PRUNERS, make_pruner  # noqa: E402
@@ -95,7 +96,7 @@ def main() -> None:
     cfg = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir)
     epochs, images = (map(int, args.schedule.split("x")) if args.schedule else (cfg.trial_epochs, cfg.subset))
     dataset = load_dataset(cfg.dataset)
-    budget = Budget(cfg.flops_budget, cfg.params_budget)
+    budget = Budget.from_config(cfg)
     ensemble = ensemble_from_config(cfg, dataset, progress=False, log=lambda m: None)
     bench = Bench(cfg, dataset, load_space(cfg.search_space), budget, ensemble, ResultsFile(args.results))
     drawn = draw_specs(bench.space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes)

@@ -58,14 +58,15 @@ from results_cache import RESULTS, ResultsFile, machine, settings_id  # noqa: E4
 
 from nas_kd import start  # noqa: E402
 from nas_kd.arch import Spec, build  # noqa: E402
+from nas_kd.budget import Budget  # noqa: E402
 from nas_kd.config import SearchConfig  # noqa: E402
-from nas_kd.cost import Budget, count, format_count, parse_count  # noqa: E402
+from nas_kd.cost import count, format_count, parse_count  # noqa: E402
 from nas_kd.data import BatchIterator, Dataset, load_dataset  # noqa: E402
 from nas_kd.export import student_metrics  # noqa: E402
 from nas_kd.losses import recipe_features  # noqa: E402
 from nas_kd.objective import was_trained  # noqa: E402
+from nas_kd.pipeline import search  # noqa: E402
 from nas_kd.retrain import retrain  # noqa: E402
-from nas_kd.search import search  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
 from nas_kd.study import pick_winner, retrain_candidates, study_training  # noqa: E402
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
@@ -157,7 +158,7 @@ def largest(budget: Budget, dataset: Dataset, cfg: SearchConfig, seed: int, n: i
 
 
 def pick(method: str, cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[Spec, dict[str, Any]]:
-    budget = Budget(cfg.flops_budget, cfg.params_budget)
+    budget = Budget.from_config(cfg)
     assert method != "finalists", "picked by pick_finalists"
     if method == "largest":
         return largest(budget, dataset, cfg, cfg.seed), {}

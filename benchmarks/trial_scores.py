@@ -54,8 +54,9 @@ from search_vs_baselines import hand_made, largest  # noqa: E402
 
 from nas_kd.arch import Spec, build  # noqa: E402
 from nas_kd.blockwise import BlockwiseScorer, most_accurate  # noqa: E402
+from nas_kd.budget import Budget  # noqa: E402
 from nas_kd.config import SearchConfig, steps_per_epoch  # noqa: E402
-from nas_kd.cost import Budget, Cost, count, format_count, parse_count  # noqa: E402
+from nas_kd.cost import Cost, count, format_count, parse_count  # noqa: E402
 from nas_kd.data import BatchIterator, Dataset, Split, load_dataset, seeded_subset  # noqa: E402
 from nas_kd.errors import InputError  # noqa: E402
 from nas_kd.losses import recipe_features  # noqa: E402
@@ -637,7 +638,7 @@ def main() -> None:
     cfg = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir, search_space=args.search_space)
     dataset = load_dataset(cfg.dataset)
     space = load_space(cfg.search_space)
-    budget = Budget(cfg.flops_budget, cfg.params_budget)
+    budget = Budget.from_config(cfg)
     ensemble = ensemble_from_config(cfg, dataset, progress=False, log=lambda m: log("  " + m))
     bench = Bench(cfg, dataset, space, budget, ensemble, ResultsFile(args.results))
     specs = draw_specs(space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes)

@@ -1,16 +1,33 @@
-"""nas_kd: search small CNN students under a MACs/params budget, distilled from a teacher ensemble."""
+"""nas_kd: search small CNN students under a MACs/params budget, distilled from a teacher ensemble.
 
-__version__ = "0.1.0"
+The command line is `python -m nas_kd.search`; the same job from Python is `nas_kd.run`:
+
+    import nas_kd
+    from nas_kd.config import SearchConfig
+
+    result = nas_kd.run(SearchConfig(flops_budget=20_000_000, trials=8))
+    print(result.spec, result.test_acc)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nas_kd.versions import __version__
+
+if TYPE_CHECKING:
+    from nas_kd.config import SearchConfig
+    from nas_kd.pipeline import RunResult
+
+__all__ = ["__version__", "run"]
 
 
-def versions() -> dict[str, str]:
-    """Versions of nas_kd and the libraries whose behaviour its outputs depend on."""
-    from importlib.metadata import version
+def run(cfg: SearchConfig, progress: bool = False) -> RunResult:
+    """Run the whole job `python -m nas_kd.search` runs, with `cfg` in place of its flags: check
+    the settings, search (resuming the study when it exists), write the report, retrain the winner
+    and export it under `cfg.out_dir`. Returns the study and its retrained winner (`RunResult`).
+    Bad settings raise `nas_kd.errors.InputError` before any work; `progress` draws progress bars
+    (log lines go to stderr either way, and the summary table to stdout)."""
+    from nas_kd.pipeline import run as run_pipeline  # here, so that `import nas_kd` stays light
 
-    import optuna
-    import ptflops  # noqa: F401
-    import torch
-    import torchvision
-
-    return {"nas_kd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "optuna": optuna.__version__, "ptflops": version("ptflops")}
+    return run_pipeline(cfg, progress)

@@ -20,9 +20,10 @@ from typing import Any
 import optuna
 import torch
 
-from nas_kd.arch import Network
+from nas_kd.arch import Network, Spec
+from nas_kd.budget import Budget
 from nas_kd.config import DistillConfig, SearchConfig
-from nas_kd.cost import Budget, format_count
+from nas_kd.cost import format_count
 from nas_kd.data import Dataset
 from nas_kd.distill import criterion_for, distill, retrain_targets
 from nas_kd.errors import InputError
@@ -43,16 +44,18 @@ def largest_teacher_name(cfg: SearchConfig, input_shape: tuple[int, int, int], n
     return max(names, key=lambda n: macs[n])
 
 
-def check_prunable(cfg: SearchConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+def check_prunable(cfg: SearchConfig, input_shape: tuple[int, int, int], num_classes: int,
+                   latency: Callable[[Spec], float] | None = None) -> None:
     """Refuse --pruned-baseline, before any training, when the largest teacher cannot be pruned
-    into the budget."""
+    into the budget: every bound of it, the latency one when `latency` can tell (`prune.priced`)."""
     name = largest_teacher_name(cfg, input_shape, num_classes)
-    floor = min_pruned_cost(teacher_spec(name), input_shape, num_classes)
-    budget = Budget(cfg.flops_budget, cfg.params_budget)
+    budget = Budget.from_config(cfg)
+    floor = min_pruned_cost(teacher_spec(name), input_shape, num_classes, budget, latency)
     if not budget.fits(floor):
         raise InputError(f"--pruned-baseline: the largest teacher {name} pruned to one filter per prunable layer "
-                         f"still has {format_count(floor.macs)} MACs and {format_count(floor.params)} params, over "
-                         f"the budget {budget}; raise the budget or drop --pruned-baseline")
+                         f"still has {format_count(floor.macs)} MACs and {format_count(floor.params)} params "
+                         f"({budget.excess(floor)}), over the budget {budget}; raise the budget or drop "
+                         "--pruned-baseline")
 
 
 def train_pruned(pruned: Network, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, recipe: DistillConfig,
@@ -69,13 +72,15 @@ def train_pruned(pruned: Network, dataset: Dataset, ensemble: Ensemble, cfg: Sea
 
 def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
                     out_dir: Path, progress: bool = True, log: Callable[[str], None] = print,
-                    cached: CachedTargets | None = None) -> dict[str, Any]:
-    """Prune the largest teacher to the budget, then distil it and fine-tune it for cfg.final_epochs;
-    test and export both under out_dir/pruned-kd and out_dir/pruned-finetune, and store the
-    figures in the study (when given) for the report."""
+                    cached: CachedTargets | None = None,
+                    latency: Callable[[Spec], float] | None = None) -> dict[str, Any]:
+    """Prune the largest teacher to the budget (every bound of it; the latency one when `latency`
+    can tell), then distil it and fine-tune it for cfg.final_epochs; test and export both under
+    out_dir/pruned-kd and out_dir/pruned-finetune, and store the figures in the study (when given)
+    for the report."""
     teacher = ensemble.largest_member()
-    budget = Budget(cfg.flops_budget, cfg.params_budget)
-    pruned, keep, cost = prune_to_budget(teacher.model, dataset.input_shape, budget)
+    budget = Budget.from_config(cfg)
+    pruned, keep, cost = prune_to_budget(teacher.model, dataset.input_shape, budget, latency)
     before = evaluate(pruned, dataset.val, dataset)
     log(f"pruned teacher {teacher.name}: keep {keep:.3f} of each prunable layer -> {format_count(cost.macs)} MACs, "
         f"{format_count(cost.params)} params (val acc {before:.4f} before training); training it for "

@@ -1,4 +1,5 @@
-"""Command-line plumbing shared by `nas_kd.search`, `nas_kd.retrain` and `nas_kd.report`."""
+"""Command-line plumbing shared by the command lines (`nas_kd.search`, `nas_kd.retrain_cli`,
+`nas_kd.report_cli`, ...): flag parsing and the one-line error. No library module imports it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
-
-from tqdm.auto import tqdm
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -75,17 +74,6 @@ def quiet_libraries() -> None:
     logging.getLogger("ptflops").setLevel(logging.ERROR)
     # "Trial N failed with value nan": nas_kd logs the trial's reason itself
     logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)
-
-
-def bars_shown(progress: bool) -> bool:
-    """Whether progress bars are drawn: asked for, and stderr is a terminal (tqdm's own rule).
-    When they are not, long loops log one line per trial or epoch instead."""
-    return progress and sys.stderr.isatty()
-
-
-def log(message: str) -> None:
-    """A progress line on stderr that does not break the progress bars."""
-    tqdm.write(f"[nas_kd] {message}", file=sys.stderr)
 
 
 def fail(message: str) -> int:

@@ -107,9 +107,9 @@ class SearchConfig:
     trials: int = 10  # trials' worth of training in this run (a pruned trial counts its share)
     timeout: float | None = None  # seconds for the search phase
     trial_epochs: int = 2
-    # students that use less than this share of every bound of the budget (cost.Budget.use) are
+    # students that use less than this share of every bound of the budget (budget.Budget.use) are
     # recorded as under the floor and never trained, as over-budget ones are; 0 = off. Applies
-    # when there is a MACs or params bound (search.effective_floor). Off by default: at 0.5 the
+    # when there is a MACs or params bound (budget.effective_floor). Off by default: at 0.5 the
     # 50M searches of benchmarks/search_vs_baselines.py picked no better students (validation
     # 94.57% against 94.39% for the default search, 94.27% against 94.38% for random search, 3
     # seeds) and their trials, on bigger students, took longer (BENCHMARKS.md, "The budget floor")

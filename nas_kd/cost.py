@@ -1,4 +1,4 @@
-"""What a network costs, and budgets.
+"""What a network costs: MACs and parameters, and the counts budgets are written in.
 
 MACs are multiply-accumulates of one forward pass of one input, counted by ptflops with its
 `aten` backend pinned: it counts convolutions (depthwise and grouped included) and matrix
@@ -65,57 +65,3 @@ def format_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.4g}{suffix}"
     return f"{n:.4g}"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Upper bounds on MACs, parameters, latency (ms) and peak int8 activation memory (bytes);
-    None = unbounded."""
-
-    macs: int | None = None
-    params: int | None = None
-    latency_ms: float | None = None
-    memory: int | None = None
-
-    def violations(self, cost: Cost) -> dict[str, float]:
-        """Relative excess per bound, Optuna's convention: <= 0 is feasible, 0.25 is 25% over."""
-        out = {}
-        for key in ("macs", "params", "latency_ms", "memory"):
-            limit = getattr(self, key)
-            if limit is not None:
-                value = getattr(cost, key)
-                # None: not measured, because another bound already rejects the spec
-                out[key] = 0.0 if value is None else value / limit - 1.0
-        return out
-
-    def excess(self, cost: Cost) -> str:
-        """The bounds `cost` breaks, e.g. 'macs 61.2M > 50M, latency_ms 2.31 > 2'."""
-        def text(key: str, value: float) -> str:
-            return f"{value:.4g}" if key == "latency_ms" else format_count(value)
-
-        return ", ".join(f"{k} {text(k, getattr(cost, k))} > {text(k, getattr(self, k))}"
-                         for k, v in self.violations(cost).items() if v > 0)
-
-    def fits(self, cost: Cost) -> bool:
-        return all(v <= 0 for v in self.violations(cost).values())
-
-    def use(self, cost: Cost) -> float | None:
-        """`cost`'s largest share of a bound (0.5: half of the one it comes closest to), over every
-        bound whose figure is known (latency and memory may not be); None when there is none.
-        What the budget floor reads: a student that nearly meets its latency bound uses its
-        budget, however few MACs it has."""
-        shares = [value / limit for key in ("macs", "params", "latency_ms", "memory")
-                  if (limit := getattr(self, key)) is not None and (value := getattr(cost, key)) is not None]
-        return max(shares) if shares else None
-
-    def __str__(self) -> str:
-        parts = []
-        if self.macs is not None:
-            parts.append(f"MACs <= {format_count(self.macs)}")
-        if self.params is not None:
-            parts.append(f"params <= {format_count(self.params)}")
-        if self.latency_ms is not None:
-            parts.append(f"latency <= {self.latency_ms:.4g} ms")
-        if self.memory is not None:
-            parts.append(f"peak int8 activations <= {format_count(self.memory)}B")
-        return ", ".join(parts) or "unbounded"

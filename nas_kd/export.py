@@ -32,11 +32,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from nas_kd import versions
 from nas_kd.arch import Network, Spec, build
-from nas_kd.cli import base_parser, fail, log, quiet_libraries
-from nas_kd.config import SearchConfig, from_dict
-from nas_kd.data import BatchIterator, Dataset, eval_batches, load_dataset, seeded_subset
+from nas_kd.config import SearchConfig
+from nas_kd.data import BatchIterator, Dataset, eval_batches, seeded_subset
 from nas_kd.errors import InputError
 from nas_kd.latency import (
     EXPORTER,
@@ -47,9 +45,11 @@ from nas_kd.latency import (
     require_runtime,
     to_onnx,
 )
+from nas_kd.progress import log
 from nas_kd.teachers import Ensemble, load_state, save_model, soft_targets
 from nas_kd.time_blocks import latency_ms, make_session
 from nas_kd.train import accuracy, evaluate, predict
+from nas_kd.versions import versions
 
 STUDENT_FORMAT = "nas_kd.student"
 LOGIT_TOLERANCE = 1e-3  # most |ONNX Runtime - torch| logit difference, times max(1, largest |logit|)
@@ -176,42 +176,7 @@ def load_student(path: str | Path) -> tuple[Network, dict[str, Any]]:
     return model.eval(), decoded
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = base_parser("python -m nas_kd.export",
-                         "Export a nas_kd student checkpoint to ONNX and int8 ONNX, check both with ONNX Runtime "
-                         "on the test images of the dataset it was trained on, and record their accuracy and "
-                         "latency in metrics.json.")
-    parser.add_argument("checkpoint", type=Path, help="a model.safetensors written by nas_kd")
-    parser.add_argument("--out", type=Path, help="folder for model.onnx, model.int8.onnx and metrics.json "
-                                                  "(default: the checkpoint's folder)")
-    parser.add_argument("--data-dir", help="where the dataset is, when not where the search found it")
-    parser.add_argument("--no-int8", action="store_true", help="write model.onnx only")
-    parser.add_argument("--latency-threads", type=int, default=1, help="ONNX Runtime threads for the latency (default 1)")
-    args = parser.parse_args(argv)
-    quiet_libraries()
-    try:
-        if args.latency_threads < 1:
-            raise InputError(f"--latency-threads must be >= 1, got {args.latency_threads}")
-        require_runtime()
-        model, meta = load_student(args.checkpoint)
-        cfg = from_dict(SearchConfig, meta["config"])
-        data_dir = args.data_dir or cfg.data_dir
-        dataset = load_dataset(cfg.dataset, Path(data_dir) if data_dir else None)
-        if list(dataset.input_shape) != list(meta["input_shape"]) or list(dataset.classes) != list(meta["classes"]):
-            raise InputError(f"dataset {cfg.dataset} has input {'x'.join(map(str, dataset.input_shape))} and "
-                             f"{dataset.num_classes} classes; {args.checkpoint} was trained on "
-                             f"{'x'.join(map(str, meta['input_shape']))} with {len(meta['classes'])}")
-        out = args.out or args.checkpoint.parent
-        metrics = {**meta.get("metrics", {}), **student_metrics(model, dataset), **memory_facts(model, dataset.input_shape)}
-        metrics.update(export_onnx(model, dataset, student_metadata(model, dataset, cfg), out, cfg.seed,
-                                   not args.no_int8, args.latency_threads))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    except InputError as e:
-        return fail(str(e))
-    print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("onnx", "int8", "latency", "test_acc"))},
-                     indent=2))
-    return 0
-
-
 if __name__ == "__main__":
+    from nas_kd.export_cli import main
+
     sys.exit(main())

@@ -61,10 +61,11 @@ from torch.utils._pytree import tree_flatten
 
 from nas_kd import time_blocks
 from nas_kd.arch import BLOCKS, Spec, StageSpec, build, conv_bn, downsampled
-from nas_kd.cli import base_parser, fail, log, quiet_libraries
+from nas_kd.cli import base_parser, fail, quiet_libraries
 from nas_kd.config import SearchConfig
 from nas_kd.cost import count
 from nas_kd.errors import InputError
+from nas_kd.progress import log
 from nas_kd.space import SearchSpace, load_space
 
 OPSET = 20  # the torch.export-based exporter's own opset on torch 2.14

@@ -15,8 +15,9 @@ import torch
 
 from nas_kd.arch import Spec, build
 from nas_kd.blockwise import BlockwiseScorer, stage_key
+from nas_kd.budget import Budget, floor_shortfall
 from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
-from nas_kd.cost import Budget, Cost, count
+from nas_kd.cost import Cost, count
 from nas_kd.data import BatchIterator, Dataset, Split, seeded_subset
 from nas_kd.distill import criterion_for, criterion_stages, distill
 from nas_kd.errors import InputError
@@ -58,7 +59,7 @@ class TrialContext:
     proxy_images: torch.Tensor | None = None  # NASWOT's batch; None = proxies not computed
     latency: Callable[[Spec], float] | None = None  # spec -> ms (latency.latency_meter); None = not known
     pareto_cost: str = "macs"  # the Cost field minimised beside accuracy when `pareto`
-    floor: float = 0.0  # the budget floor in force (search.effective_floor): a lesser budget.use is not trained
+    floor: float = 0.0  # the budget floor in force (budget.effective_floor): a lesser budget.use is not trained
 
 
 def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budget: Budget, batches: BatchIterator,
@@ -101,13 +102,6 @@ def cost_facts(cost: Cost, reference: Cost) -> dict[str, int | float]:
 
 FLOOR_CONSTRAINT = "budget_floor"  # the constraint of a student under the budget floor
 USE_ATTR = "budget_use"  # Budget.use of the trial's spec: its largest share of a bound
-
-
-def floor_shortfall(budget: Budget, cost: Cost, floor: float) -> float | None:
-    """How far `cost` falls short of the budget floor, Optuna's convention: <= 0 meets it, 0.25
-    is a quarter of the floor short; None when there is no floor, or no bound with a known figure."""
-    use = budget.use(cost)
-    return None if not floor or use is None else 1.0 - use / floor
 
 
 def record_cost(trial: optuna.Trial, spec: Spec, cost: Cost, reference: Cost, budget: Budget,

@@ -35,8 +35,10 @@ from nas_kd.arch import (
     StageSpec,
     build,
 )
-from nas_kd.cost import Budget, Cost, count, format_count
+from nas_kd.budget import Budget
+from nas_kd.cost import Cost, count, format_count
 from nas_kd.errors import InputError
+from nas_kd.latency import peak_activations
 
 STEPS = 14  # bisection steps on keep: to within 2**-14 (6e-5), under half a filter in layers narrower than 8192
 
@@ -201,28 +203,46 @@ def _most_pruned_keep(spec: Spec) -> float:
     return 0.25 / widest
 
 
-def min_pruned_cost(spec: Spec, input_shape: tuple[int, int, int], num_classes: int) -> Cost:
-    """The cost of the most-pruned version of `spec` (every prunable width 1): no budget below it is reachable."""
-    return count(build(pruned_spec(spec, _most_pruned_keep(spec)), input_shape, num_classes), input_shape)
+def priced(model: Network, input_shape: tuple[int, int, int], budget: Budget,
+           latency: Callable[[Spec], float] | None = None) -> Cost:
+    """`model`'s MACs and params, with the figures of `budget`'s other bounds: its peak int8
+    activation memory when the budget bounds memory, and its latency when it bounds latency and
+    `latency` (spec -> ms, `latency.latency_meter`) is given."""
+    cost = count(model, input_shape)
+    if budget.memory is not None:
+        cost = replace(cost, memory=peak_activations(model, input_shape))
+    if budget.latency_ms is not None and latency is not None:
+        cost = replace(cost, latency_ms=latency(model.spec))
+    return cost
 
 
-def prune_to_budget(model: Network, input_shape: tuple[int, int, int], budget: Budget) -> tuple[Network, float, Cost]:
-    """The pruned `model` with the largest keep whose cost fits `budget`, that keep, and the cost.
+def min_pruned_cost(spec: Spec, input_shape: tuple[int, int, int], num_classes: int, budget: Budget | None = None,
+                    latency: Callable[[Spec], float] | None = None) -> Cost:
+    """The cost (`priced` against `budget`; MACs and params alone without one) of the most-pruned
+    version of `spec` (every prunable width 1): no budget below it is reachable."""
+    return priced(build(pruned_spec(spec, _most_pruned_keep(spec)), input_shape, num_classes), input_shape,
+                  budget or Budget(), latency)
+
+
+def prune_to_budget(model: Network, input_shape: tuple[int, int, int], budget: Budget,
+                    latency: Callable[[Spec], float] | None = None) -> tuple[Network, float, Cost]:
+    """The pruned `model` with the largest keep whose cost (`priced`) fits `budget`, that keep, and the cost.
 
     Cost only grows with keep, so keep is bisected on pruned specs (no weights) and the weights are cut once."""
-    full = count(model, input_shape)
+    full = priced(model, input_shape, budget, latency)
     if budget.fits(full):
         return copy.deepcopy(model), 1.0, full
     classes = model.classifier.out_features
     lo, hi = _most_pruned_keep(model.spec), 1.0  # lo fits (checked next), hi does not
-    smallest = min_pruned_cost(model.spec, input_shape, classes)
+    smallest = min_pruned_cost(model.spec, input_shape, classes, budget, latency)
     if not budget.fits(smallest):
         raise InputError(f"teacher {model.spec} cannot be pruned into the budget ({budget}) for {input_shape} "
                          f"inputs: even with every prunable width at 1 it needs {format_count(smallest.macs)} MACs "
-                         f"and {format_count(smallest.params)} params; raise the budget or pick another teacher")
+                         f"and {format_count(smallest.params)} params ({budget.excess(smallest)}); raise the budget "
+                         "or pick another teacher")
     for _ in range(STEPS):
         mid = (lo + hi) / 2
-        cost = count(build(pruned_spec(model.spec, mid), input_shape, classes), input_shape)
+        cost = priced(build(pruned_spec(model.spec, mid), input_shape, classes), input_shape, budget, latency)
         lo, hi = (mid, hi) if budget.fits(cost) else (lo, mid)
     pruned = prune(model, lo)
-    return pruned, lo, count(pruned, input_shape)
+    return pruned, lo, priced(pruned, input_shape, budget, latency)

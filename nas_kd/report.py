@@ -22,9 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from optuna.trial import TrialState
 
-from nas_kd.cli import fail, quiet_libraries, study_parser
 from nas_kd.cost import format_count
-from nas_kd.errors import InputError
 from nas_kd.latency import INT8_WARN_POINTS, format_bytes
 from nas_kd.objective import (
     FAIL_ATTR,
@@ -39,7 +37,7 @@ from nas_kd.objective import (
     was_trained,
 )
 from nas_kd.start import START_ATTR
-from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR, load_existing
+from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR
 
 COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "latency_ms",
            "peak_memory_int8", "weights_int8", "score",
@@ -423,18 +421,7 @@ def write_report(study: optuna.Study, out_dir: Path) -> tuple[Path, Path]:
     return html_path, csv_path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = study_parser("python -m nas_kd.report", "Rebuild a study's report.html and trials.csv from its storage.")
-    args = parser.parse_args(argv)
-    quiet_libraries()
-    try:
-        study = load_existing(args.storage, args.study_name, Path(args.out_dir))
-        html_path, csv_path = write_report(study, Path(args.out_dir) / args.study_name)
-    except InputError as e:
-        return fail(str(e))
-    print(f"report: {html_path}\ntrials: {csv_path}")
-    return 0
-
-
 if __name__ == "__main__":
+    from nas_kd.report_cli import main
+
     sys.exit(main())

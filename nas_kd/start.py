@@ -29,7 +29,8 @@ from dataclasses import dataclass, replace
 import optuna
 
 from nas_kd.arch import Spec, build
-from nas_kd.cost import Budget, Cost, count, format_count
+from nas_kd.budget import Budget
+from nas_kd.cost import Cost, count, format_count
 from nas_kd.errors import InputError
 from nas_kd.latency import peak_activations
 from nas_kd.space import SearchSpace

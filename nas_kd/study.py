@@ -1,4 +1,5 @@
-"""The Optuna study: storage, sampler, pruner, resume, and running until N trials are trained."""
+"""The Optuna study: its identity (the settings its trials depend on, its name), storage, sampler,
+pruner, resume, and running until N trials are trained."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from nas_kd.config import SearchConfig
 from nas_kd.errors import InputError
 from nas_kd.objective import FAIL_ATTR, MAX_FAILURES_IN_A_ROW, REPEAT_ATTR, is_feasible, training_done, was_trained
+from nas_kd.space import SHIPPED, SearchSpace
 from nas_kd.start import START_ATTR, START_IN_SPACE_ATTR, START_SPEC_ATTR, StartPoint
 
 STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, reference
@@ -35,6 +38,31 @@ LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "me
 # studies get new default names); a study recorded before such a key had this value
 # (`budget_floor` is recorded only when not 0, its default, so studies made before it keep their names)
 LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0}
+
+_DEFAULTS = SearchConfig()
+
+
+def space_id(space: SearchSpace) -> str:
+    """A shipped space by name; any other by its absolute path."""
+    path = Path(space.source).resolve()
+    return space.name if path.parent == SHIPPED.resolve() else str(path)
+
+
+def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
+    """The settings a study's trials depend on. Settings added after a study format was first
+    released are included only when they differ from their default, so that older studies keep
+    their names and still resume."""
+    d = cfg.to_dict()
+    d["search_space"] = space_source
+    if cfg.train.bf16 == _DEFAULTS.train.bf16:  # added later, like LATE_GUARDED_KEYS
+        del d["train"]["bf16"]
+    d["distill"] = {"losses": [list(x) for x in cfg.distill.losses], "temperature": cfg.distill.temperature}
+    for key in ("two_stage", "ensemble_weighting"):
+        if getattr(cfg.distill, key) != getattr(_DEFAULTS.distill, key):
+            d["distill"][key] = getattr(cfg.distill, key)
+    if not d["budget_floor"]:  # off: not recorded, so studies made before the floor keep their names
+        del d["budget_floor"]
+    return {k: d[k] for k in GUARDED_KEYS if k in d and (k not in LATE_GUARDED_KEYS or d[k] != getattr(_DEFAULTS, k))}
 
 
 def make_pruner(name: str, reports: int) -> optuna.pruners.BasePruner:

@@ -21,11 +21,12 @@ import torch
 
 from nas_kd import teachers
 from nas_kd.arch import build
-from nas_kd.cli import base_parser, fail, log, number, quiet_libraries
+from nas_kd.cli import base_parser, fail, number, quiet_libraries
 from nas_kd.config import TrainConfig
 from nas_kd.cost import format_count
 from nas_kd.data import dataset_names, load_dataset
 from nas_kd.errors import InputError
+from nas_kd.progress import log
 from nas_kd.teachers import (
     FORMAT,
     TEACHERS,

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from nas_kd import versions
 from nas_kd.arch import Network, Spec, StageSpec, build
 from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.cost import Cost, count, format_count
 from nas_kd.data import Batch, BatchIterator, Dataset, Split, forward_batch
 from nas_kd.errors import InputError
 from nas_kd.train import Checkpoint, accuracy, evaluate, fit, predict
+from nas_kd.versions import versions
 
 # ---------------------------------------------------------------- zoo
 

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from nas_kd.cli import bars_shown, log
 from nas_kd.config import TrainConfig
 from nas_kd.data import Batch, BatchIterator, Dataset, Split, eval_batches
 from nas_kd.errors import InputError
+from nas_kd.progress import bars_shown, log
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,7 +101,7 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
     `on_step(n)` runs after the n-th optimizer step of this call (n from 1; sub-epoch evaluation
     and pruning: it may raise; its time is not counted as training).
     With `cfg.bf16` the losses are computed under bfloat16 autocast. With `epoch_lines`, when
-    no progress bar is drawn (`cli.bars_shown`), one line per epoch is logged instead.
+    no progress bar is drawn (`progress.bars_shown`), one line per epoch is logged instead.
     Returns the seconds spent training, evaluation callbacks excluded.
     """
     optimizer = make_optimizer(modules.named_parameters(), cfg)

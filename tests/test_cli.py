@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from nas_kd import search
+from nas_kd import pipeline, search
+from nas_kd.budget import Budget, budget_warning
 from nas_kd.config import SearchConfig
-from nas_kd.cost import Budget
 from nas_kd.errors import InputError
 from tests.conftest import run_cli
 
@@ -125,9 +125,9 @@ def test_python_api_validates_too(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match="give a budget"):
-        search.search(SearchConfig())
+        pipeline.search(SearchConfig())
     with pytest.raises(InputError, match="unknown teacher 'resnet19'"):
-        search.search(SearchConfig(flops_budget=10**7, teachers=("resnet19",)))
+        pipeline.search(SearchConfig(flops_budget=10**7, teachers=("resnet19",)))
     assert not (tmp_path / "studies").exists()
 
 
@@ -143,9 +143,9 @@ TAIL = "): those would not compress it; lower the budget or use larger --teacher
      "500K params > teacher resnet14's 175K" + TAIL),
 ])
 def test_budget_warning_names_both_costs(budget: Budget, teachers: list[str], expected: str | None) -> None:
-    assert search.budget_warning(budget, teachers, (1, 28, 28), 10) == expected
+    assert budget_warning(budget, teachers, (1, 28, 28), 10) == expected
 
 
 def test_the_default_budget_is_below_the_default_teachers() -> None:
     """The point of the default teachers: every student the default budget admits compresses them."""
-    assert search.budget_warning(Budget(macs=50_000_000), list(SearchConfig().teachers), (1, 28, 28), 10) is None
+    assert budget_warning(Budget(macs=50_000_000), list(SearchConfig().teachers), (1, 28, 28), 10) is None

@@ -6,7 +6,8 @@ import pytest
 import torch.nn as nn
 
 from nas_kd.arch import build
-from nas_kd.cost import Budget, Cost, count, format_count, parse_count
+from nas_kd.budget import Budget
+from nas_kd.cost import Cost, count, format_count, parse_count
 from nas_kd.errors import InputError
 from nas_kd.teachers import teacher_spec
 

@@ -15,10 +15,11 @@ import optuna
 import pytest
 import torch
 
-from nas_kd import cli, objective, report, retrain
+from nas_kd import objective, progress, report, retrain_cli
 from nas_kd.arch import build
+from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, TrainConfig
-from nas_kd.cost import Budget, count
+from nas_kd.cost import count
 from nas_kd.data import BatchIterator, seeded_subset
 from nas_kd.errors import InputError
 from nas_kd.objective import FAIL_ATTR, FAIL_TRACE_ATTR, MAX_FAILURES_IN_A_ROW, run_trial, trial_context
@@ -43,7 +44,7 @@ def context(mini_dataset):
                        trial_score="macs")
     batches = BatchIterator(mini_dataset.train, mini_dataset, 64, 0, views=1,
                             indices=seeded_subset(len(mini_dataset.train), cfg.subset, 0))
-    return trial_context(load_space("resnet"), mini_dataset, ensemble, Budget(cfg.flops_budget), batches, None, cfg,
+    return trial_context(load_space("resnet"), mini_dataset, ensemble, Budget.from_config(cfg), batches, None, cfg,
                          progress=False)
 
 
@@ -197,9 +198,9 @@ def test_runs_log_one_line_per_trial_and_retrain_epoch_without_a_terminal(e2e_ru
 
 def test_bars_are_drawn_only_on_a_terminal(monkeypatch) -> None:
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    assert cli.bars_shown(True) and not cli.bars_shown(False)
+    assert progress.bars_shown(True) and not progress.bars_shown(False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    assert not cli.bars_shown(True)
+    assert not progress.bars_shown(True)
 
 
 def test_exported_files_follow_the_umask(e2e_run: dict) -> None:
@@ -277,5 +278,5 @@ def test_a_broken_checkpoint_of_the_user_is_refused_not_retrained(mini_dataset, 
 
 
 def test_retrain_refuses_a_study_it_cannot_place(e2e_run: dict, tmp_path: Path, capsys) -> None:
-    assert retrain.main(["--study-name", "x/../../y", "--storage", e2e_run["url"], "--out-dir", str(tmp_path)]) == 2
+    assert retrain_cli.main(["--study-name", "x/../../y", "--storage", e2e_run["url"], "--out-dir", str(tmp_path)]) == 2
     assert "cannot name a file inside the output folder" in capsys.readouterr().err

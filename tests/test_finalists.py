@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import E2E_STUDY, load_json
 
-from nas_kd import distill, retrain, search
+from nas_kd import distill, pipeline, retrain, retrain_cli, search
 from nas_kd.arch import Spec, build
 from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import count
@@ -155,7 +155,7 @@ def test_retrain_command_with_finalists(e2e_run: dict, tmp_path: Path, monkeypat
     url, out = f"sqlite:///{db}", tmp_path / "out"
     expected = [t.number for t in finalists(optuna.load_study(study_name=E2E_STUDY, storage=url), 2)]
     monkeypatch.chdir(e2e_run["work"])  # the search's teacher cache
-    assert retrain.main(["--study-name", E2E_STUDY, "--storage", url, "--out-dir", str(out), "--finalists", "2",
+    assert retrain_cli.main(["--study-name", E2E_STUDY, "--storage", url, "--out-dir", str(out), "--finalists", "2",
                          "--final-epochs", "1", "--no-onnx", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert f"retraining finalist 1 of 2: trial {expected[0]} (" in err
@@ -175,7 +175,7 @@ def test_retrain_command_with_finalists(e2e_run: dict, tmp_path: Path, monkeypat
 ])
 def test_retrain_command_bad_finalists(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     # checked before the study is opened: no storage needed
-    assert retrain.main(["--study-name", E2E_STUDY, *argv, "--quiet"]) == 2
+    assert retrain_cli.main(["--study-name", E2E_STUDY, *argv, "--quiet"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}")
 
@@ -199,4 +199,4 @@ def test_search_command_bad_finalists(argv: list[str], message: str, capsys: pyt
 
 def test_python_api_checks_finalists(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="finalists must be >= 1, got 0"):
-        search.search(SearchConfig(flops_budget=50_000_000, finalists=0, out_dir=str(tmp_path)))
+        pipeline.search(SearchConfig(flops_budget=50_000_000, finalists=0, out_dir=str(tmp_path)))

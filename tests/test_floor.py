@@ -9,14 +9,16 @@ import pytest
 from conftest import search_cli
 
 from nas_kd.arch import Spec, build
+from nas_kd.budget import Budget, effective_floor, floor_shortfall
 from nas_kd.config import SearchConfig
-from nas_kd.cost import Budget, Cost, count
+from nas_kd.cost import Cost, count
 from nas_kd.errors import InputError
-from nas_kd.objective import FLOOR_CONSTRAINT, USE_ATTR, floor_shortfall, is_feasible, record_cost, was_trained
+from nas_kd.objective import FLOOR_CONSTRAINT, USE_ATTR, is_feasible, record_cost, was_trained
+from nas_kd.pipeline import trial_line
 from nas_kd.report import status
-from nas_kd.search import effective_floor, guarded, main, trial_line
+from nas_kd.search import main
 from nas_kd.space import load_space
-from nas_kd.study import default_study_name, open_storage, open_study
+from nas_kd.study import default_study_name, guarded, open_storage, open_study
 
 SPEC = Spec.parse("c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1")
 REFERENCE = Cost(40_000_000, 400_000)

@@ -17,12 +17,13 @@ import torch.nn as nn
 
 from nas_kd import time_blocks
 from nas_kd.arch import BLOCKS, BasicBlock, Spec, build
+from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, TrainConfig
-from nas_kd.cost import Budget, count
+from nas_kd.cost import count
 from nas_kd.data import BatchIterator, seeded_subset
 from nas_kd.errors import InputError
 from nas_kd.export import LOGIT_TOLERANCE, export, export_onnx, load_student, student_metadata
-from nas_kd.export import main as export_main
+from nas_kd.export_cli import main as export_main
 from nas_kd.latency import (
     CALIBRATION_NETWORKS,
     LatencyTable,

@@ -9,9 +9,18 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nas_kd"
 # the data flow, first to last (README, Development); command lines come after what they wire
-FLOW = ["errors", "__init__", "config", "plan", "cli", "data", "arch", "cost", "proxies", "train", "teachers", "teacher_cli",
-        "space", "time_blocks", "latency", "start", "losses", "distill", "prune", "blockwise", "objective", "study",
-        "report", "export", "online", "baselines", "retrain", "search"]
+FLOW = ["errors", "versions", "progress", "config", "plan", "cli", "data", "arch", "cost", "proxies", "train", "teachers",
+        "teacher_cli", "space", "time_blocks", "latency", "budget", "start", "losses", "distill", "prune", "blockwise",
+        "objective", "study", "report", "export", "online", "baselines", "retrain", "pipeline", "__init__",
+        "export_cli", "report_cli", "retrain_cli", "search"]
+# the command lines: they parse flags and hand a config to the library, which imports none of them
+CLI = {"cli", "search"} | {p.stem for p in PACKAGE.glob("*_cli.py")}
+STANDALONE = {"time_blocks"}  # the device script: its own flags, and nothing of nas_kd (test below)
+MAX_LINES = 400  # a module reads in one sitting (STYLE.md)
+# known exceptions, each to be removed when its module is split
+LONG = {"latency": "split by another branch", "teachers": "split by another branch",
+        "data": "over 400 lines: not split yet", "report": "over 400 lines: not split yet"}
+PARSES_FLAGS = {"latency": "split by another branch"}
 
 
 def _is_main_guard(node: ast.AST) -> bool:
@@ -19,13 +28,18 @@ def _is_main_guard(node: ast.AST) -> bool:
             and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
 
 
-def nas_kd_imports(path: Path) -> set[str]:
-    """Every nas_kd module `path` imports, at the top or inside a function; not under
-    `if __name__ == "__main__":`, where a `python -m` entry point may hand over to its command line."""
-    found = set()
+def _unguarded(path: Path) -> ast.Module:
+    """`path`'s code but what is under `if __name__ == "__main__":`, where a `python -m` entry
+    point may hand over to its command line."""
     tree = ast.parse(path.read_text())
     tree.body = [node for node in tree.body if not _is_main_guard(node)]
-    for node in ast.walk(tree):
+    return tree
+
+
+def nas_kd_imports(path: Path) -> set[str]:
+    """Every nas_kd module `path` imports, at the top or inside a function; not under the main guard."""
+    found = set()
+    for node in ast.walk(_unguarded(path)):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "nas_kd":
             if node.module == "nas_kd":
                 found |= {a.name if (PACKAGE / f"{a.name}.py").exists() else "__init__" for a in node.names}
@@ -52,3 +66,26 @@ def test_the_device_script_needs_no_torch_and_no_nas_kd() -> None:
     modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert modules <= {"__future__", "argparse", "collections", "json", "os", "platform", "statistics", "sys", "time",
                        "pathlib", "typing", "numpy", "onnxruntime"}  # the standard library of Python 3.8, numpy, ORT
+
+
+def _marked(modules: list[str], known: dict[str, str]) -> list:
+    return [pytest.param(m, marks=pytest.mark.xfail(reason=known[m], strict=False)) if m in known else m
+            for m in modules]
+
+
+@pytest.mark.parametrize("module", _marked([m for m in FLOW if m not in CLI | STANDALONE], PARSES_FLAGS))
+def test_a_library_module_parses_no_flags(module: str) -> None:
+    """Only the command lines parse flags (STYLE.md): a library module imports neither argparse
+    nor a command-line module, but under its main guard."""
+    tree = _unguarded(PACKAGE / f"{module}.py")
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "argparse" not in roots, f"nas_kd.{module} imports argparse: its command line belongs in a *_cli module"
+    cli = nas_kd_imports(PACKAGE / f"{module}.py") & CLI
+    assert not cli, f"nas_kd.{module} imports the command-line module(s) {sorted(cli)}"
+
+
+@pytest.mark.parametrize("module", _marked(FLOW, LONG))
+def test_a_module_reads_in_one_sitting(module: str) -> None:
+    lines = len((PACKAGE / f"{module}.py").read_text().splitlines())
+    assert lines <= MAX_LINES, f"nas_kd/{module}.py has {lines} lines, over {MAX_LINES}: split it along its sections"

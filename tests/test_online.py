@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import E2E_STUDY, load_json, run_cli
 
-from nas_kd import retrain
+from nas_kd import retrain_cli
 from nas_kd.arch import Spec, build
 from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
 from nas_kd.cost import count
@@ -257,7 +257,7 @@ def test_online_ensemble_command(e2e_run: dict, tmp_path: Path) -> None:
 ])
 def test_online_ensemble_command_bad_input(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
     # checked before the study is opened: no storage needed, and in-process to spare a start-up
-    assert retrain.main(["--study-name", E2E_STUDY, *args, "--quiet"]) == 2
+    assert retrain_cli.main(["--study-name", E2E_STUDY, *args, "--quiet"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}")
 
@@ -268,7 +268,7 @@ def test_online_ensemble_command_too_few_students(e2e_run: dict, tmp_path: Path,
     shutil.copy(e2e_run["db"], db)
     argv = ["--study-name", E2E_STUDY, "--storage", f"sqlite:///{db}", "--out-dir", str(tmp_path),
             "--online-ensemble", "3", "--quiet"]
-    assert retrain.main(argv) == 2
+    assert retrain_cli.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"error: --online-ensemble 3: study {E2E_STUDY!r} has only 2 feasible trained trials; "
                      "run more trials (--trials) or ask for fewer"]

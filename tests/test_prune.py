@@ -9,8 +9,12 @@ import torch
 import torch.nn as nn
 
 from nas_kd.arch import Network, Spec, SqueezeExcite, build
-from nas_kd.cost import Budget, count, format_count
+from nas_kd.baselines import check_prunable
+from nas_kd.budget import Budget
+from nas_kd.config import SearchConfig
+from nas_kd.cost import count, format_count
 from nas_kd.errors import InputError
+from nas_kd.latency import peak_activations
 from nas_kd.prune import STEPS, min_pruned_cost, prune, prune_to_budget, pruned_spec
 
 SHAPE = (3, 16, 16)
@@ -200,3 +204,22 @@ def test_pruned_network_trains(name: str) -> None:
     assert torch.isfinite(loss) and not bad, bad
     opt.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, pruned.parameters()))
+
+
+def test_a_memory_budget_is_met_too() -> None:
+    net = teacher(SPECS["inverted_se"])
+    budget = Budget(memory=(peak_activations(net, SHAPE) + min_pruned_cost(net.spec, SHAPE, CLASSES, Budget(memory=1)).memory) // 2)
+    pruned, keep, cost = prune_to_budget(net, SHAPE, budget)
+    assert 0 < keep < 1 and cost.memory == peak_activations(pruned, SHAPE) <= budget.memory
+    assert peak_activations(prune(net, min(1.0, keep + 2**-STEPS)), SHAPE) > budget.memory
+
+
+@pytest.mark.parametrize("bounds", [{"flops_budget": 600_000}, {"flops_budget": 50_000_000, "memory_budget": 25_000}])
+def test_a_pruned_baseline_the_budget_cannot_hold_is_refused_before_training(bounds: dict) -> None:
+    """resnet8 at 1x28x28, most pruned: 667K MACs and 25.9K bytes of peak int8 activations; a
+    memory bound below that is refused as a MACs bound below it is (it was not checked at all)."""
+    cfg = SearchConfig(teachers=("resnet8",), **bounds)
+    with pytest.raises(InputError, match="--pruned-baseline: the largest teacher resnet8 pruned") as e:
+        check_prunable(cfg, (1, 28, 28), 10)
+    assert ("memory 25.87K > 25K" if "memory_budget" in bounds else "macs 667K > 600K") in str(e.value)
+    check_prunable(SearchConfig(teachers=("resnet8",), flops_budget=50_000_000, memory_budget=26_000), (1, 28, 28), 10)

@@ -20,9 +20,10 @@ import plotly.offline
 import pytest
 from conftest import E2E_STUDY, run_cli
 
-from nas_kd import report
+from nas_kd import report, report_cli
 from nas_kd.arch import Spec
-from nas_kd.cost import Budget, Cost
+from nas_kd.budget import Budget
+from nas_kd.cost import Cost
 from nas_kd.objective import record_cost
 from nas_kd.report import COLUMNS, ParetoData, Points
 from nas_kd.study import STUDY_ATTR, WINNER_ATTR, open_storage
@@ -351,7 +352,7 @@ def test_report_main_bad_input(case: str, e2e_run: dict, tmp_path: Path, capsys:
     }[case]
     verbosity = optuna.logging.get_verbosity()
     try:
-        status = report.main(["--study-name", "nope", *args])
+        status = report_cli.main(["--study-name", "nope", *args])
     finally:
         optuna.logging.set_verbosity(verbosity)  # main quiets optuna for the whole process
     assert (status, *capsys.readouterr()) == (2, "", f"error: {message}\n")

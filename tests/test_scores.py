@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from nas_kd.arch import Spec, build
 from nas_kd.blockwise import BlockwiseScorer
+from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, TrainConfig
-from nas_kd.cost import Budget, count
+from nas_kd.cost import count
 from nas_kd.data import BatchIterator, eval_batches, seeded_subset
 from nas_kd.errors import InputError
 from nas_kd.losses import recipe_features
@@ -30,9 +31,8 @@ from nas_kd.objective import (
     was_trained,
 )
 from nas_kd.proxies import naswot, synflow
-from nas_kd.search import guarded
 from nas_kd.space import load_space
-from nas_kd.study import PRUNERS, default_study_name, make_pruner, open_storage, open_study, run
+from nas_kd.study import PRUNERS, default_study_name, guarded, make_pruner, open_storage, open_study, run
 from nas_kd.teachers import SHIPPED_TEACHERS, CachedTargets, Ensemble, Teacher, load_state, teacher_spec
 from nas_kd.train import evaluate, recalibrate_bn, recalibrated
 from tests.conftest import run_cli, search_cli
@@ -147,7 +147,7 @@ def small_context(mini_dataset):
     space = load_space("resnet")
 
     def make(score: str):
-        return trial_context(space, mini_dataset, ensemble, Budget(cfg.flops_budget), batches, targets,
+        return trial_context(space, mini_dataset, ensemble, Budget.from_config(cfg), batches, targets,
                              SearchConfig(**{**cfg.__dict__, "trial_score": score}), False, scorer)
     return make, space
 

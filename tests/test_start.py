@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from nas_kd.arch import Spec, build
-from nas_kd.cost import Budget
+from nas_kd.budget import Budget
 from nas_kd.errors import InputError
 from nas_kd.latency import peak_activations
 from nas_kd.objective import may_prune
