@@ -27,8 +27,8 @@ from nas_kd.data import Dataset
 from nas_kd.distill import criterion_for, distill, retrain_targets
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics
-from nas_kd.objective import cost_facts
 from nas_kd.prune import min_pruned_cost, prune_to_budget
+from nas_kd.records import cost_facts
 from nas_kd.study import BASELINE_ATTR
 from nas_kd.teachers import CachedTargets, Ensemble, teacher_cost, teacher_names, teacher_spec
 from nas_kd.train import evaluate

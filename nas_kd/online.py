@@ -38,8 +38,7 @@ from nas_kd.distill import criterion_for, retrain_targets
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics, teachers_test_metrics
 from nas_kd.losses import LOSSES, Criterion, StudentOutput, loss_class
-from nas_kd.objective import cost_facts, is_feasible
-from nas_kd.report import pareto_front
+from nas_kd.records import SPEC_ATTR, cost_facts, is_feasible, pareto_front
 from nas_kd.study import ONLINE_ATTR, completed
 from nas_kd.teachers import Ensemble, Targets
 from nas_kd.train import accuracy, fit, predict
@@ -197,19 +196,19 @@ def retrain_online(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     out_dir/student<k>-trial<N>/, write out_dir/online.json and store it as the study's
     `online_ensemble` attribute; returns that summary."""
     trials = top_students(study, k)
-    specs = [Spec.parse(t.user_attrs["spec"]) for t in trials]
+    specs = [Spec.parse(t.user_attrs[SPEC_ATTR]) for t in trials]
     recipe = f"online ensemble of {k} (T={cfg.distill.temperature:g})"
     if with_teachers:
         recipe += f" + offline teachers {teacher_recipe(cfg.distill).describe()}"
     log(f"training trials {', '.join(str(t.number) for t in trials)} together for {cfg.final_epochs} epochs: {recipe}")
     start = time.perf_counter()
     students, seconds = train_online(specs, dataset, ensemble, cfg, cfg.final_epochs, with_teachers, progress)
-    reference = ensemble.largest()
+    compression_teacher = ensemble.largest()
     teachers = teachers_test_metrics(dataset, ensemble)  # once, not per student
     exported = []
     for i, (trial, model) in enumerate(zip(trials, students)):
         metrics = {"trial": trial.number, "spec": str(model.spec),
-                   **cost_facts(count(model, dataset.input_shape), reference),
+                   **cost_facts(count(model, dataset.input_shape), compression_teacher),
                    "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs,
                    **student_metrics(model, dataset), **teachers, "train_seconds": round(seconds, 2),
                    "recipe": recipe, "with_teachers": with_teachers, "temperature": cfg.distill.temperature}

@@ -28,8 +28,8 @@ from nas_kd.distill import criterion_for, distill, retrain_targets
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics, teachers_test_metrics
 from nas_kd.latency import require_runtime
-from nas_kd.objective import cost_facts
 from nas_kd.online import retrain_online, top_students
+from nas_kd.records import LATENCY_ATTR, SPEC_ATTR, cost_facts
 from nas_kd.report import write_report
 from nas_kd.study import (
     STUDY_ATTR,
@@ -78,9 +78,9 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
                 f"retraining {len(best)}")
         candidates = retrain_candidates(study, cfg.finalists)
         names = start_names(study)
-        if starts := [t for t in candidates if t.user_attrs["spec"] in names]:
+        if starts := [t for t in candidates if t.user_attrs[SPEC_ATTR] in names]:
             log("start points, retrained whatever their trial score and kept only if best on validation: " + ", ".join(
-                f"trial {t.number} ({names[t.user_attrs['spec']]}, trial score {t.values[0]:.4g})" for t in starts))
+                f"trial {t.number} ({names[t.user_attrs[SPEC_ATTR]]}, trial score {t.values[0]:.4g})" for t in starts))
     else:
         candidates, names = [pick_winner(study, cfg.retrain_trial)], {}
     many = len(candidates) > 1
@@ -89,14 +89,14 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
         # the teachers' outputs over the training split once for every finalist: the search's cache
         # when it covers the split, else computed here (each retrain would compute its own); when
         # they run live (augmentation, or too big to cache) each retrain runs them
-        first = build(Spec.parse(candidates[0].user_attrs["spec"]), dataset.input_shape, dataset.num_classes)
+        first = build(Spec.parse(candidates[0].user_attrs[SPEC_ATTR]), dataset.input_shape, dataset.num_classes)
         _, shared = retrain_targets(ensemble, dataset, cfg, criterion_for(first, cfg.distill, ensemble.feature_channels),
                                     cached, progress)
         cached = shared if isinstance(shared, CachedTargets) else cached
     rows: list[dict[str, Any]] = []
     best: tuple[float, optuna.trial.FrozenTrial, Spec, Network, float] | None = None
     for rank, trial in enumerate(candidates, 1):
-        spec = Spec.parse(trial.user_attrs["spec"])
+        spec = Spec.parse(trial.user_attrs[SPEC_ATTR])
         start_point = names.get(str(spec))
         label = f" ({start_point} start point)" if start_point else ""
         which = f"finalist {rank} of {len(candidates)}{label}: " if many else ""
@@ -119,7 +119,7 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     metrics = test_metrics(model, dataset, ensemble)
     metrics = {"trial": trial.number, "spec": str(spec),
                **cost_facts(count(model, dataset.input_shape), ensemble.largest()),
-               "latency_ms": trial.user_attrs.get("latency_ms"),
+               "latency_ms": trial.user_attrs.get(LATENCY_ATTR),
                "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,
                "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
                "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature,

@@ -15,13 +15,27 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from nas_kd.errors import InputError
-from nas_kd.objective import FAIL_ATTR, MAX_FAILURES_IN_A_ROW, REPEAT_ATTR, is_feasible, training_done, was_trained
-from nas_kd.start import START_ATTR, START_IN_SPACE_ATTR, START_SPEC_ATTR, StartPoint
+from nas_kd.records import (
+    FAIL_ATTR,
+    REPEAT_ATTR,
+    SPEC_ATTR,
+    START_ATTR,
+    START_IN_SPACE_ATTR,
+    START_SPEC_ATTR,
+    is_feasible,
+    training_done,
+    was_trained,
+)
+from nas_kd.start import StartPoint
 
-STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, reference
+STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, compression teacher
 WINNER_ATTR = "winner"  # study user attribute: the retrained winner's final numbers
 BASELINE_ATTR = "pruned_baseline"  # study user attribute: the pruned-teacher baselines' final numbers
 ONLINE_ATTR = "online_ensemble"  # study user attribute: the online ensemble of students' final numbers
+MAX_FAILURES_IN_A_ROW = 5  # failed trials in a row after which a search stops (`run`)
+# in STUDY_ATTR: the teachers whose cost a student's compression is measured against, as text;
+# studies made before it was named so stored it under OLD_COMPRESSION_TEACHER_KEY
+COMPRESSION_TEACHER_KEY, OLD_COMPRESSION_TEACHER_KEY = "compression_teacher", "reference_name"
 
 # What a study's trials depend on: resuming with any of these changed would mix incomparable trials.
 GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "teachers", "teacher_epochs",
@@ -220,6 +234,12 @@ def check_same_teachers(study: optuna.Study, teachers: list[dict[str, Any]]) -> 
                              f"--teacher-ckpt {t['name']}=PATH, or start another --study-name")
 
 
+def compression_teacher(study: optuna.Study) -> str:
+    """Which teachers the study's compression ratios are measured against ("?" when not recorded)."""
+    info = study.user_attrs.get(STUDY_ATTR, {})
+    return str(info.get(COMPRESSION_TEACHER_KEY, info.get(OLD_COMPRESSION_TEACHER_KEY, "?")))
+
+
 def update_study_attr(study: optuna.Study, key: str, values: dict[str, Any]) -> None:
     merged = dict(study.user_attrs.get(key, {}))
     merged.update(values)
@@ -311,7 +331,7 @@ def finalists(study: optuna.Study, k: int) -> list[FrozenTrial]:
                          "run more trials (--trials) first")
     best: dict[str, FrozenTrial] = {}
     for t in feasible:
-        best.setdefault(t.user_attrs["spec"], t)
+        best.setdefault(t.user_attrs[SPEC_ATTR], t)
     return list(best.values())[:k]
 
 
@@ -326,7 +346,7 @@ def enqueue_start_points(study: optuna.Study, points: list[StartPoint]) -> list[
     Workers that start at the same moment may each enqueue it: give --start-from to one of them."""
     held: set[str] = set()
     for t in study.get_trials(deepcopy=False):
-        spec = t.user_attrs.get("spec", t.user_attrs.get(START_SPEC_ATTR))
+        spec = t.user_attrs.get(SPEC_ATTR, t.user_attrs.get(START_SPEC_ATTR))
         if t.state in (TrialState.WAITING, TrialState.RUNNING) or (t.state == TrialState.COMPLETE and was_trained(t)):
             held.add(spec)
     recorded = dict(study.user_attrs.get(START_POINTS_ATTR, {}))
@@ -347,8 +367,8 @@ def enqueue_start_points(study: optuna.Study, points: list[StartPoint]) -> list[
 
 def start_names(study: optuna.Study) -> dict[str, str]:
     """The study's start points: spec -> name (HAND_MADE or "given")."""
-    names = {t.user_attrs["spec"]: t.user_attrs[START_ATTR] for t in study.get_trials(deepcopy=False)
-             if START_ATTR in t.user_attrs and "spec" in t.user_attrs}
+    names = {t.user_attrs[SPEC_ATTR]: t.user_attrs[START_ATTR] for t in study.get_trials(deepcopy=False)
+             if START_ATTR in t.user_attrs and SPEC_ATTR in t.user_attrs}
     return {**names, **study.user_attrs.get(START_POINTS_ATTR, {})}
 
 
@@ -360,7 +380,7 @@ def start_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def _starts_among(study: optuna.Study, ranked: list[FrozenTrial]) -> list[FrozenTrial]:
     names = start_names(study)
-    return [t for t in ranked if t.user_attrs["spec"] in names]
+    return [t for t in ranked if t.user_attrs[SPEC_ATTR] in names]
 
 
 def retrain_candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:

@@ -18,8 +18,9 @@ from nas_kd.arch import Spec, build
 from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import count
 from nas_kd.errors import InputError
+from nas_kd.records import START_ATTR
 from nas_kd.report import write_report
-from nas_kd.start import HAND_MADE, START_ATTR
+from nas_kd.start import HAND_MADE
 from nas_kd.study import WINNER_ATTR, finalists, pick_winner, retrain_candidates, start_trials
 from nas_kd.teachers import CachedTargets, Ensemble, Teacher
 

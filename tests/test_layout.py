@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nas_kd"
 # the data flow, first to last (README, Development); command lines come after what they wire
-FLOW = ["errors", "__init__", "config", "cli", "data", "arch", "cost", "proxies", "train", "teachers", "teacher_cli",
+FLOW = ["errors", "__init__", "config", "cli", "data", "arch", "cost", "records", "proxies", "train", "teachers", "teacher_cli",
         "space", "time_blocks", "latency", "start", "losses", "distill", "prune", "blockwise", "objective", "study",
         "report", "export", "online", "baselines", "retrain", "search"]
 
