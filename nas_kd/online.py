@@ -33,8 +33,8 @@ from optuna.trial import FrozenTrial
 from nas_kd.arch import Network, Spec, build
 from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import count
-from nas_kd.data import Batch, BatchIterator, Dataset
-from nas_kd.distill import criterion_for, retrain_targets
+from nas_kd.data import Batch, Dataset
+from nas_kd.distill import retrain_targets, seeded_student
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics, teachers_test_metrics
 from nas_kd.losses import LOSSES, Criterion, StudentOutput, loss_class
@@ -156,17 +156,15 @@ def train_online(specs: list[Spec], dataset: Dataset, ensemble: Ensemble, cfg: S
     students: list[Network] = []
     criteria: list[Criterion] = []
     for k, spec in enumerate(specs):
-        torch.manual_seed(cfg.seed + k)
-        students.append(build(spec, dataset.input_shape, dataset.num_classes).to(device))
-        if recipe is not None:
-            criteria.append(criterion_for(students[-1], recipe, ensemble.feature_channels))
+        make = lambda spec=spec: build(spec, dataset.input_shape, dataset.num_classes).to(device)  # noqa: E731
+        student, criterion = seeded_student(make, cfg.seed + k, recipe, ensemble.feature_channels)
+        students.append(student)
+        if criterion is not None:
+            criteria.append(criterion)
     loss = OnlineEnsembleLoss(len(specs), cfg.distill.temperature, criteria or None)
-    if criteria:  # every criterion reads the same teacher outputs: the first one decides the source
-        batches, targets = retrain_targets(ensemble, dataset, cfg, criteria[0], progress=progress)
-    else:  # labels only: a fresh augmented view every epoch, as retrain_targets gives
-        batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=None,
-                                augment=cfg.train.augment)
-        targets = None
+    # every criterion reads the same teacher outputs: the first one decides the source (labels
+    # only, without teachers: a fresh augmented view every epoch)
+    batches, targets = retrain_targets(ensemble, dataset, cfg, criteria[0] if criteria else None, progress=progress)
 
     def step(batch: Batch) -> torch.Tensor:
         outputs = []

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 
 from nas_kd.arch import Network, Spec, build
 from nas_kd.cli import fail, log, quiet_libraries, study_parser
 from nas_kd.config import SearchConfig, adapt_schedule, from_dict
 from nas_kd.cost import count
 from nas_kd.data import Dataset, load_dataset
-from nas_kd.distill import criterion_for, distill, retrain_targets
+from nas_kd.distill import criterion_for, retrain_student, retrain_targets
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics, teachers_test_metrics
 from nas_kd.latency import require_runtime
@@ -48,14 +47,9 @@ from nas_kd.train import evaluate, resolve_device
 def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
             progress: bool = True, cached: CachedTargets | None = None) -> tuple[Network, float]:
     """Distil a fresh `spec` network for `epochs` with the study's recipe; returns it and the seconds."""
-    torch.manual_seed(cfg.seed)
     device = dataset.train.x.device
-    model = build(spec, dataset.input_shape, dataset.num_classes).to(device)
-    criterion = criterion_for(model, cfg.distill, ensemble.feature_channels)
-    batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress)
-    seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc="retrain", progress=progress,
-                      two_stage=cfg.distill.two_stage, epoch_lines=True)
-    return model.eval(), seconds
+    return retrain_student(lambda: build(spec, dataset.input_shape, dataset.num_classes).to(device), dataset,
+                           ensemble, cfg, epochs, progress=progress, cached=cached, epoch_lines=True)
 
 
 def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
