@@ -215,10 +215,29 @@ def pareto_figure(data: ParetoData) -> go.Figure:
         xaxis=dict(title=f"{name} (log scale)", type="log", tickvals=ticks, ticktext=ticktext, anchor="free",
                    position=0.0),
         yaxis=dict(title=f"trial: {data.score_label}<br>after brief training", domain=TRIAL_PANEL),
-        yaxis3=dict(title="validation accuracy<br>after full training", domain=FULL_PANEL),
+        yaxis3=dict(title="validation accuracy<br>after full training", domain=FULL_PANEL,
+                    **({"range": span} if (span := full_panel_range(data)) else {})),
         yaxis2=dict(domain=RUG_PANEL, showticklabels=False, showgrid=False, zeroline=False),
         template="plotly_white", height=640, legend=dict(orientation="h", y=-0.2))
     return fig
+
+
+FULL_PANEL_MIN_SPAN = 0.01  # accuracy: the lower panel spans at least 1 point, so hundredths look small
+
+
+def full_panel_range(data: ParetoData, min_span: float = FULL_PANEL_MIN_SPAN) -> list[float] | None:
+    """The accuracy range of the lower panel: its points with a tenth of their spread as margin
+    on each side, widened to `min_span` about their middle when narrower; None without points
+    (Plotly's own range)."""
+    accs = [a for a in data.teachers.acc + data.retrained.acc + data.baselines.acc if a == a]
+    if not accs:
+        return None
+    margin = 0.1 * (max(accs) - min(accs))
+    lo, hi = min(accs) - margin, max(accs) + margin
+    if hi - lo < min_span:
+        middle = (lo + hi) / 2
+        lo, hi = middle - min_span / 2, middle + min_span / 2
+    return [round(lo, 6), round(hi, 6)]
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
@@ -255,7 +274,14 @@ table.facts th { text-align: left; }
 """
 
 
+# a fact shown under another name: export.py stores the int8 model's test accuracy *drop* in
+# points, which reads as a loss whichever way it went; the report shows the signed change
+SHOWN_AS = {"int8_accuracy_drop": "int8_accuracy_change"}
+
+
 def _fmt(key: str, value: Any) -> str:
+    if key == "int8_accuracy_drop" and isinstance(value, (int, float)):
+        return f"{0.0 - value:+.2f} points"  # 0.0 - : a drop of 0 is "+0.00", not "-0.00"
     if isinstance(value, float) and ("acc" in key):
         return f"{value:.2%}"
     if key in ("macs", "params") and isinstance(value, (int, float)):
@@ -269,7 +295,7 @@ def _fmt(key: str, value: Any) -> str:
 
 def _facts(facts: dict[str, Any]) -> str:
     """A vertical two-column table: one fact a row."""
-    rows = "".join(f"<tr><th>{html.escape(k.replace('_', ' '))}</th>"
+    rows = "".join(f"<tr><th>{html.escape(SHOWN_AS.get(k, k).replace('_', ' '))}</th>"
                    f"<td{' class=spec' if k == 'spec' else ''}>{html.escape(_fmt(k, v))}</td></tr>"
                    for k, v in facts.items() if not isinstance(v, (dict, list)))
     return f"<table class=facts>{rows}</table>"
@@ -277,7 +303,7 @@ def _facts(facts: dict[str, Any]) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     """One row per dict; nested values (dicts, lists) are left out."""
-    frame = pd.DataFrame([{k: _fmt(k, v) for k, v in row.items() if not isinstance(v, (dict, list))}
+    frame = pd.DataFrame([{SHOWN_AS.get(k, k): _fmt(k, v) for k, v in row.items() if not isinstance(v, (dict, list))}
                           for row in rows])
     return frame.to_html(index=False, border=0, escape=True, na_rep="")
 

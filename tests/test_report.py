@@ -189,6 +189,32 @@ def test_the_retrained_winner_is_drawn_under_its_trial_score(cost: str) -> None:
     assert report.pareto_data(FRAME, cost, None, TEACHERS, winner=0, retrained={"trial": 0}).retrained.x == []
 
 
+@pytest.mark.parametrize(("accs", "expected"), [
+    pytest.param([0.946, 0.954], [0.945, 0.955], id="the main command's 0.8 points: widened to 1 about 0.95"),
+    pytest.param([0.90, 0.95], [0.895, 0.955], id="5 points: a tenth of the spread each side"),
+    pytest.param([0.93], [0.925, 0.935], id="one point"),
+    pytest.param([], None, id="nothing drawn: Plotly's range"),
+])
+def test_the_full_training_panel_spans_at_least_one_point(accs: list[float], expected: list[float] | None) -> None:
+    teachers = [{"name": f"t{i}", "macs": 9e6, "params": 1, "val_acc": acc} for i, acc in enumerate(accs[:1])]
+    retrained = {"trial": 0, "spec": _spec(0), "macs": 4e6, "val_acc": accs[-1]} if accs else None
+    data = report.pareto_data(FRAME, "macs", None, teachers, winner=0, retrained=retrained)
+    assert report.full_panel_range(data) == expected
+    span = report.pareto_figure(data).layout.yaxis3.range
+    assert (list(span) if span else None) == expected
+
+
+@pytest.mark.parametrize(("drop", "shown"), [(-0.06, "+0.06 points"), (1.5, "-1.50 points"), (0.0, "+0.00 points")])
+def test_the_int8_change_is_shown_in_signed_points(drop: float, shown: str) -> None:
+    """export.py stores the int8 model's test accuracy *drop* in points; the winner's table shows
+    the signed change (a gain of 0.06 points once read "int8 accuracy drop -6.00%")."""
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(WINNER_ATTR, {"trial": 0, "spec": SPECS[0], "int8_accuracy_drop": drop})
+    text = report.render_html(study, report.trials_frame(study))
+    assert f"<tr><th>int8 accuracy change</th><td>{shown}</td></tr>" in text
+    assert "int8 accuracy drop" not in text
+
+
 def test_the_compression_teacher_is_read_under_its_old_key_too() -> None:
     study = optuna.create_study(direction="maximize")
     assert compression_teacher(study) == "?"
@@ -245,7 +271,8 @@ def made_study(tmp_path_factory: pytest.TempPathFactory) -> optuna.Study:
                                      "guarded": {"dataset": "fashion-mnist"}, "space": "resnet",
                                      # a study made before the key was renamed to "compression_teacher"
                                      "reference_name": "resnet20 for MACs, resnet20 for params"})
-    study.set_user_attr(WINNER_ATTR, {"trial": 0, "spec": SPECS[0], "test_acc": 0.6, "teachers_test_acc": {"resnet20": 0.9}})
+    study.set_user_attr(WINNER_ATTR, {"trial": 0, "spec": SPECS[0], "test_acc": 0.6, "teachers_test_acc": {"resnet20": 0.9},
+                                      "int8_accuracy_drop": -0.06})
     return study
 
 def _made_row(number: int, status: str, **values: object) -> dict:
@@ -284,6 +311,7 @@ def test_write_report(made_study: optuna.Study, tmp_path: Path) -> None:
     assert "Trials: 1 complete, 2 failed, 1 over budget, 1 pruned, 1 running, 1 waiting.</p>" in text
     assert ("<h2>Winner</h2>" in text, "<h2>Teachers</h2>" in text) == (True, True)
     assert "the largest teacher's cost over the student's (resnet20 for MACs, resnet20 for params)." in text
+    assert "<tr><th>int8 accuracy change</th><td>+0.06 points</td></tr>" in text
     table = pd.read_csv(csv_path)
     assert list(table.columns) == COLUMNS
     assert table["number"].tolist() == list(range(7))
