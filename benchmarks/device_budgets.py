@@ -65,11 +65,11 @@ from nas_kd.data import BatchIterator, Dataset, load_dataset
 from nas_kd.export import student_metrics
 from nas_kd.latency import LatencyTable, export_blocks, format_bytes, measure_latency, peak_activations
 from nas_kd.losses import recipe_features
-from nas_kd.objective import was_trained
+from nas_kd.picks import pick_winner
 from nas_kd.pipeline import search
+from nas_kd.records import SPEC_ATTR, was_trained
 from nas_kd.retrain import retrain
 from nas_kd.space import SearchSpace, load_space
-from nas_kd.study import pick_winner
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config, teacher_spec
 from nas_kd.time_blocks import time_folder
 
@@ -164,7 +164,7 @@ def search_pick(method: str, cfg: SearchConfig, work: Path) -> tuple[Spec, dict[
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     study = search(run, progress=False)
     winner = pick_winner(study)
-    return Spec.parse(winner.user_attrs["spec"]), {
+    return Spec.parse(winner.user_attrs[SPEC_ATTR]), {
         "trial": winner.number, "trial_score": winner.value, "trials_in_study": len(study.trials),
         "trained": sum(was_trained(t) for t in study.trials)}
 

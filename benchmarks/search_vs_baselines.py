@@ -64,11 +64,12 @@ from nas_kd.cost import count, format_count, parse_count  # noqa: E402
 from nas_kd.data import BatchIterator, Dataset, load_dataset  # noqa: E402
 from nas_kd.export import student_metrics  # noqa: E402
 from nas_kd.losses import recipe_features  # noqa: E402
-from nas_kd.objective import was_trained  # noqa: E402
+from nas_kd.picks import pick_winner, retrain_candidates  # noqa: E402
 from nas_kd.pipeline import search  # noqa: E402
+from nas_kd.records import SPEC_ATTR, was_trained  # noqa: E402
 from nas_kd.retrain import retrain  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
-from nas_kd.study import pick_winner, retrain_candidates, study_training  # noqa: E402
+from nas_kd.study import study_training  # noqa: E402
 from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
 
 METHODS = ("search", "random", "largest", "hand-made", "params", "finalists")
@@ -172,7 +173,7 @@ def pick(method: str, cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[
     study = search(run, progress=False)
     winner = pick_winner(study)
     trained = [t for t in study.trials if was_trained(t)]
-    return Spec.parse(winner.user_attrs["spec"]), {"trial": winner.number, "trial_score": winner.value,
+    return Spec.parse(winner.user_attrs[SPEC_ATTR]), {"trial": winner.number, "trial_score": winner.value,
                                                    "trials_in_study": len(study.trials), "trained": len(trained)}
 
 
@@ -196,7 +197,7 @@ def pick_finalists(study: optuna.Study, k: int, retrained: Any) -> tuple[Spec, d
     the earlier). `retrained(spec)` is the results entry of the spec's retrain."""
     rows = []
     for trial in retrain_candidates(study, k):
-        r = retrained(Spec.parse(trial.user_attrs["spec"]))
+        r = retrained(Spec.parse(trial.user_attrs[SPEC_ATTR]))
         rows.append({"trial": trial.number, "spec": r["spec"], "trial_score": trial.value, "val_acc": r["val_acc"],
                      "retrain_seconds": r["seconds"]})
     best = max(rows, key=lambda row: row["val_acc"])  # max keeps the first of equal ones: the better score

@@ -60,14 +60,14 @@ from nas_kd.cost import Cost, count, format_count, parse_count  # noqa: E402
 from nas_kd.data import BatchIterator, Dataset, Split, load_dataset, seeded_subset  # noqa: E402
 from nas_kd.errors import InputError  # noqa: E402
 from nas_kd.losses import recipe_features  # noqa: E402
-from nas_kd.objective import (  # noqa: E402
+from nas_kd.objective import PROXY_BATCH, REPORT_IMAGES, TRIAL_SCORES, TrialContext, proxy_scores, trial_context  # noqa: E402
+from nas_kd.records import (  # noqa: E402
     CURVE_ATTR,
-    PROXY_BATCH,
-    REPORT_IMAGES,
-    TRIAL_SCORES,
-    TrialContext,
-    proxy_scores,
-    trial_context,
+    EVAL_SECONDS_ATTR,
+    NASWOT,
+    SYNFLOW,
+    TRAIN_SECONDS_ATTR,
+    VAL_ACC_RAW_ATTR,
 )
 from nas_kd.retrain import retrain  # noqa: E402
 from nas_kd.space import SearchSpace, load_space  # noqa: E402
@@ -281,13 +281,13 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
                 targets = CachedTargets(bench.ensemble, cover, features, progress=False)
             ctx = context(epochs, images)
             _, trial = fresh_trial()
-            value = TRIAL_SCORES["distill"](ctx, trial, spec)
+            value = TRIAL_SCORES["distill"].compute(ctx, trial, spec)
             a = trial.user_attrs
             bench.results.put("scores", f"{spec}|{sid}", {
-                "spec": str(spec), "schedule": f"{epochs}x{images}", "recalibrated": value, "raw": a["val_acc_raw"],
-                "curve": a[CURVE_ATTR], "seconds": round(a["train_seconds"] + a["eval_seconds"], 3),
-                "train_seconds": a["train_seconds"], "machine": machine()})
-            done.append(f"{epochs}x{images} {a['val_acc_raw']:.4f}/{value:.4f}")
+                "spec": str(spec), "schedule": f"{epochs}x{images}", "recalibrated": value, "raw": a[VAL_ACC_RAW_ATTR],
+                "curve": a[CURVE_ATTR], "seconds": round(a[TRAIN_SECONDS_ATTR] + a[EVAL_SECONDS_ATTR], 3),
+                "train_seconds": a[TRAIN_SECONDS_ATTR], "machine": machine()})
+            done.append(f"{epochs}x{images} {a[VAL_ACC_RAW_ATTR]:.4f}/{value:.4f}")
         if with_blockwise:
             epochs, images = SCHEDULES[0]
             teacher = most_accurate(bench.ensemble.members)
@@ -352,7 +352,7 @@ def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]], reference_images: i
         lambda e: e["seconds"])
     proxy_sid = settings_id(trial_settings(bench, "proxies", batch=PROXY_BATCH))
     entries = [bench.results.get("scores", f"{s}|{proxy_sid}") for s, _ in specs]
-    for name in ("naswot", "synflow"):
+    for name in (NASWOT, SYNFLOW):
         add(name, entries, lambda e, name=name: e["proxies"][name], lambda e: e["seconds"])
     rows["macs"] = ([float(c.macs) for _, c in specs], [0.0] * len(specs))
     rows["params"] = ([float(c.params) for _, c in specs], [0.0] * len(specs))

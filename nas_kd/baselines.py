@@ -18,18 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 
 from nas_kd.arch import Network, Spec
 from nas_kd.budget import Budget
 from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import format_count
 from nas_kd.data import Dataset
-from nas_kd.distill import criterion_for, distill, retrain_targets
+from nas_kd.distill import retrain_student
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics
-from nas_kd.objective import cost_facts
 from nas_kd.prune import min_pruned_cost, prune_to_budget
+from nas_kd.records import cost_facts
 from nas_kd.study import BASELINE_ATTR
 from nas_kd.teachers import CachedTargets, Ensemble, teacher_cost, teacher_names, teacher_spec
 from nas_kd.train import evaluate
@@ -61,13 +60,8 @@ def check_prunable(cfg: SearchConfig, input_shape: tuple[int, int, int], num_cla
 def train_pruned(pruned: Network, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, recipe: DistillConfig,
                  epochs: int, progress: bool = True, cached: CachedTargets | None = None) -> tuple[Network, float]:
     """A copy of `pruned`, trained for `epochs` with `recipe` (its weights as the starting point)."""
-    torch.manual_seed(cfg.seed)
-    model = copy.deepcopy(pruned).requires_grad_(True).train()
-    criterion = criterion_for(model, recipe, ensemble.feature_channels)
-    batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress)
-    seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc="pruned baseline",
-                      progress=progress, two_stage=recipe.two_stage)
-    return model.eval(), seconds
+    return retrain_student(lambda: copy.deepcopy(pruned).requires_grad_(True).train(), dataset, ensemble, cfg,
+                           epochs, recipe, desc="pruned baseline", progress=progress, cached=cached)
 
 
 def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,

@@ -82,9 +82,10 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
                          on_step=None if on_step is None else lambda n: on_step(offset + n), epoch_lines=epoch_lines)
 
 
-def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion,
+def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion | None,
                     cached: CachedTargets | None = None, progress: bool = True) -> tuple[BatchIterator, TargetSource | None]:
-    """Batches over the whole training split and where their targets come from.
+    """Batches over the whole training split and where their targets come from (nowhere when
+    `criterion` is None or reads no teacher: a fresh augmented view every epoch).
 
     Without augmentation every epoch shows the same pixels, so the teachers' outputs are computed
     once (or taken from the search's cache) and reused by every epoch; with augmentation, or when
@@ -94,7 +95,7 @@ def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, cri
         return BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
                              augment=cfg.train.augment)
 
-    if not criterion.uses_teachers:
+    if criterion is None or not criterion.uses_teachers:
         return iterator(None), None
     if cfg.train.augment:
         return iterator(None), LiveTargets(ensemble, criterion.features)
@@ -105,6 +106,34 @@ def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, cri
                               cfg.target_cache_gb):
         return iterator(None), LiveTargets(ensemble, criterion.features)
     return batches, CachedTargets(ensemble, batches, criterion.features, progress=progress)
+
+
+# ---------------------------------------------------------------- the retrain recipe
+
+
+def seeded_student(make: Callable[[], Network], seed: int, recipe: DistillConfig | None,
+                   teacher_channels: list[list[int]]) -> tuple[Network, Criterion | None]:
+    """How every full-schedule training starts a student: the global generator seeded with
+    `seed`, then the network `make` returns (a fresh spec, or a copy of a pruned teacher), then
+    the criterion of `recipe` (None without one), whose adapters draw from the same stream."""
+    torch.manual_seed(seed)
+    model = make()
+    return model, None if recipe is None else criterion_for(model, recipe, teacher_channels)
+
+
+def retrain_student(make: Callable[[], Network], dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
+                    epochs: int, recipe: DistillConfig | None = None, desc: str = "retrain", progress: bool = True,
+                    cached: CachedTargets | None = None, epoch_lines: bool = False) -> tuple[Network, float]:
+    """The retrain recipe: `seeded_student` (seed cfg.seed), its targets over the whole training
+    split (`retrain_targets`, the search's cache when it covers them), then `epochs` of
+    distillation with `recipe` (default: the study's, cfg.distill). Returns the network in eval
+    mode and the training seconds."""
+    recipe = cfg.distill if recipe is None else recipe
+    model, criterion = seeded_student(make, cfg.seed, recipe, ensemble.feature_channels)
+    batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress)
+    seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc=desc, progress=progress,
+                      two_stage=recipe.two_stage, epoch_lines=epoch_lines)
+    return model.eval(), seconds
 
 
 class _Timed(Exception):

@@ -23,8 +23,36 @@ from nas_kd.distill import criterion_for, criterion_stages, distill
 from nas_kd.errors import InputError
 from nas_kd.latency import memory_facts
 from nas_kd.proxies import naswot, synflow
+from nas_kd.records import (
+    BLOCKWISE_ATTR,
+    BLOCKWISE_MEMO_ATTR,
+    BLOCKWISE_NEW_ATTR,
+    BLOCKWISE_STAGES_ATTR,
+    CURVE_ATTR,
+    EVAL_SECONDS_ATTR,
+    FAIL_ATTR,
+    FAIL_TRACE_ATTR,
+    FLOOR_CONSTRAINT,
+    LATENCY_ATTR,
+    NASWOT,
+    RECIPE_ATTR,
+    REPEAT_ATTR,
+    SCORE_ATTR,
+    SCORE_KIND_ATTR,
+    SPEC_ATTR,
+    START_ATTR,
+    SYNFLOW,
+    TRAIN_SECONDS_ATTR,
+    TRAINED_FRACTION_ATTR,
+    USE_ATTR,
+    VAL_ACC_ATTR,
+    VAL_ACC_RAW_ATTR,
+    WORKER_ATTR,
+    cost_facts,
+    scored_before,
+)
 from nas_kd.space import SearchSpace
-from nas_kd.start import START_ATTR, trial_spec
+from nas_kd.start import trial_spec
 from nas_kd.teachers import Ensemble, TargetSource
 from nas_kd.train import evaluate, recalibrated
 
@@ -50,7 +78,7 @@ class TrialContext:
     seed: int
     progress: bool = True
     trial_score: str = "distill"  # a key of TRIAL_SCORES
-    scorer: BlockwiseScorer | None = None  # with trial_score "blockwise"
+    scorer: BlockwiseScorer | None = None  # with a TrialScore.blockwise trial score
     # batches of training images whose statistics replace BatchNorm's running ones before every
     # validation pass (train.recalibrate_bn); empty = no recalibration
     calibration: list[torch.Tensor] = field(default_factory=list)
@@ -87,30 +115,13 @@ REPORT_IMAGES = 2000  # validation images read by a trial's intermediate reports
 PROXY_BATCH = 128  # NASWOT's mini-batch, as in its paper
 
 
-def compression(cost: Cost, reference: Cost) -> tuple[float, float]:
-    """(teacher MACs / student MACs, teacher params / student params)."""
-    return reference.macs / max(1, cost.macs), reference.params / max(1, cost.params)
-
-
-def cost_facts(cost: Cost, reference: Cost) -> dict[str, int | float]:
-    """A student's MACs and params and its compression against the reference, as trials, exports
-    and reports record them."""
-    macs_c, params_c = compression(cost, reference)
-    return {"macs": cost.macs, "params": cost.params, "macs_compression": round(macs_c, 4),
-            "params_compression": round(params_c, 4)}
-
-
-FLOOR_CONSTRAINT = "budget_floor"  # the constraint of a student under the budget floor
-USE_ATTR = "budget_use"  # Budget.use of the trial's spec: its largest share of a bound
-
-
-def record_cost(trial: optuna.Trial, spec: Spec, cost: Cost, reference: Cost, budget: Budget,
+def record_cost(trial: optuna.Trial, spec: Spec, cost: Cost, compression_teacher: Cost, budget: Budget,
                 memory: dict[str, int] | None = None, floor: float = 0.0) -> bool:
     """Store the spec, its cost (and memory figures) and its constraints on the trial, the budget
     floor's among them; return whether it fits the budget and meets the floor."""
-    facts = {"spec": str(spec), **cost_facts(cost, reference), **(memory or {})}
+    facts = {SPEC_ATTR: str(spec), **cost_facts(cost, compression_teacher), **(memory or {})}
     if cost.latency_ms is not None:
-        facts["latency_ms"] = round(cost.latency_ms, 4)
+        facts[LATENCY_ATTR] = round(cost.latency_ms, 4)
     if (use := budget.use(cost)) is not None:
         facts[USE_ATTR] = round(use, 4)
     for key, value in facts.items():
@@ -128,7 +139,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, fl
     """Score one sampled spec. A failure inside the trial (a loss that turned NaN or infinite, an
     out-of-memory error, any other exception) fails this trial alone: its reason and traceback go
     in its user attributes, the memory it held is released, and NaN is returned, which Optuna
-    records as FAIL (`study.run` stops the study after MAX_FAILURES_IN_A_ROW of them)."""
+    records as FAIL (`study.run` stops the study after `study.MAX_FAILURES_IN_A_ROW` of them)."""
     try:
         return score_trial(ctx, trial)
     except (optuna.TrialPruned, InputError, KeyboardInterrupt):
@@ -144,10 +155,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, fl
     return (nan, nan) if ctx.pareto else nan
 
 
-FAIL_ATTR = "fail_reason"  # why a trial failed (one line), with what to change
-FAIL_TRACE_ATTR = "fail_traceback"  # the last lines of its traceback, for bug reports
 TRACEBACK_LINES = 12
-MAX_FAILURES_IN_A_ROW = 5  # failed trials in a row after which a search stops (study.run)
 
 
 def failure_reason(error: BaseException, lr: float) -> str:
@@ -168,9 +176,6 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-WORKER_ATTR = "worker"  # "host:pid" of the process that ran the trial (many workers, one study)
 
 
 def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -200,18 +205,10 @@ def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, 
         for name, value in proxy_scores(ctx, spec, cost).items():
             if name not in ("macs", "params"):  # stored by record_cost, as integers
                 trial.set_user_attr(name, value)
-    score = TRIAL_SCORES[ctx.trial_score](ctx, trial, spec)
+    score = trial_score_named(ctx.trial_score).compute(ctx, trial, spec)
     trial.set_user_attr(SCORE_ATTR, score)
     trial.set_user_attr(SCORE_KIND_ATTR, ctx.trial_score)
     return (score, float(getattr(cost, ctx.pareto_cost))) if ctx.pareto else score
-
-
-def scored_before(trial: optuna.Trial, spec: str) -> optuna.trial.FrozenTrial | None:
-    """The study's first completed, scored trial of `spec`, if any."""
-    for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.number != trial.number and t.user_attrs.get("spec") == spec and was_trained(t):
-            return t
-    return None
 
 
 def proxy_scores(ctx: TrialContext, spec: Spec, cost: Cost) -> dict[str, float]:
@@ -245,7 +242,7 @@ def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
     device = ctx.dataset.train.x.device
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes).to(device)
     criterion = criterion_for(model, ctx.recipe, ctx.ensemble.feature_channels)
-    trial.set_user_attr("recipe", ctx.recipe.describe())
+    trial.set_user_attr(RECIPE_ATTR, ctx.recipe.describe())
     # in two-stage training the head is untrained until stage two: stage one is not validated
     align_epochs, _ = criterion_stages(criterion, ctx.epochs, ctx.recipe.two_stage)
     per_epoch = len(ctx.batches)
@@ -268,7 +265,7 @@ def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
         start = time.perf_counter()
         last = step == total
         if last and ctx.calibration:
-            trial.set_user_attr("val_acc_raw", round(evaluate(model, ctx.dataset.val, ctx.dataset), 6))
+            trial.set_user_attr(VAL_ACC_RAW_ATTR, round(evaluate(model, ctx.dataset.val, ctx.dataset), 6))
         split = ctx.dataset.val if last or ctx.report_val is None else ctx.report_val
         curve.append([round(step / per_epoch, 4), measure(split)])
         eval_seconds += time.perf_counter() - start
@@ -285,9 +282,9 @@ def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
         distill(model, ctx.batches, ctx.targets, criterion, ctx.train, ctx.epochs, desc=f"trial {trial.number}",
                 progress=ctx.progress, two_stage=ctx.recipe.two_stage, on_step=on_step)
     finally:
-        trial.set_user_attr("train_seconds", round(time.perf_counter() - start - eval_seconds, 3))
-        trial.set_user_attr("eval_seconds", round(eval_seconds, 3))
-    trial.set_user_attr("val_acc", curve[-1][1])
+        trial.set_user_attr(TRAIN_SECONDS_ATTR, round(time.perf_counter() - start - eval_seconds, 3))
+        trial.set_user_attr(EVAL_SECONDS_ATTR, round(eval_seconds, 3))
+    trial.set_user_attr(VAL_ACC_ATTR, curve[-1][1])
     return curve[-1][1]
 
 
@@ -305,12 +302,12 @@ def blockwise_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float
     start = time.perf_counter()
     known = len(ctx.scorer.scores)
     score, stages = ctx.scorer.score(spec)
-    trial.set_user_attr("blockwise_stage_scores", [round(v, 6) for v in stages])
-    trial.set_user_attr("blockwise_new_stages", len(ctx.scorer.scores) - known)
+    trial.set_user_attr(BLOCKWISE_STAGES_ATTR, [round(v, 6) for v in stages])
+    trial.set_user_attr(BLOCKWISE_NEW_ATTR, len(ctx.scorer.scores) - known)
     trial.set_user_attr(BLOCKWISE_MEMO_ATTR, {key: ctx.scorer.scores[key]
                                               for key in (stage_key(spec, i) for i in range(len(spec.stages)))})
     trial.set_user_attr(BLOCKWISE_ATTR, round(score, 6))
-    trial.set_user_attr("train_seconds", round(time.perf_counter() - start, 3))
+    trial.set_user_attr(TRAIN_SECONDS_ATTR, round(time.perf_counter() - start, 3))
     return score
 
 
@@ -324,75 +321,30 @@ def training_free(name: str) -> Callable[[TrialContext, optuna.Trial, Spec], flo
     return score
 
 
-BLOCKWISE_ATTR = "blockwise_score"
-BLOCKWISE_MEMO_ATTR = "blockwise_memo"  # the trial's stage scores by stage key, for resumed runs
-SCORE_ATTR = "score"  # what the trial returned as its score, whatever its kind
-SCORE_KIND_ATTR = "score_kind"  # the TRIAL_SCORES key that made it
-CURVE_ATTR = "val_acc_curve"  # [[epochs trained, recalibrated val acc], ...] of a distill trial
-TRAINED_FRACTION_ATTR = "trained_fraction"  # of a pruned trial: the share of its steps it trained
-REPEAT_ATTR = "repeat_of"  # a spec already scored: the number of the trial whose score was reused
-NASWOT, SYNFLOW = "naswot", "synflow"
 
-# How a trial's spec is scored (`--trial-score`); all return "higher is better". The first two
-# train; the others are computed from the untrained network or its cost, in about a second.
-TRIAL_SCORES: dict[str, Callable[[TrialContext, optuna.Trial, Spec], float]] = {
-    "distill": distill_score,
-    "blockwise": blockwise_score,
-    NASWOT: training_free(NASWOT),
-    SYNFLOW: training_free(SYNFLOW),
-    "macs": training_free("macs"),
-    "params": training_free("params"),
+@dataclass(frozen=True)
+class TrialScore:
+    """One way to score a trial's spec (`--trial-score NAME`); every score is "higher is better"."""
+
+    compute: Callable[[TrialContext, optuna.Trial, Spec], float]
+    label: str  # what the report's axes call it
+    trains: bool  # False: computed from the untrained network or its cost, in about a second
+    blockwise: bool = False  # scored by TrialContext.scorer, stage by stage against one teacher
+
+
+# The trial scores by name, each registered once: the first two train, the others do not.
+TRIAL_SCORES: dict[str, TrialScore] = {
+    "distill": TrialScore(distill_score, "validation accuracy", trains=True),
+    "blockwise": TrialScore(blockwise_score, "block-wise score (mean R^2 of stages)", trains=True, blockwise=True),
+    NASWOT: TrialScore(training_free(NASWOT), "NASWOT score (log |K_H|)", trains=False),
+    SYNFLOW: TrialScore(training_free(SYNFLOW), "SynFlow score (ln S)", trains=False),
+    "macs": TrialScore(training_free("macs"), "MACs", trains=False),
+    "params": TrialScore(training_free("params"), "parameters", trains=False),
 }
-TRAINED_SCORES = ("distill", "blockwise")
 
 
-def was_trained(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether the trial scored its spec (trained it, or computed a training-free score): budget
-    rejections and repeats of a scored spec never did. Studies made before scores were stored
-    are read from their accuracies or block-wise score."""
-    a = trial.user_attrs
-    return SCORE_ATTR in a or CURVE_ATTR in a or "val_acc_per_epoch" in a or BLOCKWISE_ATTR in a
-
-
-def training_done(trial: optuna.trial.FrozenTrial) -> float:
-    """How many trials' worth of training the trial did: 1 if it scored its spec, the share of
-    its steps if it was pruned, 0 if it trained nothing (over budget, a repeat, failed early)."""
-    if not was_trained(trial):
-        return 0.0
-    if trial.state == optuna.trial.TrialState.PRUNED:
-        return float(trial.user_attrs.get(TRAINED_FRACTION_ATTR, 1.0))
-    return 1.0
-
-
-def curve(trial: optuna.trial.FrozenTrial) -> list[list[float]]:
-    """[[epochs trained, val acc], ...] of a distill trial (older studies: one point per epoch)."""
-    if CURVE_ATTR in trial.user_attrs:
-        return trial.user_attrs[CURVE_ATTR]
-    return [[i + 1, acc] for i, acc in enumerate(trial.user_attrs.get("val_acc_per_epoch", []))]
-
-
-def trial_score(trial: optuna.trial.FrozenTrial) -> float | None:
-    """The trial's score, or the last accuracy it reached (a pruned trial's)."""
-    a = trial.user_attrs
-    if SCORE_ATTR in a:
-        return a[SCORE_ATTR]
-    points = curve(trial)
-    return points[-1][1] if points else a.get(BLOCKWISE_ATTR)
-
-
-def stored_blockwise_scores(study: optuna.Study) -> dict[str, float]:
-    """Every stage score recorded by the study's finished blockwise trials (to preload a scorer)."""
-    memo: dict[str, float] = {}
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        memo.update(t.user_attrs.get(BLOCKWISE_MEMO_ATTR, {}))
-    return memo
-
-
-def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    return all(v <= 0 for v in trial.constraints.values())
-
-
-def violated_bounds(trial: optuna.trial.FrozenTrial) -> list[str]:
-    """The budget's bounds the trial is over, by name: not the budget floor, nor the items ("0",
-    "1", ...) of the legacy list optuna-dashboard reads."""
-    return [k for k, v in trial.constraints.items() if v > 0 and k != FLOOR_CONSTRAINT and not k.isdigit()]
+def trial_score_named(name: str) -> TrialScore:
+    """The registered trial score `name`; an unknown name is an error listing the known ones."""
+    if name not in TRIAL_SCORES:
+        raise InputError(f"unknown trial score {name!r}; known: {', '.join(TRIAL_SCORES)}")
+    return TRIAL_SCORES[name]

@@ -33,14 +33,14 @@ from optuna.trial import FrozenTrial
 from nas_kd.arch import Network, Spec, build
 from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import count
-from nas_kd.data import Batch, BatchIterator, Dataset
-from nas_kd.distill import criterion_for, retrain_targets
+from nas_kd.data import Batch, Dataset
+from nas_kd.distill import retrain_targets, seeded_student
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics, teachers_test_metrics
 from nas_kd.losses import LOSSES, Criterion, StudentOutput, loss_class
-from nas_kd.objective import cost_facts, is_feasible
-from nas_kd.report import pareto_front
-from nas_kd.study import ONLINE_ATTR, completed
+from nas_kd.picks import completed
+from nas_kd.records import SPEC_ATTR, cost_facts, is_feasible, pareto_front
+from nas_kd.study import ONLINE_ATTR
 from nas_kd.teachers import Ensemble, Targets
 from nas_kd.train import accuracy, fit, predict
 
@@ -157,17 +157,15 @@ def train_online(specs: list[Spec], dataset: Dataset, ensemble: Ensemble, cfg: S
     students: list[Network] = []
     criteria: list[Criterion] = []
     for k, spec in enumerate(specs):
-        torch.manual_seed(cfg.seed + k)
-        students.append(build(spec, dataset.input_shape, dataset.num_classes).to(device))
-        if recipe is not None:
-            criteria.append(criterion_for(students[-1], recipe, ensemble.feature_channels))
+        make = lambda spec=spec: build(spec, dataset.input_shape, dataset.num_classes).to(device)  # noqa: E731
+        student, criterion = seeded_student(make, cfg.seed + k, recipe, ensemble.feature_channels)
+        students.append(student)
+        if criterion is not None:
+            criteria.append(criterion)
     loss = OnlineEnsembleLoss(len(specs), cfg.distill.temperature, criteria or None)
-    if criteria:  # every criterion reads the same teacher outputs: the first one decides the source
-        batches, targets = retrain_targets(ensemble, dataset, cfg, criteria[0], progress=progress)
-    else:  # labels only: a fresh augmented view every epoch, as retrain_targets gives
-        batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=None,
-                                augment=cfg.train.augment)
-        targets = None
+    # every criterion reads the same teacher outputs: the first one decides the source (labels
+    # only, without teachers: a fresh augmented view every epoch)
+    batches, targets = retrain_targets(ensemble, dataset, cfg, criteria[0] if criteria else None, progress=progress)
 
     def step(batch: Batch) -> torch.Tensor:
         outputs = []
@@ -197,19 +195,19 @@ def retrain_online(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     out_dir/student<k>-trial<N>/, write out_dir/online.json and store it as the study's
     `online_ensemble` attribute; returns that summary."""
     trials = top_students(study, k)
-    specs = [Spec.parse(t.user_attrs["spec"]) for t in trials]
+    specs = [Spec.parse(t.user_attrs[SPEC_ATTR]) for t in trials]
     recipe = f"online ensemble of {k} (T={cfg.distill.temperature:g})"
     if with_teachers:
         recipe += f" + offline teachers {teacher_recipe(cfg.distill).describe()}"
     log(f"training trials {', '.join(str(t.number) for t in trials)} together for {cfg.final_epochs} epochs: {recipe}")
     start = time.perf_counter()
     students, seconds = train_online(specs, dataset, ensemble, cfg, cfg.final_epochs, with_teachers, progress)
-    reference = ensemble.largest()
+    compression_teacher = ensemble.largest()
     teachers = teachers_test_metrics(dataset, ensemble)  # once, not per student
     exported = []
     for i, (trial, model) in enumerate(zip(trials, students)):
         metrics = {"trial": trial.number, "spec": str(model.spec),
-                   **cost_facts(count(model, dataset.input_shape), reference),
+                   **cost_facts(count(model, dataset.input_shape), compression_teacher),
                    "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs,
                    **student_metrics(model, dataset), **teachers, "train_seconds": round(seconds, 2),
                    "recipe": recipe, "with_teachers": with_teachers, "temperature": cfg.distill.temperature}

@@ -26,27 +26,29 @@ from nas_kd.distill import check_two_stage
 from nas_kd.errors import InputError
 from nas_kd.latency import check_precision, latency_meter, require_runtime
 from nas_kd.losses import Criterion, loss_class, recipe_features, recipe_uses_teachers
-from nas_kd.objective import (
+from nas_kd.objective import run_trial, trial_context, trial_score_named
+from nas_kd.picks import enqueue_start_points
+from nas_kd.progress import bars_shown, log
+from nas_kd.records import (
     FAIL_ATTR,
     REPEAT_ATTR,
-    TRAINED_SCORES,
-    TRIAL_SCORES,
+    SPEC_ATTR,
+    START_ATTR,
     USE_ATTR,
-    run_trial,
+    status,
     stored_blockwise_scores,
     training_done,
-    trial_context,
     trial_score,
     violated_bounds,
     was_trained,
 )
-from nas_kd.progress import bars_shown, log
-from nas_kd.report import status, write_report
+from nas_kd.report import write_report
 from nas_kd.retrain import finish_retrain
 from nas_kd.space import describe, load_space
-from nas_kd.start import START_ATTR, start_points
+from nas_kd.start import start_points
 from nas_kd.study import (
     BASELINE_ATTR,
+    COMPRESSION_TEACHER_KEY,
     PRUNERS,
     SAMPLERS,
     STUDY_ATTR,
@@ -55,7 +57,6 @@ from nas_kd.study import (
     check_study_name,
     check_url,
     default_study_name,
-    enqueue_start_points,
     guarded,
     open_storage,
     open_study,
@@ -84,8 +85,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
                          "--latency-budget (e.g. 2ms) and/or --memory-budget (e.g. 256K)")
     if cfg.study_name is not None:
         check_study_name(cfg.study_name)
-    if cfg.trial_score not in TRIAL_SCORES:
-        raise InputError(f"unknown trial score {cfg.trial_score!r}; known: {', '.join(TRIAL_SCORES)}")
+    trial_score_named(cfg.trial_score)
     if cfg.sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {cfg.sampler!r}; known: {', '.join(SAMPLERS)}")
     if cfg.pruner not in PRUNERS:
@@ -146,15 +146,16 @@ def compression_text(ratio: float) -> str:
 
 def trial_text(cfg: SearchConfig, images: int) -> str:
     """One line: how this search's trials are scored (and pruned)."""
-    if cfg.trial_score not in TRAINED_SCORES:
+    kind = trial_score_named(cfg.trial_score)
+    if not kind.trains:
         return f"trial score {cfg.trial_score}: computed from the untrained spec, nothing trained; no pruning"
     schedule = f"{cfg.trial_epochs} epoch{'s' if cfg.trial_epochs > 1 else ''} x {images} images"
     recal = (f"BatchNorm recalibrated on {cfg.bn_recalibration} batches before validation" if cfg.bn_recalibration
              else "no BatchNorm recalibration")
-    if cfg.trial_score == "blockwise":
-        return f"trial score blockwise: {schedule} per stage; no pruning"
+    if kind.blockwise:
+        return f"trial score {cfg.trial_score}: {schedule} per stage; no pruning"
     pruner = "none (--objective pareto cannot prune)" if cfg.objective == "pareto" else cfg.pruner
-    return (f"trial score distill: {schedule}, {recal}, {cfg.trial_reports} validation passes; "
+    return (f"trial score {cfg.trial_score}: {schedule}, {recal}, {cfg.trial_reports} validation passes; "
             f"pruner {pruner}")
 
 
@@ -166,7 +167,7 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     kind = status(trial)
     start = f" ({a[START_ATTR]} start point)" if START_ATTR in a else ""
-    parts = [f"trial {trial.number} {kind}{start}", a.get("spec", "?"),
+    parts = [f"trial {trial.number} {kind}{start}", a.get(SPEC_ATTR, "?"),
              f"{format_count(a['macs'])} MACs" if "macs" in a else "", f"score {score:.4f}" if score is not None else "",
              f"{seconds:.1f} s"]
     if kind == "failed" and FAIL_ATTR in a:
@@ -271,12 +272,12 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     ensemble = ensemble_from_config(cfg, dataset, progress, log)
     check_same_teachers(study, ensemble_summary(ensemble))
     ensemble_val = ensemble.accuracy(dataset.val, dataset)
-    reference = ensemble.largest_member()
+    compression_teacher = ensemble.largest_member()
     update_study_attr(study, STUDY_ATTR, {
         "config": cfg.to_dict(), "space": space.name,
         "budget": {"macs": budget.macs, "params": budget.params, "latency_ms": budget.latency_ms, "memory": budget.memory},
         "budget_text": str(budget), "budget_floor": floor, "teachers": ensemble_summary(ensemble), "ensemble": {"val_acc": ensemble_val},
-        "reference_name": f"{reference.name} for MACs, "
+        COMPRESSION_TEACHER_KEY: f"{compression_teacher.name} for MACs, "
                           f"{max(ensemble.members, key=lambda t: t.cost.params).name} for params",
         "recipe": cfg.distill.describe(), "input_shape": list(dataset.input_shape)})
     log(f"ensemble of {len(ensemble.members)}: val acc {ensemble_val:.4f}")
@@ -287,7 +288,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
                             augment=cfg.train.augment, indices=subset)
     features = recipe_features(cfg.distill.weights())
     targets, scorer = None, None
-    if cfg.trial_score == "blockwise":
+    if trial_score_named(cfg.trial_score).blockwise:
         best = most_accurate(ensemble.members)
         # no BatchNorm recalibration here: measured, it left the block-wise ranking as it was
         # (Spearman -0.40 without, -0.38 with, 20 students under 5M MACs; BENCHMARKS.md)

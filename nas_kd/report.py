@@ -20,24 +20,27 @@ from typing import Any, NamedTuple
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
-from optuna.trial import TrialState
 
 from nas_kd.cost import format_count
 from nas_kd.latency import INT8_WARN_POINTS, format_bytes
-from nas_kd.objective import (
+from nas_kd.objective import TRIAL_SCORES
+from nas_kd.records import (
     FAIL_ATTR,
-    FLOOR_CONSTRAINT,
+    LATENCY_ATTR,
     NASWOT,
     REPEAT_ATTR,
+    SPEC_ATTR,
+    START_ATTR,
     SYNFLOW,
+    TRAIN_SECONDS_ATTR,
+    VAL_ACC_RAW_ATTR,
     curve,
     is_feasible,
+    pareto_front,
+    status,
     trial_score,
-    violated_bounds,
-    was_trained,
 )
-from nas_kd.start import START_ATTR
-from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR
+from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR, compression_teacher
 
 COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "latency_ms",
            "peak_memory_int8", "weights_int8", "score",
@@ -45,49 +48,21 @@ COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "pa
            "fail_reason"]
 
 
-def status(trial: optuna.trial.FrozenTrial) -> str:
-    """complete, pruned (stopped early by the pruner), over_budget or under_floor (never trained:
-    over a budget, or under the budget floor), repeat (a spec already scored: its score reused,
-    nothing trained), failed or running."""
-    if trial.state == TrialState.PRUNED:
-        if was_trained(trial):
-            return "pruned"
-        under = not violated_bounds(trial) and trial.constraints.get(FLOOR_CONSTRAINT, 0) > 0
-        return "under_floor" if under else "over_budget"
-    if trial.state == TrialState.COMPLETE and REPEAT_ATTR in trial.user_attrs:
-        return "repeat"
-    return {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.RUNNING: "running",
-            TrialState.WAITING: "waiting"}[trial.state]
-
-
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
         points = curve(t)
-        rows.append({"number": t.number, "status": status(t), "spec": a.get("spec"), "macs": a.get("macs"),
+        rows.append({"number": t.number, "status": status(t), "spec": a.get(SPEC_ATTR), "macs": a.get("macs"),
                      "params": a.get("params"), "macs_compression": a.get("macs_compression"),
-                     "params_compression": a.get("params_compression"), "latency_ms": a.get("latency_ms"),
+                     "params_compression": a.get("params_compression"), "latency_ms": a.get(LATENCY_ATTR),
                      "peak_memory_int8": a.get("peak_memory_int8"), "weights_int8": a.get("weights_int8"),
                      # validation accuracy, or the block-wise or training-free score the study ranks by
-                     "score": trial_score(t), "val_acc_raw": a.get("val_acc_raw"), "naswot": a.get(NASWOT),
+                     "score": trial_score(t), "val_acc_raw": a.get(VAL_ACC_RAW_ATTR), "naswot": a.get(NASWOT),
                      "synflow": a.get(SYNFLOW), "val_acc_curve": json.dumps(points) if points else None,
-                     "train_seconds": a.get("train_seconds"), "feasible": is_feasible(t) if t.constraints else None,
+                     "train_seconds": a.get(TRAIN_SECONDS_ATTR), "feasible": is_feasible(t) if t.constraints else None,
                      "repeat_of": a.get(REPEAT_ATTR), "start_point": a.get(START_ATTR), "fail_reason": a.get(FAIL_ATTR)})
     return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
-    """Indices of the points no other point beats: fewer-or-equal cost and higher-or-equal
-    accuracy, strictly better in one. Sorted by cost."""
-    order = sorted(range(len(xs)), key=lambda i: (xs[i], -ys[i]))
-    front, best = [], float("-inf")
-    for i in order:
-        tie = front and (xs[i], ys[i]) == (xs[front[-1]], ys[front[-1]])  # equal points do not beat each other
-        if ys[i] > best or tie:
-            front.append(i)
-            best = ys[i]
-    return front
 
 
 class Points(NamedTuple):
@@ -108,7 +83,7 @@ class ParetoData(NamedTuple):
     pruned: Points  # stopped early by the pruner
     teachers: Points  # validation accuracy of each teacher (full training: drawn in the lower panel)
     budget: float | None
-    reference: float  # the largest teacher's cost: compression = reference / cost
+    compression_teacher: float  # the largest teacher's cost: compression = compression_teacher / cost
     winner: int | None  # trial number
     # what the y axis holds: validation accuracy, or the block-wise score of a blockwise study
     score_label: str = "validation accuracy"
@@ -128,18 +103,13 @@ RUG_LABELS = {frozenset({"over_budget"}): "over budget (not trained)",
               frozenset({"over_budget", "under_floor"}): "over budget or under the budget floor (not trained)"}
 
 
-SCORE_LABELS = {"distill": "validation accuracy", "blockwise": "block-wise score (mean R^2 of stages)",
-                "naswot": "NASWOT score (log |K_H|)", "synflow": "SynFlow score (ln S)", "macs": "MACs",
-                "params": "parameters"}
-
-
 def _points(frame: pd.DataFrame, cost: str) -> Points:
     return Points([float(v) for v in frame[cost]], [float(v) for v in frame["score"]],
                   [int(v) for v in frame["number"]], [str(v) for v in frame["spec"]])
 
 
 def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: list[dict[str, Any]],
-                winner: int | None = None, score_label: str = SCORE_LABELS["distill"],
+                winner: int | None = None, score_label: str = TRIAL_SCORES["distill"].label,
                 baselines: list[dict[str, Any]] = (), retrained: dict[str, Any] | None = None) -> ParetoData:
     """The plot data of one cost. Trial scores (brief training) and accuracies after full training
     (teachers, the retrained winner, baselines) are kept apart, for the figure's two panels."""
@@ -158,7 +128,7 @@ def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: 
     pruned = trained[trained["status"] == "pruned"]
     teacher_points = Points([float(t[cost]) for t in teachers], [float(t["val_acc"]) for t in teachers],
                             [-1] * len(teachers), [str(t["name"]) for t in teachers])
-    reference = max((float(t[cost]) for t in teachers), default=float("nan"))
+    compression_teacher = max((float(t[cost]) for t in teachers), default=float("nan"))
     baseline_points = Points([float(b[cost]) for b in baselines], [float(b["val_acc"]) for b in baselines],
                              [-2] * len(baselines), [str(b["method"]) for b in baselines])
     retrained_points = (Points([float(retrained[cost])], [float(retrained["val_acc"])], [int(retrained["trial"])],
@@ -166,7 +136,7 @@ def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: 
                         if retrained and "val_acc" in retrained and retrained.get(cost) is not None
                         else Points([], [], [], []))
     return ParetoData(cost, _points(front, cost), _points(feasible, cost), _points(infeasible, cost),
-                      _points(pruned, cost), teacher_points, budget, reference, winner, score_label, baseline_points,
+                      _points(pruned, cost), teacher_points, budget, compression_teacher, winner, score_label, baseline_points,
                       retrained_points, RUG_LABELS.get(frozenset(infeasible["status"]), RUG_LABELS[frozenset({"over_budget"})]))
 
 
@@ -176,7 +146,7 @@ def pareto_data(frame: pd.DataFrame, cost: str, budget: float | None, teachers: 
 def _hover(points: Points, data: ParetoData, what: str) -> list[str]:
     out = []
     for x, acc, n, label in zip(*points):
-        ratio = data.reference / x if x else float("nan")
+        ratio = data.compression_teacher / x if x else float("nan")
         head = {-1: f"teacher {label}", -2: f"baseline: {label}"}.get(n, f"trial {n} ({what})")
         full = n < 0 or points is data.retrained  # accuracy after full training, not a trial score
         acc_text = "not trained" if acc != acc else f"{'val acc' if full else data.score_label} {acc:.4f}"
@@ -233,20 +203,39 @@ def pareto_figure(data: ParetoData) -> go.Figure:
                            else f"budget {format_count(data.budget)}")
     xs = data.feasible.x + data.infeasible.x + data.teachers.x + data.baselines.x + data.retrained.x
     ticks = _log_ticks(min(xs), max(xs)) if xs else []
-    ticktext = [f"{format_count(v)}<br>x{data.reference / v:.1f}" if data.reference == data.reference else format_count(v)
+    known = data.compression_teacher == data.compression_teacher  # not NaN: some teacher has this cost
+    ticktext = [f"{format_count(v)}<br>x{data.compression_teacher / v:.1f}" if known else format_count(v)
                 for v in ticks]
-    compression = (" (second tick row: compression vs the largest teacher)" if data.reference == data.reference
-                   else "")
+    compression = " (second tick row: compression vs the largest teacher)" if known else ""
     fig.update_layout(
         title=f"{data.score_label.capitalize()} vs {name}{compression}",
         # the cost axis under the lower panel and the rug; gridlines run through both panels
         xaxis=dict(title=f"{name} (log scale)", type="log", tickvals=ticks, ticktext=ticktext, anchor="free",
                    position=0.0),
         yaxis=dict(title=f"trial: {data.score_label}<br>after brief training", domain=TRIAL_PANEL),
-        yaxis3=dict(title="validation accuracy<br>after full training", domain=FULL_PANEL),
+        yaxis3=dict(title="validation accuracy<br>after full training", domain=FULL_PANEL,
+                    **({"range": span} if (span := full_panel_range(data)) else {})),
         yaxis2=dict(domain=RUG_PANEL, showticklabels=False, showgrid=False, zeroline=False),
         template="plotly_white", height=640, legend=dict(orientation="h", y=-0.2))
     return fig
+
+
+FULL_PANEL_MIN_SPAN = 0.01  # accuracy: the lower panel spans at least 1 point, so hundredths look small
+
+
+def full_panel_range(data: ParetoData, min_span: float = FULL_PANEL_MIN_SPAN) -> list[float] | None:
+    """The accuracy range of the lower panel: its points with a tenth of their spread as margin
+    on each side, widened to `min_span` about their middle when narrower; None without points
+    (Plotly's own range)."""
+    accs = [a for a in data.teachers.acc + data.retrained.acc + data.baselines.acc if a == a]
+    if not accs:
+        return None
+    margin = 0.1 * (max(accs) - min(accs))
+    lo, hi = min(accs) - margin, max(accs) + margin
+    if hi - lo < min_span:
+        middle = (lo + hi) / 2
+        lo, hi = middle - min_span / 2, middle + min_span / 2
+    return [round(lo, 6), round(hi, 6)]
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
@@ -283,7 +272,14 @@ table.facts th { text-align: left; }
 """
 
 
+# a fact shown under another name: export.py stores the int8 model's test accuracy *drop* in
+# points, which reads as a loss whichever way it went; the report shows the signed change
+SHOWN_AS = {"int8_accuracy_drop": "int8_accuracy_change"}
+
+
 def _fmt(key: str, value: Any) -> str:
+    if key == "int8_accuracy_drop" and isinstance(value, (int, float)):
+        return f"{0.0 - value:+.2f} points"  # 0.0 - : a drop of 0 is "+0.00", not "-0.00"
     if isinstance(value, float) and ("acc" in key):
         return f"{value:.2%}"
     if key in ("macs", "params") and isinstance(value, (int, float)):
@@ -297,7 +293,7 @@ def _fmt(key: str, value: Any) -> str:
 
 def _facts(facts: dict[str, Any]) -> str:
     """A vertical two-column table: one fact a row."""
-    rows = "".join(f"<tr><th>{html.escape(k.replace('_', ' '))}</th>"
+    rows = "".join(f"<tr><th>{html.escape(SHOWN_AS.get(k, k).replace('_', ' '))}</th>"
                    f"<td{' class=spec' if k == 'spec' else ''}>{html.escape(_fmt(k, v))}</td></tr>"
                    for k, v in facts.items() if not isinstance(v, (dict, list)))
     return f"<table class=facts>{rows}</table>"
@@ -305,7 +301,7 @@ def _facts(facts: dict[str, Any]) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     """One row per dict; nested values (dicts, lists) are left out."""
-    frame = pd.DataFrame([{k: _fmt(k, v) for k, v in row.items() if not isinstance(v, (dict, list))}
+    frame = pd.DataFrame([{SHOWN_AS.get(k, k): _fmt(k, v) for k, v in row.items() if not isinstance(v, (dict, list))}
                           for row in rows])
     return frame.to_html(index=False, border=0, escape=True, na_rep="")
 
@@ -356,7 +352,7 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     winner = study.user_attrs.get(WINNER_ATTR)
     teachers = info.get("teachers", [])
     budget = info.get("budget", {})
-    score_label = SCORE_LABELS.get(info.get("config", {}).get("trial_score", "distill"), SCORE_LABELS["distill"])
+    score_label = TRIAL_SCORES.get(info.get("config", {}).get("trial_score", "distill"), TRIAL_SCORES["distill"]).label
     baselines = study.user_attrs.get(BASELINE_ATTR, {}).get("methods", [])
     costs = ["macs", "params"] + (["latency_ms"] if frame["latency_ms"].notna().any() else [])
     figures = [pareto_figure(pareto_data(frame, cost, budget.get(cost), teachers, winner and winner.get("trial"),
@@ -378,7 +374,7 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
         f"Trials: {esc(summary)}.</p>",
         "<p class=note>Accuracies in the plots and the trial table are on the validation split carved from the "
         "training set; the test set is used only for the retrained winner and the teachers below. Compression is "
-        f"the largest teacher's cost over the student's ({esc(str(info.get('reference_name', '?')))}).</p>",
+        f"the largest teacher's cost over the student's ({esc(str(compression_teacher(study)))}).</p>",
     ]
     if winner:
         test = winner.get("teachers_test_acc", {})

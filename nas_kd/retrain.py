@@ -16,26 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 
 from nas_kd.arch import Network, Spec, build
 from nas_kd.config import SearchConfig, from_dict
 from nas_kd.cost import count
 from nas_kd.data import Dataset
-from nas_kd.distill import criterion_for, distill, retrain_targets
+from nas_kd.distill import criterion_for, retrain_student, retrain_targets
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics, teachers_test_metrics
-from nas_kd.objective import cost_facts
+from nas_kd.picks import finalists, pick_winner, retrain_candidates, start_names
 from nas_kd.progress import log
+from nas_kd.records import LATENCY_ATTR, SPEC_ATTR, cost_facts
 from nas_kd.report import write_report
-from nas_kd.study import (
-    STUDY_ATTR,
-    WINNER_ATTR,
-    finalists,
-    pick_winner,
-    retrain_candidates,
-    start_names,
-)
+from nas_kd.study import STUDY_ATTR, WINNER_ATTR
 from nas_kd.teachers import CachedTargets, Ensemble
 from nas_kd.train import evaluate
 
@@ -43,14 +36,9 @@ from nas_kd.train import evaluate
 def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
             progress: bool = True, cached: CachedTargets | None = None) -> tuple[Network, float]:
     """Distil a fresh `spec` network for `epochs` with the study's recipe; returns it and the seconds."""
-    torch.manual_seed(cfg.seed)
     device = dataset.train.x.device
-    model = build(spec, dataset.input_shape, dataset.num_classes).to(device)
-    criterion = criterion_for(model, cfg.distill, ensemble.feature_channels)
-    batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress)
-    seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc="retrain", progress=progress,
-                      two_stage=cfg.distill.two_stage, epoch_lines=True)
-    return model.eval(), seconds
+    return retrain_student(lambda: build(spec, dataset.input_shape, dataset.num_classes).to(device), dataset,
+                           ensemble, cfg, epochs, progress=progress, cached=cached, epoch_lines=True)
 
 
 def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
@@ -73,9 +61,9 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
                 f"retraining {len(best)}")
         candidates = retrain_candidates(study, cfg.finalists)
         names = start_names(study)
-        if starts := [t for t in candidates if t.user_attrs["spec"] in names]:
+        if starts := [t for t in candidates if t.user_attrs[SPEC_ATTR] in names]:
             log("start points, retrained whatever their trial score and kept only if best on validation: " + ", ".join(
-                f"trial {t.number} ({names[t.user_attrs['spec']]}, trial score {t.values[0]:.4g})" for t in starts))
+                f"trial {t.number} ({names[t.user_attrs[SPEC_ATTR]]}, trial score {t.values[0]:.4g})" for t in starts))
     else:
         candidates, names = [pick_winner(study, cfg.retrain_trial)], {}
     many = len(candidates) > 1
@@ -84,14 +72,14 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
         # the teachers' outputs over the training split once for every finalist: the search's cache
         # when it covers the split, else computed here (each retrain would compute its own); when
         # they run live (augmentation, or too big to cache) each retrain runs them
-        first = build(Spec.parse(candidates[0].user_attrs["spec"]), dataset.input_shape, dataset.num_classes)
+        first = build(Spec.parse(candidates[0].user_attrs[SPEC_ATTR]), dataset.input_shape, dataset.num_classes)
         _, shared = retrain_targets(ensemble, dataset, cfg, criterion_for(first, cfg.distill, ensemble.feature_channels),
                                     cached, progress)
         cached = shared if isinstance(shared, CachedTargets) else cached
     rows: list[dict[str, Any]] = []
     best: tuple[float, optuna.trial.FrozenTrial, Spec, Network, float] | None = None
     for rank, trial in enumerate(candidates, 1):
-        spec = Spec.parse(trial.user_attrs["spec"])
+        spec = Spec.parse(trial.user_attrs[SPEC_ATTR])
         start_point = names.get(str(spec))
         label = f" ({start_point} start point)" if start_point else ""
         which = f"finalist {rank} of {len(candidates)}{label}: " if many else ""
@@ -114,7 +102,7 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     metrics = test_metrics(model, dataset, ensemble)
     metrics = {"trial": trial.number, "spec": str(spec),
                **cost_facts(count(model, dataset.input_shape), ensemble.largest()),
-               "latency_ms": trial.user_attrs.get("latency_ms"),
+               "latency_ms": trial.user_attrs.get(LATENCY_ATTR),
                "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,
                "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
                "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature,

@@ -33,6 +33,7 @@ from nas_kd.budget import Budget
 from nas_kd.cost import Cost, count, format_count
 from nas_kd.errors import InputError
 from nas_kd.latency import peak_activations
+from nas_kd.records import START_IN_SPACE_ATTR, START_SPEC_ATTR
 from nas_kd.space import SearchSpace
 from nas_kd.teachers import teacher_spec
 
@@ -44,10 +45,6 @@ WIDTH_STEPS = 300  # width factors 0.01, 0.02, ... 3.00
 # (0.05, up to 2.00) keeps the layers a latency table must hold for it at about 400
 FAMILY_STEPS = {"resnet20": (0.01, WIDTH_STEPS), "resnet14": (0.01, WIDTH_STEPS), "resnet8": (0.01, WIDTH_STEPS),
                 "mobilenetv2": (0.05, 40)}
-
-START_ATTR = "start_point"  # of a start trial: "hand-made", or "given" (a spec passed in)
-START_SPEC_ATTR = "start_spec"  # its spec, as text
-START_IN_SPACE_ATTR = "start_in_space"  # whether its spec is in the search space (then it has params)
 
 
 def scaled(base: Spec, factor: float) -> Spec:

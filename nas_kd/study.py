@@ -17,14 +17,22 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_kd.config import SearchConfig
 from nas_kd.errors import InputError
-from nas_kd.objective import FAIL_ATTR, MAX_FAILURES_IN_A_ROW, REPEAT_ATTR, is_feasible, training_done, was_trained
+from nas_kd.records import (
+    FAIL_ATTR,
+    REPEAT_ATTR,
+    training_done,
+    was_trained,
+)
 from nas_kd.space import SHIPPED, SearchSpace
-from nas_kd.start import START_ATTR, START_IN_SPACE_ATTR, START_SPEC_ATTR, StartPoint
 
-STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, reference
+STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, compression teacher
 WINNER_ATTR = "winner"  # study user attribute: the retrained winner's final numbers
 BASELINE_ATTR = "pruned_baseline"  # study user attribute: the pruned-teacher baselines' final numbers
 ONLINE_ATTR = "online_ensemble"  # study user attribute: the online ensemble of students' final numbers
+MAX_FAILURES_IN_A_ROW = 5  # failed trials in a row after which a search stops (`run`)
+# in STUDY_ATTR: the teachers whose cost a student's compression is measured against, as text;
+# studies made before it was named so stored it under OLD_COMPRESSION_TEACHER_KEY
+COMPRESSION_TEACHER_KEY, OLD_COMPRESSION_TEACHER_KEY = "compression_teacher", "reference_name"
 
 # What a study's trials depend on: resuming with any of these changed would mix incomparable trials.
 GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "teachers", "teacher_epochs",
@@ -248,6 +256,12 @@ def check_same_teachers(study: optuna.Study, teachers: list[dict[str, Any]]) -> 
                              f"--teacher-ckpt {t['name']}=PATH, or start another --study-name")
 
 
+def compression_teacher(study: optuna.Study) -> str:
+    """Which teachers the study's compression ratios are measured against ("?" when not recorded)."""
+    info = study.user_attrs.get(STUDY_ATTR, {})
+    return str(info.get(COMPRESSION_TEACHER_KEY, info.get(OLD_COMPRESSION_TEACHER_KEY, "?")))
+
+
 def update_study_attr(study: optuna.Study, key: str, values: dict[str, Any]) -> None:
     merged = dict(study.user_attrs.get(key, {}))
     merged.update(values)
@@ -309,92 +323,3 @@ def run(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trained: 
 class TooManyFailures(InputError):
     """The study stopped because its trials kept failing: almost always a setting (the learning
     rate, a loss weight, the batch size on a small GPU), so it is reported like bad input."""
-
-
-def completed(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and was_trained(t)]
-
-
-def pick_winner(study: optuna.Study, trial_number: int | None = None) -> FrozenTrial:
-    """The feasible trial of best validation accuracy (ties: fewer MACs), or the one asked for."""
-    if trial_number is not None:
-        for t in study.get_trials(deepcopy=False):
-            if t.number == trial_number:
-                if not was_trained(t) or t.state != TrialState.COMPLETE:
-                    raise InputError(f"trial {trial_number} of study {study.study_name!r} is {t.state.name.lower()}"
-                                     f"{'' if was_trained(t) else ' and was never trained'}; pick a completed trial")
-                return t
-        raise InputError(f"study {study.study_name!r} has no trial {trial_number} (it has {len(study.trials)})")
-    return finalists(study, 1)[0]
-
-
-def finalists(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The `k` feasible completed trials of best trial score (a distill trial's: its validation
-    accuracy; ties: fewer MACs), best first, one per spec: a spec the study trained twice is one
-    finalist, at its better score. Fewer when the study has fewer distinct feasible students."""
-    feasible = sorted((t for t in completed(study) if is_feasible(t)),
-                      key=lambda t: (t.values[0], -t.user_attrs["macs"]), reverse=True)
-    if not feasible:
-        raise InputError(f"study {study.study_name!r} has no completed trial within the budget yet; "
-                         "run more trials (--trials) first")
-    best: dict[str, FrozenTrial] = {}
-    for t in feasible:
-        best.setdefault(t.user_attrs["spec"], t)
-    return list(best.values())[:k]
-
-
-START_POINTS_ATTR = "start_points"  # study attribute: every start point enqueued, spec -> name
-
-
-def enqueue_start_points(study: optuna.Study, points: list[StartPoint]) -> list[str]:
-    """Enqueue each start point the study does not hold yet, recording it in the study (so a
-    trial of its spec counts as the start point whoever proposed it); one log line per point. A
-    spec is held when a trial of it is waiting, running, or completed and scored; one that was
-    only rejected, pruned before this version exempted start points, or failed is enqueued again.
-    Workers that start at the same moment may each enqueue it: give --start-from to one of them."""
-    held: set[str] = set()
-    for t in study.get_trials(deepcopy=False):
-        spec = t.user_attrs.get("spec", t.user_attrs.get(START_SPEC_ATTR))
-        if t.state in (TrialState.WAITING, TrialState.RUNNING) or (t.state == TrialState.COMPLETE and was_trained(t)):
-            held.add(spec)
-    recorded = dict(study.user_attrs.get(START_POINTS_ATTR, {}))
-    lines = []
-    for p in points:
-        recorded.setdefault(str(p.spec), p.name)
-        if str(p.spec) in held:
-            lines.append(f"start point {p.name}: {p.spec} is already in the study")
-            continue
-        study.enqueue_trial(p.params or {}, user_attrs={START_ATTR: p.name, START_SPEC_ATTR: str(p.spec),
-                                                        START_IN_SPACE_ATTR: p.params is not None})
-        held.add(str(p.spec))
-        lines.append(f"start point {p.name}: {p.spec} ({p.text}) is trained first")
-    if recorded != study.user_attrs.get(START_POINTS_ATTR, {}):
-        study.set_user_attr(START_POINTS_ATTR, recorded)
-    return lines
-
-
-def start_names(study: optuna.Study) -> dict[str, str]:
-    """The study's start points: spec -> name (HAND_MADE or "given")."""
-    names = {t.user_attrs["spec"]: t.user_attrs[START_ATTR] for t in study.get_trials(deepcopy=False)
-             if START_ATTR in t.user_attrs and "spec" in t.user_attrs}
-    return {**names, **study.user_attrs.get(START_POINTS_ATTR, {})}
-
-
-def start_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """For each start point of the study (`start_names`), its best completed, scored trial within
-    the budget, whoever proposed it (the sampler may have trained the spec first); best first."""
-    return _starts_among(study, finalists(study, len(study.trials)))
-
-
-def _starts_among(study: optuna.Study, ranked: list[FrozenTrial]) -> list[FrozenTrial]:
-    names = start_names(study)
-    return [t for t in ranked if t.user_attrs["spec"] in names]
-
-
-def retrain_candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """What the retrain compares on validation: the `k` best trials by score (`finalists`), then
-    every start point not among them. A start point is the search's baseline (what a person would
-    pick, or a student the user gave): it is retrained whatever its brief trial scored, so the
-    winner beats it after the full schedule or is it."""
-    ranked = finalists(study, len(study.trials))  # one per spec, best first
-    return ranked[:k] + _starts_among(study, ranked[k:])

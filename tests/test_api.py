@@ -17,8 +17,9 @@ from nas_kd.arch import Spec, build
 from nas_kd.config import SearchConfig
 from nas_kd.cost import count
 from nas_kd.export import load_student
+from nas_kd.picks import pick_winner
 from nas_kd.pipeline import RunResult
-from nas_kd.study import WINNER_ATTR, pick_winner
+from nas_kd.study import WINNER_ATTR
 
 
 def test_importing_nas_kd_loads_neither_torch_nor_the_pipeline() -> None:

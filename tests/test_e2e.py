@@ -18,7 +18,7 @@ import torch
 
 from nas_kd.data import load_dataset
 from nas_kd.export import load_student
-from nas_kd.objective import is_feasible, was_trained
+from nas_kd.records import is_feasible, was_trained
 from nas_kd.study import open_storage, run
 from nas_kd.train import evaluate
 from tests.conftest import E2E_ARGS, E2E_STUDY, load_json, run_cli

@@ -22,9 +22,10 @@ from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.cost import count
 from nas_kd.data import BatchIterator, seeded_subset
 from nas_kd.errors import InputError
-from nas_kd.objective import FAIL_ATTR, FAIL_TRACE_ATTR, MAX_FAILURES_IN_A_ROW, run_trial, trial_context
+from nas_kd.objective import run_trial, trial_context
+from nas_kd.records import FAIL_ATTR, FAIL_TRACE_ATTR, trial_score, was_trained
 from nas_kd.space import load_space
-from nas_kd.study import TooManyFailures, check_study_name, run
+from nas_kd.study import MAX_FAILURES_IN_A_ROW, TooManyFailures, check_study_name, run
 from nas_kd.teachers import Ensemble, Teacher, load_or_train, read_metadata, teacher_spec
 from tests.conftest import E2E_ARGS, E2E_STUDY, run_cli
 
@@ -48,15 +49,20 @@ def context(mini_dataset):
                          progress=False)
 
 
-def _failing_score(fails: set[int], error: Exception):
+def _scored_by(compute) -> objective.TrialScore:
+    """The `macs` trial score, computed by `compute` instead."""
+    return dataclasses.replace(objective.TRIAL_SCORES["macs"], compute=compute)
+
+
+def _failing_score(fails: set[int], error: Exception) -> objective.TrialScore:
     """The `macs` score, except that trials numbered in `fails` raise `error`."""
-    macs = objective.TRIAL_SCORES["macs"]
+    macs = objective.TRIAL_SCORES["macs"].compute
 
     def score(ctx, trial, spec):
         if trial.number in fails:
             raise error
         return macs(ctx, trial, spec)
-    return score
+    return _scored_by(score)
 
 
 def test_a_diverging_trial_fails_alone_and_the_study_goes_on(context, monkeypatch) -> None:
@@ -100,7 +106,7 @@ def test_an_out_of_memory_trial_frees_its_memory_first(context, monkeypatch) -> 
         held.append(weakref.ref(model))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setitem(objective.TRIAL_SCORES, "macs", oom)
+    monkeypatch.setitem(objective.TRIAL_SCORES, "macs", _scored_by(oom))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed_before_cache_emptied.append(held[-1]() is None))
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
@@ -115,7 +121,7 @@ def test_an_out_of_memory_trial_frees_its_memory_first(context, monkeypatch) -> 
 def test_a_pruned_or_bad_input_trial_is_not_a_failure(context, monkeypatch) -> None:
     def bad(ctx, trial, spec):
         raise InputError("a bad table")
-    monkeypatch.setitem(objective.TRIAL_SCORES, "macs", bad)
+    monkeypatch.setitem(objective.TRIAL_SCORES, "macs", _scored_by(bad))
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     with pytest.raises(InputError, match="a bad table"):  # bad input still ends the run at once
         run(study, lambda trial: run_trial(context, trial), trained=5, timeout=None)
@@ -187,11 +193,11 @@ def test_runs_log_one_line_per_trial_and_retrain_epoch_without_a_terminal(e2e_ru
     assert any(line.startswith(f"[nas_kd] trial {first.number} ") and first.user_attrs["spec"] in line and
                "MACs" in line for line in trials)
     for t in study.trials:
-        if objective.was_trained(t):
+        if was_trained(t):
             line = next(line for line in trials if line.startswith(f"[nas_kd] trial {t.number} "))
-            assert f"score {objective.trial_score(t):.4f}" in line
+            assert f"score {trial_score(t):.4f}" in line
     assert sum(line.startswith("[nas_kd] retrain epoch 1/1: loss ") for line in err.splitlines()) == 1
-    rejected = next(t for t in study.trials if not objective.was_trained(t))
+    rejected = next(t for t in study.trials if not was_trained(t))
     line = next(line for line in trials if line.startswith(f"[nas_kd] trial {rejected.number} "))
     assert line.endswith("over budget (macs): not trained"), line
 

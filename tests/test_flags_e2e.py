@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from nas_kd.arch import build
-from nas_kd.objective import was_trained
-from nas_kd.study import default_study_name, pick_winner
+from nas_kd.picks import pick_winner
+from nas_kd.records import was_trained
+from nas_kd.study import default_study_name
 from nas_kd.teachers import teacher_spec, weights_digest
 from tests.conftest import TINY_DATA_FLAGS, load_json, run_cli
 

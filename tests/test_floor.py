@@ -13,15 +13,15 @@ from nas_kd.budget import Budget, effective_floor, floor_shortfall
 from nas_kd.config import SearchConfig
 from nas_kd.cost import Cost, count
 from nas_kd.errors import InputError
-from nas_kd.objective import FLOOR_CONSTRAINT, USE_ATTR, is_feasible, record_cost, was_trained
+from nas_kd.objective import record_cost
 from nas_kd.pipeline import trial_line
-from nas_kd.report import status
+from nas_kd.records import FLOOR_CONSTRAINT, USE_ATTR, is_feasible, status, was_trained
 from nas_kd.search import main
 from nas_kd.space import load_space
 from nas_kd.study import default_study_name, guarded, open_storage, open_study
 
 SPEC = Spec.parse("c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1")
-REFERENCE = Cost(40_000_000, 400_000)
+COMPRESSION_TEACHER = Cost(40_000_000, 400_000)
 
 
 def test_use_is_the_larger_share_of_the_count_bounds() -> None:
@@ -48,7 +48,7 @@ def test_a_student_under_the_floor_is_recorded_and_not_trained(cost: Cost, state
     budget = Budget(macs=12_000_000)
 
     def objective(trial: optuna.Trial) -> float:
-        if not record_cost(trial, SPEC, cost, REFERENCE, budget, floor=0.5):
+        if not record_cost(trial, SPEC, cost, COMPRESSION_TEACHER, budget, floor=0.5):
             raise optuna.TrialPruned("not trained")
         trial.set_user_attr("score", 0.5)
         return 0.5

@@ -41,7 +41,7 @@ from nas_kd.latency import (
     main as latency_main,
 )
 from nas_kd.objective import run_trial, trial_context
-from nas_kd.report import status
+from nas_kd.records import status
 from nas_kd.space import load_space, parse_space
 from nas_kd.teachers import Ensemble, Teacher, teacher_spec
 from nas_kd.time_blocks import make_session, time_folder

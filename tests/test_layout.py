@@ -9,9 +9,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nas_kd"
 # the data flow, first to last (README, Development); command lines come after what they wire
-FLOW = ["errors", "versions", "progress", "config", "plan", "cli", "data", "arch", "cost", "proxies", "train", "teachers",
+FLOW = ["errors", "versions", "progress", "config", "plan", "cli", "data", "arch", "cost", "records", "proxies", "train", "teachers",
         "teacher_cli", "space", "time_blocks", "latency", "budget", "start", "losses", "distill", "prune", "blockwise",
-        "objective", "study", "report", "export", "online", "baselines", "retrain", "pipeline", "__init__",
+        "objective", "study", "picks", "report", "export", "online", "baselines", "retrain", "pipeline", "__init__",
         "export_cli", "report_cli", "retrain_cli", "search"]
 # the command lines: they parse flags and hand a config to the library, which imports none of them
 CLI = {"cli", "search"} | {p.stem for p in PACKAGE.glob("*_cli.py")}

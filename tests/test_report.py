@@ -25,8 +25,16 @@ from nas_kd.arch import Spec
 from nas_kd.budget import Budget
 from nas_kd.cost import Cost
 from nas_kd.objective import record_cost
+from nas_kd.records import pareto_front
 from nas_kd.report import COLUMNS, ParetoData, Points
-from nas_kd.study import STUDY_ATTR, WINNER_ATTR, open_storage
+from nas_kd.study import (
+    COMPRESSION_TEACHER_KEY,
+    OLD_COMPRESSION_TEACHER_KEY,
+    STUDY_ATTR,
+    WINNER_ATTR,
+    compression_teacher,
+    open_storage,
+)
 
 NAN = float("nan")
 E2E_BUDGET = 12_000_000  # --flops-budget 12M in conftest.E2E_ARGS
@@ -45,7 +53,7 @@ E2E_BUDGET = 12_000_000  # --flops-budget 12M in conftest.E2E_ARGS
     pytest.param([1, 1, 2], [0.5, 0.5, 0.6], [0, 1, 2], id="identical points: neither beats the other"),
 ])
 def test_pareto_front(xs: list[float], ys: list[float], front: list[int]) -> None:
-    assert report.pareto_front(xs, ys) == front
+    assert pareto_front(xs, ys) == front
 
 
 # ---------------------------------------------------------------- pareto_data
@@ -97,18 +105,19 @@ def _comparable(data: ParetoData) -> ParetoData:
         return p._replace(acc=["nan" if math.isnan(a) else a for a in p.acc])
     return data._replace(front=fix(data.front), feasible=fix(data.feasible), infeasible=fix(data.infeasible),
                          pruned=fix(data.pruned), teachers=fix(data.teachers),
-                         reference="nan" if math.isnan(data.reference) else data.reference)
+                         compression_teacher="nan" if math.isnan(data.compression_teacher)
+                         else data.compression_teacher)
 
 
-@pytest.mark.parametrize(("cost", "budget", "front", "reference"), [
+@pytest.mark.parametrize(("cost", "budget", "front", "compression_teacher"), [
     ("macs", 12e6, [1, 0], 40e6),  # trial 2 is beaten by 0 (cheaper, more accurate), trial 8 by 1
     ("params", None, [2, 0], 270e3),  # by parameters trial 2 is the cheapest; 1 and 8 are beaten by 0
 ])
-def test_pareto_data(cost: str, budget: float | None, front: list[int], reference: float) -> None:
+def test_pareto_data(cost: str, budget: float | None, front: list[int], compression_teacher: float) -> None:
     data = report.pareto_data(FRAME, cost, budget, TEACHERS, winner=0)
     expected = ParetoData(cost=cost, front=_pts(cost, front), feasible=_pts(cost, [0, 1, 2, 3, 8]),
                           infeasible=_pts(cost, [4, 9]), pruned=_pts(cost, [3]), teachers=TEACHER_POINTS[cost],
-                          budget=budget, reference=reference, winner=0,
+                          budget=budget, compression_teacher=compression_teacher, winner=0,
                           rug_label="over budget or under the budget floor (not trained)")
     assert math.isnan(data.infeasible.acc[0])  # over budget: never trained, so no accuracy
     assert _comparable(data) == _comparable(expected)
@@ -121,7 +130,7 @@ def test_pareto_data_without_budget_keeps_every_trained_trial() -> None:
     data = report.pareto_data(frame, "macs", None, TEACHERS[:1])
     assert (data.front.number, data.feasible.number, data.pruned.number, data.infeasible) == \
         ([1, 0], [0, 1, 2], [2], Points([], [], [], []))
-    assert (data.budget, data.reference, data.winner) == (None, 9e6, None)
+    assert (data.budget, data.compression_teacher, data.winner) == (None, 9e6, None)
 
 
 @pytest.mark.parametrize(("rejected", "label"), [
@@ -157,8 +166,8 @@ def test_pareto_figure(cost: str, ticks: list[float], shapes: int, annotations: 
     assert fig.layout.yaxis.domain[0] > fig.layout.yaxis3.domain[1] > fig.layout.yaxis3.domain[0] > fig.layout.yaxis2.domain[1]
     assert (list(fig.data[-1].x), list(fig.data[-1].y)) == ([FRAME.loc[0, cost]], [0.80])
     assert list(fig.layout.xaxis.tickvals) == ticks
-    reference = 40e6 if cost == "macs" else 270e3
-    assert fig.layout.xaxis.ticktext[0] == f"{'1M' if cost == 'macs' else '10K'}<br>x{reference / ticks[0]:.1f}"
+    teacher = 40e6 if cost == "macs" else 270e3
+    assert fig.layout.xaxis.ticktext[0] == f"{'1M' if cost == 'macs' else '10K'}<br>x{teacher / ticks[0]:.1f}"
     assert (len(fig.layout.shapes), [a.text for a in fig.layout.annotations]) == (shapes, annotations)
     baselines = [{"method": "pruned teacher + KD", "macs": 9e6, "params": 90e3, "val_acc": 0.7}]
     data = report.pareto_data(FRAME, cost, None, TEACHERS, winner=0, baselines=baselines)
@@ -181,11 +190,46 @@ def test_the_retrained_winner_is_drawn_under_its_trial_score(cost: str) -> None:
     assert report.pareto_data(FRAME, cost, None, TEACHERS, winner=0, retrained={"trial": 0}).retrained.x == []
 
 
+@pytest.mark.parametrize(("accs", "expected"), [
+    pytest.param([0.946, 0.954], [0.945, 0.955], id="the main command's 0.8 points: widened to 1 about 0.95"),
+    pytest.param([0.90, 0.95], [0.895, 0.955], id="5 points: a tenth of the spread each side"),
+    pytest.param([0.93], [0.925, 0.935], id="one point"),
+    pytest.param([], None, id="nothing drawn: Plotly's range"),
+])
+def test_the_full_training_panel_spans_at_least_one_point(accs: list[float], expected: list[float] | None) -> None:
+    teachers = [{"name": f"t{i}", "macs": 9e6, "params": 1, "val_acc": acc} for i, acc in enumerate(accs[:1])]
+    retrained = {"trial": 0, "spec": _spec(0), "macs": 4e6, "val_acc": accs[-1]} if accs else None
+    data = report.pareto_data(FRAME, "macs", None, teachers, winner=0, retrained=retrained)
+    assert report.full_panel_range(data) == expected
+    span = report.pareto_figure(data).layout.yaxis3.range
+    assert (list(span) if span else None) == expected
+
+
+@pytest.mark.parametrize(("drop", "shown"), [(-0.06, "+0.06 points"), (1.5, "-1.50 points"), (0.0, "+0.00 points")])
+def test_the_int8_change_is_shown_in_signed_points(drop: float, shown: str) -> None:
+    """export.py stores the int8 model's test accuracy *drop* in points; the winner's table shows
+    the signed change (a gain of 0.06 points once read "int8 accuracy drop -6.00%")."""
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(WINNER_ATTR, {"trial": 0, "spec": SPECS[0], "int8_accuracy_drop": drop})
+    text = report.render_html(study, report.trials_frame(study))
+    assert f"<tr><th>int8 accuracy change</th><td>{shown}</td></tr>" in text
+    assert "int8 accuracy drop" not in text
+
+
+def test_the_compression_teacher_is_read_under_its_old_key_too() -> None:
+    study = optuna.create_study(direction="maximize")
+    assert compression_teacher(study) == "?"
+    study.set_user_attr(STUDY_ATTR, {OLD_COMPRESSION_TEACHER_KEY: "resnet56 for MACs"})
+    assert compression_teacher(study) == "resnet56 for MACs"
+    study.set_user_attr(STUDY_ATTR, {OLD_COMPRESSION_TEACHER_KEY: "old", COMPRESSION_TEACHER_KEY: "resnet110 for MACs"})
+    assert compression_teacher(study) == "resnet110 for MACs"
+
+
 # ---------------------------------------------------------------- trials_frame on a real storage
 
 SPECS = ["c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1", "c24|bottleneck_d2_w16_s1_k3_e4|basic_d1_w48_s2_k5_e1_se",
          "c16|basic_d3_w24_s1_k3_e1|bottleneck_d2_w64_s2_k5_e2", "c8|basic_d1_w8_s1_k3_e1|basic_d1_w16_s2_k3_e1|h64"]
-REFERENCE = Cost(40_000_000, 400_000)
+COMPRESSION_TEACHER = Cost(40_000_000, 400_000)
 BUDGET = Budget(macs=12_000_000)
 # trial number -> (spec, cost, what the objective does after recording the cost, accuracies per epoch)
 PLAN = {
@@ -202,7 +246,7 @@ def _objective(trial: optuna.Trial) -> float:
     spec, cost, then, accuracies = PLAN[trial.number]
     if spec is None:
         raise RuntimeError("data loader broke")
-    if not record_cost(trial, Spec.parse(spec), cost, REFERENCE, BUDGET):
+    if not record_cost(trial, Spec.parse(spec), cost, COMPRESSION_TEACHER, BUDGET):
         raise optuna.TrialPruned("over budget; not trained")
     trial.set_user_attr("val_acc_per_epoch", accuracies)
     trial.set_user_attr("train_seconds", 1.5)
@@ -223,10 +267,13 @@ def made_study(tmp_path_factory: pytest.TempPathFactory) -> optuna.Study:
     study.ask()
     study.enqueue_trial({})
     study.set_user_attr(STUDY_ATTR, {"budget": {"macs": BUDGET.macs, "params": None}, "budget_text": str(BUDGET),
-                                     "teachers": [{"name": "resnet20", "macs": REFERENCE.macs, "params": REFERENCE.params,
+                                     "teachers": [{"name": "resnet20", "macs": COMPRESSION_TEACHER.macs, "params": COMPRESSION_TEACHER.params,
                                                    "val_acc": 0.9, "source": "trained"}],
-                                     "guarded": {"dataset": "fashion-mnist"}, "space": "resnet"})
-    study.set_user_attr(WINNER_ATTR, {"trial": 0, "spec": SPECS[0], "test_acc": 0.6, "teachers_test_acc": {"resnet20": 0.9}})
+                                     "guarded": {"dataset": "fashion-mnist"}, "space": "resnet",
+                                     # a study made before the key was renamed to "compression_teacher"
+                                     "reference_name": "resnet20 for MACs, resnet20 for params"})
+    study.set_user_attr(WINNER_ATTR, {"trial": 0, "spec": SPECS[0], "test_acc": 0.6, "teachers_test_acc": {"resnet20": 0.9},
+                                      "int8_accuracy_drop": -0.06})
     return study
 
 def _made_row(number: int, status: str, **values: object) -> dict:
@@ -264,6 +311,8 @@ def test_write_report(made_study: optuna.Study, tmp_path: Path) -> None:
     assert "budget <b>MACs &lt;= 12M</b>" in text
     assert "Trials: 1 complete, 2 failed, 1 over budget, 1 pruned, 1 running, 1 waiting.</p>" in text
     assert ("<h2>Winner</h2>" in text, "<h2>Teachers</h2>" in text) == (True, True)
+    assert "the largest teacher's cost over the student's (resnet20 for MACs, resnet20 for params)." in text
+    assert "<tr><th>int8 accuracy change</th><td>+0.06 points</td></tr>" in text
     table = pd.read_csv(csv_path)
     assert list(table.columns) == COLUMNS
     assert table["number"].tolist() == list(range(7))

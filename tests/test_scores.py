@@ -19,18 +19,10 @@ from nas_kd.cost import count
 from nas_kd.data import BatchIterator, eval_batches, seeded_subset
 from nas_kd.errors import InputError
 from nas_kd.losses import recipe_features
-from nas_kd.objective import (
-    CURVE_ATTR,
-    REPEAT_ATTR,
-    SCORE_ATTR,
-    SCORE_KIND_ATTR,
-    TRIAL_SCORES,
-    report_steps,
-    run_trial,
-    trial_context,
-    was_trained,
-)
+from nas_kd.objective import TRIAL_SCORES, report_steps, run_trial, trial_context, trial_score_named
+from nas_kd.pipeline import trial_text
 from nas_kd.proxies import naswot, synflow
+from nas_kd.records import CURVE_ATTR, REPEAT_ATTR, SCORE_ATTR, SCORE_KIND_ATTR, was_trained
 from nas_kd.space import load_space
 from nas_kd.study import PRUNERS, default_study_name, guarded, make_pruner, open_storage, open_study, run
 from nas_kd.teachers import SHIPPED_TEACHERS, CachedTargets, Ensemble, Teacher, load_state, teacher_spec
@@ -169,7 +161,7 @@ def test_every_score_is_deterministic_and_stored(small_context, score: str) -> N
     assert a[SCORE_ATTR] == first.value and a[SCORE_KIND_ATTR] == score
     # the training-free scores and the cost are kept on every trial, whatever it is scored by
     assert {"naswot", "synflow", "macs", "params"} <= set(a) and a["naswot"] == second.user_attrs["naswot"]
-    if score in ("naswot", "synflow", "macs", "params"):
+    if not TRIAL_SCORES[score].trains:
         assert first.value == a[score] and "train_seconds" not in a
     if score == "distill":
         # four reports at quarters of the 4 steps, the last one the score; the raw accuracy beside it
@@ -371,6 +363,21 @@ def test_unknown_score_in_yaml_is_one_line(tmp_path: Path) -> None:
     result = run_cli("nas_kd.search", "--config", "c.yaml", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(
         "unknown trial score 'nope'; known: distill, blockwise, naswot, synflow, macs, params")
+
+
+def test_an_unknown_score_name_lists_the_known_ones() -> None:
+    with pytest.raises(InputError, match=r"^unknown trial score 'nope'; known: distill, blockwise, naswot, synflow, "
+                                         r"macs, params$"):
+        trial_score_named("nope")
+
+
+@pytest.mark.parametrize("name", list(TRIAL_SCORES))
+def test_every_registered_score_is_described_by_its_properties(name: str) -> None:
+    kind = trial_score_named(name)
+    line = trial_text(SearchConfig(flops_budget=5_000_000, trial_score=name), 100)
+    assert line.startswith(f"trial score {name}: ") and kind.label
+    assert ("nothing trained" in line) == (not kind.trains)
+    assert ("per stage" in line) == kind.blockwise and ("pruner" in line) == (kind.trains and not kind.blockwise)
 
 
 def test_recalibrated_puts_the_running_statistics_back() -> None:

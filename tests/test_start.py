@@ -15,10 +15,11 @@ from nas_kd.budget import Budget
 from nas_kd.errors import InputError
 from nas_kd.latency import peak_activations
 from nas_kd.objective import may_prune
+from nas_kd.picks import START_POINTS_ATTR, enqueue_start_points, start_trials
+from nas_kd.records import SPEC_ATTR, START_ATTR
 from nas_kd.search import main
 from nas_kd.space import load_space
-from nas_kd.start import HAND_MADE, START_ATTR, hand_made, scaled, space_params, spec_cost, start_points
-from nas_kd.study import START_POINTS_ATTR, enqueue_start_points, start_trials
+from nas_kd.start import HAND_MADE, hand_made, scaled, space_params, spec_cost, start_points
 from nas_kd.teachers import teacher_spec
 from tests.conftest import search_cli
 
@@ -164,9 +165,9 @@ def test_a_search_trains_its_start_points_first_and_once_per_study(e2e_run: dict
     study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], *args)
     made = "c8|basic_d3_w8_s1_k3_e1|basic_d3_w20_s2_k3_e1|basic_d3_w40_s2_k3_e1"
     first, second = study.trials[:2]
-    assert first.user_attrs["spec"] == made and first.params == {} and first.user_attrs[START_ATTR] == HAND_MADE
+    assert first.user_attrs[SPEC_ATTR] == made and first.params == {} and first.user_attrs[START_ATTR] == HAND_MADE
     # a start point in the space is a trial of the space: the sampler sees its params
-    assert second.user_attrs["spec"] == GIVEN and second.user_attrs[START_ATTR] == "given"
+    assert second.user_attrs[SPEC_ATTR] == GIVEN and second.user_attrs[START_ATTR] == "given"
     assert second.params == load_space("resnet").params_of(Spec.parse(GIVEN))
     assert first.state == second.state == optuna.trial.TrialState.COMPLETE and first.value == first.user_attrs["params"]
     assert f"start point hand-made: {made} (ResNet-20 at x0.62 widths, " in out
