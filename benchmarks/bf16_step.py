@@ -23,8 +23,8 @@ from nas_kd.arch import Spec, build
 from nas_kd.config import TrainConfig
 from nas_kd.cost import count, format_count
 from nas_kd.data import BatchIterator, load_dataset
-from nas_kd.teachers import TEACHERS, teacher_spec
 from nas_kd.train import make_optimizer
+from nas_kd.zoo import TEACHERS, teacher_spec
 
 STUDENTS = {
     "small": "c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1|basic_d1_w64_s2_k3_e1",

@@ -58,20 +58,23 @@ import torch
 from benchmarks.results_cache import RESULTS, ResultsFile, machine, settings_id
 from nas_kd import start
 from nas_kd.arch import Spec, build
+from nas_kd.blocks import export_blocks
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig
 from nas_kd.cost import Cost, count, format_count
 from nas_kd.data import BatchIterator, Dataset, load_dataset
+from nas_kd.ensemble import CachedTargets, Ensemble, ensemble_from_config
 from nas_kd.export import student_metrics
-from nas_kd.latency import LatencyTable, export_blocks, format_bytes, measure_latency, peak_activations
+from nas_kd.latency import LatencyTable, measure_latency
 from nas_kd.losses import recipe_features
+from nas_kd.memory import format_bytes, peak_activations
 from nas_kd.picks import pick_winner
 from nas_kd.pipeline import search
 from nas_kd.records import SPEC_ATTR, was_trained
 from nas_kd.retrain import retrain
 from nas_kd.space import SearchSpace, load_space
-from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config, teacher_spec
 from nas_kd.time_blocks import time_folder
+from nas_kd.zoo import teacher_spec
 
 INPUT, CLASSES = (1, 28, 28), 10
 SPACE = "resnet"

@@ -42,11 +42,11 @@ from nas_kd.budget import Budget
 from nas_kd.config import DistillConfig, SearchConfig, parse_distill
 from nas_kd.cost import count, format_count
 from nas_kd.data import BatchIterator, Split, load_dataset, seeded_subset
+from nas_kd.ensemble import CachedTargets, ensemble_from_config
 from nas_kd.errors import InputError
 from nas_kd.online import train_online
 from nas_kd.prune import prune_to_budget
 from nas_kd.retrain import retrain
-from nas_kd.teachers import CachedTargets, ensemble_from_config
 from nas_kd.train import evaluate
 
 STUDENT = "c8|basic_d1_w8_s1_k3_e1|basic_d1_w16_s2_k3_e1|basic_d1_w32_s2_k3_e1"

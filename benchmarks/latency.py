@@ -37,8 +37,9 @@ from results_cache import RESULTS, ResultsFile, machine, settings_id  # noqa: E4
 from trial_scores import bootstrap_interval, spearman  # noqa: E402
 
 from nas_kd.arch import build  # noqa: E402
+from nas_kd.blocks import export_blocks  # noqa: E402
 from nas_kd.cost import count  # noqa: E402
-from nas_kd.latency import PASSES, RUNS, LatencyTable, export_blocks, measure_latency  # noqa: E402
+from nas_kd.latency import PASSES, RUNS, LatencyTable, measure_latency  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
 from nas_kd.time_blocks import time_folder  # noqa: E402
 

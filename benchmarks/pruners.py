@@ -42,9 +42,9 @@ from nas_kd.budget import Budget  # noqa: E402
 from nas_kd.config import SearchConfig  # noqa: E402
 from nas_kd.cost import format_count, parse_count  # noqa: E402
 from nas_kd.data import load_dataset  # noqa: E402
+from nas_kd.ensemble import ensemble_from_config  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
 from nas_kd.study import PRUNERS, make_pruner  # noqa: E402
-from nas_kd.teachers import ensemble_from_config  # noqa: E402
 
 
 def replay(pruner: str, curves: list[list[list[float]]], order: list[int], budget: float,

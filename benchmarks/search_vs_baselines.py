@@ -62,6 +62,7 @@ from nas_kd.budget import Budget  # noqa: E402
 from nas_kd.config import SearchConfig  # noqa: E402
 from nas_kd.cost import count, format_count, parse_count  # noqa: E402
 from nas_kd.data import BatchIterator, Dataset, load_dataset  # noqa: E402
+from nas_kd.ensemble import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
 from nas_kd.export import student_metrics  # noqa: E402
 from nas_kd.losses import recipe_features  # noqa: E402
 from nas_kd.picks import pick_winner, retrain_candidates  # noqa: E402
@@ -70,7 +71,6 @@ from nas_kd.records import SPEC_ATTR, was_trained  # noqa: E402
 from nas_kd.retrain import retrain  # noqa: E402
 from nas_kd.space import load_space  # noqa: E402
 from nas_kd.study import study_training  # noqa: E402
-from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
 
 METHODS = ("search", "random", "largest", "hand-made", "params", "finalists")
 

@@ -36,8 +36,8 @@ from benchmarks.results_cache import ResultsFile, machine  # noqa: E402
 from nas_kd.arch import build  # noqa: E402
 from nas_kd.config import TrainConfig  # noqa: E402
 from nas_kd.data import DEBIAN_FASHION_MNIST, BatchIterator, _read_idx, load_dataset  # noqa: E402
-from nas_kd.teachers import teacher_spec  # noqa: E402
 from nas_kd.train import evaluate, fit  # noqa: E402
+from nas_kd.zoo import teacher_spec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "small_data.json"
 TRAIN_PER_CLASS, TEST_PER_CLASS = 140, 50

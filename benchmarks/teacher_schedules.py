@@ -25,7 +25,7 @@ import torch
 
 from nas_kd.config import TrainConfig
 from nas_kd.data import load_dataset
-from nas_kd.teachers import train_teacher
+from nas_kd.teacher_cache import train_teacher
 from nas_kd.train import evaluate
 
 ARMS = {

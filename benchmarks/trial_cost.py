@@ -24,9 +24,11 @@ from nas_kd.config import DistillConfig, SearchConfig, TrainConfig, parse_distil
 from nas_kd.cost import count, format_count
 from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.distill import criterion_for
+from nas_kd.ensemble import CachedTargets, Ensemble, LiveTargets
 from nas_kd.losses import StudentOutput
-from nas_kd.teachers import CachedTargets, Ensemble, LiveTargets, Teacher, teacher_spec
+from nas_kd.teacher_cache import Teacher
 from nas_kd.train import make_optimizer
+from nas_kd.zoo import teacher_spec
 
 STUDENTS = {
     "small (resnet8-like)": "c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1|basic_d1_w64_s2_k3_e1",

@@ -58,6 +58,7 @@ from nas_kd.budget import Budget  # noqa: E402
 from nas_kd.config import SearchConfig, steps_per_epoch  # noqa: E402
 from nas_kd.cost import Cost, count, format_count, parse_count  # noqa: E402
 from nas_kd.data import BatchIterator, Dataset, Split, load_dataset, seeded_subset  # noqa: E402
+from nas_kd.ensemble import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
 from nas_kd.errors import InputError  # noqa: E402
 from nas_kd.losses import recipe_features  # noqa: E402
 from nas_kd.objective import PROXY_BATCH, REPORT_IMAGES, TRIAL_SCORES, TrialContext, proxy_scores, trial_context  # noqa: E402
@@ -71,7 +72,6 @@ from nas_kd.records import (  # noqa: E402
 )
 from nas_kd.retrain import retrain  # noqa: E402
 from nas_kd.space import SearchSpace, load_space  # noqa: E402
-from nas_kd.teachers import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
 from nas_kd.train import evaluate, recalibrate_bn  # noqa: E402
 
 

@@ -25,13 +25,14 @@ from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import format_count
 from nas_kd.data import Dataset
 from nas_kd.distill import retrain_student
+from nas_kd.ensemble import CachedTargets, Ensemble, teacher_names
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics
 from nas_kd.prune import min_pruned_cost, prune_to_budget
 from nas_kd.records import cost_facts
 from nas_kd.study import BASELINE_ATTR
-from nas_kd.teachers import CachedTargets, Ensemble, teacher_cost, teacher_names, teacher_spec
 from nas_kd.train import evaluate
+from nas_kd.zoo import teacher_cost, teacher_spec
 
 FINE_TUNE = DistillConfig(losses=(("ce", 1.0),))
 

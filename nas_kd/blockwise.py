@@ -38,7 +38,7 @@ from nas_kd.config import TrainConfig
 from nas_kd.data import Batch, BatchIterator, Dataset, eval_batches, forward_batch, seeded_subset
 from nas_kd.errors import InputError
 from nas_kd.losses import adapter, align, match_stage
-from nas_kd.teachers import Teacher
+from nas_kd.teacher_cache import Teacher
 from nas_kd.train import fit, recalibrate_bn
 
 STEM = -1  # the teacher "stage" whose output is the stem's, in stage maps

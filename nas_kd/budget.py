@@ -11,9 +11,9 @@ from nas_kd.arch import Spec
 from nas_kd.config import SearchConfig
 from nas_kd.cost import Cost, format_count
 from nas_kd.errors import InputError
-from nas_kd.latency import peak_activations
+from nas_kd.memory import peak_activations
 from nas_kd.space import SearchSpace
-from nas_kd.teachers import teacher_cost
+from nas_kd.zoo import teacher_cost
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import torch.nn as nn
 from nas_kd.arch import Network
 from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
 from nas_kd.data import Batch, BatchIterator, Dataset
+from nas_kd.ensemble import CachedTargets, Ensemble, LiveTargets, TargetSource
 from nas_kd.errors import InputError
 from nas_kd.losses import Criterion, StudentOutput, loss_class
-from nas_kd.teachers import CachedTargets, Ensemble, LiveTargets, TargetSource
 from nas_kd.train import fit
 
 

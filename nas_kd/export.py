@@ -34,19 +34,13 @@ from safetensors import safe_open
 
 from nas_kd.arch import Network, Spec, build
 from nas_kd.config import SearchConfig
+from nas_kd.convert import EXPORTER, INT8_WARN_POINTS, OPSET, quantize_int8, require_runtime, to_onnx
 from nas_kd.data import BatchIterator, Dataset, eval_batches, seeded_subset
+from nas_kd.ensemble import Ensemble, soft_targets
 from nas_kd.errors import InputError
-from nas_kd.latency import (
-    EXPORTER,
-    INT8_WARN_POINTS,
-    OPSET,
-    memory_facts,
-    quantize_int8,
-    require_runtime,
-    to_onnx,
-)
+from nas_kd.memory import memory_facts
 from nas_kd.progress import log
-from nas_kd.teachers import Ensemble, load_state, save_model, soft_targets
+from nas_kd.teacher_cache import load_state, save_model
 from nas_kd.time_blocks import latency_ms, make_session
 from nas_kd.train import accuracy, evaluate, predict
 from nas_kd.versions import versions

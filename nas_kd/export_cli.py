@@ -9,10 +9,10 @@ from pathlib import Path
 
 from nas_kd.cli import base_parser, fail, quiet_libraries
 from nas_kd.config import SearchConfig, from_dict
+from nas_kd.convert import require_runtime
 from nas_kd.data import load_dataset
 from nas_kd.errors import InputError
 from nas_kd.export import export_onnx, load_student, memory_facts, student_metadata, student_metrics
-from nas_kd.latency import require_runtime
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nas_kd.ensemble import FeatureSet, Targets, member_weights, merge_feature_sets, soft_targets
 from nas_kd.errors import InputError
-from nas_kd.teachers import FeatureSet, Targets, member_weights, merge_feature_sets, soft_targets
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
 from nas_kd.cost import Cost, count
 from nas_kd.data import BatchIterator, Dataset, Split, seeded_subset
 from nas_kd.distill import criterion_for, criterion_stages, distill
+from nas_kd.ensemble import Ensemble, TargetSource
 from nas_kd.errors import InputError
-from nas_kd.latency import memory_facts
+from nas_kd.memory import memory_facts
 from nas_kd.proxies import naswot, synflow
 from nas_kd.records import (
     BLOCKWISE_ATTR,
@@ -53,7 +54,6 @@ from nas_kd.records import (
 )
 from nas_kd.space import SearchSpace
 from nas_kd.start import trial_spec
-from nas_kd.teachers import Ensemble, TargetSource
 from nas_kd.train import evaluate, recalibrated
 
 # optuna-dashboard 0.21 reads feasibility only from this legacy list attribute; Optuna 5 writes

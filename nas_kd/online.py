@@ -35,13 +35,13 @@ from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import count
 from nas_kd.data import Batch, Dataset
 from nas_kd.distill import retrain_targets, seeded_student
+from nas_kd.ensemble import Ensemble, Targets
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics, teachers_test_metrics
 from nas_kd.losses import LOSSES, Criterion, StudentOutput, loss_class
 from nas_kd.picks import completed
 from nas_kd.records import SPEC_ATTR, cost_facts, is_feasible, pareto_front
 from nas_kd.study import ONLINE_ATTR
-from nas_kd.teachers import Ensemble, Targets
 from nas_kd.train import accuracy, fit, predict
 
 # ---------------------------------------------------------------- which students

@@ -20,11 +20,13 @@ from nas_kd.baselines import check_prunable, pruned_baseline
 from nas_kd.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.budget import Budget, budget_warning, check_reachable, effective_floor
 from nas_kd.config import SearchConfig, adapt_schedule
+from nas_kd.convert import require_runtime
 from nas_kd.cost import format_count
 from nas_kd.data import BatchIterator, load_dataset, seeded_subset
 from nas_kd.distill import check_two_stage
+from nas_kd.ensemble import CachedTargets, check_weighting, ensemble_from_config, ensemble_summary, teacher_names
 from nas_kd.errors import InputError
-from nas_kd.latency import check_precision, latency_meter, require_runtime
+from nas_kd.latency import check_precision, latency_meter
 from nas_kd.losses import Criterion, loss_class, recipe_features, recipe_uses_teachers
 from nas_kd.objective import run_trial, trial_context, trial_score_named
 from nas_kd.picks import enqueue_start_points
@@ -66,15 +68,8 @@ from nas_kd.study import (
     update_study_attr,
 )
 from nas_kd.study import run as run_trials
-from nas_kd.teachers import (
-    TEACHERS,
-    CachedTargets,
-    check_weighting,
-    ensemble_from_config,
-    ensemble_summary,
-    teacher_names,
-)
 from nas_kd.train import resolve_device
+from nas_kd.zoo import TEACHERS
 
 PARETO_COSTS = ("macs", "latency_ms")  # the Cost fields --objective pareto can minimise
 

@@ -38,7 +38,7 @@ from nas_kd.arch import (
 from nas_kd.budget import Budget
 from nas_kd.cost import Cost, count, format_count
 from nas_kd.errors import InputError
-from nas_kd.latency import peak_activations
+from nas_kd.memory import peak_activations
 
 STEPS = 14  # bisection steps on keep: to within 2**-14 (6e-5), under half a filter in layers narrower than 8192
 

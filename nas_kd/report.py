@@ -21,8 +21,9 @@ import optuna
 import pandas as pd
 import plotly.graph_objects as go
 
+from nas_kd.convert import INT8_WARN_POINTS
 from nas_kd.cost import format_count
-from nas_kd.latency import INT8_WARN_POINTS, format_bytes
+from nas_kd.memory import format_bytes
 from nas_kd.objective import TRIAL_SCORES
 from nas_kd.records import (
     FAIL_ATTR,

@@ -22,6 +22,7 @@ from nas_kd.config import SearchConfig, from_dict
 from nas_kd.cost import count
 from nas_kd.data import Dataset
 from nas_kd.distill import criterion_for, retrain_student, retrain_targets
+from nas_kd.ensemble import CachedTargets, Ensemble
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics, teachers_test_metrics
 from nas_kd.picks import finalists, pick_winner, retrain_candidates, start_names
@@ -29,7 +30,6 @@ from nas_kd.progress import log
 from nas_kd.records import LATENCY_ATTR, SPEC_ATTR, cost_facts
 from nas_kd.report import write_report
 from nas_kd.study import STUDY_ATTR, WINNER_ATTR
-from nas_kd.teachers import CachedTargets, Ensemble
 from nas_kd.train import evaluate
 
 

@@ -10,15 +10,15 @@ from typing import Any
 
 from nas_kd.cli import fail, quiet_libraries, study_parser
 from nas_kd.config import SearchConfig, adapt_schedule, from_dict
+from nas_kd.convert import require_runtime
 from nas_kd.data import load_dataset
+from nas_kd.ensemble import ensemble_from_config, ensemble_summary
 from nas_kd.errors import InputError
-from nas_kd.latency import require_runtime
 from nas_kd.online import retrain_online, top_students
 from nas_kd.progress import log
 from nas_kd.report import write_report
 from nas_kd.retrain import config_of, finish_retrain
 from nas_kd.study import check_same_teachers, load_existing
-from nas_kd.teachers import ensemble_from_config, ensemble_summary
 from nas_kd.train import resolve_device
 
 

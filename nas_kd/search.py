@@ -18,13 +18,15 @@ import yaml
 from nas_kd.cli import OneLineParser, base_parser, fail, number, quiet_libraries
 from nas_kd.config import SearchConfig, from_dict, parse_distill
 from nas_kd.cost import parse_count
+from nas_kd.ensemble import ENSEMBLE_WEIGHTINGS
 from nas_kd.errors import InputError
-from nas_kd.latency import PRECISIONS, parse_bytes, parse_latency
+from nas_kd.latency import PRECISIONS, parse_latency
 from nas_kd.losses import LOSSES
+from nas_kd.memory import parse_bytes
 from nas_kd.objective import TRIAL_SCORES
 from nas_kd.pipeline import PARETO_COSTS, search
 from nas_kd.study import PRUNERS, SAMPLERS
-from nas_kd.teachers import ENSEMBLE_WEIGHTINGS, TEACHERS
+from nas_kd.zoo import TEACHERS
 
 DEFAULTS = SearchConfig()
 

@@ -32,10 +32,10 @@ from nas_kd.arch import Spec, build
 from nas_kd.budget import Budget
 from nas_kd.cost import Cost, count, format_count
 from nas_kd.errors import InputError
-from nas_kd.latency import peak_activations
+from nas_kd.memory import peak_activations
 from nas_kd.records import START_IN_SPACE_ATTR, START_SPEC_ATTR
 from nas_kd.space import SearchSpace
-from nas_kd.teachers import teacher_spec
+from nas_kd.zoo import teacher_spec
 
 HAND_MADE = "hand-made"
 HAND_MADE_BASES = ("resnet20", "resnet14", "resnet8")  # deepest first

@@ -1,675 +1,210 @@
-"""Teacher zoo, offline ensemble training with an on-disk cache, and the ensemble's targets.
+"""`python -m nas_kd.teachers train|list|ship`: train a teacher for any dataset, see what is trained.
 
-The zoo holds CIFAR-style architectures written as `Spec`s, so they adapt to any input
-channels, size and class count. A teacher is trained once and cached under a key of everything
-that determines it (architecture, dataset fingerprint, epochs, seed, schedule); later searches
-load it. The ensemble's soft targets are the *mean of the members' temperature-softened
-probabilities*, mean_m softmax(z_m / T); its prediction is the argmax of that mean at T = 1.
+`train` runs a full schedule (one-cycle SGD, optional augmentation, label smoothing, bfloat16
+autocast) with a checkpoint after every epoch: the same command, run again after a kill,
+resumes where it stopped. It writes into the cache the search reads (`OUT_DIR/cache/teachers/`),
+with metadata that describes the teacher completely (architecture, dataset fingerprint,
+schedule, seed, validation and test accuracy, versions and the command that made it).
+`list` shows the shipped and cached teachers. `ship` is for nas_kd's developers: it copies a
+cached teacher into the package (float16 when that changes no validation or test prediction).
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
-import os
-import pickle
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+import argparse
+import shlex
+import sys
+import time
 from pathlib import Path
-from typing import Literal, Protocol
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from nas_kd.arch import Network, Spec, StageSpec, build
-from nas_kd.config import SearchConfig, TrainConfig
-from nas_kd.cost import Cost, count, format_count
-from nas_kd.data import Batch, BatchIterator, Dataset, Split, forward_batch
+from nas_kd import teacher_cache
+from nas_kd.arch import build
+from nas_kd.cli import base_parser, fail, number, quiet_libraries
+from nas_kd.config import TrainConfig
+from nas_kd.cost import format_count
+from nas_kd.data import dataset_names, load_dataset
 from nas_kd.errors import InputError
-from nas_kd.train import Checkpoint, accuracy, evaluate, fit, predict
-from nas_kd.versions import versions
+from nas_kd.progress import log
+from nas_kd.teacher_cache import (
+    FORMAT,
+    TeacherFile,
+    cache_file,
+    dataset_slug,
+    load_teacher_file,
+    partial_file,
+    read_metadata,
+    save_model,
+    save_teacher,
+    teacher_files,
+    train_teacher,
+)
+from nas_kd.train import Checkpoint, evaluate, predict, resolve_device
+from nas_kd.zoo import TEACHERS, teacher_cost, teacher_spec
 
-# ---------------------------------------------------------------- zoo
-
-TEACHERS: dict[str, Callable[[], Spec]] = {}
-
-
-def register_teacher(name: str, factory: Callable[[], Spec]) -> None:
-    TEACHERS[name] = factory
-
-
-def teacher_spec(name: str) -> Spec:
-    if name not in TEACHERS:
-        raise InputError(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}")
-    return TEACHERS[name]()
-
-
-def _resnet(blocks_per_stage: int, widen: int = 1) -> Callable[[], Spec]:
-    """CIFAR ResNet-(6n+2) (He et al. 2016) and, with widen = k, WRN-(6n+4)-k (Zagoruyko &
-    Komodakis 2016; here with post-activation basic blocks and no dropout)."""
-    def factory() -> Spec:
-        widths = (16 * widen, 32 * widen, 64 * widen)
-        return Spec(16, tuple(StageSpec("basic", blocks_per_stage, w, 1 if i == 0 else 2)
-                              for i, w in enumerate(widths)))
-    return factory
+DEFAULTS = TrainConfig()
 
 
-for _depth in (8, 14, 20, 32, 44, 56, 110):
-    register_teacher(f"resnet{_depth}", _resnet((_depth - 2) // 6))
-for _depth, _k in ((16, 2), (16, 4), (40, 2)):
-    register_teacher(f"wrn{_depth}_{_k}", _resnet((_depth - 4) // 6, _k))
+def build_parser() -> argparse.ArgumentParser:
+    p = base_parser("python -m nas_kd.teachers", "Train, list and ship the teachers the search distils from.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one teacher (resumable), into the cache the search reads",
+                       description="Train teacher ARCH on dataset D with cross-entropy; a checkpoint after every "
+                                   "epoch lets the same command resume a killed run.")
+    t.add_argument("--dataset", default="fashion-mnist",
+                   help=f"{', '.join(dataset_names())}, or folder:PATH (default fashion-mnist)")
+    t.add_argument("--data-dir", help="where the dataset's files are (default: the dataset's own place)")
+    t.add_argument("--arch", required=True, help=f"teacher architecture; known: {', '.join(TEACHERS)}")
+    t.add_argument("--epochs", type=number(int, 1), required=True)
+    t.add_argument("--augment", action="store_true", help="padding-crop (and flips where the dataset allows them)")
+    t.add_argument("--label-smoothing", type=number(float, 0.0, 1.0), default=0.0)
+    t.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the forward pass (float32 weights)")
+    t.add_argument("--lr", type=number(float, 1e-9), default=DEFAULTS.lr,
+                   help=f"peak learning rate of the one-cycle SGD schedule (default {DEFAULTS.lr:g})")
+    t.add_argument("--batch-size", type=number(int, 2), default=DEFAULTS.batch_size)
+    t.add_argument("--weight-decay", type=number(float, 0.0), default=DEFAULTS.weight_decay)
+    t.add_argument("--warmup", type=number(float, 0.0, 1.0), default=DEFAULTS.warmup,
+                   help=f"fraction of the steps with a rising learning rate (default {DEFAULTS.warmup:g})")
+    t.add_argument("--seed", type=number(int, 0), default=0)
+    t.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    t.add_argument("--threads", type=number(int, 1), help="CPU threads (default: torch's choice)")
+    _cache_flags(t)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ls = sub.add_parser("list", help="the shipped and cached teachers, with datasets, costs and accuracies")
+    _cache_flags(ls)
+
+    s = sub.add_parser("ship", help="(nas_kd developers) copy a cached teacher into the package")
+    s.add_argument("path", type=Path, help="a teacher file written by `train`")
+    s.add_argument("--data-dir", help="where the dataset's files are")
+    s.add_argument("--to", type=Path, help=f"destination folder (default {teacher_cache.SHIPPED_TEACHERS})")
+    return p
 
 
-def _vgg(layers: tuple[int, ...]) -> Callable[[], Spec]:
-    """CIFAR VGG with BatchNorm: five stages of widths 64..512, max-pool between them."""
-    def factory() -> Spec:
-        widths = (64, 128, 256, 512, 512)
-        return Spec(32, tuple(StageSpec("conv", n, w, 1 if i == 0 else 2) for i, (n, w) in enumerate(zip(layers, widths))))
-    return factory
+def _cache_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out-dir", default="studies", help="the search's output folder (default studies)")
+    p.add_argument("--cache-dir", help="where trained teachers are cached (default OUT_DIR/cache)")
 
 
-register_teacher("vgg8_bn", _vgg((1, 1, 1, 1, 1)))
-register_teacher("vgg11_bn", _vgg((1, 1, 2, 2, 2)))
-register_teacher("vgg13_bn", _vgg((2, 2, 2, 2, 2)))
+def _cache_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir) if args.cache_dir else Path(args.out_dir) / "cache"
 
 
-def _mobilenetv2(width: float) -> Callable[[], Spec]:
-    """MobileNetV2 (Sandler et al. 2018) with the CIFAR strides: the first two downsamplings removed."""
-    def factory() -> Spec:
-        def w(c: int) -> int:
-            return max(8, int(c * width + 4) // 8 * 8)
-        table = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-        return Spec(w(32), tuple(StageSpec("inverted", n, w(c), s, 3, t) for t, c, n, s in table), head=1280)
-    return factory
+def train(args: argparse.Namespace, argv: list[str]) -> int:
+    teacher_spec(args.arch)  # an unknown name fails before the data loads
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                      label_smoothing=args.label_smoothing, augment=args.augment, bf16=args.bf16)
+    dataset = load_dataset(args.dataset, Path(args.data_dir) if args.data_dir else None).to(device)
+    final = cache_file(args.arch, dataset, args.epochs, args.seed, cfg, _cache_dir(args))
+    if final.is_file():
+        meta = read_metadata(final)
+        log(f"teacher {args.arch} is already trained: {final} (val acc {meta.get('val_acc', '?')})")
+        return 0
+    checkpoint = Checkpoint(partial_file(final))
+    state = checkpoint.load()
+    if state is not None:
+        log(f"resuming from {checkpoint.path}: epoch {state['epoch'] + 1} of {args.epochs} done")
+    cost = teacher_cost(args.arch, dataset.input_shape, dataset.num_classes)
+    log(f"teacher {args.arch}: {format_count(cost.macs)} MACs, {format_count(cost.params)} params; "
+        f"{dataset.name} {len(dataset.train)} train / {len(dataset.val)} val; {args.epochs} epochs, "
+        f"lr {cfg.lr:g}, batch {cfg.batch_size}, augment {cfg.augment}, label smoothing {cfg.label_smoothing:g}, "
+        f"bf16 {cfg.bf16}; checkpoint {checkpoint.path}")
+    last = time.perf_counter()
+
+    def on_epoch(model: torch.nn.Module, epoch: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        log(f"teacher {args.arch} epoch {epoch + 1}/{args.epochs}: val acc {evaluate(model, dataset.val, dataset):.4f} "
+            f"({now - last:.0f} s)")
+        last = time.perf_counter()
+
+    model, seconds = train_teacher(args.arch, dataset, args.epochs, args.seed, cfg, device,
+                                   progress=not args.quiet, checkpoint=checkpoint, on_epoch=on_epoch)
+    val_acc, test_acc = save_teacher(model, final, args.arch, dataset, args.epochs, args.seed, cfg, cost, seconds,
+                                     "python -m nas_kd.teachers " + shlex.join(argv))
+    checkpoint.remove()
+    log(f"teacher {args.arch}: val acc {val_acc:.4f}, test acc {test_acc:.4f}, {seconds / 60:.1f} min of training; "
+        f"written to {final}")
+    return 0
 
 
-register_teacher("mobilenetv2", _mobilenetv2(1.0))
-register_teacher("mobilenetv2_x0_5", _mobilenetv2(0.5))
+def _row(f: TeacherFile) -> list[str]:
+    m = f.meta
+    cost = (f"{format_count(int(m['macs']))} MACs, {format_count(int(m['params']))} params"
+            if "macs" in m and "params" in m else "?")
+    acc = lambda key: f"{float(m[key]):.4f}" if key in m else "?"  # noqa: E731
+    return ["shipped" if f.shipped else "cache", f.arch, m.get("dataset", "?"), m.get("data_fingerprint", "?"), cost,
+            m.get("epochs", "?"), acc("val_acc"), acc("test_acc"), str(f.path)]
 
 
-def teacher_cost(name: str, input_shape: tuple[int, int, int], num_classes: int) -> Cost:
-    """MACs and params of teacher `name` at this input (see cost.count)."""
-    return count(build(teacher_spec(name), input_shape, num_classes, channels_last=False), input_shape)
+def list_teachers(args: argparse.Namespace) -> int:
+    cache = _cache_dir(args) / "teachers"
+    files = teacher_files(teacher_cache.SHIPPED_TEACHERS, shipped=True) + teacher_files(cache, shipped=False)
+    rows = [["source", "arch", "dataset", "fingerprint", "cost", "epochs", "val acc", "test acc", "path"]]
+    rows += [_row(f) for f in files]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if len(rows) == 1:
+        print(f"(no teachers: none shipped in {teacher_cache.SHIPPED_TEACHERS}, none cached in {cache})")
+    for partial in sorted((cache / "partial").glob("*.pt")) if (cache / "partial").is_dir() else []:
+        print(f"in progress: {partial} (run its `train` command again to resume)")
+    return 0
 
 
-# ---------------------------------------------------------------- trained teachers
+def ship(args: argparse.Namespace) -> int:
+    """Copy a cached teacher into the package: float16 if that changes no prediction on the val
+    and test splits (checked here, image by image), else float32."""
+    meta = read_metadata(args.path)
+    if meta.get("format") != FORMAT or not {"arch", "dataset", "data_fingerprint"} <= set(meta):
+        raise InputError(f"{args.path} is not a teacher written by `python -m nas_kd.teachers train` "
+                         f"(metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+    source = TeacherFile(args.path, meta, shipped=False)
+    dataset = load_dataset(meta["dataset"], Path(args.data_dir) if args.data_dir else None)
+    if dataset.fingerprint() != meta.get("data_fingerprint"):
+        raise InputError(f"{args.path} was trained on other data (fingerprint {meta.get('data_fingerprint')}, "
+                         f"loaded {dataset.fingerprint()})")
+    model = build(teacher_spec(meta["arch"]), dataset.input_shape, dataset.num_classes)
+    load_teacher_file(source, model)
+    half = build(teacher_spec(meta["arch"]), dataset.input_shape, dataset.num_classes)
+    half.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    splits = (dataset.val, dataset.test)
+    full, rounded = ([predict(m, split, dataset).argmax(1) for split in splits] for m in (model, half))
+    same = all(torch.equal(a, b) for a, b in zip(full, rounded))
+    dtype = torch.float16 if same else None
+    val_acc, test_acc = ((p == split.y).float().mean().item() for p, split in zip(rounded if same else full, splits))
+    out = (args.to or teacher_cache.SHIPPED_TEACHERS) / f"{meta['arch']}-{dataset_slug(meta['dataset'])}.safetensors"
+    save_model(half if same else model, out, {**meta, "val_acc": f"{val_acc:.6f}", "test_acc": f"{test_acc:.6f}",
+                                              "storage": "float16" if same else "float32"}, dtype=dtype)
+    log(f"shipped {out} ({'float16' if same else 'float32: float16 changed a prediction'}), "
+        f"{out.stat().st_size / 1e6:.2f} MB, val acc {val_acc:.4f}, test acc {test_acc:.4f}")
+    return 0
 
 
-@dataclass
-class Teacher:
-    name: str
-    model: Network
-    cost: Cost
-    val_acc: float
-    source: str  # "trained", "shipped", "cache" or the user's checkpoint path
-    val_logits: torch.Tensor | None = None  # (N_val, K), kept so the ensemble's figure costs nothing
-    path: str | None = None  # the file its weights came from (or were written to)
-    digest: str | None = None  # weights_digest of its float32 state: which weights a study distilled from
-
-
-FORMAT = "nas_kd.teacher"
-SHIPPED_TEACHERS = Path(__file__).parent / "shipped"  # weights that come with the package
-
-
-def cache_key(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig) -> str:
-    blob = json.dumps({"spec": str(teacher_spec(name)), "dataset": dataset.name, "data": dataset.fingerprint(),
-                       "epochs": epochs, "seed": seed, "train": cfg.__dict__, "format": 1}, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-
-def cache_file(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig, cache_dir: Path) -> Path:
-    """Where a teacher trained with exactly these settings lives in the cache."""
-    key = cache_key(name, dataset, epochs, seed, cfg)
-    return cache_dir / "teachers" / f"{name}-{dataset_slug(dataset.name)}-{key}.safetensors"
-
-
-def dataset_slug(name: str) -> str:
-    """A dataset name as part of a file name ('folder:/a/b' -> 'folder__a_b')."""
-    return name.replace(":", "_").replace("/", "_")
-
-
-def partial_file(final: Path) -> Path:
-    """The per-epoch training checkpoint of the teacher that will be written to `final`."""
-    return final.parent / "partial" / f"{final.stem}.pt"
-
-
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over the tensors' names, dtypes, shapes and bytes: a damaged file no longer matches."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d tensors too (num_batches_tracked)
-    return h.hexdigest()
-
-
-def save_model(model: nn.Module, path: Path, metadata: dict[str, str], dtype: torch.dtype | None = None) -> None:
-    """safetensors weights (and BN buffers) with string metadata and their digest; written
-    atomically. `dtype` stores floating tensors in that type (float16 for shipped teachers)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    save_file(state, str(tmp), metadata={**metadata, "weights_sha256": weights_digest(state)})
-    tmp.chmod(usual_mode())  # safetensors writes 0600; the files beside it follow the user's umask
-    tmp.replace(path)
-
-
-def usual_mode() -> int:
-    """The mode a file created now gets from the user's umask (0644 under the usual 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The string metadata of a safetensors file (its header only, not the weights)."""
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"cannot read {path}: not a readable safetensors file "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a torch file (loaded with weights_only=True)."""
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise InputError(f"cannot read checkpoint {path}: expected safetensors or a torch state dict "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"checkpoint {path} holds no state dict of tensors")
-    return {re.sub(r"^module\.", "", k): v for k, v in state.items()}
-
-
-def load_weights(model: nn.Module, path: Path, what: str, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Load `path` (or its already-read `state`) into `model`; a key or shape mismatch is one line."""
-    state = load_state(path) if state is None else state
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}" if unexpected
-                  else f"{wrong[0]!r} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
-        raise InputError(f"checkpoint {path} does not fit {what}: {detail} "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped keys)")
-    model.load_state_dict(state)
-
-
-def train_teacher(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig,
-                  device: torch.device, progress: bool = True, checkpoint: Checkpoint | None = None,
-                  on_epoch: Callable[[Network, int], None] | None = None) -> tuple[Network, float]:
-    """Train teacher `name` on the train split with cross-entropy; returns it and the seconds spent.
-    With `checkpoint`, every epoch is saved there and a saved run is resumed (see `train.fit`)."""
-    torch.manual_seed(seed)
-    model = build(teacher_spec(name), dataset.input_shape, dataset.num_classes).to(device)
-    batches = BatchIterator(dataset.train, dataset, cfg.batch_size, seed, views=None, augment=cfg.augment)
-
-    def step(batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(model(batch.x), batch.y, label_smoothing=cfg.label_smoothing)
-
-    seconds = fit(model, batches, step, cfg, epochs, desc=f"teacher {name}", progress=progress, checkpoint=checkpoint,
-                  on_epoch=None if on_epoch is None else lambda epoch: on_epoch(model, epoch),
-                  epoch_lines=on_epoch is None)  # callers with on_epoch log their own lines
-    return model, seconds
-
-
-def teacher_metadata(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig, cost: Cost,
-                     val_acc: float, test_acc: float, seconds: float, command: str) -> dict[str, str]:
-    """What a teacher file says about itself: everything that made it, and what it scored."""
-    return {"format": FORMAT, "arch": name, "spec": str(teacher_spec(name)), "dataset": dataset.name,
-            "data_fingerprint": dataset.fingerprint(), "input_shape": json.dumps(list(dataset.input_shape)),
-            "num_classes": str(dataset.num_classes), "epochs": str(epochs), "seed": str(seed),
-            "train": json.dumps(cfg.__dict__), "macs": str(cost.macs), "params": str(cost.params),
-            "val_acc": f"{val_acc:.6f}", "test_acc": f"{test_acc:.6f}", "train_seconds": f"{seconds:.0f}",
-            "command": command, "versions": json.dumps(versions())}
-
-
-def save_teacher(model: Network, path: Path, name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig,
-                 cost: Cost, seconds: float, command: str) -> tuple[float, float]:
-    """Write a freshly trained teacher with its metadata; returns its (val, test) accuracy. The
-    test figure is recorded for people to read; nothing in nas_kd chooses by it."""
-    val_acc, test_acc = evaluate(model, dataset.val, dataset), evaluate(model, dataset.test, dataset)
-    save_model(model, path, teacher_metadata(name, dataset, epochs, seed, cfg, cost, val_acc, test_acc, seconds,
-                                             command))
-    return val_acc, test_acc
-
-
-@dataclass(frozen=True)
-class TeacherFile:
-    """A trained teacher on disk, known by its metadata alone."""
-
-    path: Path
-    meta: dict[str, str]
-    shipped: bool
-
-    @property
-    def arch(self) -> str:
-        return self.meta.get("arch", "?")
-
-    @property
-    def val_acc(self) -> float | None:
-        return float(self.meta["val_acc"]) if "val_acc" in self.meta else None
-
-
-def teacher_files(folder: Path, shipped: bool) -> list[TeacherFile]:
-    """Every readable teacher file in `folder`, sorted by path; unreadable ones are skipped (the
-    loaders name them when they are asked for)."""
-    out = []
-    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        try:
-            meta = read_metadata(path)
-        except InputError:
-            continue
-        if meta.get("format") == FORMAT:
-            out.append(TeacherFile(path, meta, shipped))
-    return out
-
-
-def shipped_teacher(name: str, dataset: Dataset, folder: Path | None = None) -> TeacherFile | None:
-    """The shipped weights of teacher `name` for this dataset, if the package has them. A shipped
-    file for this dataset name whose data fingerprint differs from the data loaded is refused: it
-    was made on other images, and nas_kd never trains over a shipped teacher."""
-    folder = SHIPPED_TEACHERS if folder is None else folder
-    fingerprint = None
-    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        meta = read_metadata(path)  # a damaged shipped file is an error, not a skip
-        if meta.get("format") != FORMAT:
-            raise InputError(f"shipped teacher file {path} is not a nas_kd teacher (format {meta.get('format')!r}); "
-                             "reinstall nas_kd")
-        if meta.get("arch") != name or meta.get("dataset") != dataset.name:
-            continue
-        fingerprint = fingerprint or dataset.fingerprint()
-        if meta.get("data_fingerprint") != fingerprint:
-            raise InputError(f"shipped teacher {name} ({path}) was trained on {dataset.name} with data fingerprint "
-                             f"{meta.get('data_fingerprint')}, but the data loaded has {fingerprint}; run the "
-                             "search with --no-shipped-teachers to use cached or newly trained teachers instead")
-        return TeacherFile(path, meta, shipped=True)
-    return None
-
-
-def cached_teachers(name: str, dataset: Dataset, cache_dir: Path) -> list[TeacherFile]:
-    """Cached teachers of architecture `name` trained on exactly this data (any schedule)."""
-    files = [f for f in teacher_files(cache_dir / "teachers", shipped=False) if f.arch == name]
-    fingerprint = dataset.fingerprint() if files else None
-    return [f for f in files if f.meta.get("data_fingerprint") == fingerprint]
-
-
-def load_teacher_file(file: TeacherFile, model: nn.Module) -> None:
-    """Load `file` into `model`, checking its weights against the digest it recorded."""
-    what = f"{'shipped ' if file.shipped else ''}teacher {file.arch}"
-    state = load_state(file.path)
-    recorded = file.meta.get("weights_sha256")
-    if recorded is not None and weights_digest(state) != recorded:
-        hint = "reinstall nas_kd" if file.shipped else "delete it to train the teacher anew"
-        raise InputError(f"{what} {file.path} is damaged: its weights do not match the digest it recorded; {hint}")
-    load_weights(model, file.path, what, state)
-
-
-def load_or_train(name: str, dataset: Dataset, epochs: int, seed: int, cfg: TrainConfig, cache_dir: Path,
-                  device: torch.device, checkpoint: Path | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print, shipped: bool = True, min_gain: float = SearchConfig.teacher_min_gain) -> Teacher:
-    """The user's checkpoint if given; else the most accurate (by recorded validation accuracy) of
-    the shipped teacher for this data and the cached teachers of this architecture and data (the
-    shipped one on a tie; cache files from before validation accuracy was recorded rank last);
-    else a teacher trained now for `epochs` and cached.
-
-    A cache file that cannot be loaded (truncated, damaged) is moved aside into
-    `cache_dir/teachers/broken/` with a warning, and the next candidate is taken, or the teacher
-    retrained: a broken cache heals. The user's checkpoint and shipped weights are never trained
-    over: those are refused. Training holds a lock on the cache entry, so processes sharing a
-    cache directory (search workers) train each teacher once; the others wait and load it. A
-    teacher whose training diverges, or whose validation accuracy stays near chance
-    (`near_chance` with `min_gain`), ends the run with one line."""
-    cost = teacher_cost(name, dataset.input_shape, dataset.num_classes)
-    model = build(teacher_spec(name), dataset.input_shape, dataset.num_classes)
-    if checkpoint is not None:
-        load_weights(model, checkpoint, f"teacher {name} ({dataset.num_classes} classes, input {dataset.input_shape})")
-        source, path = str(checkpoint), checkpoint
-    elif (found := _load_best(name, dataset, cache_dir, shipped, model, log)) is not None:
-        source, path = found
-    else:
-        path = cache_file(name, dataset, epochs, seed, cfg, cache_dir)
-        with cache_lock(path, lambda: log(f"teacher {name} is being trained by another process; waiting for it "
-                                          f"({path.with_suffix('.lock')})")):
-            found = _load_best(name, dataset, cache_dir, shipped, model, log)  # trained while this one waited
-            if found is not None:
-                source, path = found
-            else:
-                log(f"training teacher {name} ({cost.macs / 1e6:.1f}M MACs) for {epochs} epochs; cached at {path}")
-                try:
-                    model, seconds = train_teacher(name, dataset, epochs, seed, cfg, device, progress)
-                except FloatingPointError as e:
-                    raise InputError(f"teacher {name} diverged while training ({e}); lower --lr (it was "
-                                     f"{cfg.lr:g}) or pass your own weights with --teacher-ckpt {name}=PATH") from None
-                source = "trained"
-                save_teacher(model, path, name, dataset, epochs, seed, cfg, cost, seconds,
-                             f"python -m nas_kd.search (teacher {name}, --teacher-epochs {epochs}, seed {seed})")
-    model = model.to(device).eval()
-    val_logits = predict(model, dataset.val, dataset)
-    teacher = Teacher(name, model, cost, accuracy(val_logits, dataset.val.y), source, val_logits, str(path),
-                      weights_digest(model.state_dict()))
-    if near_chance(teacher.val_acc, dataset.num_classes, min_gain):
-        what = {"trained": f"trained for {epochs} epochs", "shipped": "shipped", "cache": "cached"}.get(
-            source, "from your checkpoint")
-        raise InputError(f"teacher {name} ({what}: {path}) reaches only {teacher.val_acc:.1%} validation accuracy, "
-                         f"near chance ({1 / dataset.num_classes:.1%} for {dataset.num_classes} classes): distilling "
-                         "it would teach noise; train it longer (--teacher-epochs, --min-steps), check the dataset's "
-                         "labels, or lower --lr (--teacher-min-gain 0 accepts it)")
-    return teacher
-
-
-def near_chance(val_acc: float, num_classes: int, min_gain: float) -> bool:
-    """Whether `val_acc` closes less than `min_gain` of the gap between chance (1/K) and 1: with
-    the default 0.1, below 19% for 10 classes, 55% for 2; 0 accepts any."""
-    chance = 1 / num_classes
-    return min_gain > 0 and val_acc < chance + min_gain * (1 - chance)
-
-
-def _load_best(name: str, dataset: Dataset, cache_dir: Path, shipped: bool, model: nn.Module,
-               log: Callable[[str], None]) -> tuple[str, Path] | None:
-    """Load the best shipped or cached teacher file into `model`; returns (source, path), or None
-    when there is none. Cache files that fail to load are moved aside (`move_aside`) and skipped."""
-    for path in sorted((cache_dir / "teachers").glob(f"{name}-*.safetensors")):
-        try:
-            read_metadata(path)
-        except InputError as e:
-            _warn_moved(path, move_aside(path), str(e), log)
-    candidates = ([f] if shipped and (f := shipped_teacher(name, dataset)) else [])
-    candidates += cached_teachers(name, dataset, cache_dir)
-    while candidates:
-        best = max(candidates, key=lambda f: (-1.0 if f.val_acc is None else f.val_acc, f.shipped))
-        try:
-            load_teacher_file(best, model)
-        except InputError as e:
-            if best.shipped:
-                raise
-            _warn_moved(best.path, move_aside(best.path), str(e), log)
-            candidates.remove(best)
-            continue
-        return ("shipped" if best.shipped else "cache"), best.path
-    return None
-
-
-def move_aside(path: Path) -> Path:
-    """Move a broken cache file into `broken/` beside it (never overwriting); returns where it went."""
-    folder = path.parent / "broken"
-    folder.mkdir(parents=True, exist_ok=True)
-    target, n = folder / path.name, 1
-    while target.exists():
-        target, n = folder / f"{path.stem}.{n}{path.suffix}", n + 1
-    path.replace(target)
-    return target
-
-
-def _warn_moved(path: Path, aside: Path, why: str, log: Callable[[str], None]) -> None:
-    log(f"warning: cached teacher {path} cannot be loaded ({why}); moved it to {aside} and will use another "
-        "or train it again")
-
-
-@contextmanager
-def cache_lock(path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
-    """An exclusive lock on `path`'s cache entry (an flock on PATH.lock), held while a teacher is
-    trained into it: two processes, on one machine or sharing the cache folder, never train the same
-    teacher at once. `on_wait` runs once if another process holds it. The lock file is left in place
-    (removing it would race with a waiting process)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            on_wait()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-# ---------------------------------------------------------------- ensemble and targets
-
-# Which teacher feature maps a recipe needs: none, each member's deepest stage, or every stage.
-FeatureSet = Literal["last", "all"] | None
-
-
-FEATURE_SETS: tuple[FeatureSet, ...] = (None, "last", "all")  # each holds the ones before it
-
-
-def merge_feature_sets(sets: list[FeatureSet]) -> FeatureSet:
-    """The smallest feature set that holds every one of `sets`."""
-    return max(sets, key=FEATURE_SETS.index, default=None)
-
-
-@dataclass(frozen=True)
-class Targets:
-    """What the teachers say about one batch of B images."""
-
-    logits: torch.Tensor  # (M, B, num_classes), one row per ensemble member
-    # per member, per stage shallow to deep, (B, C, H, W): every stage, or only the deepest one
-    # (then each inner list has one map); index [-1] is the deepest either way
-    features: list[list[torch.Tensor]] | None
-    weights: torch.Tensor | None = None  # (M,) member weights summing to 1; None = equal
-
-
-def member_weights(targets: Targets) -> torch.Tensor:
-    m = targets.logits.shape[0]
-    if targets.weights is None:
-        return torch.full((m,), 1.0 / m, device=targets.logits.device)
-    return targets.weights.to(targets.logits.device)
-
-
-def soft_targets(logits: torch.Tensor, temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """(M, B, K) member logits -> (B, K) weighted mean of the members' softened probabilities
-    (equal weights when `weights` is None)."""
-    probs = F.softmax(logits / temperature, dim=-1)
-    if weights is None:
-        return probs.mean(0)
-    return torch.einsum("m,mbk->bk", weights.to(probs), probs)
-
-
-def _equal_weights(accuracies: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(accuracies, 1.0 / len(accuracies))
-
-
-def _accuracy_weights(accuracies: torch.Tensor) -> torch.Tensor:
-    return accuracies / accuracies.sum()
-
-
-# How members' outputs are combined (the APSIPA 2021 offline ensemble weighs members by accuracy).
-ENSEMBLE_WEIGHTINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "mean": _equal_weights,
-    "val_acc": _accuracy_weights,  # proportional to each member's validation accuracy
-}
-
-
-def check_weighting(weighting: str) -> None:
-    if weighting not in ENSEMBLE_WEIGHTINGS:
-        raise InputError(f"unknown ensemble weighting {weighting!r}; known: {', '.join(ENSEMBLE_WEIGHTINGS)}")
-
-
-class Ensemble:
-    """An offline ensemble of trained teachers, combined by `weighting` (see ENSEMBLE_WEIGHTINGS)."""
-
-    def __init__(self, members: list[Teacher], weighting: str = "mean"):
-        if not members:
-            raise InputError("the teacher ensemble is empty; pass --teachers, e.g. --teachers resnet20")
-        check_weighting(weighting)
-        self.members = members
-        self.weighting = weighting
-        device = next(members[0].model.parameters()).device
-        accuracies = torch.tensor([max(t.val_acc, 1e-6) for t in members], dtype=torch.float32, device=device)
-        self.weights = ENSEMBLE_WEIGHTINGS[weighting](accuracies)  # (M,)
-        for t in members:
-            t.model.eval().requires_grad_(False)
-
-    @property
-    def feature_channels(self) -> list[list[int]]:
-        """Per member, the widths of its stages, shallow to deep."""
-        return [list(t.model.stage_channels) for t in self.members]
-
-    def largest_member(self) -> Teacher:
-        """The member of most MACs: the reference named for compression in MACs, and the teacher the
-        pruned baseline prunes."""
-        return max(self.members, key=lambda t: t.cost.macs)
-
-    def largest(self) -> Cost:
-        """The reference for compression ratios: the largest member's MACs and params."""
-        return Cost(max(t.cost.macs for t in self.members), max(t.cost.params for t in self.members))
-
-    @torch.no_grad()  # not inference_mode: live targets enter the student's autograd graph
-    def __call__(self, x: torch.Tensor, features: FeatureSet = "last") -> Targets:
-        logits, feats = [], []
-        for t in self.members:
-            stages = t.model.forward_features(x)
-            logits.append(t.model.forward_head(stages[-1]).float())
-            feats.append([f.float() for f in (stages if features == "all" else stages[-1:])])
-        return Targets(torch.stack(logits), feats if features else None, self.weights)
-
-    def accuracy(self, split: Split, dataset: Dataset) -> float:
-        """Accuracy of the weighted mean of the members' probabilities (their stored logits for the
-        val split)."""
-        logits = torch.stack([t.val_logits if split is dataset.val and t.val_logits is not None
-                              else predict(t.model, split, dataset) for t in self.members])
-        return accuracy(soft_targets(logits, 1.0, self.weights), split.y)
-
-
-class TargetSource(Protocol):
-    def __call__(self, batch: Batch) -> Targets: ...
-
-
-class LiveTargets:
-    """Runs the teachers on every batch: any augmentation, at the cost of their forward passes."""
-
-    def __init__(self, ensemble: Ensemble, features: FeatureSet):
-        self.ensemble = ensemble
-        self.features = features
-
-    def __call__(self, batch: Batch) -> Targets:
-        return self.ensemble(batch.x, self.features)
-
-
-class CachedTargets:
-    """The teachers' outputs for every (image, view) of a `BatchIterator`, computed once.
-
-    Logits are kept in float32 (V, M, N, K); feature maps, when asked for (the deepest stage of
-    each member, or every stage), in float16 (V, N, C, H, W) per member and stage, N being the
-    iterator's positions. A trial then looks its targets up by (view, position) and never runs a
-    teacher; because view v of image i is the same pixels every time (see `data`), the cached
-    targets are exactly what the teachers would say about the augmented batch. Any iterator over
-    the same split, views and seed can use the cache for the positions it covers (a trial subset
-    of the retrain's whole split, say).
-    """
-
-    def __init__(self, ensemble: Ensemble, batches: BatchIterator, features: FeatureSet, chunk: int | None = None,
-                 progress: bool = True):
-        from tqdm.auto import tqdm
-
-        positions, views = batches.indices, batches.views
-        if views is None:
-            raise ValueError("CachedTargets needs a BatchIterator with a fixed number of views")
-        self.slot = batches.rows()  # position in the split -> row of the cache (-1: not cached)
-        self.views = views
-        self.weights = ensemble.weights
-        self.feature_set = features
-        n = len(positions)
-        self.logits: torch.Tensor | None = None
-        self.features: list[list[torch.Tensor]] | None = None
-        chunk = chunk or forward_batch(positions.device)
-        steps = [(v, s) for v in range(views) for s in range(0, n, chunk)]
-        for v, start in tqdm(steps, desc="ensemble targets", leave=False, disable=not progress or None):
-            rows = torch.arange(start, min(n, start + chunk), device=positions.device)
-            out = ensemble(batches.images(positions[rows], v), features)
-            if self.logits is None:
-                self.logits = torch.empty((views, out.logits.shape[0], n, out.logits.shape[-1]),
-                                          device=out.logits.device)
-                if features:
-                    self.features = [[torch.empty((views, n, *f.shape[1:]), dtype=torch.float16, device=f.device)
-                                      for f in member] for member in out.features]
-            self.logits[v, :, rows] = out.logits
-            if features:
-                for stores, member in zip(self.features, out.features):
-                    for store, f in zip(stores, member):
-                        store[v, rows] = f.half()
-
-    @staticmethod
-    def fits(ensemble: Ensemble, input_shape: tuple[int, int, int], positions: int, views: int, features: FeatureSet,
-             limit_gb: float) -> bool:
-        """Whether a cache of `positions` images x `views` stays within `limit_gb` (1 GB = 1e9 bytes);
-        its size is measured on one image."""
-        device = next(ensemble.members[0].model.parameters()).device
-        out = ensemble(torch.zeros(1, *input_shape, device=device), features)
-        per_image = out.logits.numel() * 4
-        if features:
-            per_image += sum(f.numel() * 2 for member in out.features for f in member)
-        return per_image * positions * views <= limit_gb * 1e9
-
-    def nbytes(self) -> int:
-        total = self.logits.numel() * 4 if self.logits is not None else 0
-        return total + sum(f.numel() * 2 for member in self.features or [] for f in member)
-
-    def covers(self, positions: torch.Tensor) -> bool:
-        return bool((self.slot[positions.to(self.slot.device)] >= 0).all())
-
-    def serves(self, features: FeatureSet) -> bool:
-        """Whether the cache holds the feature maps a recipe needing `features` reads."""
-        return FEATURE_SETS.index(self.feature_set) >= FEATURE_SETS.index(features)
-
-    def __call__(self, batch: Batch) -> Targets:
-        rows = self.slot[batch.index]
-        if (rows < 0).any():
-            raise RuntimeError("batch holds images whose targets were not cached")
-        view = batch.view % self.views
-        logits = self.logits[view][:, rows]
-        feats = [[f[view][rows].float() for f in member] for member in self.features] if self.features else None
-        return Targets(logits, feats, self.weights)
-
-
-def ensemble_summary(ensemble: Ensemble) -> list[dict[str, float | str | int]]:
-    return [{"name": t.name, "macs": t.cost.macs, "params": t.cost.params, "val_acc": t.val_acc,
-             "source": t.source, "path": t.path, "weights_sha256": t.digest} for t in ensemble.members]
-
-
-def teacher_names(cfg: SearchConfig) -> list[str]:
-    """The ensemble's members in order: cfg.teachers, then any teacher given only by --teacher-ckpt."""
-    return list(cfg.teachers) + [a for a, _ in cfg.teacher_ckpts if a not in cfg.teachers]
-
-
-def ensemble_from_config(cfg: SearchConfig, dataset: Dataset, progress: bool = True,
-                         log: Callable[[str], None] = print) -> Ensemble:
-    """The ensemble of cfg.teachers plus any teacher given only by --teacher-ckpt; member i is
-    trained (if not cached) with seed cfg.seed + i."""
-    ckpts = dict(cfg.teacher_ckpts)
-    members = []
-    for i, name in enumerate(teacher_names(cfg)):
-        path = Path(ckpts[name]) if name in ckpts else None
-        t = load_or_train(name, dataset, cfg.teacher_epochs, cfg.seed + i, cfg.train, cfg.cache_path(),
-                          dataset.train.x.device, path, progress, log, cfg.shipped_teachers, cfg.teacher_min_gain)
-        log(f"teacher {name}: {format_count(t.cost.macs)} MACs, {format_count(t.cost.params)} params, "
-            f"val acc {t.val_acc:.4f} ({t.source}: {t.path})")
-        members.append(t)
-    return Ensemble(members, cfg.distill.ensemble_weighting)
-
-
-
-if __name__ == "__main__":  # `python -m nas_kd.teachers ...`; the command line lives in teacher_cli
-    from nas_kd.teacher_cli import main
-
-    raise SystemExit(main())
+        if args.command == "train":
+            return train(args, argv)
+        if args.command == "list":
+            return list_teachers(args)
+        return ship(args)
+    except InputError as e:
+        return fail(str(e))
+    except FloatingPointError as e:  # fit's check of every step's loss
+        return fail(f"{e}: the training diverged; lower --lr (it was {args.lr:g}) and run again "
+                    "(delete the checkpoint under partial/ to start from scratch)")
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished epoch is in the checkpoint; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

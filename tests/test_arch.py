@@ -7,7 +7,7 @@ import torch
 
 from nas_kd.arch import BLOCKS, Network, Spec, StageSpec, build
 from nas_kd.errors import InputError
-from nas_kd.teachers import TEACHERS, teacher_spec
+from nas_kd.zoo import TEACHERS, teacher_spec
 
 
 def check_network(net: Network, shape: tuple[int, int, int], classes: int, batch: int = 3) -> None:

@@ -14,7 +14,7 @@ from nas_kd.config import TrainConfig
 from nas_kd.data import Augment, BatchIterator, Dataset, Split, seeded_subset
 from nas_kd.errors import InputError
 from nas_kd.losses import align
-from nas_kd.teachers import Teacher
+from nas_kd.teacher_cache import Teacher
 
 TEACHER = "c8|basic_d1_w8_s1_k3_e1|basic_d1_w16_s2_k3_e1"
 CFG = TrainConfig(batch_size=32)

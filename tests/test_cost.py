@@ -9,7 +9,7 @@ from nas_kd.arch import build
 from nas_kd.budget import Budget
 from nas_kd.cost import Cost, count, format_count, parse_count
 from nas_kd.errors import InputError
-from nas_kd.teachers import teacher_spec
+from nas_kd.zoo import teacher_spec
 
 
 @pytest.mark.parametrize(("module", "shape", "macs", "params"), [

@@ -21,12 +21,14 @@ from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.cost import count
 from nas_kd.data import BatchIterator, seeded_subset
+from nas_kd.ensemble import Ensemble
 from nas_kd.errors import InputError
 from nas_kd.objective import run_trial, trial_context
 from nas_kd.records import FAIL_ATTR, FAIL_TRACE_ATTR, trial_score, was_trained
 from nas_kd.space import load_space
 from nas_kd.study import MAX_FAILURES_IN_A_ROW, TooManyFailures, check_study_name, run
-from nas_kd.teachers import Ensemble, Teacher, load_or_train, read_metadata, teacher_spec
+from nas_kd.teacher_cache import Teacher, load_or_train, read_metadata
+from nas_kd.zoo import teacher_spec
 from tests.conftest import E2E_ARGS, E2E_STUDY, run_cli
 
 CPU = torch.device("cpu")

@@ -17,13 +17,14 @@ from nas_kd import distill, pipeline, retrain, retrain_cli, search
 from nas_kd.arch import Spec, build
 from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import count
+from nas_kd.ensemble import CachedTargets, Ensemble
 from nas_kd.errors import InputError
 from nas_kd.picks import finalists, pick_winner, retrain_candidates, start_trials
 from nas_kd.records import START_ATTR
 from nas_kd.report import write_report
 from nas_kd.start import HAND_MADE
 from nas_kd.study import WINNER_ATTR
-from nas_kd.teachers import CachedTargets, Ensemble, Teacher
+from nas_kd.teacher_cache import Teacher
 
 A, B, C, D = "c8|basic_d1_w8_s2_k3_e1", "c8|basic_d1_w16_s2_k3_e1", "c8|basic_d1_w24_s2_k3_e1", "c8|basic_d1_w32_s2_k3_e1"
 

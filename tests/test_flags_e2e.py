@@ -22,7 +22,8 @@ from nas_kd.arch import build
 from nas_kd.picks import pick_winner
 from nas_kd.records import was_trained
 from nas_kd.study import default_study_name
-from nas_kd.teachers import teacher_spec, weights_digest
+from nas_kd.teacher_cache import weights_digest
+from nas_kd.zoo import teacher_spec
 from tests.conftest import TINY_DATA_FLAGS, load_json, run_cli
 
 # Seed 198's sampler proposes a 6.09M-MACs student first, and seed 199's (the resumed study's

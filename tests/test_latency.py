@@ -17,35 +17,26 @@ import torch.nn as nn
 
 from nas_kd import time_blocks
 from nas_kd.arch import BLOCKS, BasicBlock, Spec, build
+from nas_kd.blocks import CALIBRATION_NETWORKS, calibration_specs, export_blocks, space_layers, spec_layers
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, TrainConfig
+from nas_kd.convert import to_onnx
 from nas_kd.cost import count
 from nas_kd.data import BatchIterator, seeded_subset
+from nas_kd.ensemble import Ensemble
 from nas_kd.errors import InputError
 from nas_kd.export import LOGIT_TOLERANCE, export, export_onnx, load_student, student_metadata
 from nas_kd.export_cli import main as export_main
-from nas_kd.latency import (
-    CALIBRATION_NETWORKS,
-    LatencyTable,
-    calibration_specs,
-    export_blocks,
-    measure_latency,
-    parse_bytes,
-    parse_latency,
-    peak_activations,
-    space_layers,
-    spec_layers,
-    to_onnx,
-)
-from nas_kd.latency import (
-    main as latency_main,
-)
+from nas_kd.latency import LatencyTable, measure_latency, parse_latency
+from nas_kd.latency_cli import main as latency_main
+from nas_kd.memory import parse_bytes, peak_activations
 from nas_kd.objective import run_trial, trial_context
 from nas_kd.records import status
 from nas_kd.space import load_space, parse_space
-from nas_kd.teachers import Ensemble, Teacher, teacher_spec
+from nas_kd.teacher_cache import Teacher
 from nas_kd.time_blocks import make_session, time_folder
 from nas_kd.train import evaluate, fit
+from nas_kd.zoo import teacher_spec
 from tests.conftest import run_cli
 
 # ---------------------------------------------------------------- units

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nas_kd.arch import Spec, build
+from nas_kd.ensemble import Ensemble, Targets
 from nas_kd.errors import InputError
 from nas_kd.losses import (
     LOSSES,
@@ -21,7 +22,8 @@ from nas_kd.losses import (
     recipe_features,
     recipe_uses_teachers,
 )
-from nas_kd.teachers import Ensemble, Targets, Teacher, teacher_spec
+from nas_kd.teacher_cache import Teacher
+from nas_kd.zoo import teacher_spec
 
 B, K = 4, 10
 

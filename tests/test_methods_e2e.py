@@ -13,9 +13,9 @@ import torch
 
 from nas_kd.config import DistillConfig, SearchConfig, from_dict
 from nas_kd.data import load_dataset
+from nas_kd.ensemble import ensemble_from_config
 from nas_kd.export import load_student
 from nas_kd.retrain import retrain
-from nas_kd.teachers import ensemble_from_config
 from nas_kd.train import resolve_device
 from tests.conftest import TINY_DATA_FLAGS, run_cli, search_cli
 

@@ -18,6 +18,7 @@ from nas_kd.arch import Spec, build
 from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
 from nas_kd.cost import count
 from nas_kd.data import load_dataset
+from nas_kd.ensemble import Ensemble, Targets
 from nas_kd.errors import InputError
 from nas_kd.export import load_student
 from nas_kd.losses import Criterion, StudentOutput
@@ -29,7 +30,7 @@ from nas_kd.online import (
     top_students,
     train_online,
 )
-from nas_kd.teachers import Ensemble, Targets, Teacher
+from nas_kd.teacher_cache import Teacher
 from nas_kd.train import predict, resolve_device
 
 B, C, T = 6, 10, 4.0

@@ -14,7 +14,7 @@ from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig
 from nas_kd.cost import count, format_count
 from nas_kd.errors import InputError
-from nas_kd.latency import peak_activations
+from nas_kd.memory import peak_activations
 from nas_kd.prune import STEPS, min_pruned_cost, prune, prune_to_budget, pruned_spec
 
 SHAPE = (3, 16, 16)

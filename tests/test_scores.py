@@ -17,6 +17,7 @@ from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.cost import count
 from nas_kd.data import BatchIterator, eval_batches, seeded_subset
+from nas_kd.ensemble import CachedTargets, Ensemble
 from nas_kd.errors import InputError
 from nas_kd.losses import recipe_features
 from nas_kd.objective import TRIAL_SCORES, report_steps, run_trial, trial_context, trial_score_named
@@ -25,8 +26,9 @@ from nas_kd.proxies import naswot, synflow
 from nas_kd.records import CURVE_ATTR, REPEAT_ATTR, SCORE_ATTR, SCORE_KIND_ATTR, was_trained
 from nas_kd.space import load_space
 from nas_kd.study import PRUNERS, default_study_name, guarded, make_pruner, open_storage, open_study, run
-from nas_kd.teachers import SHIPPED_TEACHERS, CachedTargets, Ensemble, Teacher, load_state, teacher_spec
+from nas_kd.teacher_cache import SHIPPED_TEACHERS, Teacher, load_state
 from nas_kd.train import evaluate, recalibrate_bn, recalibrated
+from nas_kd.zoo import teacher_spec
 from tests.conftest import run_cli, search_cli
 
 # ---------------------------------------------------------------- BatchNorm recalibration

@@ -9,12 +9,14 @@ import json
 import pytest
 import torch
 
-from nas_kd import teachers
+from nas_kd import teacher_cache
 from nas_kd.arch import build
 from nas_kd.config import SearchConfig
 from nas_kd.data import load_dataset
-from nas_kd.teachers import ensemble_from_config, load_teacher_file, shipped_teacher, teacher_files, teacher_spec
+from nas_kd.ensemble import ensemble_from_config
+from nas_kd.teacher_cache import load_teacher_file, shipped_teacher, teacher_files
 from nas_kd.train import evaluate
+from nas_kd.zoo import teacher_spec
 from tests.conftest import run_cli
 
 DEFAULT = SearchConfig()
@@ -26,7 +28,7 @@ def fashion():
 
 
 def test_the_default_ensemble_is_shipped_and_larger_than_the_default_budget(fashion) -> None:
-    files = {f.arch: f for f in teacher_files(teachers.SHIPPED_TEACHERS, shipped=True)}
+    files = {f.arch: f for f in teacher_files(teacher_cache.SHIPPED_TEACHERS, shipped=True)}
     assert set(DEFAULT.teachers) <= set(files)
     assert max(int(files[name].meta["macs"]) for name in DEFAULT.teachers) > 50_000_000
     assert sum(f.path.stat().st_size for f in files.values()) < 5e6  # a few MB in all

@@ -16,7 +16,7 @@ import torch
 from nas_kd.arch import BLOCKS, Spec, StageSpec, build, downsampled
 from nas_kd.cost import Cost, count
 from nas_kd.errors import InputError
-from nas_kd.latency import peak_activations
+from nas_kd.memory import peak_activations
 from nas_kd.space import SearchSpace, load_space, parse_space, part_module, shipped_spaces
 
 SHAPE = (1, 28, 28)

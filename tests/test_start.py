@@ -13,14 +13,14 @@ import pytest
 from nas_kd.arch import Spec, build
 from nas_kd.budget import Budget
 from nas_kd.errors import InputError
-from nas_kd.latency import peak_activations
+from nas_kd.memory import peak_activations
 from nas_kd.objective import may_prune
 from nas_kd.picks import START_POINTS_ATTR, enqueue_start_points, start_trials
 from nas_kd.records import SPEC_ATTR, START_ATTR
 from nas_kd.search import main
 from nas_kd.space import load_space
 from nas_kd.start import HAND_MADE, hand_made, scaled, space_params, spec_cost, start_points
-from nas_kd.teachers import teacher_spec
+from nas_kd.zoo import teacher_spec
 from tests.conftest import search_cli
 
 SHAPE, CLASSES = (1, 28, 28), 10

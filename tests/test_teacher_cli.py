@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nas_kd import teachers
+from nas_kd import teacher_cache
 from nas_kd.arch import build
 from nas_kd.config import TrainConfig
 from nas_kd.cost import count
 from nas_kd.errors import InputError
-from nas_kd.teachers import (
+from nas_kd.teacher_cache import (
     cache_file,
     load_or_train,
     partial_file,
@@ -22,10 +22,10 @@ from nas_kd.teachers import (
     save_model,
     shipped_teacher,
     teacher_metadata,
-    teacher_spec,
     train_teacher,
 )
 from nas_kd.train import Checkpoint, evaluate
+from nas_kd.zoo import teacher_spec
 from tests.conftest import TINY_DATA_FLAGS, run_cli
 
 CPU = torch.device("cpu")
@@ -100,9 +100,9 @@ def test_train_command_writes_a_self_describing_teacher_the_search_uses(mini_fas
 
 
 def test_list_on_an_empty_cache(tmp_path, monkeypatch, capsys) -> None:
-    from nas_kd.teacher_cli import main
+    from nas_kd.teachers import main
 
-    monkeypatch.setattr(teachers, "SHIPPED_TEACHERS", tmp_path / "none shipped")
+    monkeypatch.setattr(teacher_cache, "SHIPPED_TEACHERS", tmp_path / "none shipped")
     assert main(["list", "--cache-dir", str(tmp_path / "nothing")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == ["source  arch  dataset  fingerprint  cost  epochs  val acc  test acc  path",
@@ -111,26 +111,26 @@ def test_list_on_an_empty_cache(tmp_path, monkeypatch, capsys) -> None:
 
 
 def test_a_diverging_or_interrupted_training_is_one_line(mini_fashion_dir, tmp_path, monkeypatch, capsys) -> None:
-    from nas_kd import teacher_cli
+    from nas_kd import teachers
 
     args = ["train", "--data-dir", str(mini_fashion_dir), "--arch", "resnet8", "--epochs", "1", "--batch-size", "100",
             "--lr", "1e6", "--quiet", "--cache-dir", str(tmp_path)]
-    assert teacher_cli.main(args) == 2
+    assert teachers.main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[nas_kd]")]
     assert len(err) == 1 and err[0].startswith("error: teacher resnet8: loss became") and \
         "the training diverged; lower --lr (it was 1e+06)" in err[0], err
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(teacher_cli, "train_teacher", interrupt)
-    assert teacher_cli.main(args[:-5] + ["--quiet", "--cache-dir", str(tmp_path)]) == 130
+    monkeypatch.setattr(teachers, "train_teacher", interrupt)
+    assert teachers.main(args[:-5] + ["--quiet", "--cache-dir", str(tmp_path)]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
 
 
 def test_ship_refuses_a_file_that_is_not_a_teacher(tmp_path, capsys) -> None:
     from safetensors.torch import save_file
 
-    from nas_kd.teacher_cli import main
+    from nas_kd.teachers import main
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"format": "something"})
     assert main(["ship", str(tmp_path / "other.safetensors"), "--to", str(tmp_path / "out")]) == 2
@@ -180,7 +180,7 @@ def _fake_shipped(folder: Path, dataset, fingerprint: str | None = None) -> Path
 
 
 def test_a_shipped_teacher_is_used_and_never_trained_over(mini_dataset, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(teachers, "SHIPPED_TEACHERS", tmp_path / "shipped")
+    monkeypatch.setattr(teacher_cache, "SHIPPED_TEACHERS", tmp_path / "shipped")
     path = _fake_shipped(tmp_path / "shipped", mini_dataset)
     teacher = load_or_train("resnet8", mini_dataset, 1, 0, TrainConfig(), tmp_path / "cache", CPU, min_gain=0, progress=False,
                             log=lambda m: None)
@@ -208,7 +208,7 @@ def test_a_mismatched_or_damaged_shipped_teacher_is_refused(mini_fashion_dir, mi
                                                             capsys, damage, message) -> None:
     from nas_kd.search import main
 
-    monkeypatch.setattr(teachers, "SHIPPED_TEACHERS", tmp_path / "shipped")
+    monkeypatch.setattr(teacher_cache, "SHIPPED_TEACHERS", tmp_path / "shipped")
     path = _fake_shipped(tmp_path / "shipped", mini_dataset, "0123456789ab" if damage == "fingerprint" else None)
     if damage == "flip":
         _flip_a_weight_byte(path)

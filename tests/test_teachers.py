@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from nas_kd.arch import build
 from nas_kd.config import TrainConfig
 from nas_kd.data import BatchIterator
+from nas_kd.ensemble import CachedTargets, Ensemble, LiveTargets, soft_targets
 from nas_kd.errors import InputError
-from nas_kd.teachers import CachedTargets, Ensemble, LiveTargets, Teacher, load_or_train, soft_targets, teacher_spec
+from nas_kd.teacher_cache import Teacher, load_or_train
+from nas_kd.zoo import teacher_spec
 
 CPU = torch.device("cpu")
 QUICK = TrainConfig(batch_size=128)
@@ -39,7 +41,7 @@ def test_trained_teacher_is_cached_and_reused(cached_teacher, mini_dataset) -> N
 
 @pytest.mark.parametrize("change", [{"epochs": 2}, {"seed": 1}, {"cfg": TrainConfig(batch_size=64)}])
 def test_cache_key_covers_what_determines_a_teacher(cached_teacher, mini_dataset, change) -> None:
-    from nas_kd.teachers import cache_key
+    from nas_kd.teacher_cache import cache_key
 
     base = {"epochs": 1, "seed": 0, "cfg": QUICK}
     assert cache_key("resnet8", mini_dataset, **base) != cache_key("resnet8", mini_dataset, **{**base, **change})

@@ -1,0 +1,96 @@
+"""ONNX conversion and int8 quantisation of a student, as both the export and the latency
+measurements need them.
+
+A model becomes ONNX through the torch.export-based exporter (`torch.onnx.export(dynamo=True)`,
+which needs onnxscript), opset `OPSET`, input `input` (B, C, H, W) float32 normalised as in
+training and output `logits` (B, classes). int8 is ONNX Runtime's static post-training
+quantisation (QDQ, int8 weights per output channel, uint8 activations calibrated by min/max).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from nas_kd.errors import InputError
+
+OPSET = 20  # the torch.export-based exporter's own opset on torch 2.14
+EXPORTER = "torch.onnx.export(dynamo=True), torch.export-based"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INT8_WARN_POINTS = 1.0  # an int8 model that loses more test accuracy than this is flagged in the report
+
+
+def require_runtime() -> None:
+    """ONNX, ONNX Runtime and onnxscript (the exporter's) are installed, or one clear error."""
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise InputError(f"{module} is not installed, and ONNX export and latency need it: "
+                             "pip install onnx onnxruntime onnxscript (nas_kd's dependencies), or pass --no-onnx "
+                             "and no latency flag") from None
+
+
+def to_onnx(model: nn.Module, input_shape: tuple[int, int, int], metadata: dict[str, str] | None = None,
+            dynamic_batch: bool = True) -> bytes:
+    """`model` (logits out) as a serialized ONNX model with input `input` (B, C, H, W) float32,
+    normalised as in training, and output `logits` (B, classes); the batch is dynamic unless told."""
+    model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
+    example = torch.zeros(2 if dynamic_batch else 1, *input_shape)  # 2: a batch of 1 would be specialised
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=shapes, optimize=True, verbose=False)
+    proto = program.model_proto
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+def quantize_int8(model: bytes, calibration: np.ndarray, batch: int = 32) -> bytes:
+    """Static post-training quantization with ONNX Runtime: QDQ format, int8 weights per output
+    channel (symmetric), uint8 activations whose ranges are the min/max over `calibration`
+    (N, C, H, W), normalised training images. The metadata is kept."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{INPUT_NAME: calibration[i:i + batch].astype(np.float32)}
+                                 for i in range(0, len(calibration), batch)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(model)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("root").setLevel(logging.ERROR)
+            quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        out = onnx.load(str(dst))
+    original = onnx.load_from_string(model)
+    if not out.metadata_props:
+        out.metadata_props.extend(original.metadata_props)
+    return out.SerializeToString()
