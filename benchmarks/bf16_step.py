@@ -1,12 +1,12 @@
 """What bfloat16 autocast buys per training step: float32 vs bf16 (`TrainConfig.bf16`), side by
 side on the same networks and real batches.
 
-    python benchmarks/bf16_step.py [--nets wrn16_2,resnet20,small,ablation] [--steps 10] [--rounds 3]
+    python -m benchmarks.bf16_step [--nets wrn16_2,resnet20,small,ablation] [--steps 10] [--rounds 3]
 
 Each network takes cross-entropy SGD steps (channels_last, the loop of `train.fit`) on real
 Fashion-MNIST batches of 128; float32 and bf16 steps are interleaved round by round, so drift of
 the machine hits both alike. The table shows the median milliseconds per step of each and their
-ratio. Whether bf16 is *safe* (the same accuracy) is measured by benchmarks/teacher_schedules.py.
+ratio. Whether bf16 is *safe* (the same accuracy) is measured by benchmarks.teacher_schedules.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ Methods, each picking one student of the default space (`resnet`) per budget and
   the ResNets (the deepest at half width or more), every member retrained and the best on
   validation kept: `hand-made resnet` and `hand-made mobilenetv2` are its two rows.
 
-Every pick is retrained like `benchmarks/search_vs_baselines.py` (3 epochs, every training image,
+Every pick is retrained like `benchmarks.search_vs_baselines` (3 epochs, every training image,
 the shipped ensemble, seed S) and tested once. Each pick's latency is measured here too (fp32,
 one thread, the fastest of 3 medians of 100 runs) beside the table's prediction, and its peak
 int8 memory counted: a pick over a latency budget by more than the table's largest error on its
@@ -44,9 +44,7 @@ calibration networks is flagged `over`. Picks and retrains go to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -55,23 +53,25 @@ from typing import Any
 import optuna
 import torch
 
-from benchmarks.results_cache import RESULTS, ResultsFile, machine, settings_id
+from benchmarks.common import (
+    RESULTS,
+    ResultsFile,
+    Retrains,
+    largest,
+    machine,
+    mean_sd,
+    search_pick,
+    settings_id,
+)
 from nas_kd import start
 from nas_kd.arch import Spec, build
 from nas_kd.blocks import export_blocks
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig
 from nas_kd.cost import Cost, count, format_count
-from nas_kd.data import BatchIterator, Dataset, load_dataset
-from nas_kd.ensemble import CachedTargets, Ensemble, ensemble_from_config
-from nas_kd.export import student_metrics
+from nas_kd.data import Dataset, load_dataset
 from nas_kd.latency import LatencyTable, measure_latency
-from nas_kd.losses import recipe_features
 from nas_kd.memory import format_bytes, peak_activations
-from nas_kd.picks import pick_winner
-from nas_kd.pipeline import search
-from nas_kd.records import SPEC_ATTR, was_trained
-from nas_kd.retrain import retrain
 from nas_kd.space import SearchSpace, load_space
 from nas_kd.time_blocks import time_folder
 from nas_kd.zoo import teacher_spec
@@ -130,22 +130,10 @@ def facts(spec: Spec, table: LatencyTable) -> dict[str, Any]:
             "peak_int8": peak_activations(model, INPUT)}
 
 
-def meets(budget: Budget, f: dict[str, Any]) -> bool:
-    return budget.fits(Cost(f["macs"], f["params"], f["predicted_ms"], f["peak_int8"]))
-
-
-def largest(budget: Budget, table: LatencyTable, space: SearchSpace, seed: int) -> Spec:
-    """Of LARGEST_OF seeded random specs of the space that meet the budget, the most MACs."""
-    found: dict[str, tuple[int, Spec]] = {}
-    draw = 0
-    while len(found) < LARGEST_OF:
-        for spec in space.random_specs(200, seed * 1000 + draw):
-            if str(spec) not in found and len(found) < LARGEST_OF and meets(budget, f := facts(spec, table)):
-                found[str(spec)] = (f["macs"], spec)
-        draw += 1
-        if draw > 50:
-            raise SystemExit(f"fewer than {LARGEST_OF} of 10,000 specs meet {budget}")
-    return max(found.values(), key=lambda item: (item[0], str(item[1])))[1]
+def cost_of(spec: Spec, table: LatencyTable) -> Cost:
+    """A spec's cost as the budgets read it: MACs, params, predicted latency, peak int8 memory."""
+    f = facts(spec, table)
+    return Cost(f["macs"], f["params"], f["predicted_ms"], f["peak_int8"])
 
 
 def hand_made(budget: Budget, table: LatencyTable) -> dict[str, Spec]:
@@ -158,18 +146,6 @@ def hand_made(budget: Budget, table: LatencyTable) -> dict[str, Spec]:
     if not rows:
         raise SystemExit(f"no member of the hand-made family meets {budget}")
     return rows
-
-
-def search_pick(method: str, cfg: SearchConfig, work: Path) -> tuple[Spec, dict[str, Any]]:
-    run = dataclasses.replace(cfg, final_epochs=0, out_dir=str(work), study_name=f"{method}-seed{cfg.seed}",
-                              sampler="random" if method == "random" else cfg.sampler)
-    for stale in work.glob(f"{run.study_name}*"):  # an unfinished search starts again
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    study = search(run, progress=False)
-    winner = pick_winner(study)
-    return Spec.parse(winner.user_attrs[SPEC_ATTR]), {
-        "trial": winner.number, "trial_score": winner.value, "trials_in_study": len(study.trials),
-        "trained": sum(was_trained(t) for t in study.trials)}
 
 
 def main() -> int:
@@ -199,22 +175,7 @@ def main() -> int:
     sid = settings_id({"config": json.dumps({k: v for k, v in base.to_dict().items() if k not in ("seed", "cache_dir")},
                                             sort_keys=True), "v": 1})
     dataset: Dataset | None = None
-    ensemble: Ensemble | None = None
-    targets: CachedTargets | None = None
-
-    def retrained(spec: Spec, seed: int) -> dict[str, Any]:
-        nonlocal dataset, ensemble, targets
-        rkey = f"{spec}|{seed}|{sid}"
-        if results.get("retrains", rkey) is None:
-            if ensemble is None:
-                ensemble = ensemble_from_config(base, dataset, progress=False, log=lambda m: print("  " + m))
-                batches = BatchIterator(dataset.train, dataset, base.train.batch_size, base.seed, views=1)
-                targets = CachedTargets(ensemble, batches, recipe_features(base.distill.weights()), progress=False)
-            cfg = dataclasses.replace(base, seed=seed)
-            model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, False, targets)
-            results.put("retrains", rkey, {"spec": str(spec), "seed": seed, **student_metrics(model, dataset),
-                                           "seconds": round(seconds, 1), "machine": machine()})
-        return results.get("retrains", rkey)
+    retrained = Retrains(results, base, sid)
 
     def measured(spec: Spec) -> dict[str, Any]:
         if results.get("measured", str(spec)) is None:
@@ -235,7 +196,9 @@ def main() -> int:
                                                   args.work / name / method)
                         picks = {method: spec}
                     elif method == "largest":
-                        picks, extra = {method: largest(budget, table, space, seed)}, {}
+                        picks = {method: largest(space, budget, seed, lambda s: cost_of(s, table), LARGEST_OF,
+                                                 max_draws=50)}
+                        extra = {}
                     else:
                         picks, extra = hand_made(budget, table), {}
                     seconds = time.perf_counter() - started
@@ -246,23 +209,20 @@ def main() -> int:
                 for row, entry in results.get("picks", key)["rows"].items():
                     if dataset is None:
                         dataset = load_dataset(base.dataset)
-                    r = retrained(Spec.parse(entry["spec"]), seed)
+                    r = retrained(Spec.parse(entry["spec"]), seed, dataset)
                     m = measured(Spec.parse(entry["spec"]))
                     print(f"  {name} seed {seed} {row}: {entry['spec']} {format_count(entry['macs'])} MACs, "
                           f"{entry['predicted_ms']:.3f} ms predicted / {m['measured_ms']:.3f} measured, "
                           f"{format_bytes(entry['peak_int8'])} peak; val {r['val_acc']:.4f} test {r['test_acc']:.4f}",
                           flush=True)
-    print_tables(results, budgets, args.seeds, sid, tolerance)
+    print_tables(results, retrained, budgets, args.seeds, sid, tolerance)
     return 0
 
 
-def print_tables(results: ResultsFile, budgets: dict[str, Budget], seeds: list[int], sid: str, tolerance: float) -> None:
+def print_tables(results: ResultsFile, retrains: Retrains, budgets: dict[str, Budget], seeds: list[int], sid: str,
+                 tolerance: float) -> None:
     """Per budget: each row's mean ± sd over seeds of test and validation accuracy, its cost, and
     the hand-made method (its best row on validation per seed)."""
-    def ms(values: list[float]) -> str:
-        sd = statistics.stdev(values) * 100 if len(values) > 1 else float("nan")
-        return f"{statistics.mean(values) * 100:.2f} ± {sd:.2f}"
-
     for name, budget in budgets.items():
         rows: dict[str, list[dict[str, Any]]] = {}
         for seed in seeds:
@@ -270,7 +230,7 @@ def print_tables(results: ResultsFile, budgets: dict[str, Budget], seeds: list[i
             for method in METHODS:
                 pick = results.get("picks", f"{name}|{budget}|{method}|{seed}|{sid}")
                 for row, entry in (pick or {}).get("rows", {}).items():
-                    r = results.get("retrains", f"{entry['spec']}|{seed}|{sid}")
+                    r = retrains.get(entry["spec"], seed)
                     m = results.get("measured", entry["spec"])
                     if r is None or m is None:
                         continue
@@ -288,7 +248,7 @@ def print_tables(results: ResultsFile, budgets: dict[str, Budget], seeds: list[i
         for row, lines in rows.items():
             over = sum(budget.latency_ms is not None and x["measured_ms"] > budget.latency_ms * (1 + tolerance)
                        for x in lines) + sum(budget.memory is not None and x["peak_int8"] > budget.memory for x in lines)
-            print(f"| {row} | {len(lines)} | {ms([x['test_acc'] for x in lines])} | {ms([x['val_acc'] for x in lines])} "
+            print(f"| {row} | {len(lines)} | {mean_sd([x['test_acc'] for x in lines])} | {mean_sd([x['val_acc'] for x in lines])} "
                   f"| {format_count(statistics.mean(x['macs'] for x in lines))} "
                   f"| {statistics.mean(x['predicted_ms'] for x in lines):.3f} "
                   f"| {statistics.mean(x['measured_ms'] for x in lines):.3f} "

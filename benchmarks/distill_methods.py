@@ -1,6 +1,6 @@
 """Ablation of nas_kd's distillation methods on one fixed student and one fixed teacher ensemble.
 
-    python benchmarks/distill_methods.py [--train-images 20000] [--epochs 5] [--seeds 0,1,2]
+    python -m benchmarks.distill_methods [--train-images 20000] [--epochs 5] [--seeds 0,1,2]
 
 Fashion-MNIST; the student `c8|basic_d1_w8_s1_k3_e1|basic_d1_w16_s2_k3_e1|basic_d1_w32_s2_k3_e1`
 (2.36M MACs, 19.8K params); the ensemble of the search's default teachers (the shipped wrn16_2 +

@@ -1,6 +1,6 @@
 """Validation passes: seconds of one pass over the validation split at several batch sizes.
 
-    python benchmarks/eval_batch.py [--threads 2]
+    python -m benchmarks.eval_batch [--threads 2]
 
 A trial validates its student several times (`--trial-reports`), and the teachers' targets are
 computed once per search, both forward only. On a CPU a large batch can be slower than a small one

@@ -1,6 +1,6 @@
 """How well latency can be measured and predicted here, and how poorly MACs stand in for it.
 
-    python benchmarks/latency.py [--specs 50] [--threads 1]
+    python -m benchmarks.latency [--specs 50] [--threads 1]
 
 For each shipped search space (resnet, mobilenetv2) at Fashion-MNIST's input (1x28x28, 10
 classes), on this machine, with ONNX Runtime (fp32, batch 1, `--threads` intra-op threads):
@@ -32,16 +32,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_cache import RESULTS, ResultsFile, machine, settings_id  # noqa: E402
-from trial_scores import bootstrap_interval, spearman  # noqa: E402
-
-from nas_kd.arch import build  # noqa: E402
-from nas_kd.blocks import export_blocks  # noqa: E402
-from nas_kd.cost import count  # noqa: E402
-from nas_kd.latency import PASSES, RUNS, LatencyTable, measure_latency  # noqa: E402
-from nas_kd.space import load_space  # noqa: E402
-from nas_kd.time_blocks import time_folder  # noqa: E402
+from benchmarks.common import RESULTS, ResultsFile, counter, machine, settings_id, spearman, spearman_interval
+from nas_kd.blocks import export_blocks
+from nas_kd.latency import PASSES, RUNS, LatencyTable, measure_latency
+from nas_kd.space import load_space
+from nas_kd.time_blocks import time_folder
 
 SPACES = ("resnet", "mobilenetv2")
 INPUT, CLASSES = (1, 28, 28), 10
@@ -69,7 +64,7 @@ def main() -> int:
     for name in SPACES:
         space = load_space(name)
         specs = space.random_specs(args.specs, seed=0)
-        macs = [float(count(build(s, INPUT, CLASSES, channels_last=False), INPUT).macs) for s in specs]
+        macs = [float(counter(INPUT, CLASSES)(s).macs) for s in specs]
         measured, check_seconds = [], []
         for spec in specs:
             key = f"{run}|{name}|{spec}"
@@ -114,7 +109,7 @@ def main() -> int:
                 "space": name, "predictor": kind, "specs": len(specs), "compared": len(truth),
                 "latency_ms": f"{min(measured):.3f}-{max(measured):.3f}",
                 "cv_median": statistics.median(cvs), "cv_max": max(cvs),
-                "spearman_macs": spearman(macs, measured), "macs_interval": bootstrap_interval(macs, measured, spearman),
+                "spearman_macs": spearman(macs, measured), "macs_interval": spearman_interval(macs, measured),
                 "within_10": sum(abs(e) <= 0.10 for e in errors) / len(errors), "spearman_table": spearman(predicted, truth),
                 "mape": statistics.mean(abs(e) for e in errors), "bias": statistics.mean(errors),
                 "layers": len(predictor.entries) - 1, "networks": len(predictor.networks),
@@ -133,7 +128,7 @@ def main() -> int:
         lo, hi = r["macs_interval"]
         print(f"| {r['space']} | {r['specs']} | {r['latency_ms']} | {r['cv_median']:.1%} / {r['cv_max']:.1%} "
               f"| {r['spearman_macs']:.2f} [{lo:.2f}, {hi:.2f}] | {r['check_s']:.2f} |")
-    lo, hi = bootstrap_interval(pooled_macs, pooled_ms, spearman)
+    lo, hi = spearman_interval(pooled_macs, pooled_ms)
     print(f"| both, pooled | {len(pooled_ms)} | | | {spearman(pooled_macs, pooled_ms):.2f} [{lo:.2f}, {hi:.2f}] | |\n")
     print("| space | predictor | specs compared | within +-10% | Spearman | mean abs. error (bias) "
           "| layers + networks (export s, time s) |")

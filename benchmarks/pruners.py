@@ -1,9 +1,9 @@
 """Which pruner picks the best student at equal training: a replay of measured trials.
 
-    python benchmarks/pruners.py --budget 5M --specs 20
-    python benchmarks/pruners.py --budget 50M --specs 30
+    python -m benchmarks.pruners --budget 5M --specs 20
+    python -m benchmarks.pruners --budget 50M --specs 30
 
-It needs `benchmarks/trial_scores.py` to have run at the same budget and specs: it reads, per
+It needs `benchmarks.trial_scores` to have run at the same budget and specs: it reads, per
 spec, the validation accuracies a distill trial of the default schedule reported to the pruner
 (`trial_reports` passes, BatchNorm recalibrated) and its reference (accuracy after the final
 retrain). Then, for each pruner of `--pruner`, it replays `--orders` seeded random orders of the
@@ -25,26 +25,18 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 from pathlib import Path
 
 import optuna
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_cache import (  # noqa: E402
-    RESULTS,
-    ResultsFile,
-    settings_id,  # noqa: E402
-)
-from trial_scores import Bench, distill_sid, draw_specs, reference_settings  # noqa: E402
-
-from nas_kd.budget import Budget  # noqa: E402
-from nas_kd.config import SearchConfig  # noqa: E402
-from nas_kd.cost import format_count, parse_count  # noqa: E402
-from nas_kd.data import load_dataset  # noqa: E402
-from nas_kd.ensemble import ensemble_from_config  # noqa: E402
-from nas_kd.space import load_space  # noqa: E402
-from nas_kd.study import PRUNERS, make_pruner  # noqa: E402
+from benchmarks.common import RESULTS, Bench, ResultsFile, distill_sid, draw_specs, reference_settings, settings_id
+from nas_kd.budget import Budget
+from nas_kd.config import SearchConfig
+from nas_kd.cost import format_count, parse_count
+from nas_kd.data import load_dataset
+from nas_kd.ensemble import ensemble_from_config
+from nas_kd.space import load_space
+from nas_kd.study import PRUNERS, make_pruner
 
 
 def replay(pruner: str, curves: list[list[list[float]]], order: list[int], budget: float,

@@ -1,7 +1,7 @@
 """The proof: does the default search pick a better student than simple rules do?
 
-    python benchmarks/search_vs_baselines.py --budget 5M --seeds 0 1 2
-    python benchmarks/search_vs_baselines.py --budget 50M --seeds 0 1 2
+    python -m benchmarks.search_vs_baselines --budget 5M --seeds 0 1 2
+    python -m benchmarks.search_vs_baselines --budget 50M --seeds 0 1 2
 
 At each budget and seed, five methods each pick one student of the default search space:
 
@@ -43,34 +43,36 @@ import argparse
 import dataclasses
 import functools
 import json
-import shutil
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_cache import RESULTS, ResultsFile, machine, settings_id  # noqa: E402
-
-from nas_kd import start  # noqa: E402
-from nas_kd.arch import Spec, build  # noqa: E402
-from nas_kd.budget import Budget  # noqa: E402
-from nas_kd.config import SearchConfig  # noqa: E402
-from nas_kd.cost import count, format_count, parse_count  # noqa: E402
-from nas_kd.data import BatchIterator, Dataset, load_dataset  # noqa: E402
-from nas_kd.ensemble import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
-from nas_kd.export import student_metrics  # noqa: E402
-from nas_kd.losses import recipe_features  # noqa: E402
-from nas_kd.picks import pick_winner, retrain_candidates  # noqa: E402
-from nas_kd.pipeline import search  # noqa: E402
-from nas_kd.records import SPEC_ATTR, was_trained  # noqa: E402
-from nas_kd.retrain import retrain  # noqa: E402
-from nas_kd.space import load_space  # noqa: E402
-from nas_kd.study import study_training  # noqa: E402
+from benchmarks.common import (
+    RESULTS,
+    ResultsFile,
+    Retrains,
+    counter,
+    hand_made,
+    largest,
+    machine,
+    mean_sd,
+    search_pick,
+    settings_id,
+)
+from nas_kd.arch import Spec
+from nas_kd.budget import Budget
+from nas_kd.config import SearchConfig
+from nas_kd.cost import format_count, parse_count
+from nas_kd.data import Dataset, load_dataset
+from nas_kd.picks import retrain_candidates
+from nas_kd.records import SPEC_ATTR
+from nas_kd.space import load_space
+from nas_kd.study import study_training
 
 METHODS = ("search", "random", "largest", "hand-made", "params", "finalists")
 
@@ -135,46 +137,15 @@ def pick_key(budget: int, method: str, seed: int, sid: str, searching: str = "",
             + (space if method != "hand-made" else "") + (f"|k{finalists}" if method == "finalists" else ""))
 
 
-def hand_made(budget: Budget, dataset: Dataset) -> Spec:
-    """What a person would pick without a search (`nas_kd.start.hand_made`): the deepest of
-    ResNet-20, -14 and -8 that fits the budget at half its widths or more, scaled to fit."""
-    found = start.hand_made(budget, dataset.input_shape, dataset.num_classes)
-    if found is None:
-        raise SystemExit(f"no width of ResNet-8 fits {budget}")
-    return found[0]
-
-
-def largest(budget: Budget, dataset: Dataset, cfg: SearchConfig, seed: int, n: int = 200) -> Spec:
-    """Of `n` seeded random specs of the space that fit the budget, the one with the most MACs."""
-    space = load_space(cfg.search_space)
-    found: dict[str, tuple[int, Spec]] = {}
-    draw = 0
-    while len(found) < n:
-        for spec in space.random_specs(200, seed * 1000 + draw):
-            cost = count(build(spec, dataset.input_shape, dataset.num_classes, channels_last=False), dataset.input_shape)
-            if budget.fits(cost) and len(found) < n:
-                found.setdefault(str(spec), (cost.macs, spec))
-        draw += 1
-    return max(found.values(), key=lambda item: (item[0], str(item[1])))[1]
-
-
 def pick(method: str, cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[Spec, dict[str, Any]]:
     budget = Budget.from_config(cfg)
     assert method != "finalists", "picked by pick_finalists"
     if method == "largest":
-        return largest(budget, dataset, cfg, cfg.seed), {}
+        cost = counter(dataset.input_shape, dataset.num_classes)
+        return largest(load_space(cfg.search_space), budget, cfg.seed, cost), {}
     if method == "hand-made":
         return hand_made(budget, dataset), {}
-    run = dataclasses.replace(cfg, final_epochs=0, out_dir=str(work), study_name=f"{method}-seed{cfg.seed}",
-                              sampler="random" if method == "random" else cfg.sampler,
-                              trial_score="params" if method == "params" else cfg.trial_score)
-    for stale in work.glob(f"{run.study_name}*"):  # an unfinished search starts again
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    study = search(run, progress=False)
-    winner = pick_winner(study)
-    trained = [t for t in study.trials if was_trained(t)]
-    return Spec.parse(winner.user_attrs[SPEC_ATTR]), {"trial": winner.number, "trial_score": winner.value,
-                                                   "trials_in_study": len(study.trials), "trained": len(trained)}
+    return search_pick(method, cfg, work)
 
 
 def search_study(cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[optuna.Study, float]:
@@ -191,7 +162,7 @@ def search_study(cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[optun
     return optuna.load_study(study_name=path.stem, storage=f"sqlite:///{path}"), time.perf_counter() - start
 
 
-def pick_finalists(study: optuna.Study, k: int, retrained: Any) -> tuple[Spec, dict[str, Any]]:
+def pick_finalists(study: optuna.Study, k: int, retrained: Callable[[Spec], dict[str, Any]]) -> tuple[Spec, dict[str, Any]]:
     """As `--finalists k` picks: the best k trials of the study by trial score and its start points
     (`nas_kd.study.retrain_candidates`), each retrained; the one of best validation accuracy (ties:
     the earlier). `retrained(spec)` is the results entry of the spec's retrain."""
@@ -240,34 +211,15 @@ def main() -> None:
                         search_space=args.search_space)
     searching, space = pick_settings(base), space_setting(base)
     dataset = load_dataset(base.dataset)
-    ensemble: Ensemble | None = None
-    targets: CachedTargets | None = None
     settings = {"dataset": dataset.fingerprint(), "config": config_json(base), "methods": "v1"}
     sid = settings_id(settings)
+    retrained = Retrains(results, base, sid, with_cost=True)
     # searches with other pick settings keep their studies apart: an unfinished one is deleted
     work = args.work / format_count(args.budget) / (searching + space).replace("|", "-").strip("-")
     print(f"budget {format_count(args.budget)} MACs; searches' budget floor {args.budget_floor:g}, trials "
           f"{args.trials}, subset {args.subset}, start from {args.start_from or 'nothing'}; space "
           f"{load_space(base.search_space).name}{space or ' (the recorded one)'}; seeds {args.seeds}; "
           f"{machine()}", flush=True)
-
-    def retrained(spec: Spec, seed: int, cfg: SearchConfig, method: str) -> dict[str, Any]:
-        """The results entry of `spec`'s retrain for `seed`, retrained here when missing."""
-        nonlocal ensemble, targets
-        rkey = f"{spec}|{seed}|{sid}"
-        if results.get("retrains", rkey) is None:
-            if ensemble is None:
-                ensemble = ensemble_from_config(base, dataset, progress=False, log=lambda m: print("  " + m))
-                batches = BatchIterator(dataset.train, dataset, base.train.batch_size, base.seed, views=1)
-                targets = CachedTargets(ensemble, batches, recipe_features(base.distill.weights()), progress=False)
-            model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, False, targets)
-            cost = count(build(spec, dataset.input_shape, dataset.num_classes), dataset.input_shape)
-            results.put("retrains", rkey, {"spec": str(spec), "seed": seed, **student_metrics(model, dataset),
-                                           "macs": cost.macs, "params": cost.params,
-                                           "seconds": round(seconds, 1), "machine": machine()})
-            print(f"  seed {seed} {method}: retrained {spec}, val {results.get('retrains', rkey)['val_acc']:.4f} "
-                  f"({seconds:.0f} s)", flush=True)
-        return results.get("retrains", rkey)
 
     for seed in [] if args.table_only else args.seeds:
         cfg = dataclasses.replace(base, seed=seed)
@@ -277,8 +229,8 @@ def main() -> None:
                 start = time.perf_counter()
                 if method == "finalists":
                     study, search_seconds = search_study(cfg, dataset, work)
-                    spec, extra = pick_finalists(study, args.finalists,
-                                                 functools.partial(retrained, seed=seed, cfg=cfg, method=method))
+                    spec, extra = pick_finalists(study, args.finalists, functools.partial(
+                        retrained, seed=seed, dataset=dataset, label=f"seed {seed} {method}"))
                     # the pick's time: its search (as recorded when it ran) and its finalists' retrains
                     searched = results.get("picks", pick_key(args.budget, "search", seed, sid, searching, space=space))
                     seconds = (search_seconds or (searched or {}).get("pick_seconds", float("nan"))) + sum(
@@ -290,7 +242,7 @@ def main() -> None:
                                            "pick_seconds": round(seconds, 1), **extra, "machine": machine()})
                 print(f"  seed {seed} {method}: picked {spec} in {seconds:.0f} s", flush=True)
             spec = Spec.parse(results.get("picks", key)["spec"])
-            r = retrained(spec, seed, cfg, method)
+            r = retrained(spec, seed, dataset, f"seed {seed} {method}")
             print(f"  seed {seed} {method}: test {r['test_acc']:.4f}, val {r['val_acc']:.4f}", flush=True)
 
     print(f"\n| method ({format_count(args.budget)} MACs) | seeds | test acc | val acc | MACs | wall time of the pick |")
@@ -299,16 +251,12 @@ def main() -> None:
         rows = []
         for seed in args.seeds:
             p = results.get("picks", pick_key(args.budget, method, seed, sid, searching, args.finalists, space))
-            r = p and results.get("retrains", f"{p['spec']}|{seed}|{sid}")
+            r = p and retrained.get(p["spec"], seed)
             if r:
                 rows.append((r["test_acc"], r["val_acc"], r["macs"], p["pick_seconds"]))
         if not rows:
             continue
-
-        def ms(values: list[float], scale: float = 100) -> str:
-            sd = statistics.stdev(values) * scale if len(values) > 1 else float("nan")
-            return f"{statistics.mean(values) * scale:.2f} ± {sd:.2f}"
-        print(f"| {method} | {len(rows)} | {ms([r[0] for r in rows])} | {ms([r[1] for r in rows])} | "
+        print(f"| {method} | {len(rows)} | {mean_sd([r[0] for r in rows])} | {mean_sd([r[1] for r in rows])} | "
               f"{format_count(statistics.mean(r[2] for r in rows))} | {statistics.mean(r[3] for r in rows) / 60:.1f} min |")
 
 

@@ -12,7 +12,7 @@ files; nas_kd carves its validation split from the training images), then measur
 
 Every arm's figures land in benchmarks/results/small_data.json as it finishes, so a run resumes.
 
-    python benchmarks/small_data.py [--threads 2]
+    python -m benchmarks.small_data [--threads 2]
 """
 
 from __future__ import annotations
@@ -30,27 +30,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS, ResultsFile, machine
+from nas_kd.arch import build
+from nas_kd.config import TrainConfig
+from nas_kd.data import BatchIterator, load_dataset, load_fashion_mnist
+from nas_kd.train import evaluate, fit
+from nas_kd.zoo import teacher_spec
 
-from benchmarks.results_cache import ResultsFile, machine  # noqa: E402
-from nas_kd.arch import build  # noqa: E402
-from nas_kd.config import TrainConfig  # noqa: E402
-from nas_kd.data import DEBIAN_FASHION_MNIST, BatchIterator, _read_idx, load_dataset  # noqa: E402
-from nas_kd.train import evaluate, fit  # noqa: E402
-from nas_kd.zoo import teacher_spec  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results" / "small_data.json"
 TRAIN_PER_CLASS, TEST_PER_CLASS = 140, 50
 
 
 def write_folder(root: Path, seed: int = 0) -> Path:
-    """PATH/train/<class>/*.png and PATH/test/<class>/*.png from the Debian Fashion-MNIST files."""
+    """PATH/train/<class>/*.png and PATH/test/<class>/*.png from Fashion-MNIST's training and test
+    files (the Debian package's), image i of a file saved as <i>.png."""
     if (root / "train").is_dir():
         return root
     rng = np.random.default_rng(seed)
-    for split, idx, per_class in (("train", "train", TRAIN_PER_CLASS), ("test", "t10k", TEST_PER_CLASS)):
-        x = _read_idx(DEBIAN_FASHION_MNIST / f"{idx}-images-idx3-ubyte.gz")
-        y = _read_idx(DEBIAN_FASHION_MNIST / f"{idx}-labels-idx1-ubyte.gz")
+    raw = load_fashion_mnist(None)
+    for split, data, per_class in (("train", raw.train, TRAIN_PER_CLASS), ("test", raw.test, TEST_PER_CLASS)):
+        x, y = data.x[:, 0].numpy(), data.y.numpy()  # (N, 28, 28) uint8, (N,)
         for c in range(10):
             chosen = rng.choice(np.flatnonzero(y == c), per_class, replace=False)
             (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
@@ -103,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = ResultsFile(RESULTS)
+    results = ResultsFile(RESULTS / "small_data.json")
     folder = write_folder(args.work.resolve() / "fashion-1400")
     print(f"{machine()}; data {folder}", flush=True)
     for arm in args.arms:

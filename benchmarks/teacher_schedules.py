@@ -1,6 +1,6 @@
 """Teacher schedules compared on the validation split: precision, augmentation, label smoothing.
 
-    python benchmarks/teacher_schedules.py [--arch resnet20] [--epochs 3] [--seed 0]
+    python -m benchmarks.teacher_schedules [--arch resnet20] [--epochs 3] [--seed 0]
 
 Each arm trains the same teacher with `python -m nas_kd.teachers train`'s loop (one-cycle SGD,
 batch 128, peak lr 0.2) for the same epochs and seed, and differs from the first in one setting:

@@ -1,7 +1,7 @@
 """What one training step of a trial costs: plain cross-entropy vs KD with cached ensemble targets
 vs KD that runs the teachers on every step, measured side by side on the same student.
 
-    python benchmarks/trial_cost.py [--teachers wrn16_2,resnet20] [--steps 20] [--rounds 5]
+    python -m benchmarks.trial_cost [--teachers wrn16_2,resnet20] [--steps 20] [--rounds 5]
 
 Teachers are freshly initialised (their speed does not depend on their weights); the batches are
 real Fashion-MNIST images. The three kinds of step are interleaved round by round so that drift

@@ -1,7 +1,7 @@
 """How well each trial score ranks students against what the search is trying to predict.
 
-    python benchmarks/trial_scores.py --budget 50M --specs 30
-    python benchmarks/trial_scores.py --budget 5M --specs 20
+    python -m benchmarks.trial_scores --budget 50M --specs 30
+    python -m benchmarks.trial_scores --budget 5M --specs 20
 
 It draws `--specs` seeded random students of the default search space (or `--search-space`) under
 `--budget` MACs and,
@@ -16,7 +16,7 @@ top 3), regret of its pick in points of reference accuracy, and seconds per spec
 Two more rows come from the default score's trainings, with nothing more trained: its curve of
 validation accuracies extrapolated to the reference's steps, and (`--capacity-prior W ...`) the
 score plus W x log2(params). `--baselines` also computes the reference of the hand-made network
-and of the largest of 200 random specs (`search_vs_baselines.py`'s untrained picks) and prints
+and of the largest of 200 random specs (`benchmarks.search_vs_baselines`' untrained picks) and prints
 how many of the random specs reach above them. `--half-cost` adds the distill score at 2 x 2000
 images, half the default's training. With `--table-only`, `--ceiling N ...` simulates searches of
 N trials drawn from the students, picking by the default score, by the half-cost score (2N
@@ -35,98 +35,49 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import math
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_cache import RESULTS, ResultsFile, machine, settings_id  # noqa: E402
-from search_vs_baselines import hand_made, largest  # noqa: E402
-
-from nas_kd.arch import Spec, build  # noqa: E402
-from nas_kd.blockwise import BlockwiseScorer, most_accurate  # noqa: E402
-from nas_kd.budget import Budget  # noqa: E402
-from nas_kd.config import SearchConfig, steps_per_epoch  # noqa: E402
-from nas_kd.cost import Cost, count, format_count, parse_count  # noqa: E402
-from nas_kd.data import BatchIterator, Dataset, Split, load_dataset, seeded_subset  # noqa: E402
-from nas_kd.ensemble import CachedTargets, Ensemble, ensemble_from_config  # noqa: E402
-from nas_kd.errors import InputError  # noqa: E402
-from nas_kd.losses import recipe_features  # noqa: E402
-from nas_kd.objective import PROXY_BATCH, REPORT_IMAGES, TRIAL_SCORES, TrialContext, proxy_scores, trial_context  # noqa: E402
-from nas_kd.records import (  # noqa: E402
-    CURVE_ATTR,
-    EVAL_SECONDS_ATTR,
-    NASWOT,
-    SYNFLOW,
-    TRAIN_SECONDS_ATTR,
-    VAL_ACC_RAW_ATTR,
+from benchmarks.common import (
+    RESULTS,
+    Bench,
+    ResultsFile,
+    counter,
+    distill_sid,
+    draw_specs,
+    hand_made,
+    kendall,
+    largest,
+    machine,
+    reference_settings,
+    settings_id,
+    spearman,
+    spearman_interval,
+    trial_settings,
 )
-from nas_kd.retrain import retrain  # noqa: E402
-from nas_kd.space import SearchSpace, load_space  # noqa: E402
-from nas_kd.train import evaluate, recalibrate_bn  # noqa: E402
-
-
-def ranks(values: list[float]) -> list[float]:
-    """Ranks from 1, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = ranks(x), ranks(y)
-    if len(set(rx)) < 2 or len(set(ry)) < 2:
-        return 0.0
-    return statistics.correlation(rx, ry)
-
-
-def kendall(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b."""
-    concordant = discordant = ties_x = ties_y = 0
-    for i, j in itertools.combinations(range(len(x)), 2):
-        dx, dy = x[i] - x[j], y[i] - y[j]
-        if dx == 0 and dy == 0:
-            continue
-        if dx == 0:
-            ties_x += 1
-        elif dy == 0:
-            ties_y += 1
-        elif dx * dy > 0:
-            concordant += 1
-        else:
-            discordant += 1
-    n = concordant + discordant
-    return (concordant - discordant) / max(1e-12, ((n + ties_x) * (n + ties_y)) ** 0.5)
-
-
-def bootstrap_interval(x: list[float], y: list[float], stat: Callable[[list[float], list[float]], float],
-                       draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """5th and 95th percentiles of `stat` over `draws` resamples of the (x, y) pairs."""
-    rng = random.Random(seed)
-    n = len(x)
-    values = []
-    for _ in range(draws):
-        idx = [rng.randrange(n) for _ in range(n)]
-        values.append(stat([x[i] for i in idx], [y[i] for i in idx]))
-    values.sort()
-    return values[int(0.05 * draws)], values[int(0.95 * draws) - 1]
+from nas_kd.arch import Spec
+from nas_kd.blockwise import BlockwiseScorer, most_accurate
+from nas_kd.budget import Budget
+from nas_kd.config import SearchConfig, steps_per_epoch
+from nas_kd.cost import Cost, format_count, parse_count
+from nas_kd.data import BatchIterator, Split, load_dataset, seeded_subset
+from nas_kd.ensemble import CachedTargets, ensemble_from_config
+from nas_kd.errors import InputError
+from nas_kd.losses import recipe_features
+from nas_kd.objective import PROXY_BATCH, TRIAL_SCORES, TrialContext, proxy_scores, trial_context
+from nas_kd.records import CURVE_ATTR
+from nas_kd.retrain import retrain
+from nas_kd.space import load_space
+from nas_kd.train import evaluate, recalibrate_bn
 
 
 def top_k_precision(score: list[float], reference: list[float], k: int = 3) -> float:
@@ -141,46 +92,6 @@ def regret(score: list[float], reference: list[float]) -> float:
     top = max(score)
     picked = [reference[i] for i, s in enumerate(score) if s == top]
     return (max(reference) - statistics.mean(picked)) * 100
-
-
-def draw_specs(space: SearchSpace, budget: Budget, n: int, seed: int, input_shape: tuple[int, int, int],
-               num_classes: int) -> list[tuple[Spec, Cost]]:
-    """`n` distinct seeded random specs that fit `budget`, in the order drawn."""
-    out: dict[str, tuple[Spec, Cost]] = {}
-    draw = 0
-    while len(out) < n:
-        for spec in space.random_specs(200, seed * 1000 + draw):
-            if str(spec) in out or len(out) == n:
-                continue
-            cost = count(build(spec, input_shape, num_classes, channels_last=False), input_shape)
-            if budget.fits(cost):
-                out[str(spec)] = (spec, cost)
-        draw += 1
-        if draw > 200:
-            raise SystemExit(f"found only {len(out)} specs of {space.name} under {budget} in {draw * 200} draws")
-    return list(out.values())
-
-
-@dataclasses.dataclass
-class Bench:
-    """What every phase shares: the search's defaults, data, teachers and results file."""
-
-    cfg: SearchConfig
-    dataset: Dataset
-    space: SearchSpace
-    budget: Budget
-    ensemble: Ensemble
-    results: ResultsFile
-
-    def teacher_ids(self) -> list[str]:
-        return [f"{t.name}:{t.digest}" for t in self.ensemble.members]
-
-
-def reference_settings(bench: Bench, images: int) -> dict[str, Any]:
-    cfg = bench.cfg
-    return {"what": "reference", "images": images, "epochs": cfg.final_epochs, "recipe": cfg.distill.describe(),
-            "train": dataclasses.asdict(cfg.train), "seed": cfg.seed, "teachers": bench.teacher_ids(),
-            "dataset": bench.dataset.fingerprint()}
 
 
 def references(bench: Bench, specs: list[tuple[Spec, Cost]], images: int, log: Callable[[str], None],
@@ -219,20 +130,6 @@ SCHEDULES = ((2, 4000), (1, 8000), (4, 2000))  # (epochs, images) of about equal
 # here; a search with --subset 2000 raises it to 4 epochs (a trial makes --min-steps / 20 steps, 60 by default;
 # 2 x 2000 is 30) unless run with --min-steps 600 or less
 HALF_COST = (2, 2000)
-
-
-def trial_settings(bench: Bench, what: str, **extra: Any) -> dict[str, Any]:
-    cfg = bench.cfg
-    return {"what": what, "recipe": cfg.distill.describe(), "train": dataclasses.asdict(cfg.train), "seed": cfg.seed,
-            "teachers": bench.teacher_ids(), "dataset": bench.dataset.fingerprint(), **extra}
-
-
-def distill_sid(bench: Bench, epochs: int, images: int) -> str:
-    """The settings id of the distill scores of the schedule `epochs` x `images`."""
-    cfg = bench.cfg
-    return settings_id(trial_settings(bench, "distill", epochs=epochs, images=images,
-                                      recalibration=cfg.bn_recalibration, reports=cfg.trial_reports,
-                                      report_images=REPORT_IMAGES))
 
 
 def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[str], None],
@@ -281,13 +178,13 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
                 targets = CachedTargets(bench.ensemble, cover, features, progress=False)
             ctx = context(epochs, images)
             _, trial = fresh_trial()
-            value = TRIAL_SCORES["distill"].compute(ctx, trial, spec)
+            value = TRIAL_SCORES["distill"](ctx, trial, spec)
             a = trial.user_attrs
             bench.results.put("scores", f"{spec}|{sid}", {
-                "spec": str(spec), "schedule": f"{epochs}x{images}", "recalibrated": value, "raw": a[VAL_ACC_RAW_ATTR],
-                "curve": a[CURVE_ATTR], "seconds": round(a[TRAIN_SECONDS_ATTR] + a[EVAL_SECONDS_ATTR], 3),
-                "train_seconds": a[TRAIN_SECONDS_ATTR], "machine": machine()})
-            done.append(f"{epochs}x{images} {a[VAL_ACC_RAW_ATTR]:.4f}/{value:.4f}")
+                "spec": str(spec), "schedule": f"{epochs}x{images}", "recalibrated": value, "raw": a["val_acc_raw"],
+                "curve": a[CURVE_ATTR], "seconds": round(a["train_seconds"] + a["eval_seconds"], 3),
+                "train_seconds": a["train_seconds"], "machine": machine()})
+            done.append(f"{epochs}x{images} {a['val_acc_raw']:.4f}/{value:.4f}")
         if with_blockwise:
             epochs, images = SCHEDULES[0]
             teacher = most_accurate(bench.ensemble.members)
@@ -352,7 +249,7 @@ def score_rows(bench: Bench, specs: list[tuple[Spec, Cost]], reference_images: i
         lambda e: e["seconds"])
     proxy_sid = settings_id(trial_settings(bench, "proxies", batch=PROXY_BATCH))
     entries = [bench.results.get("scores", f"{s}|{proxy_sid}") for s, _ in specs]
-    for name in (NASWOT, SYNFLOW):
+    for name in ("naswot", "synflow"):
         add(name, entries, lambda e, name=name: e["proxies"][name], lambda e: e["seconds"])
     rows["macs"] = ([float(c.macs) for _, c in specs], [0.0] * len(specs))
     rows["params"] = ([float(c.params) for _, c in specs], [0.0] * len(specs))
@@ -430,8 +327,6 @@ def choice_lines(specs: list[tuple[Spec, Cost]], reference: list[float], draws: 
     (least squares) on log2 MACs, log2 params and the count of one choice in the spec, one choice
     at a time; the choice's coefficient in points, with the 5th-95th percentile of `draws`
     bootstrap resamples of the students."""
-    import numpy as np
-
     y = 100 * np.array(reference)
     cost = np.array([[1.0, math.log2(c.macs), math.log2(c.params)] for _, c in specs])
     out = [f"\n| choice, at equal MACs and params ({len(specs)} students) | points per unit [90% bootstrap] | "
@@ -534,7 +429,7 @@ def ceiling_lines(bench: Bench, rows: dict[str, tuple[list[float], list[float]]]
 def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[float]) -> list[dict[str, Any]]:
     out = []
     for name, (values, seconds) in rows.items():
-        lo, hi = bootstrap_interval(values, reference, spearman)
+        lo, hi = spearman_interval(values, reference)
         out.append({"score": name, "spearman": spearman(values, reference), "interval": (lo, hi),
                     "kendall": kendall(values, reference), "top3": top_k_precision(values, reference),
                     "regret_pp": regret(values, reference), "seconds": statistics.mean(seconds)})
@@ -543,7 +438,7 @@ def table(rows: dict[str, tuple[list[float], list[float]]], reference: list[floa
 
 def baseline_references(bench: Bench, specs: list[tuple[Spec, Cost]], images: int, seed: int,
                         log: Callable[[str], None], compute: bool) -> dict[str, float]:
-    """The reference of the two picks of benchmarks/search_vs_baselines.py that need no training
+    """The reference of the two picks of benchmarks.search_vs_baselines that need no training
     (the hand-made network scaled to the budget, the largest of 200 random specs drawn with
     `seed`), beside the random specs': does the space hold a better student than they are?
     Computed if `compute`, else printed only when already in the results file. Returns the
@@ -557,9 +452,10 @@ def baseline_references(bench: Bench, specs: list[tuple[Spec, Cost]], images: in
     shape, classes = bench.dataset.input_shape, bench.dataset.num_classes
     best_spec, best = max(known, key=lambda item: item[1])
     log(f"the best of the {len(known)} random specs with a reference: val {best:.4f}  {best_spec}")
+    cost_of = counter(shape, classes)
     picks = {"hand-made": hand_made(bench.budget, bench.dataset),
-             "largest of 200": largest(bench.budget, bench.dataset, bench.cfg, seed)}
-    costs = {name: count(build(spec, shape, classes, channels_last=False), shape) for name, spec in picks.items()}
+             "largest of 200": largest(bench.space, bench.budget, seed, cost_of)}
+    costs = {name: cost_of(spec) for name, spec in picks.items()}
     if compute:  # one call: the teachers' targets are computed once for both
         references(bench, [(picks[name], costs[name]) for name in picks], images, log)
     for name, spec in picks.items():

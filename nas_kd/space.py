@@ -34,7 +34,8 @@ from nas_kd.arch import BLOCKS, Spec, StageSpec, build, downsampled, head_module
 from nas_kd.cost import Cost, count
 from nas_kd.errors import InputError
 
-SHIPPED = Path(__file__).resolve().parent.parent / "search_spaces"
+# in the package, so that a wheel carries them; the top-level search_spaces/ is a link to this folder
+SHIPPED = Path(__file__).resolve().parent / "search_spaces"
 
 _STAGE_FIELDS = {"block": str, "depth": int, "width": int, "stride": int, "kernel": int, "expand": int, "se": bool}
 _STAGE_DEFAULTS = {"stride": 1, "kernel": 3, "expand": 1, "se": False}
