@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from nas_kd.arch import Spec, build
+from nas_kd.batches import BatchIterator
 from nas_kd.config import TrainConfig
 from nas_kd.cost import count, format_count
-from nas_kd.data import BatchIterator, load_dataset
+from nas_kd.data import load_dataset
 from nas_kd.train import make_optimizer
 from nas_kd.zoo import TEACHERS, teacher_spec
 

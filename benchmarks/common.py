@@ -29,10 +29,11 @@ import torch
 
 from nas_kd import start
 from nas_kd.arch import Spec, build
+from nas_kd.batches import BatchIterator
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig
 from nas_kd.cost import Cost, count
-from nas_kd.data import BatchIterator, Dataset
+from nas_kd.data import Dataset
 from nas_kd.ensemble import CachedTargets, Ensemble, ensemble_from_config
 from nas_kd.export import student_metrics
 from nas_kd.losses import recipe_features

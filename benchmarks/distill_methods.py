@@ -38,10 +38,11 @@ import torch
 
 from nas_kd.arch import Spec, build
 from nas_kd.baselines import FINE_TUNE, train_pruned
+from nas_kd.batches import BatchIterator, seeded_subset
 from nas_kd.budget import Budget
 from nas_kd.config import DistillConfig, SearchConfig, parse_distill
 from nas_kd.cost import count, format_count
-from nas_kd.data import BatchIterator, Split, load_dataset, seeded_subset
+from nas_kd.data import Split, load_dataset
 from nas_kd.ensemble import CachedTargets, ensemble_from_config
 from nas_kd.errors import InputError
 from nas_kd.online import train_online

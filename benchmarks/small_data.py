@@ -32,8 +32,9 @@ from PIL import Image
 
 from benchmarks.common import RESULTS, ResultsFile, machine
 from nas_kd.arch import build
+from nas_kd.batches import BatchIterator
 from nas_kd.config import TrainConfig
-from nas_kd.data import BatchIterator, load_dataset, load_fashion_mnist
+from nas_kd.data import load_dataset, load_fashion_mnist
 from nas_kd.train import evaluate, fit
 from nas_kd.zoo import teacher_spec
 

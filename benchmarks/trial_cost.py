@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from nas_kd.arch import Spec, build
+from nas_kd.batches import BatchIterator, seeded_subset
 from nas_kd.config import DistillConfig, SearchConfig, TrainConfig, parse_distill
 from nas_kd.cost import count, format_count
-from nas_kd.data import BatchIterator, load_dataset, seeded_subset
+from nas_kd.data import load_dataset
 from nas_kd.distill import criterion_for
 from nas_kd.ensemble import CachedTargets, Ensemble, LiveTargets
 from nas_kd.losses import StudentOutput

@@ -65,11 +65,12 @@ from benchmarks.common import (
     trial_settings,
 )
 from nas_kd.arch import Spec
+from nas_kd.batches import BatchIterator, seeded_subset
 from nas_kd.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, steps_per_epoch
 from nas_kd.cost import Cost, format_count, parse_count
-from nas_kd.data import BatchIterator, Split, load_dataset, seeded_subset
+from nas_kd.data import Split, load_dataset
 from nas_kd.ensemble import CachedTargets, ensemble_from_config
 from nas_kd.errors import InputError
 from nas_kd.losses import recipe_features

@@ -34,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nas_kd.arch import Network, Spec
+from nas_kd.batches import Batch, BatchIterator, eval_batches, forward_batch, seeded_subset
 from nas_kd.config import TrainConfig
-from nas_kd.data import Batch, BatchIterator, Dataset, eval_batches, forward_batch, seeded_subset
+from nas_kd.data import Dataset
 from nas_kd.errors import InputError
 from nas_kd.losses import adapter, align, match_stage
 from nas_kd.teacher_cache import Teacher

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 from nas_kd.arch import Network
+from nas_kd.batches import Batch, BatchIterator
 from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
-from nas_kd.data import Batch, BatchIterator, Dataset
+from nas_kd.data import Dataset
 from nas_kd.ensemble import CachedTargets, Ensemble, LiveTargets, TargetSource
 from nas_kd.errors import InputError
 from nas_kd.losses import Criterion, StudentOutput, loss_class

@@ -15,9 +15,10 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from nas_kd.batches import Batch, BatchIterator, forward_batch
 from nas_kd.config import SearchConfig
 from nas_kd.cost import Cost, format_count
-from nas_kd.data import Batch, BatchIterator, Dataset, Split, forward_batch
+from nas_kd.data import Dataset, Split
 from nas_kd.errors import InputError
 from nas_kd.teacher_cache import Teacher, load_or_train
 from nas_kd.train import accuracy, predict

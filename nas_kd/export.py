@@ -33,9 +33,10 @@ import torch
 from safetensors import safe_open
 
 from nas_kd.arch import Network, Spec, build
+from nas_kd.batches import BatchIterator, eval_batches, seeded_subset
 from nas_kd.config import SearchConfig
 from nas_kd.convert import EXPORTER, INT8_WARN_POINTS, OPSET, quantize_int8, require_runtime, to_onnx
-from nas_kd.data import BatchIterator, Dataset, eval_batches, seeded_subset
+from nas_kd.data import Dataset
 from nas_kd.ensemble import Ensemble, soft_targets
 from nas_kd.errors import InputError
 from nas_kd.memory import memory_facts

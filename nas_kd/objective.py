@@ -14,11 +14,12 @@ import optuna
 import torch
 
 from nas_kd.arch import Spec, build
+from nas_kd.batches import BatchIterator, seeded_subset
 from nas_kd.blockwise import BlockwiseScorer, stage_key
 from nas_kd.budget import Budget, floor_shortfall
 from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
 from nas_kd.cost import Cost, count
-from nas_kd.data import BatchIterator, Dataset, Split, seeded_subset
+from nas_kd.data import Dataset, Split
 from nas_kd.distill import criterion_for, criterion_stages, distill
 from nas_kd.ensemble import Ensemble, TargetSource
 from nas_kd.errors import InputError

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from optuna.trial import FrozenTrial
 
 from nas_kd.arch import Network, Spec, build
+from nas_kd.batches import Batch
 from nas_kd.config import DistillConfig, SearchConfig
 from nas_kd.cost import count
-from nas_kd.data import Batch, Dataset
+from nas_kd.data import Dataset
 from nas_kd.distill import retrain_targets, seeded_student
 from nas_kd.ensemble import Ensemble, Targets
 from nas_kd.errors import InputError

@@ -17,12 +17,13 @@ from optuna.trial import FrozenTrial
 from tqdm.auto import tqdm
 
 from nas_kd.baselines import check_prunable, pruned_baseline
+from nas_kd.batches import BatchIterator, seeded_subset
 from nas_kd.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.budget import Budget, budget_warning, check_reachable, effective_floor
 from nas_kd.config import SearchConfig, adapt_schedule
 from nas_kd.convert import require_runtime
 from nas_kd.cost import format_count
-from nas_kd.data import BatchIterator, load_dataset, seeded_subset
+from nas_kd.data import load_dataset
 from nas_kd.distill import check_two_stage
 from nas_kd.ensemble import CachedTargets, check_weighting, ensemble_from_config, ensemble_summary, teacher_names
 from nas_kd.errors import InputError

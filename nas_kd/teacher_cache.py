@@ -26,9 +26,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nas_kd.arch import Network, build
+from nas_kd.batches import Batch, BatchIterator
 from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.cost import Cost
-from nas_kd.data import Batch, BatchIterator, Dataset
+from nas_kd.data import Dataset
 from nas_kd.errors import InputError
 from nas_kd.train import Checkpoint, accuracy, evaluate, fit, predict
 from nas_kd.versions import versions

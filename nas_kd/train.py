@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from nas_kd.batches import Batch, BatchIterator, eval_batches
 from nas_kd.config import TrainConfig
-from nas_kd.data import Batch, BatchIterator, Dataset, Split, eval_batches
+from nas_kd.data import Dataset, Split
 from nas_kd.errors import InputError
 from nas_kd.progress import bars_shown, log
 

@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 
 from nas_kd.arch import BLOCKS, Spec, build
+from nas_kd.batches import BatchIterator, seeded_subset
 from nas_kd.blockwise import STEM, BlockwiseScorer, StageNet, most_accurate, stage_key, stage_map
 from nas_kd.config import TrainConfig
-from nas_kd.data import Augment, BatchIterator, Dataset, Split, seeded_subset
+from nas_kd.data import Augment, Dataset, Split
 from nas_kd.errors import InputError
 from nas_kd.losses import align
 from nas_kd.teacher_cache import Teacher

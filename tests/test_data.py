@@ -14,20 +14,8 @@ import torch
 from PIL import Image
 
 from nas_kd import data
-from nas_kd.data import (
-    DATASETS,
-    FASHION_CLASSES,
-    Augment,
-    BatchIterator,
-    Normalizer,
-    Split,
-    augment_params,
-    dataset_names,
-    load_dataset,
-    load_fashion_mnist,
-    seeded_subset,
-    shift_flip,
-)
+from nas_kd.batches import BatchIterator, Normalizer, augment_params, seeded_subset, shift_flip
+from nas_kd.data import DATASETS, FASHION_CLASSES, Augment, Split, dataset_names, load_dataset, load_fashion_mnist
 from nas_kd.errors import InputError
 
 # Loaders that read local files; every other registered one must download.

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nas_kd.arch import Spec, build
+from nas_kd.batches import BatchIterator
 from nas_kd.config import DistillConfig, TrainConfig, parse_distill
-from nas_kd.data import BatchIterator
 from nas_kd.distill import check_two_stage, criterion_for, distill, stage_epochs, step_seconds
 from nas_kd.ensemble import CachedTargets, Ensemble
 from nas_kd.errors import InputError

@@ -17,10 +17,10 @@ import torch
 
 from nas_kd import objective, progress, report, retrain_cli
 from nas_kd.arch import build
+from nas_kd.batches import BatchIterator, seeded_subset
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.cost import count
-from nas_kd.data import BatchIterator, seeded_subset
 from nas_kd.ensemble import Ensemble
 from nas_kd.errors import InputError
 from nas_kd.objective import run_trial, trial_context

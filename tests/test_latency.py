@@ -17,12 +17,12 @@ import torch.nn as nn
 
 from nas_kd import time_blocks
 from nas_kd.arch import BLOCKS, BasicBlock, Spec, build
+from nas_kd.batches import BatchIterator, seeded_subset
 from nas_kd.blocks import CALIBRATION_NETWORKS, calibration_specs, export_blocks, space_layers, spec_layers
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.convert import to_onnx
 from nas_kd.cost import count
-from nas_kd.data import BatchIterator, seeded_subset
 from nas_kd.ensemble import Ensemble
 from nas_kd.errors import InputError
 from nas_kd.export import LOGIT_TOLERANCE, export, export_onnx, load_student, student_metadata

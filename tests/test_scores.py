@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 
 from nas_kd.arch import Spec, build
+from nas_kd.batches import BatchIterator, eval_batches, seeded_subset
 from nas_kd.blockwise import BlockwiseScorer
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.cost import count
-from nas_kd.data import BatchIterator, eval_batches, seeded_subset
 from nas_kd.ensemble import CachedTargets, Ensemble
 from nas_kd.errors import InputError
 from nas_kd.losses import recipe_features

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from nas_kd.arch import build
+from nas_kd.batches import BatchIterator
 from nas_kd.config import TrainConfig
-from nas_kd.data import BatchIterator
 from nas_kd.ensemble import CachedTargets, Ensemble, LiveTargets, soft_targets
 from nas_kd.errors import InputError
 from nas_kd.teacher_cache import Teacher, load_or_train
