@@ -20,13 +20,13 @@ import plotly.offline
 import pytest
 from conftest import E2E_STUDY, run_cli
 
-from nas_kd import report, report_cli
+from nas_kd import fronts, report, report_cli
 from nas_kd.arch import Spec
 from nas_kd.budget import Budget
 from nas_kd.cost import Cost
+from nas_kd.fronts import COLUMNS, ParetoData, Points
 from nas_kd.objective import record_cost
 from nas_kd.records import pareto_front
-from nas_kd.report import COLUMNS, ParetoData, Points
 from nas_kd.study import (
     COMPRESSION_TEACHER_KEY,
     OLD_COMPRESSION_TEACHER_KEY,
@@ -114,7 +114,7 @@ def _comparable(data: ParetoData) -> ParetoData:
     ("params", None, [2, 0], 270e3),  # by parameters trial 2 is the cheapest; 1 and 8 are beaten by 0
 ])
 def test_pareto_data(cost: str, budget: float | None, front: list[int], compression_teacher: float) -> None:
-    data = report.pareto_data(FRAME, cost, budget, TEACHERS, winner=0)
+    data = fronts.pareto_data(FRAME, cost, budget, TEACHERS, winner=0)
     expected = ParetoData(cost=cost, front=_pts(cost, front), feasible=_pts(cost, [0, 1, 2, 3, 8]),
                           infeasible=_pts(cost, [4, 9]), pruned=_pts(cost, [3]), teachers=TEACHER_POINTS[cost],
                           budget=budget, compression_teacher=compression_teacher, winner=0,
@@ -127,7 +127,7 @@ def test_pareto_data_without_budget_keeps_every_trained_trial() -> None:
     """A study without a budget has no constraints: `feasible` is None, which must not mean infeasible."""
     frame = pd.DataFrame([_row(0, "complete", 2e6, 20e3, 0.7, None), _row(1, "complete", 1e6, 10e3, 0.6, None),
                           _row(2, "pruned", 3e6, 30e3, 0.8, None)], columns=COLUMNS)
-    data = report.pareto_data(frame, "macs", None, TEACHERS[:1])
+    data = fronts.pareto_data(frame, "macs", None, TEACHERS[:1])
     assert (data.front.number, data.feasible.number, data.pruned.number, data.infeasible) == \
         ([1, 0], [0, 1, 2], [2], Points([], [], [], []))
     assert (data.budget, data.compression_teacher, data.winner) == (None, 9e6, None)
@@ -141,14 +141,14 @@ def test_pareto_data_without_budget_keeps_every_trained_trial() -> None:
 def test_the_rug_is_named_by_what_it_holds(rejected: list[int], label: str) -> None:
     """A study without a budget floor has no under-floor students: its rug does not mention a floor."""
     frame = FRAME[~FRAME["number"].isin({4, 9} - set(rejected))]
-    data = report.pareto_data(frame, "macs", 12e6, TEACHERS, winner=0)
+    data = fronts.pareto_data(frame, "macs", 12e6, TEACHERS, winner=0)
     assert (data.infeasible.number, data.rug_label) == (rejected, label)
-    assert label in [t.name for t in report.pareto_figure(data).data]
+    assert label in [t.name for t in fronts.pareto_figure(data).data]
 
 
 def test_pareto_data_rejects_an_unknown_cost() -> None:
     with pytest.raises(ValueError, match=re.escape("cost must be one of macs, params, latency_ms, got 'flops'")):
-        report.pareto_data(FRAME, "flops", None, TEACHERS)
+        fronts.pareto_data(FRAME, "flops", None, TEACHERS)
 
 
 @pytest.mark.parametrize(("cost", "ticks", "shapes", "annotations"), [
@@ -157,7 +157,7 @@ def test_pareto_data_rejects_an_unknown_cost() -> None:
 ])
 def test_pareto_figure(cost: str, ticks: list[float], shapes: int, annotations: list[str]) -> None:
     """One trace per layer in drawing order, log ticks spanning every point, the budget as a line."""
-    fig = report.pareto_figure(report.pareto_data(FRAME, cost, 12e6 if cost == "macs" else None, TEACHERS, winner=0))
+    fig = fronts.pareto_figure(fronts.pareto_data(FRAME, cost, 12e6 if cost == "macs" else None, TEACHERS, winner=0))
     assert [t.name for t in fig.data] == ["trained within budget", "pruned early", "Pareto front",
                                           "teachers (full training)",
                                           "over budget or under the budget floor (not trained)", "winner"]
@@ -170,9 +170,9 @@ def test_pareto_figure(cost: str, ticks: list[float], shapes: int, annotations: 
     assert fig.layout.xaxis.ticktext[0] == f"{'1M' if cost == 'macs' else '10K'}<br>x{teacher / ticks[0]:.1f}"
     assert (len(fig.layout.shapes), [a.text for a in fig.layout.annotations]) == (shapes, annotations)
     baselines = [{"method": "pruned teacher + KD", "macs": 9e6, "params": 90e3, "val_acc": 0.7}]
-    data = report.pareto_data(FRAME, cost, None, TEACHERS, winner=0, baselines=baselines)
-    assert data.baselines == report.Points([9e6 if cost == "macs" else 90e3], [0.7], [-2], ["pruned teacher + KD"])
-    names = [t.name for t in report.pareto_figure(data).data]
+    data = fronts.pareto_data(FRAME, cost, None, TEACHERS, winner=0, baselines=baselines)
+    assert data.baselines == fronts.Points([9e6 if cost == "macs" else 90e3], [0.7], [-2], ["pruned teacher + KD"])
+    names = [t.name for t in fronts.pareto_figure(data).data]
     assert names[4] == "pruned-teacher baselines (val acc after the full retrain)"
 
 
@@ -180,14 +180,14 @@ def test_pareto_figure(cost: str, ticks: list[float], shapes: int, annotations: 
 def test_the_retrained_winner_is_drawn_under_its_trial_score(cost: str) -> None:
     winner = {"trial": 0, "spec": _spec(0), "macs": float(FRAME.loc[0, "macs"]), "params": float(FRAME.loc[0, "params"]),
               "val_acc": 0.91, "test_acc": 0.9}
-    data = report.pareto_data(FRAME, cost, None, TEACHERS, winner=0, retrained=winner)
+    data = fronts.pareto_data(FRAME, cost, None, TEACHERS, winner=0, retrained=winner)
     assert data.retrained == Points([float(FRAME.loc[0, cost])], [0.91], [0], [_spec(0)])
-    fig = report.pareto_figure(data)
+    fig = fronts.pareto_figure(data)
     traces = {t.name: t for t in fig.data}
     full, trial = traces["winner after the full retrain"], traces["winner"]
     assert (full.yaxis, list(full.x), list(full.y)) == ("y3", list(trial.x), [0.91])
     assert "val acc 0.9100" in full.hovertext[0]
-    assert report.pareto_data(FRAME, cost, None, TEACHERS, winner=0, retrained={"trial": 0}).retrained.x == []
+    assert fronts.pareto_data(FRAME, cost, None, TEACHERS, winner=0, retrained={"trial": 0}).retrained.x == []
 
 
 @pytest.mark.parametrize(("accs", "expected"), [
@@ -199,9 +199,9 @@ def test_the_retrained_winner_is_drawn_under_its_trial_score(cost: str) -> None:
 def test_the_full_training_panel_spans_at_least_one_point(accs: list[float], expected: list[float] | None) -> None:
     teachers = [{"name": f"t{i}", "macs": 9e6, "params": 1, "val_acc": acc} for i, acc in enumerate(accs[:1])]
     retrained = {"trial": 0, "spec": _spec(0), "macs": 4e6, "val_acc": accs[-1]} if accs else None
-    data = report.pareto_data(FRAME, "macs", None, teachers, winner=0, retrained=retrained)
-    assert report.full_panel_range(data) == expected
-    span = report.pareto_figure(data).layout.yaxis3.range
+    data = fronts.pareto_data(FRAME, "macs", None, teachers, winner=0, retrained=retrained)
+    assert fronts.full_panel_range(data) == expected
+    span = fronts.pareto_figure(data).layout.yaxis3.range
     assert (list(span) if span else None) == expected
 
 
@@ -211,7 +211,7 @@ def test_the_int8_change_is_shown_in_signed_points(drop: float, shown: str) -> N
     the signed change (a gain of 0.06 points once read "int8 accuracy drop -6.00%")."""
     study = optuna.create_study(direction="maximize")
     study.set_user_attr(WINNER_ATTR, {"trial": 0, "spec": SPECS[0], "int8_accuracy_drop": drop})
-    text = report.render_html(study, report.trials_frame(study))
+    text = report.render_html(study, fronts.trials_frame(study))
     assert f"<tr><th>int8 accuracy change</th><td>{shown}</td></tr>" in text
     assert "int8 accuracy drop" not in text
 
@@ -297,7 +297,7 @@ MADE_FRAME = pd.DataFrame([
 
 
 def test_trials_frame(made_study: optuna.Study) -> None:
-    pd.testing.assert_frame_equal(report.trials_frame(made_study), MADE_FRAME)
+    pd.testing.assert_frame_equal(fronts.trials_frame(made_study), MADE_FRAME)
 
 
 def test_write_report(made_study: optuna.Study, tmp_path: Path) -> None:
@@ -337,7 +337,7 @@ def _e2e_study(e2e_run: dict) -> optuna.Study:
 def test_search_report_matches_its_storage(e2e_run: dict) -> None:
     study = _e2e_study(e2e_run)
     table = pd.read_csv(e2e_run["study_dir"] / "trials.csv")
-    expected = pd.read_csv(io.StringIO(report.trials_frame(study).to_csv(index=False)))
+    expected = pd.read_csv(io.StringIO(fronts.trials_frame(study).to_csv(index=False)))
     pd.testing.assert_frame_equal(table, expected)
     # --trials 2: two trained, no pruning before the median pruner's 4 start-up trials; the rest over budget
     assert sorted(table["status"].unique()) == ["complete", "over_budget"]
@@ -358,7 +358,7 @@ def test_search_winner_is_on_the_pareto_front(e2e_run: dict) -> None:
     """The winner (best feasible accuracy, ties: fewer MACs) cannot be beaten, so the front holds it."""
     study = _e2e_study(e2e_run)
     info, winner = study.user_attrs[STUDY_ATTR], study.user_attrs[WINNER_ATTR]
-    data = report.pareto_data(report.trials_frame(study), "macs", info["budget"]["macs"], info["teachers"],
+    data = fronts.pareto_data(fronts.trials_frame(study), "macs", info["budget"]["macs"], info["teachers"],
                               winner["trial"])
     assert data.budget == E2E_BUDGET
     assert winner["trial"] in data.front.number
@@ -442,8 +442,8 @@ def test_a_repeat_is_listed_but_drawn_once() -> None:
         **spec, "score": 0.8, "score_kind": "distill", "val_acc_curve": [[1.0, 0.8]], "val_acc_raw": 0.7}))
     study.add_trial(optuna.trial.create_trial(value=0.8, constraints={"macs": -0.5},
                                               user_attrs={**spec, "repeat_of": 0}))
-    frame = report.trials_frame(study)
+    frame = fronts.trials_frame(study)
     assert frame["status"].tolist() == ["complete", "repeat"]
     assert frame["repeat_of"].tolist()[1] == 0 and frame["val_acc_raw"].tolist()[0] == 0.7
-    data = report.pareto_data(frame, "macs", 5e6, TEACHERS)
+    data = fronts.pareto_data(frame, "macs", 5e6, TEACHERS)
     assert data.feasible.number == [0] and data.front.number == [0]
