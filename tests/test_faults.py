@@ -15,7 +15,7 @@ import optuna
 import pytest
 import torch
 
-from nas_kd import objective, progress, report, retrain_cli
+from nas_kd import fronts, objective, progress, retrain_cli
 from nas_kd.arch import build
 from nas_kd.batches import BatchIterator, seeded_subset
 from nas_kd.budget import Budget
@@ -80,7 +80,7 @@ def test_a_diverging_trial_fails_alone_and_the_study_goes_on(context, monkeypatc
     assert failed.user_attrs[FAIL_ATTR] == ("diverged: trial 0: loss became nan in epoch 1; the likely cause is a "
                                             "learning rate too high (--lr 0.3) or a loss weight too large (--distill)")
     assert "FloatingPointError" in failed.user_attrs[FAIL_TRACE_ATTR]
-    frame = report.trials_frame(study)
+    frame = fronts.trials_frame(study)
     row = frame[frame["number"] == 0].iloc[0]
     assert row["status"] == "failed" and row["fail_reason"] == failed.user_attrs[FAIL_ATTR]
 
