@@ -249,3 +249,19 @@ def epochs_figure(frame: pd.DataFrame) -> go.Figure:
     return fig
 
 
+
+
+FRONT_BUDGETS = 3  # budgets along a Pareto study's front that the report lists a pick at
+FLAGS = {"macs": "--flops-budget", "params": "--params-budget", "latency_ms": "--latency-budget"}
+
+
+def budget_picks(data: ParetoData, n: int = FRONT_BUDGETS) -> list[dict[str, Any]]:
+    """One study, many budgets: `n` budgets spread along the front (the costs of its points at evenly
+    spaced ranks, cheapest to dearest), and at each the trial `nas_kd.retrain --<cost> BUDGET`
+    picks: the best trial score within it, which on a front is that point itself."""
+    order = sorted(range(len(data.front.x)), key=lambda i: data.front.x[i])
+    if not order:
+        return []
+    ranks = sorted({round(k * (len(order) - 1) / max(1, n - 1)) for k in range(n)})
+    return [{"budget": data.front.x[order[r]], "trial": data.front.number[order[r]], "spec": data.front.label[order[r]],
+             "score": data.front.acc[order[r]], "flag": FLAGS[data.cost]} for r in ranks]

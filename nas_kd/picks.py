@@ -3,11 +3,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from nas_kd.budget import Budget
+from nas_kd.cost import Cost, format_count
 from nas_kd.errors import InputError
-from nas_kd.records import SPEC_ATTR, START_ATTR, START_IN_SPACE_ATTR, START_SPEC_ATTR, is_feasible, was_trained
+from nas_kd.memory import format_bytes
+from nas_kd.records import (
+    LATENCY_ATTR,
+    PEAK_INT8_ATTR,
+    SPEC_ATTR,
+    START_ATTR,
+    START_IN_SPACE_ATTR,
+    START_SPEC_ATTR,
+    is_feasible,
+    was_trained,
+)
 from nas_kd.start import StartPoint
 
 
@@ -98,3 +112,47 @@ def retrain_candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:
     winner beats it after the full schedule or is it."""
     ranked = finalists(study, len(study.trials))  # one per spec, best first
     return ranked[:k] + _starts_among(study, ranked[k:])
+
+
+# ---------------------------------------------------------------- one study, many budgets
+
+
+def budget_tag(budget: Budget) -> str:
+    """A folder-safe name of a budget's bounds: 'macs20M', 'params200K-mem48KB', 'lat1.5ms'."""
+    parts = [f"macs{format_count(budget.macs)}" if budget.macs is not None else "",
+             f"params{format_count(budget.params)}" if budget.params is not None else "",
+             f"lat{budget.latency_ms:g}ms" if budget.latency_ms is not None else "",
+             f"mem{format_bytes(budget.memory)}" if budget.memory is not None else ""]
+    return "-".join(p for p in parts if p).replace("/", "_")
+
+
+def stored_cost(trial: FrozenTrial) -> Cost:
+    """What the trial recorded of its cost: MACs and params always; latency when it was measured or
+    predicted, peak int8 memory when the search had memory figures (else None)."""
+    a = trial.user_attrs
+    return Cost(a["macs"], a["params"], a.get(LATENCY_ATTR), a.get(PEAK_INT8_ATTR))
+
+
+def cost_text(cost: Cost) -> str:
+    return ", ".join([f"{format_count(cost.macs)} MACs", f"{format_count(cost.params)} params"]
+                     + ([f"{cost.latency_ms:.3g} ms"] if cost.latency_ms is not None else [])
+                     + ([f"{format_bytes(cost.memory)} peak int8"] if cost.memory is not None else []))
+
+
+def pick_at_budget(study: optuna.Study, budget: Budget,
+                   price: Callable[[FrozenTrial], Cost] = stored_cost) -> tuple[FrozenTrial, Cost, int]:
+    """The best trained trial of the study (by trial score, ties: fewer MACs, as `finalists`
+    ranks) whose cost `price(trial)` fits `budget`, its cost, and how many trials fit. A budget no
+    trial meets is refused in one line naming the cheapest trial."""
+    trained = [t for t in completed(study) if is_feasible(t)]
+    if not trained:
+        raise InputError(f"study {study.study_name!r} has no completed trial to pick from; run the search first")
+    costs = {t.number: price(t) for t in trained}
+    fitting = [t for t in trained if budget.fits(costs[t.number])]
+    if not fitting:
+        cheapest = min(trained, key=lambda t: (budget.use(costs[t.number]) or 0.0, t.user_attrs["macs"]))
+        raise InputError(f"no trained trial of study {study.study_name!r} meets {budget}: the cheapest is trial "
+                         f"{cheapest.number} ({cheapest.user_attrs[SPEC_ATTR]}, {cost_text(costs[cheapest.number])}); "
+                         "raise the budget")
+    best = max(fitting, key=lambda t: (t.values[0], -t.user_attrs["macs"]))
+    return best, costs[best.number], len(fitting)

@@ -21,6 +21,7 @@ SPEC_ATTR = "spec"  # the trial's spec, as text (arch.Spec.parse reads it back)
 WORKER_ATTR = "worker"  # "host:pid" of the process that ran the trial (many workers, one study)
 USE_ATTR = "budget_use"  # Budget.use of the trial's spec: its largest share of a bound
 LATENCY_ATTR = "latency_ms"  # measured or table-predicted, of specs within the cheaper bounds only
+PEAK_INT8_ATTR = "peak_memory_int8"  # bytes of peak int8 activations (nas_kd.memory.memory_facts)
 FLOOR_CONSTRAINT = "budget_floor"  # the constraint (not a user attribute) of a student under the budget floor
 START_ATTR = "start_point"  # of a start trial (nas_kd.start): "hand-made", or "given" (a spec passed in)
 START_SPEC_ATTR = "start_spec"  # its spec, as text

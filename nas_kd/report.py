@@ -11,6 +11,7 @@ which come from the retrain and are never used to choose anything.
 from __future__ import annotations
 
 import html
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pandas as pd
 
 from nas_kd.convert import INT8_WARN_POINTS
 from nas_kd.cost import format_count
-from nas_kd.fronts import epochs_figure, pareto_data, pareto_figure, trials_frame
+from nas_kd.fronts import COSTS, ParetoData, budget_picks, epochs_figure, pareto_data, pareto_figure, trials_frame
 from nas_kd.memory import format_bytes
 from nas_kd.objective import TRIAL_SCORES
 from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR, compression_teacher
@@ -111,6 +112,24 @@ def deployment(metrics: dict[str, Any]) -> list[str]:
     return out
 
 
+def front_picks(name: str, datas: list[ParetoData]) -> list[str]:
+    """A Pareto study's picks at a few budgets along each front, with the command that retrains each."""
+    rows = []
+    for data in datas:
+        for pick in budget_picks(data):
+            # the budget written so that it admits the pick: integers exact, milliseconds rounded up
+            value = (f"{math.ceil(pick['budget'] * 1e4) / 1e4:g}ms" if data.cost == "latency_ms"
+                     else str(int(math.ceil(pick["budget"]))))
+            rows.append({"budget": f"{COSTS[data.cost]} <= {value}", "trial": pick["trial"], "spec": pick["spec"],
+                         "trial score": round(pick["score"], 4),
+                         "retrain it with": f"python -m nas_kd.retrain --study-name {name} {pick['flag']} {value}"})
+    if not rows:
+        return []
+    return ["<h2>One study, many budgets</h2>",
+            "<p>The trial each budget picks along the fronts above (its best trial score within the budget), and the "
+            "command that retrains it into its own folder, apart from the winner.</p>", _table(rows)]
+
+
 def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     info = study.user_attrs.get(STUDY_ATTR, {})
     winner = study.user_attrs.get(WINNER_ATTR)
@@ -119,9 +138,9 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
     score_label = TRIAL_SCORES.get(info.get("config", {}).get("trial_score", "distill"), TRIAL_SCORES["distill"]).label
     baselines = study.user_attrs.get(BASELINE_ATTR, {}).get("methods", [])
     costs = ["macs", "params"] + (["latency_ms"] if frame["latency_ms"].notna().any() else [])
-    figures = [pareto_figure(pareto_data(frame, cost, budget.get(cost), teachers, winner and winner.get("trial"),
-                                         score_label, baselines, winner))
-               for cost in costs]
+    datas = [pareto_data(frame, cost, budget.get(cost), teachers, winner and winner.get("trial"), score_label,
+                         baselines, winner) for cost in costs]
+    figures = [pareto_figure(data) for data in datas]
     figures.append(epochs_figure(frame))
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%")
              for i, fig in enumerate(figures)]
@@ -147,6 +166,8 @@ def render_html(study: optuna.Study, frame: pd.DataFrame) -> str:
         ensemble = {"name": "ensemble", **info.get("ensemble", {}), "test_acc": winner.get("ensemble_test_acc")}
     else:
         ensemble = {"name": "ensemble", **info.get("ensemble", {})}
+    if info.get("config", {}).get("objective") == "pareto":
+        sections += front_picks(study.study_name, datas)
     if teachers:
         # the weights' digest is for resume checks, not for reading
         shown = [{k: v for k, v in t.items() if k != "weights_sha256"} for t in teachers]

@@ -10,26 +10,39 @@ describe themselves, an ONNX model and an int8 ONNX model, both checked with ONN
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from nas_kd.arch import Network, Spec, build
+from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, from_dict
-from nas_kd.cost import count
+from nas_kd.cost import Cost, count
 from nas_kd.data import Dataset
 from nas_kd.distill import criterion_for, retrain_student, retrain_targets
 from nas_kd.ensemble import CachedTargets, Ensemble
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics, teachers_test_metrics
-from nas_kd.picks import finalists, pick_winner, retrain_candidates, start_names
+from nas_kd.picks import (
+    budget_tag,
+    cost_text,
+    finalists,
+    pick_at_budget,
+    pick_winner,
+    retrain_candidates,
+    start_names,
+    stored_cost,
+)
 from nas_kd.progress import log
 from nas_kd.records import LATENCY_ATTR, SPEC_ATTR, cost_facts
 from nas_kd.report import write_report
-from nas_kd.study import STUDY_ATTR, WINNER_ATTR
+from nas_kd.study import AT_BUDGET_ATTR, STUDY_ATTR, WINNER_ATTR
 from nas_kd.train import evaluate
 
 
@@ -47,7 +60,8 @@ def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[s
 
 
 def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
-                   out_dir: Path, progress: bool = True, log=print, cached: CachedTargets | None = None) -> dict[str, Any]:
+                   out_dir: Path, progress: bool = True, log=print, cached: CachedTargets | None = None,
+                   record: bool = True) -> dict[str, Any]:
     """Pick the winner (or cfg.retrain_trial), retrain, test, export, and store the figures in the study.
 
     With cfg.finalists K > 1 the K best trials are each retrained and the one of best validation
@@ -109,7 +123,8 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
                **({"finalists": rows} if many else {})}
     weights, metrics_path = export(model, dataset, cfg, metrics, out_dir)
     metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)
-    study.set_user_attr(WINNER_ATTR, metrics)
+    if record:
+        study.set_user_attr(WINNER_ATTR, metrics)
     return metrics
 
 
@@ -121,6 +136,25 @@ def finish_retrain(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     html_path, _ = write_report(study, out)
     log(f"winner: trial {metrics['trial']} test acc {metrics['test_acc']:.4f} "
         f"(ensemble {metrics['ensemble_test_acc']:.4f}); report {html_path}")
+    return metrics
+
+
+def retrain_at_budget(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, budget: Budget,
+                      price: Callable[[FrozenTrial], Cost] = stored_cost, progress: bool = True, log=log,
+                      cached: CachedTargets | None = None) -> dict[str, Any]:
+    """One study, many budgets: retrain the best trained trial that meets `budget` (`picks.pick_at_budget`)
+    into OUT_DIR/<study>/winner-<budget tag>/, apart from the winner; its metrics are kept in the
+    study under AT_BUDGET_ATTR[tag], and the winner's record is left alone."""
+    trial, cost, fitting = pick_at_budget(study, budget, price)
+    tag = budget_tag(budget)
+    log(f"{budget}: trial {trial.number} ({trial.user_attrs[SPEC_ATTR]}; {cost_text(cost)}; trial score "
+        f"{trial.values[0]:.4f}), the best of {fitting} trained trials that meet it")
+    out = Path(cfg.out_dir) / study.study_name / f"winner-{tag}"
+    one = dataclasses.replace(cfg, retrain_trial=trial.number, finalists=1)
+    metrics = {"budget": str(budget), **retrain_winner(study, dataset, ensemble, one, out, progress, log, cached,
+                                                       record=False)}
+    study.set_user_attr(AT_BUDGET_ATTR, {**study.user_attrs.get(AT_BUDGET_ATTR, {}), tag: metrics})
+    log(f"{budget}: trial {trial.number} test acc {metrics['test_acc']:.4f}; {out}")
     return metrics
 
 

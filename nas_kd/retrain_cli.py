@@ -3,23 +3,66 @@ its finalists, or an online ensemble of its top students) with `nas_kd.retrain`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from optuna.trial import FrozenTrial
+
+from nas_kd.arch import Spec
+from nas_kd.budget import Budget
 from nas_kd.cli import fail, quiet_libraries, study_parser
 from nas_kd.config import SearchConfig, adapt_schedule, from_dict
 from nas_kd.convert import require_runtime
+from nas_kd.cost import Cost, parse_count
 from nas_kd.data import load_dataset
 from nas_kd.ensemble import ensemble_from_config, ensemble_summary
 from nas_kd.errors import InputError
+from nas_kd.latency import latency_meter, parse_latency
+from nas_kd.memory import parse_bytes
 from nas_kd.online import retrain_online, top_students
+from nas_kd.picks import pick_at_budget, stored_cost
 from nas_kd.progress import log
+from nas_kd.records import SPEC_ATTR
 from nas_kd.report import write_report
-from nas_kd.retrain import config_of, finish_retrain
+from nas_kd.retrain import config_of, finish_retrain, retrain_at_budget
+from nas_kd.space import load_space
 from nas_kd.study import check_same_teachers, load_existing
 from nas_kd.train import resolve_device
+
+
+def new_budget(args: argparse.Namespace) -> Budget | None:
+    """The budget the budget flags give, or None when none is given."""
+    budget = Budget(None if args.flops_budget is None else parse_count(args.flops_budget, "--flops-budget"),
+                    None if args.params_budget is None else parse_count(args.params_budget, "--params-budget"),
+                    None if args.latency_budget is None else parse_latency(args.latency_budget),
+                    None if args.memory_budget is None else parse_bytes(args.memory_budget))
+    if args.latency_table and budget.latency_ms is None:
+        raise InputError("--latency-table prices a latency budget; add --latency-budget")
+    return None if budget == Budget() else budget
+
+
+def budget_price(cfg: SearchConfig, budget: Budget, table: str | None, input_shape: tuple[int, int, int],
+                 num_classes: int) -> Callable[[FrozenTrial], Cost]:
+    """A trial's cost as `picks.pick_at_budget` judges it: what the trial stored, and where a
+    latency bound needs a latency the trial did not record, the table's (given, or the search's)
+    or one measured here."""
+    if budget.latency_ms is None:
+        return stored_cost
+    meter, _ = latency_meter(replace(cfg, latency_table=table or cfg.latency_table, onnx=True),
+                             load_space(cfg.search_space), input_shape, num_classes)
+    assert meter is not None  # onnx=True: measured when there is no table
+
+    def price(trial: FrozenTrial) -> Cost:
+        cost = stored_cost(trial)
+        if cost.latency_ms is not None:
+            return cost
+        return replace(cost, latency_ms=meter(Spec.parse(trial.user_attrs[SPEC_ATTR])))
+    return price
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-teachers", action="store_true",
                         help="with --online-ensemble: each student also learns from the offline teachers "
                              "with the study's recipe")
+    b = parser.add_argument_group("one study, many budgets", "retrain the best trained trial of the study that meets "
+                                  "a new budget (any of these, combined), into OUT_DIR/<study>/winner-<budget>/, "
+                                  "apart from the winner")
+    b.add_argument("--flops-budget", metavar="MACS", help="MACs of one forward pass of one input, e.g. 20M")
+    b.add_argument("--params-budget", metavar="N", help="parameters, e.g. 200K")
+    b.add_argument("--latency-budget", metavar="TIME", help="latency of one image, e.g. 1.5ms (the trial's stored "
+                   "latency; measured here, or predicted from --latency-table, where a trial has none)")
+    b.add_argument("--memory-budget", metavar="BYTES", help="peak int8 activation memory, e.g. 48K")
+    b.add_argument("--latency-table", metavar="JSON", help="price latencies a trial did not record with this table "
+                   "(default: the search's, if it had one)")
     parser.add_argument("--no-onnx", action="store_true", help="export the weights only, no ONNX models")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -57,8 +110,13 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--finalists must be >= 1, got {args.finalists}" if args.finalists < 1 else
                              f"--finalists {args.finalists} picks the winner by retraining the best {args.finalists}; "
                              f"it does not go with {'--online-ensemble' if online else '--trial'}")
+        budget = new_budget(args)
+        if budget is not None and (online or args.trial is not None or args.finalists is not None):
+            raise InputError(f"a new budget ({budget}) picks its own trial; it does not go with "
+                             f"{'--online-ensemble' if online else '--trial' if args.trial is not None else '--finalists'}")
         study = load_existing(args.storage, args.study_name, Path(args.out_dir))
         cfg = config_of(study)
+
         if online:
             top_students(study, args.online_ensemble)  # too few students: fail before any teacher is loaded
         overrides: dict[str, Any] = {"device": args.device, "retrain_trial": args.trial, "out_dir": args.out_dir}
@@ -83,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.onnx:
             require_runtime()  # before any training
         dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None).to(resolve_device(cfg.device))
+        if budget is not None:  # refused before any teacher is loaded when no trial meets it
+            price = budget_price(cfg, budget, args.latency_table, dataset.input_shape, dataset.num_classes)
+            pick_at_budget(study, budget, price)
         cfg, schedule_text = adapt_schedule(cfg, len(dataset.train))
         log(schedule_text)
         ensemble = ensemble_from_config(cfg, dataset, not args.quiet, log)
@@ -92,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = retrain_online(study, dataset, ensemble, cfg, args.online_ensemble, args.with_teachers, out,
                                      not args.quiet, log)
             write_report(study, out.parent)
+        elif budget is not None:
+            metrics = retrain_at_budget(study, dataset, ensemble, cfg, budget, price, not args.quiet, log)
         else:
             metrics = finish_retrain(study, dataset, ensemble, cfg, not args.quiet, log)
     except InputError as e:

@@ -27,6 +27,7 @@ from nas_kd.space import SHIPPED, SearchSpace
 
 STUDY_ATTR = "nas_kd"  # study user attribute: what the study was created with, teachers, compression teacher
 WINNER_ATTR = "winner"  # study user attribute: the retrained winner's final numbers
+AT_BUDGET_ATTR = "winners_at_budgets"  # study user attribute: budget tag -> a retrain at that budget (picks.budget_tag)
 BASELINE_ATTR = "pruned_baseline"  # study user attribute: the pruned-teacher baselines' final numbers
 ONLINE_ATTR = "online_ensemble"  # study user attribute: the online ensemble of students' final numbers
 MAX_FAILURES_IN_A_ROW = 5  # failed trials in a row after which a search stops (`run`)
