@@ -155,6 +155,11 @@ class SearchConfig:
     teacher_min_gain: float = 0.1
     # final model
     final_epochs: int = 3
+    # the wall-clock seconds of the whole run (nas_kd.plan): the run measures its costs and splits
+    # them between the search (`trials`, `timeout`) and the retrain (`final_epochs`); None: the
+    # counts decide. `time_fixed` names the counts given explicitly, which the plan keeps
+    time_budget: float | None = None
+    time_fixed: tuple[str, ...] = ()
     retrain_trial: int | None = None
     # retrain the best `finalists` trials (distinct specs, by trial score) with the full schedule and
     # keep the one of best validation accuracy; 1 = the best trial only. Each costs a retrain.

@@ -31,6 +31,7 @@ from nas_kd.latency import check_precision, latency_meter
 from nas_kd.losses import Criterion, loss_class, recipe_features, recipe_uses_teachers
 from nas_kd.objective import run_trial, trial_context, trial_score_named
 from nas_kd.picks import enqueue_start_points
+from nas_kd.plan import Clock, check_time_budget, plan_retrain, plan_search, record_split
 from nas_kd.progress import bars_shown, log
 from nas_kd.records import (
     FAIL_ATTR,
@@ -82,6 +83,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     if cfg.study_name is not None:
         check_study_name(cfg.study_name)
     trial_score_named(cfg.trial_score)
+    check_time_budget(cfg)
     if cfg.sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {cfg.sampler!r}; known: {', '.join(SAMPLERS)}")
     if cfg.pruner not in PRUNERS:
@@ -221,6 +223,7 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
 def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     """The whole job; returns the study. Bad settings raise `InputError` before any work."""
     start = time.perf_counter()
+    clock = Clock()
     validate(cfg)
     # every check of the user's input comes before the first progress line and any training
     space = load_space(cfg.search_space)
@@ -302,6 +305,11 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
             f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}")
     ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer, latency, floor)
     log(trial_text(cfg, len(subset)))
+    time_plan = None
+    if cfg.time_budget is not None:
+        cfg, time_plan = plan_search(cfg, study, space, budget, dataset, ensemble, batches, targets, clock)
+        log(time_plan.line(cfg.trials))
+    marks = {"setup": clock.elapsed()}
 
     # the bar counts trials' worth of training, as --trials does: a pruned trial its share
     bar = tqdm(total=cfg.trials, desc="trials", unit="trial", disable=not progress or None, dynamic_ncols=True,
@@ -344,11 +352,19 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
             finalists = f" its {cfg.finalists} best trials" if cfg.finalists > 1 else " its winner"
             log(f"--final-epochs 0: nothing retrained; to retrain{finalists}: python -m nas_kd.retrain "
                 f"--study-name {name} --storage '{url}'")
+    marks["search"] = clock.elapsed()
+    if time_plan is not None and cfg.final_epochs > 0 and not cfg.worker:
+        cfg, line = plan_retrain(cfg, study, dataset, ensemble, batches, targets, clock)
+        log(line)
     if cfg.final_epochs > 0 and not cfg.worker:
         finish_retrain(study, dataset, ensemble, cfg, progress, log, targets)
+        marks["retrain"] = clock.elapsed()
         if cfg.pruned_baseline:
             pruned_baseline(study, dataset, ensemble, cfg, out, progress, log, targets, latency)
             write_report(study, out)
+    if time_plan is not None:
+        marks["end"] = clock.elapsed()
+        log(record_split(study, time_plan, {"retrain": marks["search"], **marks}, trained, cfg.final_epochs))
     print(f"\nnas_kd search finished\n{summary_table(study, cfg, url, time.perf_counter() - start)}")
     return study
 

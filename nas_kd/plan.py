@@ -8,19 +8,35 @@ trials that finished), a retrain epoch's seconds (timed steps of the student to 
 fixed allowance for the test, export and report. The search gets `search_share` of what is
 left after that allowance; the retrain gets the rest, in whole epochs.
 
-Everything here is arithmetic on seconds: the pipeline measures, this module decides, and the
-tests drive it with a fake clock and fake costs.
+The arithmetic (`make_plan`, `epochs_left`) is pure, and the tests drive it with a fake clock and
+fake costs; the functions at the end measure this machine's costs and apply the plan to a run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import optuna
+import torch
+
+from nas_kd.arch import Spec, build
+from nas_kd.batches import BatchIterator
+from nas_kd.budget import Budget
+from nas_kd.config import SearchConfig, steps_per_epoch
+from nas_kd.cost import count
+from nas_kd.data import Dataset
+from nas_kd.distill import criterion_for, step_seconds
+from nas_kd.ensemble import Ensemble, LiveTargets, TargetSource
 from nas_kd.errors import InputError
+from nas_kd.picks import pick_winner
+from nas_kd.records import SPEC_ATTR
+from nas_kd.space import SearchSpace
+from nas_kd.study import study_training, update_study_attr
 
 # the share of the planned time the search gets; the rest goes to the retrain (BENCHMARKS.md,
 # "Time budget": the split measured at the default budget)
@@ -137,3 +153,91 @@ class Clock:
 
     def elapsed(self) -> float:
         return self.now() - self.start
+
+
+# ---------------------------------------------------------------- the run's costs, measured here
+
+TRIAL_OVERHEAD = 1.25  # a trial's validation passes, BatchNorm recalibration and latency check, over its steps
+TIME_ATTR = "time_budget"  # study user attribute: the plan and the actual split of a run with --time-budget
+
+
+def typical_student(space: SearchSpace, budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
+                    seed: int, n: int = 20) -> Spec:
+    """The median-MACs spec of `n` seeded random specs within the budget's MACs and params bounds
+    (the space's smallest when none is): what a trial of this search typically trains."""
+    bounds = Budget(budget.macs, budget.params)
+    fitting = sorted((c.macs, str(s), s) for s in space.random_specs(n, seed)
+                     if bounds.fits(c := count(build(s, input_shape, num_classes, channels_last=False), input_shape)))
+    return fitting[len(fitting) // 2][2] if fitting else space.smallest(input_shape, num_classes)[0][0]
+
+
+def spec_step_seconds(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, batches: BatchIterator,
+                      targets: TargetSource | None) -> float:
+    """Seconds of one training step of `spec` with the run's recipe, timed here (`distill.step_seconds`)."""
+    with torch.random.fork_rng(devices=[]):  # the run's random stream is not moved by the timing
+        model = build(spec, dataset.input_shape, dataset.num_classes).to(dataset.train.x.device)
+        criterion = criterion_for(model, cfg.distill, ensemble.feature_channels)
+        if criterion.uses_teachers and targets is None:
+            targets = LiveTargets(ensemble, criterion.features)
+        return step_seconds(model, batches, targets, criterion, cfg.train, TIMED_STEPS, WARMUP_STEPS)
+
+
+def plan_search(cfg: SearchConfig, study: optuna.Study, space: SearchSpace, budget: Budget, dataset: Dataset,
+                ensemble: Ensemble, batches: BatchIterator, targets: TargetSource | None,
+                clock: Clock) -> tuple[SearchConfig, Plan]:
+    """The run's plan once its teachers and targets are ready: a typical student's steps timed
+    here price a trial and a retrain epoch; the config gets the search's trials and timeout (and
+    the retrain's epochs) unless they were given explicitly (`cfg.time_fixed`)."""
+    step = spec_step_seconds(typical_student(space, budget, dataset.input_shape, dataset.num_classes, cfg.seed),
+                             dataset, ensemble, cfg, batches, targets)
+    costs = Costs(spent=clock.elapsed(), trial=step * len(batches) * cfg.trial_epochs * TRIAL_OVERHEAD,
+                  epoch=step * steps_per_epoch(len(dataset.train), cfg.train.batch_size) * cfg.finalists)
+    fixed = set(cfg.time_fixed)
+    held = math.floor(study_training(study))
+    plan = make_plan(cfg.time_budget, costs, trials=held + cfg.trials if "trials" in fixed else None,
+                     epochs=cfg.final_epochs if "final_epochs" in fixed else None, held=held)
+    if "trials" not in fixed:
+        cfg = dataclasses.replace(cfg, trials=max(0, plan.trials - held), timeout=plan.search)
+    if "final_epochs" not in fixed:
+        cfg = dataclasses.replace(cfg, final_epochs=plan.epochs)
+    update_study_attr(study, TIME_ATTR, {"plan": plan.to_dict(), "costs": asdict(costs)})
+    return cfg, plan
+
+
+def plan_retrain(cfg: SearchConfig, study: optuna.Study, dataset: Dataset, ensemble: Ensemble,
+                 batches: BatchIterator, targets: TargetSource | None, clock: Clock) -> tuple[SearchConfig, str]:
+    """After the search: the retrain's epochs from what is left of the budget, the winner's own steps
+    timed here; and a line that says so."""
+    if "final_epochs" in cfg.time_fixed:
+        return cfg, f"retrain: {cfg.final_epochs} epochs (--final-epochs)"
+    winner = Spec.parse(pick_winner(study, cfg.retrain_trial).user_attrs[SPEC_ATTR])
+    epoch = (spec_step_seconds(winner, dataset, ensemble, cfg, batches, targets)
+             * steps_per_epoch(len(dataset.train), cfg.train.batch_size) * cfg.finalists)
+    epochs = epochs_left(cfg.time_budget, clock.elapsed(), epoch)
+    return dataclasses.replace(cfg, final_epochs=epochs), (
+        f"retrain: {epochs} epochs of ~{epoch:.0f}s fit the ~{format_duration(cfg.time_budget - clock.elapsed())} "
+        f"left of the time budget ({format_duration(clock.elapsed())} spent)")
+
+
+def record_split(study: optuna.Study, plan: Plan, marks: dict[str, float], trials: int, epochs: int) -> str:
+    """The actual split of the run (`marks`: elapsed seconds when setup, search and retrain ended),
+    stored beside the plan; one line."""
+    end = marks["end"]
+    actual = {"setup": marks["setup"], "search": marks["search"] - marks["setup"],
+              "retrain": marks["retrain"] - marks["search"], "export": end - marks["retrain"], "total": end,
+              "trials": trials, "epochs": epochs}
+    update_study_attr(study, TIME_ATTR, {**study.user_attrs.get(TIME_ATTR, {}),
+                                         "actual": {k: round(v, 1) for k, v in actual.items()}})
+    over = end / plan.budget - 1
+    return (f"time budget {format_duration(plan.budget)}: setup {format_duration(actual['setup'])}, search "
+            f"{format_duration(actual['search'])} ({trials} trials), retrain {format_duration(actual['retrain'])} "
+            f"({epochs} epochs), export and report {format_duration(actual['export'])}; total "
+            f"{format_duration(end)}, {abs(over):.0%} {'over' if over > 0 else 'under'} the budget")
+
+
+def check_time_budget(cfg: SearchConfig) -> None:
+    """A time budget from a config file is checked as the flag is."""
+    if cfg.time_budget is not None and not (math.isfinite(cfg.time_budget) and cfg.time_budget > 0):
+        raise InputError(f"time_budget must be a positive number of seconds, got {cfg.time_budget!r}")
+    if bad := [k for k in cfg.time_fixed if k not in ("trials", "final_epochs")]:
+        raise InputError(f"time_fixed names counts the plan keeps: trials and/or final_epochs, got {bad[0]!r}")

@@ -25,6 +25,7 @@ from nas_kd.losses import LOSSES
 from nas_kd.memory import parse_bytes
 from nas_kd.objective import TRIAL_SCORES
 from nas_kd.pipeline import PARETO_COSTS, search
+from nas_kd.plan import parse_duration
 from nas_kd.study import PRUNERS, SAMPLERS
 from nas_kd.zoo import TEACHERS
 
@@ -146,6 +147,11 @@ def build_parser() -> OneLineParser:
                         "nothing")
     g.add_argument("--timeout", type=_positive(float, "--timeout", 1), metavar="SECONDS",
                    help="stop starting trials after this many seconds")
+    g.add_argument("--time-budget", type=_typed(lambda text, flag: parse_duration(text, flag), "--time-budget"),
+                   metavar="DURATION",
+                   help="wall-clock time for the whole run, e.g. 90s, 30m, 2h: the run times a trial and a retrain "
+                        "epoch here and splits the time between the search and the retrain (one line at the start "
+                        "says how); --trials and --final-epochs given explicitly keep their counts")
     g.add_argument("--start-from", action="append", metavar="hand-made|SPEC",
                    help="train this student first, before the sampler proposes any; repeatable. hand-made: the "
                         "deepest of ResNet-20/14/8 scaled to fit the budget (He et al. 2016), what a person would "
@@ -290,8 +296,10 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
                  "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score",
                  "bn_recalibration", "trial_reports", "pruner", "sampler", "latency_precision", "latency_threads",
                  "latency_table", "memory_budget", "pareto_cost", "min_steps", "teacher_min_gain", "study_trials",
-                 "heartbeat", "budget_floor", "finalists"):
+                 "heartbeat", "budget_floor", "finalists", "time_budget"):
         flag(name)
+    if "time_budget" in given:  # the counts given explicitly keep their part of the plan
+        base["time_fixed"] = [k for k in ("trials", "final_epochs") if k in given]
     flag("start_from", convert=lambda v: list(dict.fromkeys(v)))
     flag("latency_budget", "latency_budget_ms")
     flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])

@@ -77,3 +77,42 @@ def test_epochs_left_after_the_search_with_a_fake_clock() -> None:
     assert clock.elapsed() == 700.0
     assert epochs_left(1800.0, clock.elapsed(), epoch=90.0, export=60.0) == 11  # floor(1040 / 90)
     assert epochs_left(1800.0, 1790.0, epoch=90.0) == 1  # past the budget: still one epoch
+
+
+def test_a_time_budget_run_ends_within_it_and_records_its_plan(tmp_path, mini_fashion_dir) -> None:
+    """A tiny search with --time-budget: the plan line at the start, trials and retrain epochs
+    chosen by the plan, the actual split at the end and in the study, and the run within its
+    budget plus the tolerance of one trial."""
+    import optuna
+
+    from nas_kd.plan import TIME_ATTR
+    from tests.conftest import TINY_DATA_FLAGS, run_cli
+
+    budget = 240
+    result = run_cli("nas_kd.search", *TINY_DATA_FLAGS, "--flops-budget", "12M", "--teachers", "resnet8",
+                     "--teacher-epochs", "1", "--trial-epochs", "1", "--subset", "300", "--no-onnx", "--quiet",
+                     "--study-name", "timed", "--data-dir", str(mini_fashion_dir), "--time-budget", f"{budget}s",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"time budget {budget}s on this machine: " in result.stderr
+    study = optuna.load_study(study_name="timed", storage=f"sqlite:///{tmp_path / 'studies' / 'timed.db'}")
+    record = study.user_attrs[TIME_ATTR]
+    plan, actual = record["plan"], record["actual"]
+    assert plan["budget"] == budget and plan["trials"] >= 1 and plan["epochs"] >= 1
+    assert actual["trials"] >= 1 and actual["epochs"] == study.user_attrs["winner"]["final_epochs"] >= 1
+    trial_seconds = record["costs"]["trial"]
+    assert actual["total"] <= budget + max(trial_seconds, 30), actual
+    assert any(f"time budget {budget}s: setup " in line and " the budget" in line and "total" in line
+               for line in result.stderr.splitlines())
+
+
+def test_a_time_budget_too_small_is_refused_in_one_line(tmp_path, mini_fashion_dir) -> None:
+    from tests.conftest import TINY_DATA_FLAGS, run_cli
+
+    result = run_cli("nas_kd.search", *TINY_DATA_FLAGS, "--flops-budget", "12M", "--teachers", "resnet8",
+                     "--teacher-epochs", "1", "--subset", "300", "--no-onnx", "--quiet", "--data-dir",
+                     str(mini_fashion_dir), "--time-budget", "1s", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "error: --time-budget 1s is too small on this machine" in result.stderr.strip().splitlines()[-1]
+    bad = run_cli("nas_kd.search", "--flops-budget", "12M", "--time-budget", "5 minutes", cwd=tmp_path)
+    assert bad.returncode == 2 and "--time-budget '5 minutes' is not a duration" in bad.stderr
