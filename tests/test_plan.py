@@ -88,7 +88,7 @@ def test_a_time_budget_run_ends_within_it_and_records_its_plan(tmp_path, mini_fa
     from nas_kd.plan import TIME_ATTR
     from tests.conftest import TINY_DATA_FLAGS, run_cli
 
-    budget = 240
+    budget = 150
     result = run_cli("nas_kd.search", *TINY_DATA_FLAGS, "--flops-budget", "12M", "--teachers", "resnet8",
                      "--teacher-epochs", "1", "--trial-epochs", "1", "--subset", "300", "--no-onnx", "--quiet",
                      "--study-name", "timed", "--data-dir", str(mini_fashion_dir), "--time-budget", f"{budget}s",
