@@ -78,7 +78,7 @@ from nas_kd.objective import PROXY_BATCH, TRIAL_SCORES, TrialContext, proxy_scor
 from nas_kd.records import CURVE_ATTR
 from nas_kd.retrain import retrain
 from nas_kd.space import load_space
-from nas_kd.train import evaluate, recalibrate_bn
+from nas_kd.train import evaluate
 
 
 def top_k_precision(score: list[float], reference: list[float], k: int = 3) -> float:
@@ -201,7 +201,7 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
                     net = scorer.stage_net(spec, i)
                     scorer.train_stage(net)
                     raw.append(scorer.r2(net))
-                    recalibrate_bn(net, (scorer._input(scorer.train_maps, net, rows) for rows in scorer.calibration_rows))
+                    scorer.recalibrate(net)
                     recalibrated.append(scorer.r2(net))
                 bench.results.put("scores", f"{spec}|{sid}", {
                     "spec": str(spec), "raw": statistics.mean(raw), "recalibrated": statistics.mean(recalibrated),

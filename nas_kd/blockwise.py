@@ -169,6 +169,10 @@ class BlockwiseScorer:
         net = net.to(self.device)
         return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
+    def recalibrate(self, net: StageNet) -> None:
+        """`net`'s BatchNorm statistics re-estimated on the calibration batches (`train.recalibrate_bn`)."""
+        recalibrate_bn(net, (self._input(self.train_maps, net, rows) for rows in self.calibration_rows))
+
     def _input(self, maps: list[torch.Tensor], net: StageNet, rows: torch.Tensor | slice) -> torch.Tensor:
         x = maps[net.source + 1][rows].float()
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -220,7 +224,7 @@ class BlockwiseScorer:
                 net = self.stage_net(spec, i)
                 self.train_stage(net, desc=f"block {key}")
                 if self.calibration_rows:
-                    recalibrate_bn(net, (self._input(self.train_maps, net, rows) for rows in self.calibration_rows))
+                    self.recalibrate(net)
                 self.scores[key] = self.r2(net)
                 self.trained += 1
                 self.cost_seconds += time.perf_counter() - start
