@@ -36,7 +36,7 @@ Methods, each picking one student of the default space (`resnet`) per budget and
 Every pick is retrained like `benchmarks.search_vs_baselines` (3 epochs, every training image,
 the shipped ensemble, seed S) and tested once. Each pick's latency is measured here too (fp32,
 one thread, the fastest of 3 medians of 100 runs) beside the table's prediction, and its peak
-int8 memory counted: a pick over a latency budget by more than the table's largest error on its
+int8 memory counted: a pick over a latency budget by more than the table's median absolute error on its
 calibration networks is flagged `over`. Picks and retrains go to
 `benchmarks/results/device_budgets.json` as they finish, so a killed run resumes.
 """
@@ -167,7 +167,10 @@ def main() -> int:
     space = load_space(SPACE)
     table = make_table(results, space, args.work / "table")
     table_path().write_text(json.dumps(results.get("table", TABLE_KEY)["table"], indent=1) + "\n")
-    tolerance = max(abs(table.predict(Spec.parse(k)) / ms - 1) for k, ms in table.networks.items())
+    # a pick is over a latency budget in fact when measured above it by more than the table's
+    # error: its median absolute error on its own calibration networks (the largest is one noisy
+    # network's, -65% in the table timed while other work shared the cores)
+    tolerance = statistics.median(abs(table.predict(Spec.parse(k)) / ms - 1) for k, ms in table.networks.items())
     budgets = {name: budget_of(name, table) for name in args.budgets}
     print(f"{machine()}; table: {table.calibration_line()}; budgets: "
           + ", ".join(f"{n} = {b}" for n, b in budgets.items()), flush=True)
