@@ -3,6 +3,7 @@ and a search that trains them first, once per study."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -12,14 +13,26 @@ import pytest
 
 from nas_kd.arch import Spec, build
 from nas_kd.budget import Budget
+from nas_kd.cost import Cost, count
 from nas_kd.errors import InputError
+from nas_kd.latency import LatencyTable
 from nas_kd.memory import peak_activations
 from nas_kd.objective import may_prune
 from nas_kd.picks import START_POINTS_ATTR, enqueue_start_points, start_trials
 from nas_kd.records import SPEC_ATTR, START_ATTR
 from nas_kd.search import main
 from nas_kd.space import load_space
-from nas_kd.start import HAND_MADE, hand_made, scaled, space_params, spec_cost, start_points
+from nas_kd.start import (
+    FAMILY_STEPS,
+    HAND_MADE,
+    family,
+    family_specs,
+    hand_made,
+    scaled,
+    space_params,
+    spec_cost,
+    start_points,
+)
 from nas_kd.zoo import teacher_spec
 from tests.conftest import search_cli
 
@@ -180,3 +193,37 @@ def test_a_search_trains_its_start_points_first_and_once_per_study(e2e_run: dict
     assert enqueue_start_points(study, points) == [f"start point hand-made: {made} is already in the study",
                                       f"start point given: {GIVEN} is already in the study"]
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 0
+
+
+def _family_table() -> LatencyTable:
+    """A latency table by hand holding every layer of the hand-made family: a layer's time grows with
+    its output size, so wider members are slower, as on a device."""
+    from nas_kd.blocks import spec_layers
+
+    entries = {layer.key(): 0.01 + layer.cout * layer.h * layer.w * 1e-6
+               for name in FAMILY_STEPS for spec in family_specs(name) for layer in spec_layers(spec, (1, 28, 28), 10)}
+    entries["noop"] = 0.01
+    return LatencyTable("family.json", "resnet", (1, 28, 28), 10, "fp32", entries, 0.01, {})
+
+
+@pytest.mark.parametrize("budget", [Budget(latency_ms=0.3), Budget(latency_ms=1.0), Budget(memory=48_000),
+                                    Budget(params=250_000, memory=48_000)])
+def test_every_family_member_meets_the_budget_it_was_scaled_to(budget: Budget) -> None:
+    """Each member of the hand-made family at the largest width that fits, by the same table or
+    memory count the benchmark judges by; one width step more does not fit."""
+    table = _family_table()
+    latency = table.predict if budget.latency_ms is not None else None
+    members = family(budget, (1, 28, 28), 10, latency)
+    assert set(members) == set(FAMILY_STEPS)
+
+    def facts(spec: Spec) -> Cost:
+        model = build(spec, (1, 28, 28), 10, channels_last=False)
+        return dataclasses.replace(count(model, (1, 28, 28)), memory=peak_activations(model, (1, 28, 28)),
+                                   latency_ms=table.predict(spec))
+
+    for name, (spec, factor) in members.items():
+        assert budget.fits(facts(spec)), (name, factor)
+        step, steps = FAMILY_STEPS[name]
+        if factor < round(step * steps, 2):  # the widest the family goes fits: nothing wider to check
+            wider = scaled(teacher_spec(name), round(factor + step, 2))
+            assert wider == spec or not budget.fits(facts(wider)), (name, factor)
