@@ -16,7 +16,7 @@ from nas_kd.data import Dataset
 from nas_kd.ensemble import CachedTargets, Ensemble, LiveTargets, TargetSource
 from nas_kd.errors import InputError
 from nas_kd.losses import Criterion, StudentOutput, loss_class
-from nas_kd.train import fit
+from nas_kd.train import Checkpoint, fit
 
 
 def criterion_for(student: Network, recipe: DistillConfig, teacher_channels: list[list[int]]) -> Criterion:
@@ -52,13 +52,16 @@ def criterion_stages(criterion: Criterion, epochs: int, fraction: float) -> tupl
 def distill(student: Network, batches: BatchIterator, targets: TargetSource | None, criterion: Criterion,
             cfg: TrainConfig, epochs: int, on_epoch: Callable[[int], None] | None = None,
             desc: str = "distill", progress: bool = True, two_stage: float = 0.0,
-            on_step: Callable[[int], None] | None = None, epoch_lines: bool = False) -> float:
+            on_step: Callable[[int], None] | None = None, epoch_lines: bool = False,
+            checkpoint: Checkpoint | None = None) -> float:
     """Train `student` (and the criterion's adapters) for `epochs`; returns training seconds.
 
     With `two_stage` > 0 the first `two_stage` of the epochs train on the feature losses only and
     the rest on the logit losses only, each stage with its own one-cycle schedule; `on_epoch`
-    sees the epochs numbered through both, `on_step` the optimizer steps counted through both. `targets` may be None only when no loss of the
-    criterion uses the teachers.
+    sees the epochs numbered through both, `on_step` the optimizer steps counted through both.
+    `targets` may be None only when no loss of the criterion uses the teachers. With
+    `checkpoint`, every epoch's state is saved and a killed run resumes (`train.fit`); the
+    stage-one state goes beside it, suffixed `-align`.
     """
     if criterion.uses_teachers and targets is None:
         raise ValueError("this recipe needs teacher targets")
@@ -74,13 +77,15 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
     first, second = criterion_stages(criterion, epochs, two_stage)
     if not first:
         return fit(modules, batches, step_of(None), cfg, epochs, on_epoch, desc, progress, on_step=on_step,
-                   epoch_lines=epoch_lines)
+                   epoch_lines=epoch_lines, checkpoint=checkpoint)
 
     offset = first * len(batches)
+    align = None if checkpoint is None else Checkpoint(checkpoint.path.with_stem(checkpoint.path.stem + "-align"))
     seconds = fit(modules, batches, step_of("features"), cfg, first, on_epoch, f"{desc} align", progress,
-                  on_step=on_step, epoch_lines=epoch_lines)
+                  on_step=on_step, epoch_lines=epoch_lines, checkpoint=align)
     return seconds + fit(modules, batches, step_of("logits"), cfg, second, on_epoch, desc, progress, first_epoch=first,
-                         on_step=None if on_step is None else lambda n: on_step(offset + n), epoch_lines=epoch_lines)
+                         on_step=None if on_step is None else lambda n: on_step(offset + n), epoch_lines=epoch_lines,
+                         checkpoint=checkpoint)
 
 
 def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion | None,
@@ -124,16 +129,17 @@ def seeded_student(make: Callable[[], Network], seed: int, recipe: DistillConfig
 
 def retrain_student(make: Callable[[], Network], dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
                     epochs: int, recipe: DistillConfig | None = None, desc: str = "retrain", progress: bool = True,
-                    cached: CachedTargets | None = None, epoch_lines: bool = False) -> tuple[Network, float]:
+                    cached: CachedTargets | None = None, epoch_lines: bool = False,
+                    checkpoint: Checkpoint | None = None) -> tuple[Network, float]:
     """The retrain recipe: `seeded_student` (seed cfg.seed), its targets over the whole training
     split (`retrain_targets`, the search's cache when it covers them), then `epochs` of
-    distillation with `recipe` (default: the study's, cfg.distill). Returns the network in eval
-    mode and the training seconds."""
+    distillation with `recipe` (default: the study's, cfg.distill), saved to `checkpoint` every
+    epoch when given. Returns the network in eval mode and the training seconds."""
     recipe = cfg.distill if recipe is None else recipe
     model, criterion = seeded_student(make, cfg.seed, recipe, ensemble.feature_channels)
     batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress)
     seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc=desc, progress=progress,
-                      two_stage=recipe.two_stage, epoch_lines=epoch_lines)
+                      two_stage=recipe.two_stage, epoch_lines=epoch_lines, checkpoint=checkpoint)
     return model.eval(), seconds
 
 
