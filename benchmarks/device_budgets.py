@@ -14,7 +14,7 @@ Budgets (Fashion-MNIST, 1x28x28, 10 classes), all fixed from one latency table b
   as the table predicts it: the hand-made ResNets fit at about half their widths;
 - `latency-full`: the same of ResNet-20 at x1.00: they fit at about full width;
 - `mcu-48KB`: a Cortex-M class microcontroller, as MCUNet (Lin et al., NeurIPS 2020) frames it:
-  48,000 bytes of SRAM for the peak int8 activations (`nas_kd.latency.peak_activations`) and
+  48,000 bytes of SRAM for the peak int8 activations (`nas_kd.memory.peak_activations`) and
   250K parameters (int8 weights in 256KB of flash). Without the flash bound, peak memory alone
   admits students of 137M MACs, which no such device runs.
 
@@ -64,19 +64,21 @@ from benchmarks.common import (
     settings_id,
 )
 from nas_kd import start
-from nas_kd.arch import Spec, build
+from nas_kd.arch import Spec
 from nas_kd.blocks import export_blocks
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig
-from nas_kd.cost import Cost, count, format_count
+from nas_kd.cost import Cost, format_count
 from nas_kd.data import Dataset, load_dataset
 from nas_kd.latency import LatencyTable, measure_latency
-from nas_kd.memory import format_bytes, peak_activations
+from nas_kd.memory import format_bytes
 from nas_kd.space import SearchSpace, load_space
 from nas_kd.time_blocks import time_folder
 from nas_kd.zoo import teacher_spec
 
 INPUT, CLASSES = (1, 28, 28), 10
+# a budget with every bound, so that start.spec_facts counts every cost a pick is judged by
+EVERY_BOUND = Budget(latency_ms=float("inf"), memory=2**62)
 SPACE = "resnet"
 BUDGETS = ("latency-half", "latency-full", "mcu-48KB")
 # a Cortex-M class microcontroller: SRAM for the peak int8 activations, flash for the int8 weights
@@ -124,10 +126,8 @@ def config_for(budget: Budget, seed: int, cache_dir: str) -> SearchConfig:
 
 def facts(spec: Spec, table: LatencyTable) -> dict[str, Any]:
     """What a pick costs: MACs, params, predicted latency, peak int8 memory (bytes)."""
-    model = build(spec, INPUT, CLASSES, channels_last=False)
-    cost = count(model, INPUT)
-    return {"macs": cost.macs, "params": cost.params, "predicted_ms": round(table.predict(spec), 4),
-            "peak_int8": peak_activations(model, INPUT)}
+    cost = start.spec_facts(spec, EVERY_BOUND, INPUT, CLASSES, table.predict)
+    return {"macs": cost.macs, "params": cost.params, "predicted_ms": round(cost.latency_ms, 4), "peak_int8": cost.memory}
 
 
 def cost_of(spec: Spec, table: LatencyTable) -> Cost:

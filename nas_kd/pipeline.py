@@ -364,7 +364,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
             write_report(study, out)
     if time_plan is not None:
         marks["end"] = clock.elapsed()
-        log(record_split(study, time_plan, {"retrain": marks["search"], **marks}, trained, cfg.final_epochs))
+        log(record_split(study, time_plan, marks, trained, cfg.final_epochs))
     print(f"\nnas_kd search finished\n{summary_table(study, cfg, url, time.perf_counter() - start)}")
     return study
 

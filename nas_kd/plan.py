@@ -220,9 +220,9 @@ def plan_retrain(cfg: SearchConfig, study: optuna.Study, dataset: Dataset, ensem
 
 
 def record_split(study: optuna.Study, plan: Plan, marks: dict[str, float], trials: int, epochs: int) -> str:
-    """The actual split of the run (`marks`: elapsed seconds when setup, search and retrain ended),
-    stored beside the plan; one line."""
-    end = marks["end"]
+    """The actual split of the run (`marks`: elapsed seconds when setup, search and retrain ended;
+    no retrain mark when nothing was retrained), stored beside the plan; one line."""
+    end, marks = marks["end"], {"retrain": marks["search"], **marks}
     actual = {"setup": marks["setup"], "search": marks["search"] - marks["setup"],
               "retrain": marks["retrain"] - marks["search"], "export": end - marks["retrain"], "total": end,
               "trials": trials, "epochs": epochs}
