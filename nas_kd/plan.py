@@ -5,7 +5,7 @@ Users of AutoML tools state the time they have, not counts (auto-sklearn's
 costs it measures on this machine: the seconds already spent (teachers, target caching), a
 trial's seconds (first from timed steps of a student of the budget's size, then the mean of the
 trials that finished), a retrain epoch's seconds (timed steps of the student to retrain), and a
-fixed allowance for the test, export and report. The search gets `search_share` of what is
+fixed allowance for the test, export and report (less without ONNX). The search gets `search_share` of what is
 left after that allowance; the retrain gets the rest, in whole epochs.
 
 The arithmetic (`make_plan`, `epochs_left`) is pure, and the tests drive it with a fake clock and
@@ -43,6 +43,7 @@ from nas_kd.study import study_training, update_study_attr
 SEARCH_SHARE = 0.3
 MIN_EPOCHS = 1  # a retrain shorter than this is not a retrain
 EXPORT_SECONDS = 60.0  # test, ONNX and int8 export, report: about 30-50 s for a 50M student here
+REPORT_SECONDS = 20.0  # test, weights and report without ONNX (--no-onnx)
 TIMED_STEPS = 8  # optimizer steps timed to price a trial or a retrain epoch (after WARMUP_STEPS)
 WARMUP_STEPS = 2
 
@@ -138,6 +139,11 @@ def make_plan(budget: float, costs: Costs, search_share: float = SEARCH_SHARE, t
     return Plan(budget, costs.spent, search, held + new, epochs * costs.epoch, epochs, costs.export)
 
 
+def export_seconds(cfg: SearchConfig) -> float:
+    """What the plan keeps for after the retrain: the ONNX and int8 export only when it is made."""
+    return EXPORT_SECONDS if cfg.onnx else REPORT_SECONDS
+
+
 def epochs_left(budget: float, elapsed: float, epoch: float, export: float = EXPORT_SECONDS) -> int:
     """Retrain epochs that fit what is left of `budget` after `elapsed` seconds, keeping `export`
     for the end (at least MIN_EPOCHS: a run past its budget still hands over a trained student)."""
@@ -191,7 +197,8 @@ def plan_search(cfg: SearchConfig, study: optuna.Study, space: SearchSpace, budg
     step = spec_step_seconds(typical_student(space, budget, dataset.input_shape, dataset.num_classes, cfg.seed),
                              dataset, ensemble, cfg, batches, targets)
     costs = Costs(spent=clock.elapsed(), trial=step * len(batches) * cfg.trial_epochs * TRIAL_OVERHEAD,
-                  epoch=step * steps_per_epoch(len(dataset.train), cfg.train.batch_size) * cfg.finalists)
+                  epoch=step * steps_per_epoch(len(dataset.train), cfg.train.batch_size) * cfg.finalists,
+                  export=export_seconds(cfg))
     fixed = set(cfg.time_fixed)
     held = math.floor(study_training(study))
     plan = make_plan(cfg.time_budget, costs, trials=held + cfg.trials if "trials" in fixed else None,
@@ -213,7 +220,7 @@ def plan_retrain(cfg: SearchConfig, study: optuna.Study, dataset: Dataset, ensem
     winner = Spec.parse(pick_winner(study, cfg.retrain_trial).user_attrs[SPEC_ATTR])
     epoch = (spec_step_seconds(winner, dataset, ensemble, cfg, batches, targets)
              * steps_per_epoch(len(dataset.train), cfg.train.batch_size) * cfg.finalists)
-    epochs = epochs_left(cfg.time_budget, clock.elapsed(), epoch)
+    epochs = epochs_left(cfg.time_budget, clock.elapsed(), epoch, export_seconds(cfg))
     return dataclasses.replace(cfg, final_epochs=epochs), (
         f"retrain: {epochs} epochs of ~{epoch:.0f}s fit the ~{format_duration(cfg.time_budget - clock.elapsed())} "
         f"left of the time budget ({format_duration(clock.elapsed())} spent)")

@@ -88,7 +88,7 @@ def test_a_time_budget_run_ends_within_it_and_records_its_plan(tmp_path, mini_fa
     from nas_kd.plan import TIME_ATTR
     from tests.conftest import TINY_DATA_FLAGS, run_cli
 
-    budget = 150
+    budget = 75
     result = run_cli("nas_kd.search", *TINY_DATA_FLAGS, "--flops-budget", "12M", "--teachers", "resnet8",
                      "--teacher-epochs", "1", "--trial-epochs", "1", "--subset", "300", "--no-onnx", "--quiet",
                      "--study-name", "timed", "--data-dir", str(mini_fashion_dir), "--time-budget", f"{budget}s",
@@ -116,3 +116,11 @@ def test_a_time_budget_too_small_is_refused_in_one_line(tmp_path, mini_fashion_d
     assert "error: --time-budget 1s is too small on this machine" in result.stderr.strip().splitlines()[-1]
     bad = run_cli("nas_kd.search", "--flops-budget", "12M", "--time-budget", "5 minutes", cwd=tmp_path)
     assert bad.returncode == 2 and "--time-budget '5 minutes' is not a duration" in bad.stderr
+
+
+def test_the_export_allowance_is_smaller_without_onnx() -> None:
+    from nas_kd.config import SearchConfig
+    from nas_kd.plan import EXPORT_SECONDS, REPORT_SECONDS, export_seconds
+
+    assert export_seconds(SearchConfig()) == EXPORT_SECONDS == 60.0
+    assert export_seconds(SearchConfig(onnx=False)) == REPORT_SECONDS == 20.0
