@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from ptflops import get_model_complexity_info
 
 from nas_kd.errors import InputError
 
@@ -33,6 +32,10 @@ class Cost:
 
 def count(model: nn.Module, input_shape: tuple[int, int, int]) -> Cost:
     """MACs and parameters of one forward pass of one (C, H, W) input."""
+    # imported here: ptflops imports torchvision and with it torch._dynamo (2.5 s), which a
+    # command that only checks its flags or refuses its input does not need
+    from ptflops import get_model_complexity_info
+
     probe = copy.deepcopy(model).cpu()  # ptflops switches the model to eval mode and runs it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one image through a small net: threads cost more than they save (5 ms vs 40+)
