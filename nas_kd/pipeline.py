@@ -31,7 +31,7 @@ from nas_kd.latency import check_precision, latency_meter
 from nas_kd.losses import Criterion, loss_class, recipe_features, recipe_uses_teachers
 from nas_kd.objective import run_trial, trial_context, trial_score_named
 from nas_kd.picks import enqueue_start_points
-from nas_kd.plan import Clock, check_time_budget, plan_retrain, plan_search, record_split
+from nas_kd.plan import Clock, check_time_budget, plan_retrain, plan_search, record_split, refuse_too_small
 from nas_kd.progress import bars_shown, log
 from nas_kd.records import (
     FAIL_ATTR,
@@ -244,6 +244,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
                                           floor, latency if cfg.latency_table else None)
     if cfg.pruned_baseline:
         check_prunable(cfg, dataset.input_shape, dataset.num_classes, latency)
+    refuse_too_small(cfg, space, budget, dataset, clock)
     device = resolve_device(cfg.device)
     log(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test "
         f"images of {'x'.join(map(str, dataset.input_shape))}, {dataset.num_classes} classes; device {device}")

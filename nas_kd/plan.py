@@ -27,7 +27,7 @@ import torch
 from nas_kd.arch import Spec, build
 from nas_kd.batches import BatchIterator
 from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig, steps_per_epoch
+from nas_kd.config import DistillConfig, SearchConfig, steps_per_epoch
 from nas_kd.cost import count
 from nas_kd.data import Dataset
 from nas_kd.distill import criterion_for, step_seconds
@@ -186,6 +186,28 @@ def spec_step_seconds(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: Sea
         if criterion.uses_teachers and targets is None:
             targets = LiveTargets(ensemble, criterion.features)
         return step_seconds(model, batches, targets, criterion, cfg.train, TIMED_STEPS, WARMUP_STEPS)
+
+
+def refuse_too_small(cfg: SearchConfig, space: SearchSpace, budget: Budget, dataset: Dataset, clock: Clock) -> None:
+    """Before any teacher, target or trial: refuse a time budget that cannot hold even one retrain
+    epoch and the export, pricing the epoch by a typical student's plain cross-entropy steps
+    (distillation costs more, so this errs towards letting a run start; `make_plan` checks again
+    with the real costs once the teachers are ready)."""
+    if cfg.time_budget is None or set(cfg.time_fixed) == {"trials", "final_epochs"}:
+        return
+    with torch.random.fork_rng(devices=[]):  # the run's random stream is not moved by the timing
+        model = build(typical_student(space, budget, dataset.input_shape, dataset.num_classes, cfg.seed),
+                      dataset.input_shape, dataset.num_classes)
+        batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=1, augment=False)
+        criterion = criterion_for(model, DistillConfig(losses=(("ce", 1.0),)), [])
+        step = step_seconds(model, batches, None, criterion, cfg.train, TIMED_STEPS, WARMUP_STEPS)
+    epoch = step * steps_per_epoch(len(dataset.train), cfg.train.batch_size)
+    least = clock.elapsed() + MIN_EPOCHS * epoch + export_seconds(cfg)
+    if cfg.time_budget < least:
+        raise InputError(f"--time-budget {format_duration(cfg.time_budget)} is too small on this machine: "
+                         f"{format_duration(clock.elapsed())} of setup, {MIN_EPOCHS} retrain epoch of at least "
+                         f"~{epoch:.0f}s and ~{export_seconds(cfg):.0f}s of export need more than "
+                         f"{format_duration(least)}; give more or pass --trials and --final-epochs")
 
 
 def plan_search(cfg: SearchConfig, study: optuna.Study, space: SearchSpace, budget: Budget, dataset: Dataset,

@@ -114,6 +114,7 @@ def test_a_time_budget_too_small_is_refused_in_one_line(tmp_path, mini_fashion_d
                      str(mini_fashion_dir), "--time-budget", "1s", cwd=tmp_path)
     assert result.returncode == 2
     assert "error: --time-budget 1s is too small on this machine" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "studies").exists()  # refused before any teacher, target or study
     bad = run_cli("nas_kd.search", "--flops-budget", "12M", "--time-budget", "5 minutes", cwd=tmp_path)
     assert bad.returncode == 2 and "--time-budget '5 minutes' is not a duration" in bad.stderr
 
