@@ -8,7 +8,6 @@ the study and its retrained winner (`RunResult`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,18 +31,11 @@ from nas_kd.losses import Criterion, loss_class, recipe_features, recipe_uses_te
 from nas_kd.objective import run_trial, trial_context, trial_score_named
 from nas_kd.picks import enqueue_start_points
 from nas_kd.plan import Clock, check_time_budget, plan_retrain, plan_search, record_split, refuse_too_small
-from nas_kd.progress import bars_shown, log
+from nas_kd.progress import TimeBudget, bars_shown, budget_status, log
 from nas_kd.records import (
-    FAIL_ATTR,
-    REPEAT_ATTR,
-    SPEC_ATTR,
-    START_ATTR,
-    USE_ATTR,
-    status,
     stored_blockwise_scores,
     training_done,
     trial_score,
-    violated_bounds,
     was_trained,
 )
 from nas_kd.report import write_report
@@ -51,7 +43,6 @@ from nas_kd.retrain import finish_retrain
 from nas_kd.space import describe, load_space
 from nas_kd.start import start_points
 from nas_kd.study import (
-    BASELINE_ATTR,
     COMPRESSION_TEACHER_KEY,
     PRUNERS,
     SAMPLERS,
@@ -70,6 +61,7 @@ from nas_kd.study import (
     update_study_attr,
 )
 from nas_kd.study import run as run_trials
+from nas_kd.summary import summary_table, trial_line
 from nas_kd.train import resolve_device
 from nas_kd.zoo import TEACHERS
 
@@ -138,10 +130,6 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     return cfg
 
 
-def compression_text(ratio: float) -> str:
-    return f"x{ratio:.2f} smaller" if ratio >= 1 else f"x{1 / ratio:.2f} LARGER"
-
-
 def trial_text(cfg: SearchConfig, images: int) -> str:
     """One line: how this search's trials are scored (and pruned)."""
     kind = trial_score_named(cfg.trial_score)
@@ -157,73 +145,15 @@ def trial_text(cfg: SearchConfig, images: int) -> str:
             f"pruner {pruner}")
 
 
-def trial_line(trial: optuna.trial.FrozenTrial) -> str:
-    """One log line for a finished trial: number, state, spec, MACs, score, seconds (and why it
-    was not trained, or failed)."""
-    a = trial.user_attrs
-    score = trial_score(trial) if was_trained(trial) else None
-    seconds = trial.duration.total_seconds() if trial.duration else 0.0
-    kind = status(trial)
-    start = f" ({a[START_ATTR]} start point)" if START_ATTR in a else ""
-    parts = [f"trial {trial.number} {kind}{start}", a.get(SPEC_ATTR, "?"),
-             f"{format_count(a['macs'])} MACs" if "macs" in a else "", f"score {score:.4f}" if score is not None else "",
-             f"{seconds:.1f} s"]
-    if kind == "failed" and FAIL_ATTR in a:
-        parts.append(a[FAIL_ATTR])
-    elif kind == "repeat":
-        parts.append(f"repeat of trial {a[REPEAT_ATTR]}: not trained again")
-    elif kind == "under_floor":
-        parts.append(f"under the budget floor (uses {a.get(USE_ATTR, 0):.0%} of the budget): not trained")
-    elif kind == "over_budget":
-        violated = violated_bounds(trial)
-        parts.append(f"over budget ({', '.join(violated)}): not trained" if violated else "not trained")
-    return ": ".join([parts[0], ", ".join(p for p in parts[1:] if p)])
-
-
-def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: float) -> str:
-    info = study.user_attrs.get(STUDY_ATTR, {})
-    winner = study.user_attrs.get(WINNER_ATTR)
-    trials = study.get_trials(deepcopy=False)
-    trained = sum(was_trained(t) for t in trials)
-    floor = info.get("budget_floor")
-    budget = info.get("budget_text", "") + (f"; floor {floor:.0%} of a bound" if floor else "")
-    under = sum(status(t) == "under_floor" for t in trials)
-    rows = [("study", study.study_name), ("storage", url), ("budget", budget),
-            ("trials", f"{len(trials)} in the study, {trained} trained, {len(trials) - trained} not trained"
-                       + (f" ({under} under the floor)" if under else ""))]
-    for t in info.get("teachers", []):
-        rows.append((f"teacher {t['name']}", f"{format_count(t['macs'])} MACs, {format_count(t['params'])} params, "
-                                             f"val acc {t['val_acc']:.4f}"))
-    if winner:
-        rows += [("winner", f"trial {winner['trial']}: {winner['spec']}"),
-                 ("winner cost", f"{format_count(winner['macs'])} MACs ({compression_text(winner['macs_compression'])}), "
-                                 f"{format_count(winner['params'])} params "
-                                 f"({compression_text(winner['params_compression'])}) than the largest teacher"),
-                 ("winner accuracy", f"test {winner['test_acc']:.4f}, val {winner['val_acc']:.4f} after "
-                                     f"{winner['final_epochs']} epochs; teacher ensemble test {winner['ensemble_test_acc']:.4f}"),
-                 ("winner files", str(Path(winner["weights"]).parent))]
-        if winner.get("finalists"):
-            rows.append(("finalists", "retrained, kept on validation: " + ", ".join(
-                f"trial {f['trial']}{' (' + f['start_point'] + ')' if 'start_point' in f else ''} {f['val_acc']:.4f}"
-                for f in winner["finalists"])))
-        if "onnx_test_acc" in winner:
-            int8 = (f"; int8: test {winner['int8_test_acc']:.4f}, {winner['latency_ms_int8']:.3f} ms"
-                    if "int8_test_acc" in winner else "")
-            rows.append(("winner on ONNX Runtime", f"fp32: test {winner['onnx_test_acc']:.4f}, "
-                                                   f"{winner['latency_ms_fp32']:.3f} ms{int8} (batch 1, here)"))
-    for b in study.user_attrs.get(BASELINE_ATTR, {}).get("methods", []):
-        rows.append((b["method"], f"{format_count(b['macs'])} MACs, test {b['test_acc']:.4f} after {b['final_epochs']} epochs"))
-    out = Path(cfg.out_dir) / study.study_name
-    rows += [("report", str(out / "report.html")), ("dashboard", f"optuna-dashboard {url}"),
-             ("wall time", f"{seconds / 60:.1f} min")]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
-
-
 def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
-    """The whole job; returns the study. Bad settings raise `InputError` before any work."""
-    start = time.perf_counter()
+    """The whole job; returns the study. Bad settings raise `InputError` before any work. With a
+    time budget, the trial and epoch lines say the time elapsed of it (on a terminal, a bar)."""
     clock = Clock()
+    with TimeBudget(cfg.time_budget, clock.start, progress):
+        return run_search(cfg, progress, clock)
+
+
+def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
     validate(cfg)
     # every check of the user's input comes before the first progress line and any training
     space = load_space(cfg.search_space)
@@ -321,7 +251,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
 
     def on_trial(trial: optuna.trial.FrozenTrial) -> None:
         if lines:
-            log(trial_line(trial))
+            log(trial_line(trial) + budget_status())
         if was_trained(trial):
             bar.update(training_done(trial))
             if trial.state == optuna.trial.TrialState.PRUNED:
@@ -366,7 +296,7 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     if time_plan is not None:
         marks["end"] = clock.elapsed()
         log(record_split(study, time_plan, marks, trained, cfg.final_epochs))
-    print(f"\nnas_kd search finished\n{summary_table(study, cfg, url, time.perf_counter() - start)}")
+    print(f"\nnas_kd search finished\n{summary_table(study, cfg, url, clock.elapsed())}")
     return study
 
 

@@ -34,6 +34,7 @@ from nas_kd.distill import criterion_for, step_seconds
 from nas_kd.ensemble import Ensemble, LiveTargets, TargetSource
 from nas_kd.errors import InputError
 from nas_kd.picks import pick_winner
+from nas_kd.progress import format_duration
 from nas_kd.records import SPEC_ATTR
 from nas_kd.space import SearchSpace
 from nas_kd.study import study_training, update_study_attr
@@ -60,15 +61,6 @@ def parse_duration(text: str, what: str = "--time-budget") -> float:
         raise InputError(f"{what} {text!r} is not a duration; use a number with s, m or h, e.g. 90s, 30m, 2h "
                          "or 1h30m")
     return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as the plan line shows them: '45s', '290s', '18m', '1h05m' (seconds under ten minutes)."""
-    seconds = max(0.0, seconds)
-    if seconds < 600:
-        return f"{seconds:.0f}s"
-    minutes = round(seconds / 60)
-    return f"{minutes}m" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 @dataclass(frozen=True)

@@ -280,7 +280,8 @@ def run(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trained: 
         max_repeats: int = 50, max_failures: int = MAX_FAILURES_IN_A_ROW, study_target: float | None = None) -> int:
     """Run trials until `trained` trials' worth of training was done in this call (a trial that
     ran to its end counts 1, a pruned one the share of its steps it trained: so pruning buys
-    more candidates for the same time), `timeout` seconds passed, `max_rejections` specs in a
+    more candidates for the same time), `timeout` seconds passed (counted only once the study
+    holds a trained trial: a run with a timeout still hands over a student), `max_rejections` specs in a
     row were over budget, or `max_repeats` in a row were specs the study had already scored (the
     sampler has converged: more trials would train nothing new). Budget rejections and repeats
     count nothing. With `study_target`, `trained` is ignored: the run stops once the study holds
@@ -290,6 +291,8 @@ def run(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trained: 
     number of trials that trained."""
     count = {"trials": 0, "work": 0.0, "rejected_in_a_row": 0, "repeats_in_a_row": 0, "failed_in_a_row": 0}
     last_failure: list[FrozenTrial] = []
+    started = time.perf_counter()
+    held = any(was_trained(t) for t in study.get_trials(deepcopy=False))
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state == TrialState.FAIL and FAIL_ATTR in trial.user_attrs:
@@ -306,12 +309,13 @@ def run(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trained: 
         if on_trial is not None:
             on_trial(trial)
         done = count["work"] >= trained - 1e-9 if study_target is None else study_training(study) >= study_target - 1e-9
-        if (done or count["rejected_in_a_row"] >= max_rejections
+        late = timeout is not None and time.perf_counter() - started >= timeout and (held or count["trials"] > 0)
+        if (done or late or count["rejected_in_a_row"] >= max_rejections
                 or count["repeats_in_a_row"] >= max_repeats or count["failed_in_a_row"] >= max_failures):
             study.stop()
 
     if (trained > 0 if study_target is None else study_training(study) < study_target - 1e-9):
-        study.optimize(objective, timeout=timeout, callbacks=[callback], gc_after_trial=False,
+        study.optimize(objective, callbacks=[callback], gc_after_trial=False,
                        show_progress_bar=False)
     if count["failed_in_a_row"] >= max_failures:
         last = last_failure[0]

@@ -16,7 +16,7 @@ from nas_kd.batches import Batch, BatchIterator, eval_batches
 from nas_kd.config import TrainConfig
 from nas_kd.data import Dataset, Split
 from nas_kd.errors import InputError
-from nas_kd.progress import bars_shown, log
+from nas_kd.progress import bars_shown, budget_status, log, tick
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,6 +139,7 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
             optimizer.step()
             scheduler.step()
             step_count += 1
+            tick()
             if on_step is not None:
                 paused = time.perf_counter()
                 on_step(step_count)
@@ -147,7 +148,7 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
         seconds += time.perf_counter() - start
         if lines:
             log(f"{desc} epoch {epoch - first_epoch + 1}/{epochs}: loss {total.item() / max(1, len(batches)):.4f}, "
-                f"{time.perf_counter() - start:.0f} s")
+                f"{time.perf_counter() - start:.0f} s{budget_status()}")
         if checkpoint is not None:
             checkpoint.save({"model": modules.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch, "seconds": seconds})

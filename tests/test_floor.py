@@ -14,11 +14,11 @@ from nas_kd.config import SearchConfig
 from nas_kd.cost import Cost, count
 from nas_kd.errors import InputError
 from nas_kd.objective import record_cost
-from nas_kd.pipeline import trial_line
 from nas_kd.records import FLOOR_CONSTRAINT, USE_ATTR, is_feasible, status, was_trained
 from nas_kd.search import main
 from nas_kd.space import load_space
 from nas_kd.study import default_study_name, guarded, open_storage, open_study
+from nas_kd.summary import trial_line
 
 SPEC = Spec.parse("c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1")
 COMPRESSION_TEACHER = Cost(40_000_000, 400_000)

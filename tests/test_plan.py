@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from nas_kd.errors import InputError
-from nas_kd.plan import Clock, Costs, epochs_left, format_duration, least_budget, make_plan, parse_duration
+from nas_kd.plan import Clock, Costs, epochs_left, least_budget, make_plan, parse_duration
+from nas_kd.progress import format_duration
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400),
@@ -88,7 +91,7 @@ def test_a_time_budget_run_ends_within_it_and_records_its_plan(tmp_path, mini_fa
     from nas_kd.plan import TIME_ATTR
     from tests.conftest import TINY_DATA_FLAGS, run_cli
 
-    budget = 75
+    budget = 90
     result = run_cli("nas_kd.search", *TINY_DATA_FLAGS, "--flops-budget", "12M", "--teachers", "resnet8",
                      "--teacher-epochs", "1", "--trial-epochs", "1", "--subset", "300", "--no-onnx", "--quiet",
                      "--study-name", "timed", "--data-dir", str(mini_fashion_dir), "--time-budget", f"{budget}s",
@@ -104,6 +107,12 @@ def test_a_time_budget_run_ends_within_it_and_records_its_plan(tmp_path, mini_fa
     assert actual["total"] <= budget + max(trial_seconds, 30), actual
     assert any(f"time budget {budget}s: setup " in line and " the budget" in line and "total" in line
                for line in result.stderr.splitlines())
+    # off a terminal, every trial and retrain epoch line says the time elapsed of the budget
+    lines = result.stderr.splitlines()
+    trial_lines = [line for line in lines if line.startswith("[nas_kd] trial ") and " complete: " in line]
+    epoch_lines = [line for line in lines if line.startswith("[nas_kd] retrain epoch ")]
+    assert trial_lines and epoch_lines
+    assert all(re.search(rf" \[\d+s of {budget}s\]$", line) for line in trial_lines + epoch_lines), trial_lines + epoch_lines
 
 
 def test_a_time_budget_too_small_is_refused_in_one_line(tmp_path, mini_fashion_dir) -> None:
@@ -125,3 +134,43 @@ def test_the_export_allowance_is_smaller_without_onnx() -> None:
 
     assert export_seconds(SearchConfig()) == EXPORT_SECONDS == 60.0
     assert export_seconds(SearchConfig(onnx=False)) == REPORT_SECONDS == 20.0
+
+
+def test_the_time_budget_status_and_bar_follow_the_clock() -> None:
+    from nas_kd.progress import TimeBudget, budget_status
+
+    now = [100.0]
+    assert budget_status() == ""
+    with TimeBudget(1800.0, 40.0, progress=False, now=lambda: now[0]) as run:
+        assert run.bar is None  # no terminal here: the lines carry the status instead
+        assert budget_status() == " [60s of 30m]"
+        now[0] = 40.0 + 725.0
+        assert budget_status() == " [12m of 30m]"
+    assert budget_status() == "" and TimeBudget.active is None
+    with TimeBudget(None, 0.0, progress=True):  # no budget: nothing
+        assert budget_status() == ""
+
+
+def test_a_search_timeout_waits_for_one_trained_trial() -> None:
+    """The search's timeout (what a time budget sets) stops the study only once it holds a trained
+    trial: rejections that eat the time do not leave the run without a student."""
+    import time
+
+    import optuna
+
+    from nas_kd.records import SCORE_ATTR
+    from nas_kd.study import run
+
+    calls = []
+
+    def objective(trial: optuna.Trial) -> float:
+        calls.append(trial.number)
+        time.sleep(0.02)
+        if len(calls) > 3:  # the first three are rejected (over budget: no score), the rest train
+            trial.set_user_attr(SCORE_ATTR, 0.5)
+        return 0.5
+
+    study = optuna.create_study(direction="maximize")
+    assert run(study, objective, trained=10, timeout=0.01) == 1
+    assert calls == [0, 1, 2, 3]  # the timeout had passed after trial 0; it stopped after the first trained one
+    assert run(study, objective, trained=10, timeout=0.01) == 1  # a study that holds one: the timeout counts at once
