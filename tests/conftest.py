@@ -9,13 +9,16 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from nas_kd.data import DEBIAN_FASHION_MNIST, _read_idx, load_dataset
 
@@ -77,15 +80,57 @@ E2E_ARGS = (*TINY_DATA_FLAGS, "--flops-budget", "12M", "--teachers", "resnet8", 
             "--seed", "3", "--quiet")
 
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder every pytest-xdist worker of this session sees (the workers' temporary folders
+    share a parent; without xdist, the session's own)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return root / name
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], subprocess.CompletedProcess]) -> tuple[Path, subprocess.CompletedProcess]:
+    """`build(folder)` run once for the whole session, whichever worker comes first; the others
+    wait for it under a file lock and read its result (a failed build fails every user)."""
+    folder = shared_dir(tmp_path_factory, name)
+    record = folder.with_suffix(".json")
+    with FileLock(str(folder.with_suffix(".lock"))):
+        if not record.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            result = build(folder)
+            record.write_text(json.dumps({"args": result.args, "returncode": result.returncode,
+                                          "stdout": result.stdout, "stderr": result.stderr}))
+    done = json.loads(record.read_text())
+    return folder, subprocess.CompletedProcess(done["args"], done["returncode"], done["stdout"], done["stderr"])
+
+
 @pytest.fixture(scope="session")
 def e2e_run(tmp_path_factory: pytest.TempPathFactory, mini_fashion_dir: Path) -> dict:
-    """Run the main command once on the mini dataset; returns paths and the process result."""
-    work = tmp_path_factory.mktemp("e2e")
-    result = run_cli("nas_kd.search", *E2E_ARGS, "--data-dir", str(mini_fashion_dir), cwd=work)
+    """The main command run once per session on the mini dataset (shared by the xdist workers):
+    paths and the process result. Tests read it; one that writes to the study works on
+    `copy_of_e2e`."""
+    data_dir = shared_dir(tmp_path_factory, "fashion-mini-e2e")
+    with FileLock(str(data_dir.with_suffix(".lock"))):
+        if not data_dir.is_dir():
+            shutil.copytree(mini_fashion_dir, data_dir)
+    work, result = built_once(tmp_path_factory, "e2e", lambda work: run_cli(
+        "nas_kd.search", *E2E_ARGS, "--data-dir", str(data_dir), cwd=work))
     assert result.returncode == 0, result.stderr[-3000:]
+    return e2e_paths(work, result, data_dir)
+
+
+def copy_of_e2e(e2e_run: dict, folder: Path) -> dict:
+    """The e2e run's studies copied into `folder`, with the same keys as `e2e_run`: for a test that
+    adds to the study or rewrites its files while other tests read the shared one."""
+    shutil.copytree(e2e_run["out"], folder / "studies")
+    return e2e_paths(folder, e2e_run["result"], e2e_run["data_dir"])
+
+
+def e2e_paths(work: Path, result: subprocess.CompletedProcess, data_dir: Path) -> dict:
     out = work / "studies"
     return {"work": work, "out": out, "db": out / f"{E2E_STUDY}.db", "url": f"sqlite:///{out / (E2E_STUDY + '.db')}",
-            "study_dir": out / E2E_STUDY, "result": result, "data_dir": mini_fashion_dir}
+            "study_dir": out / E2E_STUDY, "result": result, "data_dir": data_dir}
 
 
 def load_json(path: Path) -> dict:

@@ -5,6 +5,7 @@ Pareto front (`fronts.budget_picks`)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import optuna
 import pytest
@@ -17,7 +18,7 @@ from nas_kd.fronts import budget_picks, pareto_data
 from nas_kd.latency import LatencyTable
 from nas_kd.picks import budget_tag, pick_at_budget, stored_cost
 from nas_kd.records import LATENCY_ATTR, PEAK_INT8_ATTR, SCORE_ATTR, SPEC_ATTR
-from tests.conftest import load_json, run_cli
+from tests.conftest import copy_of_e2e, load_json, run_cli
 from tests.test_report import FRAME, TEACHERS
 
 SPECS = ["c8|basic_d1_w8_s1_k3_e1", "c8|basic_d1_w16_s1_k3_e1", "c16|basic_d1_w16_s1_k3_e1",
@@ -109,9 +110,10 @@ def test_the_picks_along_a_front_are_its_points_at_spread_budgets() -> None:
     assert budget_picks(data, 1) == picks[:1]
 
 
-def test_retrain_at_a_new_budget_into_its_own_folder(e2e_run: dict) -> None:
+def test_retrain_at_a_new_budget_into_its_own_folder(e2e_run: dict, tmp_path: Path) -> None:
     """The e2e study's cheapest trained trial, retrained at its own MACs: a folder apart from the
     winner's, one line naming the pick, and the study keeps it beside the winner."""
+    e2e_run = copy_of_e2e(e2e_run, tmp_path)  # the retrain adds to the study
     study = optuna.load_study(study_name="e2e", storage=e2e_run["url"])
     trained = [t for t in study.trials if SCORE_ATTR in t.user_attrs and t.state.name == "COMPLETE"]
     cheapest = min(trained, key=lambda t: t.user_attrs["macs"])

@@ -18,7 +18,7 @@ import optuna
 import pandas as pd
 import plotly.offline
 import pytest
-from conftest import E2E_STUDY, run_cli
+from conftest import E2E_STUDY, copy_of_e2e, run_cli
 
 from nas_kd import fronts, report, report_cli
 from nas_kd.arch import Spec
@@ -366,7 +366,8 @@ def test_search_winner_is_on_the_pareto_front(e2e_run: dict) -> None:
     assert all(x > E2E_BUDGET for x in data.infeasible.x)
 
 
-def test_report_command_rebuilds_both_files(e2e_run: dict) -> None:
+def test_report_command_rebuilds_both_files(e2e_run: dict, tmp_path: Path) -> None:
+    e2e_run = copy_of_e2e(e2e_run, tmp_path)  # the files are rewritten while other tests read the shared ones
     html_path, csv_path = e2e_run["study_dir"] / "report.html", e2e_run["study_dir"] / "trials.csv"
     csv_before = csv_path.read_text()
     mtimes = (html_path.stat().st_mtime_ns, csv_path.stat().st_mtime_ns)
