@@ -17,6 +17,7 @@ from nas_kd.latency import MIN_CALIBRATION, PRECISIONS, LatencyTable, measure_la
 from nas_kd.memory import memory_facts
 from nas_kd.progress import log
 from nas_kd.space import load_space
+from nas_kd.start import FAMILY_STEPS, family_specs
 
 
 def parse_input(text: str) -> tuple[int, int, int]:
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--networks", type=int, default=CALIBRATION_NETWORKS,
                    help=f"whole networks timed beside the layers, to calibrate the layer sums (default "
                         f"{CALIBRATION_NETWORKS}; 0: none, predictions uncalibrated)")
+    b.add_argument("--with-hand-made", action="store_true",
+                   help="also export the layers of the hand-made family (ResNet-8/14/20 and MobileNetV2 at every "
+                        "width `--start-from hand-made` and benchmarks/device_budgets.py scale them to), so the "
+                        "table prices those networks too")
     m = sub.add_parser("measure", help="latency and memory of one spec on this machine")
     m.add_argument("--spec", required=True, help="a spec string, e.g. 'c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1'")
     m.add_argument("--input", required=True, help="input shape CxHxW, e.g. 1x28x28")
@@ -60,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             space = load_space(args.search_space)
             precisions = PRECISIONS if args.precision == "both" else (args.precision,)
             layers = space_layers(space, shape, args.classes)
+            extra = [spec for name in FAMILY_STEPS for spec in family_specs(name)] if args.with_hand_made else []
             log(f"exporting {len(layers)} layers and {args.networks} calibration networks of space {space.name} at "
-                f"input {args.input} ({', '.join(precisions)})")
-            export_blocks(space, shape, args.classes, args.out, precisions, networks=args.networks)
+                f"input {args.input} ({', '.join(precisions)})"
+                + (f", and the layers of {len(extra)} hand-made networks" if extra else ""))
+            export_blocks(space, shape, args.classes, args.out, precisions, networks=args.networks, extra=extra)
             print(f"wrote {args.out}: copy it to the device and run there\n"
                   f"  python3 {args.out / 'time_blocks.py'} {args.out} --out table.json --threads 1\n"
                   f"(needs only Python, numpy and onnxruntime); then search with --latency-table table.json")

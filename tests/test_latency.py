@@ -558,3 +558,19 @@ def test_measuring_latency_leaves_the_random_state_alone() -> None:
     torch.manual_seed(5)
     measure_latency(Spec.parse("c8|basic_d1_w8_s1_k3_e1"), (1, 8, 8), 3, runs=50)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_blocks_with_hand_made_exports_the_family_layers_too(tmp_path: Path, monkeypatch) -> None:
+    """`nas_kd.latency blocks --with-hand-made` hands every width of every hand-made family member
+    to export_blocks, so one table prices the search's students and the hand-made networks."""
+    import nas_kd.latency_cli as cli
+    from nas_kd.start import FAMILY_STEPS, family_specs
+
+    seen: dict[str, list] = {}
+    monkeypatch.setattr(cli, "export_blocks", lambda *a, **k: seen.setdefault("extra", list(k["extra"])))
+    assert latency_main(["blocks", "--input", "1x28x28", "--out", str(tmp_path / "b"), "--with-hand-made"]) == 0
+    expected = [spec for name in FAMILY_STEPS for spec in family_specs(name)]
+    assert seen["extra"] == expected and len(expected) > 100
+    seen.clear()
+    assert latency_main(["blocks", "--input", "1x28x28", "--out", str(tmp_path / "b")]) == 0
+    assert seen["extra"] == []
