@@ -155,6 +155,10 @@ class SearchConfig:
     teacher_min_gain: float = 0.1
     # final model
     final_epochs: int = 3
+    # padding-crop and flips in the retrain: "auto" = from distill.LONG_RETRAIN_EPOCHS epochs on
+    # (or whenever --augment is on), "on", "off". An augmented retrain caches the teachers' outputs
+    # for min(ensemble_views, epochs) views when they fit target_cache_gb, else runs them live
+    final_augment: str = "auto"
     # the wall-clock seconds of the whole run (nas_kd.plan): the run measures its costs and splits
     # them between the search (`trials`, `timeout`) and the retrain (`final_epochs`); None: the
     # counts decide. `time_fixed` names the counts given explicitly, which the plan keeps

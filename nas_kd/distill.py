@@ -88,24 +88,56 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
                          checkpoint=checkpoint)
 
 
+# "auto" augments a retrain of this many epochs or more (--final-augment; benchmarks/retrain_curve.py)
+LONG_RETRAIN_EPOCHS = 8
+FINAL_AUGMENT = ("auto", "on", "off")
+
+
+def retrain_augments(cfg: SearchConfig, epochs: int) -> bool:
+    """Whether a retrain of `epochs` uses padding-crop and flips (`cfg.final_augment`)."""
+    if cfg.final_augment not in FINAL_AUGMENT:
+        raise InputError(f"final_augment must be one of {', '.join(FINAL_AUGMENT)}, got {cfg.final_augment!r}")
+    if cfg.final_augment == "auto":
+        return cfg.train.augment or epochs >= LONG_RETRAIN_EPOCHS
+    return cfg.final_augment == "on"
+
+
+def retrain_recipe_text(cfg: SearchConfig, epochs: int) -> str:
+    """How a retrain of `epochs` is trained, for its first line."""
+    if not retrain_augments(cfg, epochs):
+        return "no augmentation"
+    why = f" (from {LONG_RETRAIN_EPOCHS} epochs on)" if cfg.final_augment == "auto" and not cfg.train.augment else ""
+    return f"padding-crop and flips{why}, teachers' outputs for {min(cfg.ensemble_views, epochs)} views"
+
+
 def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion | None,
-                    cached: CachedTargets | None = None, progress: bool = True) -> tuple[BatchIterator, TargetSource | None]:
-    """Batches over the whole training split and where their targets come from (nowhere when
-    `criterion` is None or reads no teacher: a fresh augmented view every epoch).
+                    cached: CachedTargets | None = None, progress: bool = True,
+                    epochs: int | None = None) -> tuple[BatchIterator, TargetSource | None]:
+    """Batches over the whole training split for a retrain of `epochs` (default cfg.final_epochs)
+    and where their targets come from (nowhere when `criterion` is None or reads no teacher).
 
     Without augmentation every epoch shows the same pixels, so the teachers' outputs are computed
-    once (or taken from the search's cache) and reused by every epoch; with augmentation, or when
-    the cache would not fit in `cfg.target_cache_gb`, the teachers run live on fresh views.
+    once (or taken from the search's cache) and reused by every epoch. With augmentation
+    (`retrain_augments`) epoch e shows view e mod V, V = min(cfg.ensemble_views, epochs), view 0
+    the images as they are, and the teachers' outputs for the V views are computed once; without
+    teachers every epoch is a fresh view. When a cache would not fit in `cfg.target_cache_gb`,
+    or V is 1, the teachers run live on a fresh view every epoch.
     """
+    epochs = cfg.final_epochs if epochs is None else epochs
+    augment = retrain_augments(cfg, epochs)
+
     def iterator(views: int | None) -> BatchIterator:
-        return BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
-                             augment=cfg.train.augment)
+        return BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views, augment=augment)
 
     if criterion is None or not criterion.uses_teachers:
         return iterator(None), None
-    if cfg.train.augment:
+    views = min(cfg.ensemble_views, epochs) if augment else 1
+    if augment and (views < 2 or not CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), views,
+                                                        criterion.features, cfg.target_cache_gb)):
         return iterator(None), LiveTargets(ensemble, criterion.features)
-    batches = iterator(1)
+    batches = iterator(views)
+    if augment:
+        return batches, CachedTargets(ensemble, batches, criterion.features, progress=progress)
     if cached is not None and cached.covers(batches.indices) and cached.serves(criterion.features):
         return batches, cached
     if not CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), 1, criterion.features,
@@ -137,7 +169,7 @@ def retrain_student(make: Callable[[], Network], dataset: Dataset, ensemble: Ens
     epoch when given. Returns the network in eval mode and the training seconds."""
     recipe = cfg.distill if recipe is None else recipe
     model, criterion = seeded_student(make, cfg.seed, recipe, ensemble.feature_channels)
-    batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress)
+    batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress, epochs)
     seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc=desc, progress=progress,
                       two_stage=recipe.two_stage, epoch_lines=epoch_lines, checkpoint=checkpoint)
     return model.eval(), seconds

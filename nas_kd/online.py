@@ -166,7 +166,8 @@ def train_online(specs: list[Spec], dataset: Dataset, ensemble: Ensemble, cfg: S
     loss = OnlineEnsembleLoss(len(specs), cfg.distill.temperature, criteria or None)
     # every criterion reads the same teacher outputs: the first one decides the source (labels
     # only, without teachers: a fresh augmented view every epoch)
-    batches, targets = retrain_targets(ensemble, dataset, cfg, criteria[0] if criteria else None, progress=progress)
+    batches, targets = retrain_targets(ensemble, dataset, cfg, criteria[0] if criteria else None, progress=progress,
+                                       epochs=epochs)
 
     def step(batch: Batch) -> torch.Tensor:
         outputs = []

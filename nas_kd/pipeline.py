@@ -23,7 +23,7 @@ from nas_kd.config import SearchConfig, adapt_schedule
 from nas_kd.convert import require_runtime
 from nas_kd.cost import format_count
 from nas_kd.data import load_dataset
-from nas_kd.distill import check_two_stage
+from nas_kd.distill import check_two_stage, retrain_augments, retrain_recipe_text
 from nas_kd.ensemble import CachedTargets, check_weighting, ensemble_from_config, ensemble_summary, teacher_names
 from nas_kd.errors import InputError
 from nas_kd.latency import check_precision, latency_meter
@@ -127,6 +127,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
             raise InputError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.train.batch_size < 1 or cfg.train.lr <= 0:
         raise InputError(f"batch size and learning rate must be positive, got {cfg.train.batch_size}, {cfg.train.lr}")
+    retrain_augments(cfg, cfg.final_epochs)  # a bad final_augment from YAML is named here
     return cfg
 
 
@@ -181,6 +182,9 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
     dataset = dataset.to(device)
     log(f"search space {describe(space)}; budget {budget}")
     log(schedule_text)
+    if cfg.final_epochs > 0 and not cfg.worker:
+        log(f"retrain: {'planned by the time budget' if cfg.time_budget is not None else f'{cfg.final_epochs} epochs'}"
+            f", recipe {cfg.distill.describe()}, {retrain_recipe_text(cfg, cfg.final_epochs)}")
     log(latency_text)
     if floor_text:
         log(floor_text)
@@ -227,7 +231,7 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
         log(f"block-wise scores against teacher {best.name}; {len(scorer.scores)} stage scores from earlier trials")
     elif recipe_uses_teachers(cfg.distill.weights()):
         # without augmentation the retrain sees the same pixels every epoch: cache its targets too
-        whole = cfg.final_epochs > 0 and not cfg.worker and not cfg.train.augment and CachedTargets.fits(
+        whole = cfg.final_epochs > 0 and not cfg.worker and not retrain_augments(cfg, cfg.final_epochs) and CachedTargets.fits(
             ensemble, dataset.input_shape, len(dataset.train), views, features, cfg.target_cache_gb)
         cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
                               augment=cfg.train.augment, indices=None if whole else subset)

@@ -25,14 +25,15 @@ import optuna
 import torch
 
 from nas_kd.arch import Spec, build
-from nas_kd.batches import BatchIterator
+from nas_kd.batches import BatchIterator, eval_batches, forward_batch
 from nas_kd.budget import Budget
 from nas_kd.config import DistillConfig, SearchConfig, steps_per_epoch
 from nas_kd.cost import count
 from nas_kd.data import Dataset
-from nas_kd.distill import criterion_for, step_seconds
-from nas_kd.ensemble import Ensemble, LiveTargets, TargetSource
+from nas_kd.distill import LONG_RETRAIN_EPOCHS, criterion_for, retrain_augments, retrain_recipe_text, step_seconds
+from nas_kd.ensemble import Ensemble, FeatureSet, LiveTargets, TargetSource
 from nas_kd.errors import InputError
+from nas_kd.losses import recipe_features, recipe_uses_teachers
 from nas_kd.picks import pick_winner
 from nas_kd.progress import format_duration
 from nas_kd.records import SPEC_ATTR
@@ -202,6 +203,18 @@ def refuse_too_small(cfg: SearchConfig, space: SearchSpace, budget: Budget, data
                          f"{format_duration(least)}; give more or pass --trials and --final-epochs")
 
 
+def teacher_pass_seconds(ensemble: Ensemble, dataset: Dataset, features: FeatureSet, batches: int = 4) -> float:
+    """Seconds the teachers take over one view of the whole training split, from `batches` timed batches."""
+    size = forward_batch(dataset.train.x.device)
+    x = next(eval_batches(dataset.train, dataset, size))[0]
+    with torch.inference_mode():
+        ensemble(x, features)  # warm-up
+        start = time.perf_counter()
+        for _ in range(batches):
+            ensemble(x, features)
+    return (time.perf_counter() - start) / (batches * len(x)) * len(dataset.train)
+
+
 def plan_search(cfg: SearchConfig, study: optuna.Study, space: SearchSpace, budget: Budget, dataset: Dataset,
                 ensemble: Ensemble, batches: BatchIterator, targets: TargetSource | None,
                 clock: Clock) -> tuple[SearchConfig, Plan]:
@@ -235,9 +248,16 @@ def plan_retrain(cfg: SearchConfig, study: optuna.Study, dataset: Dataset, ensem
     epoch = (spec_step_seconds(winner, dataset, ensemble, cfg, batches, targets)
              * steps_per_epoch(len(dataset.train), cfg.train.batch_size) * cfg.finalists)
     epochs = epochs_left(cfg.time_budget, clock.elapsed(), epoch, export_seconds(cfg))
+    if retrain_augments(cfg, epochs) and recipe_uses_teachers(cfg.distill.weights()):
+        # an augmented retrain first runs the teachers over its views (distill.retrain_targets)
+        views = min(cfg.ensemble_views, epochs)
+        cache = views * teacher_pass_seconds(ensemble, dataset, recipe_features(cfg.distill.weights()))
+        augmented = epochs_left(cfg.time_budget, clock.elapsed() + cache, epoch, export_seconds(cfg))
+        # "auto" augments only long retrains: when the views' cost leaves too few epochs, none
+        epochs = augmented if retrain_augments(cfg, augmented) else min(epochs, LONG_RETRAIN_EPOCHS - 1)
     return dataclasses.replace(cfg, final_epochs=epochs), (
         f"retrain: {epochs} epochs of ~{epoch:.0f}s fit the ~{format_duration(cfg.time_budget - clock.elapsed())} "
-        f"left of the time budget ({format_duration(clock.elapsed())} spent)")
+        f"left of the time budget ({format_duration(clock.elapsed())} spent); {retrain_recipe_text(cfg, epochs)}")
 
 
 def record_split(study: optuna.Study, plan: Plan, marks: dict[str, float], trials: int, epochs: int) -> str:

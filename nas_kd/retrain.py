@@ -25,7 +25,7 @@ from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig, from_dict
 from nas_kd.cost import Cost, count
 from nas_kd.data import Dataset
-from nas_kd.distill import criterion_for, retrain_student, retrain_targets
+from nas_kd.distill import criterion_for, retrain_augments, retrain_recipe_text, retrain_student, retrain_targets
 from nas_kd.ensemble import CachedTargets, Ensemble
 from nas_kd.errors import InputError
 from nas_kd.export import export, student_metrics, teachers_test_metrics
@@ -97,7 +97,8 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
         start_point = names.get(str(spec))
         label = f" ({start_point} start point)" if start_point else ""
         which = f"finalist {rank} of {len(candidates)}{label}: " if many else ""
-        log(f"retraining {which}trial {trial.number} ({spec}) for {cfg.final_epochs} epochs")
+        log(f"retraining {which}trial {trial.number} ({spec}) for {cfg.final_epochs} epochs: "
+            f"{retrain_recipe_text(cfg, cfg.final_epochs)}")
         model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached)
         val = evaluate(model, dataset.val, dataset) if many else 0.0
         if many:
@@ -120,6 +121,7 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
                "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,
                "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
                "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature,
+               "augmented": retrain_augments(cfg, cfg.final_epochs),
                **({"finalists": rows} if many else {})}
     weights, metrics_path = export(model, dataset, cfg, metrics, out_dir)
     metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)

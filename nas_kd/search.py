@@ -18,6 +18,7 @@ import yaml
 from nas_kd.cli import OneLineParser, base_parser, fail, number, quiet_libraries
 from nas_kd.config import SearchConfig, from_dict, parse_distill
 from nas_kd.cost import parse_count
+from nas_kd.distill import FINAL_AUGMENT, LONG_RETRAIN_EPOCHS
 from nas_kd.ensemble import ENSEMBLE_WEIGHTINGS
 from nas_kd.errors import InputError
 from nas_kd.latency import PRECISIONS, parse_latency
@@ -233,6 +234,10 @@ def build_parser() -> OneLineParser:
     g = p.add_argument_group("final model")
     g.add_argument("--final-epochs", type=_positive(int, "--final-epochs", 0), default=DEFAULTS.final_epochs,
                    help=f"epochs of the winner's retrain (default {DEFAULTS.final_epochs}; 0 = no retrain)")
+    g.add_argument("--final-augment", choices=FINAL_AUGMENT, default=DEFAULTS.final_augment,
+                   help="padding-crop and flips in the retrain: auto (default) from "
+                        f"{LONG_RETRAIN_EPOCHS} epochs on, where it pays (BENCHMARKS.md, \"The retrain's curve\"), "
+                        "on, or off; the teachers' outputs are cached for --ensemble-views views")
     g.add_argument("--pruned-baseline", action="store_true",
                    help="also L1-prune the largest teacher's filters until it fits the budget, keep its weights, and "
                         "distil it with the winner's recipe and epochs (and fine-tune it, for comparison); shown "
@@ -296,7 +301,7 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
                  "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score",
                  "bn_recalibration", "trial_reports", "pruner", "sampler", "latency_precision", "latency_threads",
                  "latency_table", "memory_budget", "pareto_cost", "min_steps", "teacher_min_gain", "study_trials",
-                 "heartbeat", "budget_floor", "finalists", "time_budget"):
+                 "heartbeat", "budget_floor", "finalists", "time_budget", "final_augment"):
         flag(name)
     if "time_budget" in given:  # the counts given explicitly keep their part of the plan
         base["time_fixed"] = [k for k in ("trials", "final_epochs") if k in given]

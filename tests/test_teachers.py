@@ -182,7 +182,8 @@ def test_a_subset_iterator_reads_the_whole_split_cache(mini_dataset) -> None:
     (False, 1e-6, True, "ce=1,kl=1,hint=1", "cached"),  # reusing it costs no more memory
     (False, 4.0, False, "ce=1,kl=1,hint=1", "cached"),  # none given: built, it fits
     (False, 1e-6, False, "ce=1,kl=1,hint=1", "live"),  # none given and too big for the memory limit
-    (True, 4.0, True, "ce=1,kl=1", "live"),  # fresh augmented views every epoch
+    (True, 4.0, True, "ce=1,kl=1", "views"),  # augmented: the teachers' outputs for min(4, 3 epochs) views
+    (True, 1e-6, True, "ce=1,kl=1", "live"),  # augmented, the views too big: fresh views, live teachers
     (False, 4.0, True, "ce=1", "none"),  # no teacher in the recipe
 ])
 def test_retrain_targets(mini_dataset, augment: bool, limit_gb: float, pass_cache: bool, recipe: str,
@@ -193,6 +194,12 @@ def test_retrain_targets(mini_dataset, augment: bool, limit_gb: float, pass_cach
     ensemble = two_member_ensemble(mini_dataset)
     cfg = SearchConfig(train=TrainConfig(augment=augment), target_cache_gb=limit_gb,
                        distill=DistillConfig(losses=parse_distill(recipe)))
+    if expected == "views":
+        criterion = criterion_for(build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), cfg.distill,
+                                  ensemble.feature_channels)
+        batches, source = retrain_targets(ensemble, mini_dataset, cfg, criterion, None, progress=False)
+        assert isinstance(source, CachedTargets) and source.views == batches.views == 3
+        return
     criterion = criterion_for(build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), cfg.distill,
                               ensemble.feature_channels)
     whole = BatchIterator(mini_dataset.train, mini_dataset, 128, cfg.seed, views=1, augment=False)
@@ -203,3 +210,42 @@ def test_retrain_targets(mini_dataset, augment: bool, limit_gb: float, pass_cach
     assert kind == expected
     assert (source is search_cache) == (kind == "cached" and pass_cache)
     assert batches.views == (1 if kind == "cached" else None)
+
+
+@pytest.mark.parametrize(("final_augment", "epochs", "augmented"), [
+    ("auto", 3, False), ("auto", 7, False), ("auto", 8, True), ("auto", 24, True),
+    ("on", 3, True), ("off", 24, False),
+])
+def test_the_long_retrain_recipe_augments_the_batches_it_says(mini_dataset, final_augment: str, epochs: int,
+                                                              augmented: bool) -> None:
+    """Checked on the batches: a retrain of `epochs` shows the images as they are in its first epoch
+    and, when it augments, shifted or flipped views from the second on, with the teachers' outputs
+    cached for exactly the views it shows."""
+    from nas_kd.config import SearchConfig
+    from nas_kd.distill import LONG_RETRAIN_EPOCHS, criterion_for, retrain_augments, retrain_recipe_text, retrain_targets
+
+    assert LONG_RETRAIN_EPOCHS == 8
+    ensemble = two_member_ensemble(mini_dataset)
+    cfg = SearchConfig(final_augment=final_augment, final_epochs=epochs)
+    assert retrain_augments(cfg, epochs) == augmented
+    assert ("padding-crop and flips" in retrain_recipe_text(cfg, epochs)) == augmented
+    criterion = criterion_for(build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), cfg.distill,
+                              ensemble.feature_channels)
+    batches, targets = retrain_targets(ensemble, mini_dataset, cfg, criterion, None, progress=False)
+    assert isinstance(targets, CachedTargets) and targets.views == batches.views == (min(4, epochs) if augmented else 1)
+    plain = BatchIterator(mini_dataset.train, mini_dataset, 128, cfg.seed, views=1, augment=False)
+    for epoch in range(min(epochs, 3)):
+        batch = next(iter(batches.epoch(epoch)))
+        as_is = plain.images(batch.index, 0)
+        assert torch.equal(batch.x, as_is) == (epoch == 0 or not augmented), epoch
+        # the cached targets are the teachers' outputs on the very pixels of this batch
+        live = ensemble(batch.x, criterion.features)
+        assert torch.allclose(targets(batch).logits, live.logits, atol=1e-4)
+
+
+def test_a_bad_final_augment_is_named() -> None:
+    from nas_kd.config import SearchConfig
+    from nas_kd.distill import retrain_augments
+
+    with pytest.raises(InputError, match="final_augment must be one of auto, on, off, got 'maybe'"):
+        retrain_augments(SearchConfig(final_augment="maybe"), 3)
