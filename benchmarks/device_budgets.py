@@ -175,7 +175,7 @@ def main() -> int:
     print(f"{machine()}; table: {table.calibration_line()}; budgets: "
           + ", ".join(f"{n} = {b}" for n, b in budgets.items()), flush=True)
     base = SearchConfig(cache_dir=args.cache_dir)
-    sid = settings_id({"config": json.dumps({k: v for k, v in base.to_dict().items() if k not in ("seed", "cache_dir", "time_budget", "time_fixed")},
+    sid = settings_id({"config": json.dumps({k: v for k, v in base.to_dict().items() if k not in ("seed", "cache_dir", "time_budget", "time_fixed", "final_augment")},
                                             sort_keys=True), "v": 1})
     dataset: Dataset | None = None
     retrained = Retrains(results, base, sid)

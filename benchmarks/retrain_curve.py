@@ -105,8 +105,10 @@ class Runner:
 
     def __call__(self, spec: Spec, recipe_name: str, epochs: int, seed: int, key: str) -> dict[str, Any]:
         recipe = RECIPES[recipe_name]
-        cfg = dataclasses.replace(self.base, seed=seed, train=dataclasses.replace(self.base.train,
-                                                                                  augment=recipe.augment))
+        # the recipe says it all: no automatic augmentation of long retrains, and live teachers
+        # (ensemble_views 1) when augmenting without cached views
+        cfg = dataclasses.replace(self.base, seed=seed, final_augment="on" if recipe.augment else "off",
+                                  ensemble_views=1, train=dataclasses.replace(self.base.train, augment=recipe.augment))
         losses = recipe.distill or cfg.distill
         dataset, device = self.dataset, self.dataset.train.x.device
         make = lambda: build(spec, dataset.input_shape, dataset.num_classes).to(device)  # noqa: E731

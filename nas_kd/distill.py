@@ -107,7 +107,19 @@ def retrain_recipe_text(cfg: SearchConfig, epochs: int) -> str:
     if not retrain_augments(cfg, epochs):
         return "no augmentation"
     why = f" (from {LONG_RETRAIN_EPOCHS} epochs on)" if cfg.final_augment == "auto" and not cfg.train.augment else ""
-    return f"padding-crop and flips{why}, teachers' outputs for {min(cfg.ensemble_views, epochs)} views"
+    return f"padding-crop and flips{why}, teachers' outputs for up to {min(cfg.ensemble_views, epochs)} views"
+
+
+def retrain_views(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion, epochs: int) -> int:
+    """How many views an augmented retrain caches the teachers' outputs for: the most, up to
+    min(cfg.ensemble_views, epochs), that fit cfg.target_cache_gb (4 views of Fashion-MNIST through
+    the shipped teachers' logits and last stages take 4.06 GB: 3 fit the default 4 GB); under 2,
+    the teachers run live."""
+    for views in range(min(cfg.ensemble_views, epochs), 1, -1):
+        if CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), views, criterion.features,
+                              cfg.target_cache_gb):
+            return views
+    return 1
 
 
 def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion | None,
@@ -118,10 +130,10 @@ def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, cri
 
     Without augmentation every epoch shows the same pixels, so the teachers' outputs are computed
     once (or taken from the search's cache) and reused by every epoch. With augmentation
-    (`retrain_augments`) epoch e shows view e mod V, V = min(cfg.ensemble_views, epochs), view 0
-    the images as they are, and the teachers' outputs for the V views are computed once; without
-    teachers every epoch is a fresh view. When a cache would not fit in `cfg.target_cache_gb`,
-    or V is 1, the teachers run live on a fresh view every epoch.
+    (`retrain_augments`) epoch e shows view e mod V (`retrain_views`), view 0 the images as they
+    are, and the teachers' outputs for the V views are computed once; without teachers every
+    epoch is a fresh view. When even 2 views would not fit in `cfg.target_cache_gb` (or
+    ensemble_views is 1), the teachers run live on a fresh view every epoch.
     """
     epochs = cfg.final_epochs if epochs is None else epochs
     augment = retrain_augments(cfg, epochs)
@@ -131,9 +143,8 @@ def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, cri
 
     if criterion is None or not criterion.uses_teachers:
         return iterator(None), None
-    views = min(cfg.ensemble_views, epochs) if augment else 1
-    if augment and (views < 2 or not CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), views,
-                                                        criterion.features, cfg.target_cache_gb)):
+    views = retrain_views(ensemble, dataset, cfg, criterion, epochs) if augment else 1
+    if augment and views < 2:
         return iterator(None), LiveTargets(ensemble, criterion.features)
     batches = iterator(views)
     if augment:

@@ -222,7 +222,13 @@ def test_the_long_retrain_recipe_augments_the_batches_it_says(mini_dataset, fina
     and, when it augments, shifted or flipped views from the second on, with the teachers' outputs
     cached for exactly the views it shows."""
     from nas_kd.config import SearchConfig
-    from nas_kd.distill import LONG_RETRAIN_EPOCHS, criterion_for, retrain_augments, retrain_recipe_text, retrain_targets
+    from nas_kd.distill import (
+        LONG_RETRAIN_EPOCHS,
+        criterion_for,
+        retrain_augments,
+        retrain_recipe_text,
+        retrain_targets,
+    )
 
     assert LONG_RETRAIN_EPOCHS == 8
     ensemble = two_member_ensemble(mini_dataset)
@@ -232,6 +238,7 @@ def test_the_long_retrain_recipe_augments_the_batches_it_says(mini_dataset, fina
     criterion = criterion_for(build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), cfg.distill,
                               ensemble.feature_channels)
     batches, targets = retrain_targets(ensemble, mini_dataset, cfg, criterion, None, progress=False)
+    # 3 views: 4 of the mini split would fit, but no more than min(--ensemble-views 4, epochs)
     assert isinstance(targets, CachedTargets) and targets.views == batches.views == (min(4, epochs) if augmented else 1)
     plain = BatchIterator(mini_dataset.train, mini_dataset, 128, cfg.seed, views=1, augment=False)
     for epoch in range(min(epochs, 3)):
@@ -249,3 +256,11 @@ def test_a_bad_final_augment_is_named() -> None:
 
     with pytest.raises(InputError, match="final_augment must be one of auto, on, off, got 'maybe'"):
         retrain_augments(SearchConfig(final_augment="maybe"), 3)
+
+
+def test_the_search_refuses_a_bad_final_augment_before_any_work() -> None:
+    from nas_kd.config import SearchConfig
+    from nas_kd.pipeline import validate
+
+    with pytest.raises(InputError, match="final_augment must be one of auto, on, off, got 'maybe'"):
+        validate(SearchConfig(flops_budget=5_000_000, final_augment="maybe"))
