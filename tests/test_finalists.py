@@ -116,7 +116,7 @@ def test_retrain_winner_keeps_the_finalist_of_best_validation_and_tests_only_it(
     assert tested == [A]  # the test set saw the kept finalist only
     assert len(made) == 1  # the teachers' outputs were computed once for both finalists
     assert load_json(tmp_path / "winner" / "metrics.json")["finalists"] == rows == study.user_attrs[WINNER_ATTR]["finalists"]
-    assert lines[0] == f"retraining finalist 1 of 2: trial 1 ({B}) for 1 epochs"
+    assert lines[0] == f"retraining finalist 1 of 2: trial 1 ({B}) for 1 epochs: no augmentation"
     assert "finalist 2: trial 0 val acc 0.6000 after the retrain (trial score 0.5)" in lines
     assert "finalists: trial 0 has the best validation accuracy (0.6000); testing it" in lines
     html, _ = write_report(study, tmp_path)
@@ -146,7 +146,7 @@ def test_retrain_winner_keeps_the_finalist_of_best_validation_and_tests_only_it(
     assert kept["trial"] == 3 and kept["spec"] == D
     assert lines[0] == ("start points, retrained whatever their trial score and kept only if best on validation: "
                         "trial 3 (hand-made, trial score 0.1)")
-    assert f"retraining finalist 2 of 2 (hand-made start point): trial 3 ({D}) for 1 epochs" in lines
+    assert f"retraining finalist 2 of 2 (hand-made start point): trial 3 ({D}) for 1 epochs: no augmentation" in lines
     finalists_html = write_report(study, tmp_path)[0].read_text().split("<h3>Finalists</h3>")[1].split("</table>")[0]
     assert "<td>hand-made</td>" in finalists_html and "the study's start points" in finalists_html
 
