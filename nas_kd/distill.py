@@ -107,7 +107,9 @@ def retrain_recipe_text(cfg: SearchConfig, epochs: int) -> str:
     if not retrain_augments(cfg, epochs):
         return "no augmentation"
     why = f" (from {LONG_RETRAIN_EPOCHS} epochs on)" if cfg.final_augment == "auto" and not cfg.train.augment else ""
-    return f"padding-crop and flips{why}, teachers' outputs for up to {min(cfg.ensemble_views, epochs)} views"
+    views = min(cfg.ensemble_views, epochs)
+    teachers = f"teachers' outputs for up to {views} views" if views > 1 else "teachers live on a fresh view every epoch"
+    return f"padding-crop and flips{why}, {teachers}"
 
 
 def retrain_views(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion, epochs: int) -> int:

@@ -20,6 +20,7 @@ from nas_kd.config import SearchConfig, adapt_schedule, from_dict
 from nas_kd.convert import require_runtime
 from nas_kd.cost import Cost, parse_count
 from nas_kd.data import load_dataset
+from nas_kd.distill import FINAL_AUGMENT
 from nas_kd.ensemble import ensemble_from_config, ensemble_summary
 from nas_kd.errors import InputError
 from nas_kd.latency import latency_meter, parse_latency
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                           "each learning from the ensemble of all of them (into OUT_DIR/<study>/online/).")
     parser.add_argument("--trial", type=int, help="retrain this trial instead of the best feasible one")
     parser.add_argument("--final-epochs", type=int, help="epochs of the retrain (default: the search's)")
+    parser.add_argument("--final-augment", choices=FINAL_AUGMENT,
+                        help="padding-crop and flips in the retrain: auto (from 8 epochs on), on or off (default: the "
+                             "search's)")
     parser.add_argument("--finalists", type=int, metavar="K",
                         help="retrain the K best trials (distinct students) and keep the one of best validation "
                              "accuracy; only it is tested (default: the search's, 1). The study's start points "
@@ -131,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["final_epochs"] = SearchConfig().final_epochs
             log(f"the search ran with --final-epochs 0: retraining for the default {SearchConfig().final_epochs} "
                 "epochs (--final-epochs E for others)")
+        if args.final_augment is not None:
+            overrides["final_augment"] = args.final_augment
         if args.finalists is not None:
             overrides["finalists"] = args.finalists
         elif args.trial is not None:

@@ -203,10 +203,12 @@ def test_retrain_command_retrains_the_trial_asked_for(e2e_copy: dict) -> None:
     study = load(e2e_copy["url"])
     trained = sorted(t.number for t in study.trials if was_trained(t) and t.state == optuna.trial.TrialState.COMPLETE)
     result = run_cli("nas_kd.retrain", "--study-name", E2E_STUDY, "--trial", str(trained[0]), "--final-epochs", "1",
-                     "--quiet", cwd=e2e_copy["work"])
+                     "--final-augment", "on", "--quiet", cwd=e2e_copy["work"])
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = load_json(e2e_copy["work"] / "studies" / E2E_STUDY / "winner" / "metrics.json")
-    assert metrics["trial"] == trained[0]
+    assert metrics["trial"] == trained[0] and metrics["augmented"] is True
+    # one epoch: one view, so the teachers run live on it
+    assert "for 1 epochs: padding-crop and flips, teachers live on a fresh view every epoch" in result.stderr
     assert load(e2e_copy["url"]).user_attrs["winner"]["trial"] == trained[0]
 
 
