@@ -88,8 +88,9 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
                          checkpoint=checkpoint)
 
 
-# "auto" augments a retrain of this many epochs or more (--final-augment; benchmarks/retrain_curve.py)
-LONG_RETRAIN_EPOCHS = 8
+# "auto" augments a retrain of this many epochs or more (--final-augment; benchmarks/retrain_curve.py);
+# None: "auto" never does (only --augment or --final-augment on)
+LONG_RETRAIN_EPOCHS: int | None = 8
 FINAL_AUGMENT = ("auto", "on", "off")
 
 
@@ -98,7 +99,7 @@ def retrain_augments(cfg: SearchConfig, epochs: int) -> bool:
     if cfg.final_augment not in FINAL_AUGMENT:
         raise InputError(f"final_augment must be one of {', '.join(FINAL_AUGMENT)}, got {cfg.final_augment!r}")
     if cfg.final_augment == "auto":
-        return cfg.train.augment or epochs >= LONG_RETRAIN_EPOCHS
+        return cfg.train.augment or (LONG_RETRAIN_EPOCHS is not None and epochs >= LONG_RETRAIN_EPOCHS)
     return cfg.final_augment == "on"
 
 

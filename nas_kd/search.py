@@ -235,9 +235,10 @@ def build_parser() -> OneLineParser:
     g.add_argument("--final-epochs", type=_positive(int, "--final-epochs", 0), default=DEFAULTS.final_epochs,
                    help=f"epochs of the winner's retrain (default {DEFAULTS.final_epochs}; 0 = no retrain)")
     g.add_argument("--final-augment", choices=FINAL_AUGMENT, default=DEFAULTS.final_augment,
-                   help="padding-crop and flips in the retrain: auto (default) from "
-                        f"{LONG_RETRAIN_EPOCHS} epochs on, where it pays (BENCHMARKS.md, \"The retrain's curve\"), "
-                        "on, or off; the teachers' outputs are cached for --ensemble-views views")
+                   help="padding-crop and flips in the retrain: auto (default: "
+                        + (f"from {LONG_RETRAIN_EPOCHS} epochs on" if LONG_RETRAIN_EPOCHS else "only with --augment")
+                        + "; BENCHMARKS.md, \"The retrain's curve\"), on, or off; the teachers' outputs are cached "
+                        "for up to --ensemble-views views")
     g.add_argument("--pruned-baseline", action="store_true",
                    help="also L1-prune the largest teacher's filters until it fits the budget, keep its weights, and "
                         "distil it with the winner's recipe and epochs (and fine-tune it, for comparison); shown "
