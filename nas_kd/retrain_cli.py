@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trial", type=int, help="retrain this trial instead of the best feasible one")
     parser.add_argument("--final-epochs", type=int, help="epochs of the retrain (default: the search's)")
     parser.add_argument("--final-augment", choices=FINAL_AUGMENT,
-                        help="padding-crop and flips in the retrain: auto (from 8 epochs on), on or off (default: the "
-                             "search's)")
+                        help="padding-crop and flips in the retrain: auto, on or off (default: the search's; see "
+                             "python -m nas_kd.search --help)")
     parser.add_argument("--finalists", type=int, metavar="K",
                         help="retrain the K best trials (distinct students) and keep the one of best validation "
                              "accuracy; only it is tested (default: the search's, 1). The study's start points "
