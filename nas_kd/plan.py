@@ -253,8 +253,11 @@ def plan_retrain(cfg: SearchConfig, study: optuna.Study, dataset: Dataset, ensem
         views = min(cfg.ensemble_views, epochs)
         cache = views * teacher_pass_seconds(ensemble, dataset, recipe_features(cfg.distill.weights()))
         augmented = epochs_left(cfg.time_budget, clock.elapsed() + cache, epoch, export_seconds(cfg))
-        # "auto" augments only long retrains: when the views' cost leaves too few epochs, none
-        epochs = augmented if retrain_augments(cfg, augmented) else min(epochs, (LONG_RETRAIN_EPOCHS or epochs + 1) - 1)
+        if retrain_augments(cfg, augmented):
+            epochs = augmented
+        else:  # only "auto" with a threshold: the views' cost leaves too few epochs, so none, under it
+            assert LONG_RETRAIN_EPOCHS is not None
+            epochs = min(epochs, LONG_RETRAIN_EPOCHS - 1)
     return dataclasses.replace(cfg, final_epochs=epochs), (
         f"retrain: {epochs} epochs of ~{epoch:.0f}s fit the ~{format_duration(cfg.time_budget - clock.elapsed())} "
         f"left of the time budget ({format_duration(clock.elapsed())} spent); {retrain_recipe_text(cfg, epochs)}")
