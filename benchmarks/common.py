@@ -55,9 +55,11 @@ def settings_id(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def machine() -> str:
+def machine(device: torch.device | None = None) -> str:
+    """The processor, its cores and torch's threads, and the GPU where `device` is one."""
+    gpu = f", {torch.cuda.get_device_name(device)}" if device is not None and device.type == "cuda" else ""
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
-            f"threads, torch {torch.__version__}")
+            f"threads, torch {torch.__version__}{gpu}")
 
 
 class ResultsFile:

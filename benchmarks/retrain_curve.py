@@ -49,7 +49,7 @@ from nas_kd.distill import distill, retrain_student, seeded_student
 from nas_kd.ensemble import CachedTargets, ensemble_from_config
 from nas_kd.export import student_metrics
 from nas_kd.losses import recipe_features
-from nas_kd.train import Checkpoint
+from nas_kd.train import Checkpoint, resolve_device
 
 WINNER = "c24|basic_d1_w32_s1_k3_e1|bottleneck_d1_w64_s2_k3_e2|basic_d2_w64_s2_k5_e1"
 BUDGET = Budget(macs=50_000_000)
@@ -95,9 +95,9 @@ class Runner:
     """Trains rows, loading the dataset and the teachers once; with `images`, on the first
     `images` training images only (a quick check of the script, kept under its own key)."""
 
-    def __init__(self, base: SearchConfig, work: Path, images: int | None):
+    def __init__(self, base: SearchConfig, work: Path, images: int | None, device: torch.device):
         self.base, self.work = base, work
-        dataset = load_dataset(base.dataset)
+        dataset = load_dataset(base.dataset).to(device)
         self.ensemble = ensemble_from_config(base, dataset, progress=False, log=lambda m: print("  " + m))
         if images:
             dataset = dataclasses.replace(dataset, train=Split(dataset.train.x[:images], dataset.train.y[:images]))
@@ -130,13 +130,16 @@ class Runner:
         entry = {**student_metrics(model, dataset), "seconds": round(seconds, 1),
                  "cache_seconds": None if cache_seconds is None else round(cache_seconds, 1),
                  "wall_seconds": round(time.perf_counter() - started, 1), "recipe": losses.describe(),
-                 "augment": recipe.augment, "macs": count(model, dataset.input_shape).macs, "machine": machine()}
+                 "augment": recipe.augment, "macs": count(model, dataset.input_shape).macs,
+                 "machine": machine(device)}
         checkpoint.remove()
         return entry
 
 
 def show(results: ResultsFile, sid: str) -> None:
     rows = [e for k, e in sorted(results.data.get("rows", {}).items()) if k.endswith(f"|{sid}")]
+    if not rows:
+        return
     rows.sort(key=lambda e: (e["student"], e["recipe_name"], e["epochs"], e["seed"]))
     print("| student | MACs | recipe | epochs | seed | val acc | test acc | training s | s/epoch | targets cached s | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -158,17 +161,20 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("studies/bench-retrain-curve"),
                         help="where a running row's checkpoints go")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where rows train; rows trained on a GPU are kept under their own keys")
     parser.add_argument("--results", type=Path, default=RESULTS / "retrain_curve.json")
     parser.add_argument("--train-images", type=int, help="train on the first N training images only (a quick check)")
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the results")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     results = ResultsFile(args.results)
     base = SearchConfig(cache_dir=args.cache_dir)
-    sid = settings_id({"train": dataclasses.asdict(base.train), "distill": base.distill.describe(),
-                       "teachers": base.teachers, "dataset": base.dataset,
-                       "images": args.train_images, "v": 1})
+    settings = {"train": dataclasses.asdict(base.train), "distill": base.distill.describe(), "teachers": base.teachers,
+                "dataset": base.dataset, "images": args.train_images, "v": 1}
+    sid = settings_id({**settings, **({"device": "cuda"} if device.type == "cuda" else {})})
     runner: Runner | None = None
     for seed in [] if args.table_only else args.seeds:
         for student, recipe, epochs in args.rows:
@@ -176,7 +182,7 @@ def main() -> int:
             results.refresh()
             if results.get("rows", key) is not None:
                 continue
-            runner = runner or Runner(base, args.work, args.train_images)
+            runner = runner or Runner(base, args.work, args.train_images, device)
             spec = student_spec(student, runner.dataset)
             print(f"{student} ({spec}) {recipe} {epochs} epochs seed {seed}", flush=True)
             entry = runner(spec, recipe, epochs, seed, key)
@@ -184,7 +190,8 @@ def main() -> int:
                                       "seed": seed, **entry})
             print(f"  val {entry['val_acc']:.4f}, test {entry['test_acc']:.4f}, {entry['seconds']:.0f} s", flush=True)
     results.refresh()
-    show(results, sid)
+    for device_name in ("cpu", "cuda"):  # each device's rows in their own table
+        show(results, settings_id({**settings, **({"device": "cuda"} if device_name == "cuda" else {})}))
     return 0
 
 
