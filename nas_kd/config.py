@@ -164,6 +164,9 @@ class SearchConfig:
     # counts decide. `time_fixed` names the counts given explicitly, which the plan keeps
     time_budget: float | None = None
     time_fixed: tuple[str, ...] = ()
+    # the share of a time budget the search gets (after setup and the export's allowance); the
+    # retrain gets the rest (BENCHMARKS.md, "The time budget's split")
+    search_share: float = 0.3
     retrain_trial: int | None = None
     # retrain the best `finalists` trials (distinct specs, by trial score) with the full schedule and
     # keep the one of best validation accuracy; 1 = the best trial only. Each costs a retrain.

@@ -40,9 +40,13 @@ from nas_kd.records import SPEC_ATTR
 from nas_kd.space import SearchSpace
 from nas_kd.study import study_training, update_study_attr
 
-# the share of the planned time the search gets; the rest goes to the retrain (BENCHMARKS.md,
-# "Time budget": the split measured at the default budget)
-SEARCH_SHARE = 0.3
+# the share of the planned time the search gets by default (SearchConfig.search_share); the rest
+# goes to the retrain
+SEARCH_SHARE = SearchConfig.search_share
+# what the bare command runs for when no count (--trials, --final-epochs, --timeout) is given: on
+# the 2-core machine, a search and a retrain long enough to flatten the winner's curve
+# (BENCHMARKS.md, "The retrain's curve")
+DEFAULT_TIME_BUDGET = 1800.0
 MIN_EPOCHS = 1  # a retrain shorter than this is not a retrain
 EXPORT_SECONDS = 60.0  # test, ONNX and int8 export, report: about 30-50 s for a 50M student here
 REPORT_SECONDS = 20.0  # test, weights and report without ONNX (--no-onnx)
@@ -228,7 +232,7 @@ def plan_search(cfg: SearchConfig, study: optuna.Study, space: SearchSpace, budg
                   export=export_seconds(cfg))
     fixed = set(cfg.time_fixed)
     held = math.floor(study_training(study))
-    plan = make_plan(cfg.time_budget, costs, trials=held + cfg.trials if "trials" in fixed else None,
+    plan = make_plan(cfg.time_budget, costs, cfg.search_share, trials=held + cfg.trials if "trials" in fixed else None,
                      epochs=cfg.final_epochs if "final_epochs" in fixed else None, held=held)
     if "trials" not in fixed:
         cfg = dataclasses.replace(cfg, trials=max(0, plan.trials - held), timeout=plan.search)
@@ -283,5 +287,7 @@ def check_time_budget(cfg: SearchConfig) -> None:
     """A time budget from a config file is checked as the flag is."""
     if cfg.time_budget is not None and not (math.isfinite(cfg.time_budget) and cfg.time_budget > 0):
         raise InputError(f"time_budget must be a positive number of seconds, got {cfg.time_budget!r}")
+    if not 0 < cfg.search_share < 1:
+        raise InputError(f"search_share must be between 0 and 1 (exclusive), got {cfg.search_share!r}")
     if bad := [k for k in cfg.time_fixed if k not in ("trials", "final_epochs")]:
         raise InputError(f"time_fixed names counts the plan keeps: trials and/or final_epochs, got {bad[0]!r}")

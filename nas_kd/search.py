@@ -26,7 +26,7 @@ from nas_kd.losses import LOSSES
 from nas_kd.memory import parse_bytes
 from nas_kd.objective import TRIAL_SCORES
 from nas_kd.pipeline import PARETO_COSTS, search
-from nas_kd.plan import parse_duration
+from nas_kd.plan import DEFAULT_TIME_BUDGET, parse_duration
 from nas_kd.study import PRUNERS, SAMPLERS
 from nas_kd.zoo import TEACHERS
 
@@ -41,6 +41,21 @@ def _typed(convert: Callable[[str, str], Any], flag: str) -> Callable[[str], Any
         except InputError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse
+
+
+def _duration_or_off(text: str, flag: str) -> float | None:
+    """A --time-budget: a duration, or 'off' for the counts alone."""
+    return None if text.strip().lower() == "off" else parse_duration(text, flag)
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), got {text!r}")
+    return value
 
 
 def _count(flag: str) -> Callable[[str], int]:
@@ -148,11 +163,15 @@ def build_parser() -> OneLineParser:
                         "nothing")
     g.add_argument("--timeout", type=_positive(float, "--timeout", 1), metavar="SECONDS",
                    help="stop starting trials after this many seconds")
-    g.add_argument("--time-budget", type=_typed(lambda text, flag: parse_duration(text, flag), "--time-budget"),
-                   metavar="DURATION",
+    g.add_argument("--time-budget", type=_typed(_duration_or_off, "--time-budget"), metavar="DURATION",
                    help="wall-clock time for the whole run, e.g. 90s, 30m, 2h: the run times a trial and a retrain "
                         "epoch here and splits the time between the search and the retrain (one line at the start "
-                        "says how); --trials and --final-epochs given explicitly keep their counts")
+                        "says how); --trials and --final-epochs given explicitly keep their counts. Default "
+                        f"{DEFAULT_TIME_BUDGET / 60:.0f}m when no count (--trials, --final-epochs, --timeout) is given; "
+                        f"off: the counts alone ({DEFAULTS.trials} trials, {DEFAULTS.final_epochs} retrain epochs)")
+    g.add_argument("--search-share", type=_share, default=DEFAULTS.search_share, metavar="FRACTION",
+                   help=f"the search's share of a time budget, the retrain getting the rest (default "
+                        f"{DEFAULTS.search_share})")
     g.add_argument("--start-from", action="append", metavar="hand-made|SPEC",
                    help="train this student first, before the sampler proposes any; repeatable. hand-made: the "
                         "deepest of ResNet-20/14/8 scaled to fit the budget (He et al. 2016), what a person would "
@@ -275,9 +294,15 @@ def given_flags(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+# counts that, given as flags or in a --config file, stand in place of the default time budget
+COUNTS = {"trials", "final_epochs", "timeout", "study_trials"}
+
+
 def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
-    """Defaults, then the --config YAML, then the flags the user actually typed."""
+    """Defaults, then the --config YAML, then the flags the user actually typed. With no time
+    budget and no count given either way, the run gets DEFAULT_TIME_BUDGET."""
     base: dict[str, Any] = SearchConfig().to_dict()
+    loaded: dict[str, Any] = {}
     if args.config:
         try:
             loaded = yaml.safe_load(Path(args.config).read_text())
@@ -302,10 +327,12 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
                  "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score",
                  "bn_recalibration", "trial_reports", "pruner", "sampler", "latency_precision", "latency_threads",
                  "latency_table", "memory_budget", "pareto_cost", "min_steps", "teacher_min_gain", "study_trials",
-                 "heartbeat", "budget_floor", "finalists", "time_budget", "final_augment"):
+                 "heartbeat", "budget_floor", "finalists", "time_budget", "final_augment", "search_share"):
         flag(name)
     if "time_budget" in given:  # the counts given explicitly keep their part of the plan
         base["time_fixed"] = [k for k in ("trials", "final_epochs") if k in given]
+    elif not (COUNTS | {"time_budget", "worker"}) & (given | set(loaded)):
+        base["time_budget"] = DEFAULT_TIME_BUDGET  # the bare command: a time, not counts
     flag("start_from", convert=lambda v: list(dict.fromkeys(v)))
     flag("latency_budget", "latency_budget_ms")
     flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])
