@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -143,14 +144,29 @@ def show(results: ResultsFile, sid: str) -> None:
     rows.sort(key=lambda e: (e["student"], e["recipe_name"], e["epochs"], e["seed"]))
     print("| student | MACs | recipe | epochs | seed | val acc | test acc | training s | s/epoch | targets cached s | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    def seconds(value: float | None) -> str:
+        return "" if value is None else f"{value:.0f}"
+
     for e in rows:
-        cache = "" if e["cache_seconds"] is None else f"{e['cache_seconds']:.0f}"
+        again = "".join(f" (again: {r['val_acc'] * 100:.2f}%)" for r in e.get("repeats", []))
         print(f"| {e['student']} | {e['macs'] / 1e6:.1f}M | {e['recipe_name']} | {e['epochs']} | {e['seed']} | "
-              f"{e['val_acc'] * 100:.2f}% | {e['test_acc'] * 100:.2f}% | {e['seconds']:.0f} | "
-              f"{e['seconds'] / e['epochs']:.0f} | {cache} | {e['wall_seconds']:.0f} |")
-    machines = sorted({e["machine"] for e in rows})
-    if machines:
-        print("\nmachines: " + "; ".join(machines))
+              f"{e['val_acc'] * 100:.2f}%{again}{' *' if 'source' in e else ''} | {e['test_acc'] * 100:.2f}% | "
+              f"{e['seconds']:.0f} | {e['seconds'] / e['epochs']:.0f} | {seconds(e['cache_seconds'])} | "
+              f"{seconds(e['wall_seconds'])} |")
+    if notes := sorted({e["source"] for e in rows if "source" in e}):
+        print("\n* from " + "; ".join(notes))
+    print("\nmachines: " + "; ".join(sorted({e["machine"] for e in rows})))
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for e in rows:
+        groups.setdefault((e["student"], e["recipe_name"], e["epochs"]), []).append(e)
+    if any(len(g) > 1 for g in groups.values()):
+        print("\n| student | recipe | epochs | seeds | val acc, mean | test acc, mean |")
+        print("|---|---|---|---|---|---|")
+        for (student, recipe, epochs), g in groups.items():
+            print(f"| {student} | {recipe} | {epochs} | {','.join(str(e['seed']) for e in g)} | "
+                  f"{statistics.mean(e['val_acc'] for e in g) * 100:.2f}% | "
+                  f"{statistics.mean(e['test_acc'] for e in g) * 100:.2f}% |")
+    print()
 
 
 def main() -> int:

@@ -53,7 +53,7 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
             cfg: TrainConfig, epochs: int, on_epoch: Callable[[int], None] | None = None,
             desc: str = "distill", progress: bool = True, two_stage: float = 0.0,
             on_step: Callable[[int], None] | None = None, epoch_lines: bool = False,
-            checkpoint: Checkpoint | None = None) -> float:
+            checkpoint: Checkpoint | None = None, replan: Callable[[int, float], int] | None = None) -> float:
     """Train `student` (and the criterion's adapters) for `epochs`; returns training seconds.
 
     With `two_stage` > 0 the first `two_stage` of the epochs train on the feature losses only and
@@ -61,7 +61,8 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
     sees the epochs numbered through both, `on_step` the optimizer steps counted through both.
     `targets` may be None only when no loss of the criterion uses the teachers. With
     `checkpoint`, every epoch's state is saved and a killed run resumes (`train.fit`); the
-    stage-one state goes beside it, suffixed `-align`.
+    stage-one state goes beside it, suffixed `-align`. `replan` re-plans the length after each
+    epoch (`train.fit`); two-stage training keeps its planned length.
     """
     if criterion.uses_teachers and targets is None:
         raise ValueError("this recipe needs teacher targets")
@@ -77,7 +78,7 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
     first, second = criterion_stages(criterion, epochs, two_stage)
     if not first:
         return fit(modules, batches, step_of(None), cfg, epochs, on_epoch, desc, progress, on_step=on_step,
-                   epoch_lines=epoch_lines, checkpoint=checkpoint)
+                   epoch_lines=epoch_lines, checkpoint=checkpoint, replan=replan)
 
     offset = first * len(batches)
     align = None if checkpoint is None else Checkpoint(checkpoint.path.with_stem(checkpoint.path.stem + "-align"))
@@ -178,16 +179,18 @@ def seeded_student(make: Callable[[], Network], seed: int, recipe: DistillConfig
 def retrain_student(make: Callable[[], Network], dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
                     epochs: int, recipe: DistillConfig | None = None, desc: str = "retrain", progress: bool = True,
                     cached: CachedTargets | None = None, epoch_lines: bool = False,
-                    checkpoint: Checkpoint | None = None) -> tuple[Network, float]:
+                    checkpoint: Checkpoint | None = None,
+                    replan: Callable[[int, float], int] | None = None) -> tuple[Network, float]:
     """The retrain recipe: `seeded_student` (seed cfg.seed), its targets over the whole training
     split (`retrain_targets`, the search's cache when it covers them), then `epochs` of
     distillation with `recipe` (default: the study's, cfg.distill), saved to `checkpoint` every
-    epoch when given. Returns the network in eval mode and the training seconds."""
+    epoch when given, its length re-planned after each epoch by `replan` when given (a time
+    budget's `train.Deadline`). Returns the network in eval mode and the training seconds."""
     recipe = cfg.distill if recipe is None else recipe
     model, criterion = seeded_student(make, cfg.seed, recipe, ensemble.feature_channels)
     batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress, epochs)
     seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc=desc, progress=progress,
-                      two_stage=recipe.two_stage, epoch_lines=epoch_lines, checkpoint=checkpoint)
+                      two_stage=recipe.two_stage, epoch_lines=epoch_lines, checkpoint=checkpoint, replan=replan)
     return model.eval(), seconds
 
 

@@ -8,7 +8,7 @@ the study and its retrained winner (`RunResult`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -30,7 +30,15 @@ from nas_kd.latency import check_precision, latency_meter
 from nas_kd.losses import Criterion, loss_class, recipe_features, recipe_uses_teachers
 from nas_kd.objective import run_trial, trial_context, trial_score_named
 from nas_kd.picks import enqueue_start_points
-from nas_kd.plan import Clock, check_time_budget, plan_retrain, plan_search, record_split, refuse_too_small
+from nas_kd.plan import (
+    Clock,
+    check_time_budget,
+    export_seconds,
+    plan_retrain,
+    plan_search,
+    record_split,
+    refuse_too_small,
+)
 from nas_kd.progress import TimeBudget, bars_shown, budget_status, log
 from nas_kd.records import (
     stored_blockwise_scores,
@@ -292,7 +300,9 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
         cfg, line = plan_retrain(cfg, study, dataset, ensemble, batches, targets, clock)
         log(line)
     if cfg.final_epochs > 0 and not cfg.worker:
-        finish_retrain(study, dataset, ensemble, cfg, progress, log, targets)
+        end = None if time_plan is None else clock.start + cfg.time_budget - export_seconds(cfg)
+        retrained = finish_retrain(study, dataset, ensemble, cfg, progress, log, targets, end)
+        cfg = replace(cfg, final_epochs=retrained["final_epochs"])  # as trained, re-planned or not
         marks["retrain"] = clock.elapsed()
         if cfg.pruned_baseline:
             pruned_baseline(study, dataset, ensemble, cfg, out, progress, log, targets, latency)

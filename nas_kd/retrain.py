@@ -43,15 +43,17 @@ from nas_kd.progress import log
 from nas_kd.records import LATENCY_ATTR, SPEC_ATTR, cost_facts
 from nas_kd.report import write_report
 from nas_kd.study import AT_BUDGET_ATTR, STUDY_ATTR, WINNER_ATTR
-from nas_kd.train import evaluate
+from nas_kd.train import Deadline, evaluate
 
 
 def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
-            progress: bool = True, cached: CachedTargets | None = None) -> tuple[Network, float]:
-    """Distil a fresh `spec` network for `epochs` with the study's recipe; returns it and the seconds."""
+            progress: bool = True, cached: CachedTargets | None = None,
+            deadline: Deadline | None = None) -> tuple[Network, float]:
+    """Distil a fresh `spec` network for `epochs` with the study's recipe (re-planned to end by
+    `deadline` when given); returns it and the seconds."""
     device = dataset.train.x.device
     return retrain_student(lambda: build(spec, dataset.input_shape, dataset.num_classes).to(device), dataset,
-                           ensemble, cfg, epochs, progress=progress, cached=cached, epoch_lines=True)
+                           ensemble, cfg, epochs, progress=progress, cached=cached, epoch_lines=True, replan=deadline)
 
 
 def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
@@ -61,13 +63,17 @@ def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[s
 
 def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
                    out_dir: Path, progress: bool = True, log=print, cached: CachedTargets | None = None,
-                   record: bool = True) -> dict[str, Any]:
+                   record: bool = True, end: float | None = None) -> dict[str, Any]:
     """Pick the winner (or cfg.retrain_trial), retrain, test, export, and store the figures in the study.
 
     With cfg.finalists K > 1 the K best trials are each retrained and the one of best validation
     accuracy is the winner (ties: the better trial score); only it is tested and exported. The
     study's start points (`study.retrain_candidates`) are retrained beside them, whatever their
-    trial scores, and win only on validation too."""
+    trial scores, and win only on validation too.
+
+    With `end` (a `time.perf_counter` time: a time budget's), each retrain re-plans its epochs
+    after every one to end by its share of what is left (`train.Deadline`), and the figures give
+    the epochs it trained."""
     if cfg.retrain_trial is None:
         best = finalists(study, cfg.finalists)
         if cfg.finalists > 1 and len(best) < cfg.finalists:
@@ -91,37 +97,41 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
                                     cached, progress)
         cached = shared if isinstance(shared, CachedTargets) else cached
     rows: list[dict[str, Any]] = []
-    best: tuple[float, optuna.trial.FrozenTrial, Spec, Network, float] | None = None
+    best: tuple[float, optuna.trial.FrozenTrial, Spec, Network, float, int] | None = None
     for rank, trial in enumerate(candidates, 1):
+        now = time.perf_counter()
+        deadline = None if end is None else Deadline(now + (end - now) / (len(candidates) - rank + 1))
         spec = Spec.parse(trial.user_attrs[SPEC_ATTR])
         start_point = names.get(str(spec))
         label = f" ({start_point} start point)" if start_point else ""
         which = f"finalist {rank} of {len(candidates)}{label}: " if many else ""
-        log(f"retraining {which}trial {trial.number} ({spec}) for {cfg.final_epochs} epochs: "
+        planned = f"~{cfg.final_epochs} epochs, re-planned after each" if deadline else f"{cfg.final_epochs} epochs"
+        log(f"retraining {which}trial {trial.number} ({spec}) for {planned}: "
             f"{retrain_recipe_text(cfg, cfg.final_epochs)}")
-        model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached)
+        model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached, deadline)
+        epochs = cfg.final_epochs if deadline is None or deadline.epochs is None else deadline.epochs
         val = evaluate(model, dataset.val, dataset) if many else 0.0
         if many:
             rows.append({"trial": trial.number, "spec": str(spec), "search_val_acc": trial.values[0], "val_acc": val,
-                         "train_seconds": round(seconds, 2),
+                         "train_seconds": round(seconds, 2), "epochs": epochs,
                          **({"start_point": start_point} if start_point else {})})
             log(f"finalist {rank}: trial {trial.number} val acc {val:.4f} after the retrain "
                 f"(trial score {trial.values[0]:.4g})")
         if best is None or val > best[0]:  # only the best model is kept in memory
-            best = (val, trial, spec, model, seconds)
+            best = (val, trial, spec, model, seconds, epochs)
         del model  # before the next finalist trains
     assert best is not None
-    _, trial, spec, model, seconds = best
+    _, trial, spec, model, seconds, epochs = best
     if many:
         log(f"finalists: trial {trial.number} has the best validation accuracy ({best[0]:.4f}); testing it")
     metrics = test_metrics(model, dataset, ensemble)
     metrics = {"trial": trial.number, "spec": str(spec),
                **cost_facts(count(model, dataset.input_shape), ensemble.largest()),
                "latency_ms": trial.user_attrs.get(LATENCY_ATTR),
-               "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs, **metrics,
+               "search_val_acc": trial.values[0], "final_epochs": epochs, **metrics,
                "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
                "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature,
-               "augmented": retrain_augments(cfg, cfg.final_epochs),
+               "augmented": retrain_augments(cfg, cfg.final_epochs),  # decided before it trained
                **({"finalists": rows} if many else {})}
     weights, metrics_path = export(model, dataset, cfg, metrics, out_dir)
     metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)
@@ -131,10 +141,12 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
 
 
 def finish_retrain(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
-                   progress: bool = True, log=log, cached: CachedTargets | None = None) -> dict[str, Any]:
-    """Retrain the winner into OUT_DIR/<study>/winner/ and rewrite the study's report."""
+                   progress: bool = True, log=log, cached: CachedTargets | None = None,
+                   end: float | None = None) -> dict[str, Any]:
+    """Retrain the winner into OUT_DIR/<study>/winner/ (by `end`, see `retrain_winner`) and
+    rewrite the study's report."""
     out = Path(cfg.out_dir) / study.study_name
-    metrics = retrain_winner(study, dataset, ensemble, cfg, out / "winner", progress, log, cached)
+    metrics = retrain_winner(study, dataset, ensemble, cfg, out / "winner", progress, log, cached, end=end)
     html_path, _ = write_report(study, out)
     log(f"winner: trial {metrics['trial']} test acc {metrics['test_acc']:.4f} "
         f"(ensemble {metrics['ensemble_test_acc']:.4f}); report {html_path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -39,15 +40,44 @@ def make_optimizer(params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
 
 
+class OneCycle:
+    """The one-cycle learning-rate factor of optimizer step n: a linear rise over the first
+    `warmup` share of `total` steps, then a linear fall to 0 at `total`. A callable object, so
+    that the scheduler's state (and a checkpoint) keeps it, and `stretch` can move its end while
+    training: the rise stays as it was (or shortens with a shorter schedule), the fall is redrawn
+    from the current step to the new end."""
+
+    def __init__(self, total: int, warmup: float):
+        self.total, self.warmup = total, warmup
+        self.rise = max(1, int(total * warmup))
+
+    def __call__(self, step: int) -> float:
+        if step < self.rise:
+            return (step + 1) / self.rise
+        return max(0.0, (self.total - step) / max(1, self.total - self.rise))
+
+    def stretch(self, total: int) -> None:
+        self.rise = min(self.rise, max(1, int(total * self.warmup)))
+        self.total = total
+
+
 def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
-    rise = max(1, int(total_steps * warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, OneCycle(total_steps, warmup))
 
-    def factor(step: int) -> float:
-        if step < rise:
-            return (step + 1) / rise
-        return max(0.0, (total_steps - step) / max(1, total_steps - rise))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+class Deadline:
+    """Re-plans a training's length after each epoch (`fit`'s `replan`): as many epochs as fit
+    before `end` (a time of `now`) at the mean epoch time measured so far, and at least one more,
+    so that a machine that speeds up or slows down mid-training still ends near `end`, by one
+    epoch at most. `epochs` is the last length asked for (None before the first epoch ends)."""
+
+    def __init__(self, end: float, now: Callable[[], float] = time.perf_counter):
+        self.end, self.now = end, now
+        self.epochs: int | None = None
+
+    def __call__(self, done: int, epoch_seconds: float) -> int:
+        self.epochs = done + max(1, math.floor((self.end - self.now()) / max(epoch_seconds, 1e-9) + 1e-9))
+        return self.epochs
 
 
 StepLoss = Callable[[Batch], torch.Tensor]
@@ -90,7 +120,8 @@ class Checkpoint:
 def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: TrainConfig, epochs: int,
         on_epoch: Callable[[int], None] | None = None, desc: str = "train", progress: bool = True,
         first_epoch: int = 0, checkpoint: Checkpoint | None = None,
-        on_step: Callable[[int], None] | None = None, epoch_lines: bool = False) -> float:
+        on_step: Callable[[int], None] | None = None, epoch_lines: bool = False,
+        replan: Callable[[int, float], int] | None = None) -> float:
     """Train every parameter of `modules` (a model, or a model with its adapters) for `epochs`.
 
     `step_loss(batch)` returns the scalar loss of one batch; `on_epoch(epoch)` runs after each
@@ -101,6 +132,8 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
     function of (seed, epoch), the resumed run takes the same steps as an uninterrupted one.
     `on_step(n)` runs after the n-th optimizer step of this call (n from 1; sub-epoch evaluation
     and pruning: it may raise; its time is not counted as training).
+    `replan(done, epoch_seconds)`, after each epoch but the last, returns the length the training
+    should have now (at least `done` + 1; `Deadline`): the schedule's fall is redrawn to end there.
     With `cfg.bf16` the losses are computed under bfloat16 autocast. With `epoch_lines`, when
     no progress bar is drawn (`progress.bars_shown`), one line per epoch is logged instead.
     Returns the seconds spent training, evaluation callbacks excluded.
@@ -121,7 +154,11 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
     device_type = next(modules.parameters()).device.type
     lines = epoch_lines and not bars_shown(progress)
     step_count = (start_epoch - first_epoch) * len(batches)
-    for epoch in range(start_epoch, first_epoch + epochs):
+    schedule: OneCycle = scheduler.lr_lambdas[0]  # type: ignore[assignment]
+    if state is not None:  # the length the saved training had reached, re-planned or not
+        epochs = max(1, round(schedule.total / max(1, len(batches))))
+    epoch = start_epoch - 1
+    while (epoch := epoch + 1) < first_epoch + epochs:
         modules.train()
         start = time.perf_counter()
         bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"{desc} {epoch - first_epoch + 1}/{epochs}",
@@ -149,6 +186,11 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
         if lines:
             log(f"{desc} epoch {epoch - first_epoch + 1}/{epochs}: loss {total.item() / max(1, len(batches)):.4f}, "
                 f"{time.perf_counter() - start:.0f} s{budget_status()}")
+        if replan is not None and (done := epoch - first_epoch + 1) < epochs:
+            wanted = max(done + 1, replan(done, seconds / done))
+            if wanted != epochs:
+                epochs = wanted
+                schedule.stretch(epochs * len(batches))
         if checkpoint is not None:
             checkpoint.save({"model": modules.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch, "seconds": seconds})

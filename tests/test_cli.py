@@ -105,6 +105,34 @@ def test_config_yaml_is_overridden_by_typed_flags(tmp_path: Path) -> None:
     assert cfg.distill.losses == (("ce", 1.0), ("kl", 1.0), ("hint", 1.0))
 
 
+def config_of(argv: list[str]) -> SearchConfig:
+    return search.config_from_args(search.build_parser().parse_args(argv), search.given_flags(argv))
+
+
+def test_the_bare_command_runs_for_the_default_time_budget_and_counts_replace_it(tmp_path: Path) -> None:
+    from nas_kd.plan import DEFAULT_TIME_BUDGET
+    bare = config_of(["--flops-budget", "50M"])
+    assert (bare.time_budget, bare.time_fixed) == (DEFAULT_TIME_BUDGET, ())
+    for counts in (["--trials", "4"], ["--final-epochs", "2"], ["--timeout", "60"], ["--study-trials", "8"],
+                   ["--worker"], ["--time-budget", "off"]):
+        cfg = config_of(["--flops-budget", "50M", *counts])
+        assert cfg.time_budget is None, counts
+    assert config_of(["--flops-budget", "50M", "--trials", "4"]).trials == 4
+    (tmp_path / "c.yaml").write_text("final_epochs: 5\n")  # a count in a config file counts too
+    assert config_of(["--flops-budget", "50M", "--config", str(tmp_path / "c.yaml")]).time_budget is None
+    (tmp_path / "t.yaml").write_text("seed: 2\n")
+    assert config_of(["--flops-budget", "50M", "--config", str(tmp_path / "t.yaml")]).time_budget == DEFAULT_TIME_BUDGET
+    given = config_of(["--flops-budget", "50M", "--time-budget", "10m", "--trials", "3", "--search-share", "0.4"])
+    assert (given.time_budget, given.time_fixed, given.search_share) == (600.0, ("trials",), 0.4)
+
+
+@pytest.mark.parametrize("share", ["0", "1", "1.5", "x"])
+def test_a_bad_search_share_is_refused(share: str, capsys) -> None:
+    code, err = run_main(["--flops-budget", "50M", "--search-share", share], capsys)
+    assert code == 2
+    assert f"--search-share: expected a fraction between 0 and 1 (exclusive), got '{share}'" in err
+
+
 @pytest.mark.parametrize("argv", [["--flops-budget", "50MB"], ["--flops-budget", "50M", "--dataset", "nope"]])
 def test_real_process_prints_no_traceback(argv: list[str], tmp_path: Path) -> None:
     result = run_cli("nas_kd.search", *argv, cwd=tmp_path, timeout=120)

@@ -112,6 +112,9 @@ def test_a_time_budget_run_ends_within_it_and_records_its_plan(tmp_path, mini_fa
     trial_lines = [line for line in lines if line.startswith("[nas_kd] trial ") and " complete: " in line]
     epoch_lines = [line for line in lines if line.startswith("[nas_kd] retrain epoch ")]
     assert trial_lines and epoch_lines
+    # the retrain's length is re-planned after each epoch: its lines count to the epochs it trained
+    assert any("re-planned after each" in line for line in lines if line.startswith("[nas_kd] retraining trial"))
+    assert epoch_lines[-1].startswith(f"[nas_kd] retrain epoch {actual['epochs']}/{actual['epochs']}: ")
     assert all(re.search(rf" \[\d+s of {budget}s\]$", line) for line in trial_lines + epoch_lines), trial_lines + epoch_lines
 
 

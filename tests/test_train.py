@@ -93,3 +93,89 @@ def test_fit_stops_on_a_non_finite_loss(bad: float, first_epoch: int, message: s
             on_step=steps.append)
     assert steps == [1, 2, 3]
     assert torch.isfinite(model.weight).all() and model.weight.abs().sum() > 0
+
+
+def steps_of_fit(epochs: int, replan, batches: int = 4, checkpoint=None) -> tuple[list[int], list[int]]:
+    """The optimizer steps and the epochs of a `fit` of a tiny model."""
+    model = nn.Linear(2, 1, bias=False)
+    steps: list[int] = []
+    epochs_seen: list[int] = []
+
+    def step_loss(batch: int) -> torch.Tensor:
+        return model.weight.pow(2).sum()
+
+    fit(model, Batches(batches), step_loss, TrainConfig(warmup=0.25), epochs, on_epoch=epochs_seen.append,
+        progress=False, on_step=steps.append, replan=replan, checkpoint=checkpoint)
+    return steps, epochs_seen
+
+
+@pytest.mark.parametrize(("planned", "asked", "trained"), [
+    (2, [5, 5, 5, 5], 5),  # the machine was faster than planned: the schedule stretches to 5 epochs
+    (6, [2], 2),  # slower: it ends after the next epoch
+    (3, [1], 2),  # never fewer than one more epoch than done
+    (3, [3, 3], 3),  # as planned
+])
+def test_a_replanned_fit_trains_the_epochs_asked_for(planned: int, asked: list[int], trained: int) -> None:
+    calls: list[tuple[int, float]] = []
+
+    def replan(done: int, seconds: float) -> int:
+        calls.append((done, seconds))
+        return asked[len(calls) - 1]
+
+    steps, epochs = steps_of_fit(planned, replan)
+    assert epochs == list(range(trained)) and len(steps) == 4 * trained
+    assert [done for done, _ in calls] == list(range(1, trained))  # after each epoch but the last
+    assert all(seconds >= 0 for _, seconds in calls)
+
+
+def test_stretching_the_schedule_redraws_its_fall_to_the_new_end() -> None:
+    params = [nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = one_cycle(optimizer, 8, 0.25)  # 2 rising steps, then a fall to 0 at step 8
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(4 / 6)  # (8 - 4) / (8 - 2)
+    scheduler.lr_lambdas[0].stretch(14)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(9 / 12)  # (14 - 5) / (14 - 2): the rise is kept
+    for _ in range(9):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+    scheduler.lr_lambdas[0].stretch(4)  # shorter than the rise was: the rise shortens with it
+    assert scheduler.lr_lambdas[0].rise == 1
+
+
+def test_a_resumed_fit_keeps_its_replanned_length(tmp_path) -> None:
+    from nas_kd.train import Checkpoint
+
+    checkpoint = Checkpoint(tmp_path / "c.pt")
+
+    class Killed(Exception):
+        pass
+
+    def replan_then_die(done: int, seconds: float) -> int:
+        if done == 2:
+            raise Killed
+        return 6
+
+    with pytest.raises(Killed):
+        steps_of_fit(3, replan_then_die, checkpoint=checkpoint)
+    steps, epochs = steps_of_fit(3, None, checkpoint=checkpoint)  # resumed: 6 epochs, as re-planned
+    assert epochs == [1, 2, 3, 4, 5] and len(steps) == 4 * 5
+
+
+def test_a_deadline_asks_for_the_epochs_that_fit_and_at_least_one_more() -> None:
+    from nas_kd.train import Deadline
+
+    now = [100.0]
+    deadline = Deadline(end=1000.0, now=lambda: now[0])
+    assert deadline.epochs is None
+    now[0] = 300.0
+    assert deadline(2, 100.0) == 2 + 7  # 700 s left, 100 s an epoch
+    assert deadline.epochs == 9
+    now[0] = 990.0
+    assert deadline(8, 100.0) == 9  # 10 s left: one more epoch, the least
+    now[0] = 1200.0
+    assert deadline(9, 100.0) == 10  # past the end: still one more
