@@ -38,6 +38,9 @@ from benchmarks.common import RESULTS, ResultsFile, machine, settings_id
 from nas_kd.plan import TIME_ATTR, parse_duration
 
 BUDGET_FLAGS = ("--flops-budget", "50M")
+# 2: the retrain re-plans its length after each epoch (train.Deadline); runs of version 1 planned
+# it once, from a few timed steps, and are kept beside them
+VERSION = 2
 ARMS = {
     "search": (),
     "search-20": ("--search-share", "0.2"),
@@ -67,16 +70,24 @@ def run_arm(arm: str, seed: int, budget: str, threads: int, work: Path) -> dict[
             "wall_seconds": round(wall, 1), "spec": metrics["spec"], "macs": metrics["macs"],
             "trial": metrics["trial"], "final_epochs": metrics["final_epochs"], "val_acc": metrics["val_acc"],
             "test_acc": metrics["test_acc"], "plan": split.get("plan"), "actual": split.get("actual"),
-            "threads": threads, "machine": machine()}
+            "threads": threads, "machine": machine(), "version": VERSION, "commit": commit()}
+
+
+def commit() -> str:
+    """The code the runs ran: this checkout's commit."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def show(results: ResultsFile) -> None:
-    rows = sorted(results.data.get("runs", {}).values(), key=lambda e: (e["budget_seconds"], e["seed"], e["arm"]))
-    print("| budget | seed | arm | winner MACs | trials | retrain epochs | val acc | test acc | wall | over budget |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = sorted(results.data.get("runs", {}).values(), key=lambda e: (e.get("version", 1), e["budget_seconds"], e["seed"], e["arm"]))
+    print("| version | budget | seed | arm | winner MACs | trials | retrain epochs | val acc | test acc | wall | "
+          "over budget |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for e in rows:
         actual = e.get("actual") or {}
-        print(f"| {e['budget']} | {e['seed']} | {e['arm']} | {e['macs'] / 1e6:.1f}M | {actual.get('trials', '')} | "
+        print(f"| {e.get('version', 1)} | {e['budget']} | {e['seed']} | {e['arm']} | {e['macs'] / 1e6:.1f}M | "
+              f"{actual.get('trials', '')} | "
               f"{e['final_epochs']} | {e['val_acc'] * 100:.2f}% | {e['test_acc'] * 100:.2f}% | "
               f"{e['wall_seconds'] / 60:.1f} min | {e['wall_seconds'] / e['budget_seconds'] - 1:+.1%} |")
     machines = sorted({f"{e['machine']}; {e['threads']} thread(s) a run" for e in rows})
@@ -97,12 +108,12 @@ def main() -> int:
     results = ResultsFile(args.results)
     todo = [] if args.table_only else [
         (arm, seed) for seed in args.seeds for arm in args.arms
-        if results.get("runs", f"{arm}|{seed}|{args.budget}|{settings_id({'v': 1})}") is None]
+        if results.get("runs", f"{arm}|{seed}|{args.budget}|{settings_id({'v': VERSION})}") is None]
 
     def one(job: tuple[str, int]) -> None:
         arm, seed = job
         entry = run_arm(arm, seed, args.budget, args.threads, args.work)
-        results.put("runs", f"{arm}|{seed}|{args.budget}|{settings_id({'v': 1})}", entry)
+        results.put("runs", f"{arm}|{seed}|{args.budget}|{settings_id({'v': VERSION})}", entry)
         print(f"{arm} seed {seed}: val {entry['val_acc']:.4f}, test {entry['test_acc']:.4f}, "
               f"{entry['wall_seconds']:.0f} s", flush=True)
 
