@@ -103,6 +103,7 @@ def test_a_time_budget_run_ends_within_it_and_records_its_plan(tmp_path, mini_fa
     plan, actual = record["plan"], record["actual"]
     assert plan["budget"] == budget and plan["trials"] >= 1 and plan["epochs"] >= 1
     assert actual["trials"] >= 1 and actual["epochs"] == study.user_attrs["winner"]["final_epochs"] >= 1
+    assert actual["export"] > 0  # the test, weights and report after the retrain, counted apart from it
     trial_seconds = record["costs"]["trial"]
     assert actual["total"] <= budget + max(trial_seconds, 30), actual
     assert any(f"time budget {budget}s: setup " in line and " the budget" in line and "total" in line
