@@ -15,6 +15,7 @@ fake costs; the functions at the end measure this machine's costs and apply the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -164,10 +165,12 @@ TRIAL_OVERHEAD = 1.25  # a trial's validation passes, BatchNorm recalibration an
 TIME_ATTR = "time_budget"  # study user attribute: the plan and the actual split of a run with --time-budget
 
 
+@functools.lru_cache(maxsize=8)
 def typical_student(space: SearchSpace, budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
                     seed: int, n: int = 20) -> Spec:
     """The median-MACs spec of `n` seeded random specs within the budget's MACs and params bounds
-    (the space's smallest when none is): what a trial of this search typically trains."""
+    (the space's smallest when none is): what a trial of this search typically trains. Kept per
+    run's arguments: the refusal before the teachers and the plan after them ask for the same."""
     bounds = Budget(budget.macs, budget.params)
     fitting = sorted((c.macs, str(s), s) for s in space.random_specs(n, seed)
                      if bounds.fits(c := count(build(s, input_shape, num_classes, channels_last=False), input_shape)))
