@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -52,7 +53,8 @@ ARMS = {
 def run_arm(arm: str, seed: int, budget: str, threads: int, work: Path) -> dict[str, Any]:
     """One whole run in `work`/ARM-sSEED; its winner's metrics, plan and actual split."""
     folder = work / f"{arm}-s{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a run as a user's first: no study, teacher or target to resume
+    folder.mkdir(parents=True)
     name = f"eqt-{arm}-s{seed}"
     argv = [sys.executable, "-m", "nas_kd.search", *BUDGET_FLAGS, "--time-budget", budget, "--seed", str(seed),
             "--study-name", name, "--quiet", *ARMS[arm]]

@@ -33,11 +33,11 @@ from nas_kd.picks import enqueue_start_points
 from nas_kd.plan import (
     Clock,
     check_time_budget,
-    export_seconds,
     plan_retrain,
     plan_search,
     record_split,
     refuse_too_small,
+    retrain_end,
 )
 from nas_kd.progress import TimeBudget, bars_shown, budget_status, log
 from nas_kd.records import (
@@ -300,11 +300,12 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
         cfg, line = plan_retrain(cfg, study, dataset, ensemble, batches, targets, clock)
         log(line)
     if cfg.final_epochs > 0 and not cfg.worker:
-        end = None if time_plan is None else clock.start + cfg.time_budget - export_seconds(cfg)
+        started = clock.elapsed()
+        end = retrain_end(cfg, started) if time_plan is not None else None
         retrained = finish_retrain(study, dataset, ensemble, cfg, progress, log, targets, end)
         cfg = replace(cfg, final_epochs=retrained["final_epochs"])  # as trained, re-planned or not
         # the retrain ends where its test pass ends; the export and the report come after
-        marks["retrain"] = min(clock.elapsed(), marks["search"] + retrained["retrain_seconds"])
+        marks["retrain"] = min(clock.elapsed(), started + retrained["retrain_seconds"])
         if cfg.pruned_baseline:
             pruned_baseline(study, dataset, ensemble, cfg, out, progress, log, targets, latency)
             write_report(study, out)

@@ -270,6 +270,14 @@ def plan_retrain(cfg: SearchConfig, study: optuna.Study, dataset: Dataset, ensem
         f"left of the time budget ({format_duration(clock.elapsed())} spent); {retrain_recipe_text(cfg, epochs)}")
 
 
+def retrain_end(cfg: SearchConfig, elapsed: float, now: Callable[[], float] = time.perf_counter) -> float | None:
+    """When the retrains must end, as a time of `now`, `elapsed` seconds into the run: the budget
+    less the export's allowance. None when --final-epochs was given: its count is kept."""
+    if "final_epochs" in cfg.time_fixed:
+        return None
+    return now() + cfg.time_budget - export_seconds(cfg) - elapsed
+
+
 def record_split(study: optuna.Study, plan: Plan, marks: dict[str, float], trials: int, epochs: int) -> str:
     """The actual split of the run (`marks`: elapsed seconds when setup, search and retrain ended;
     no retrain mark when nothing was retrained), stored beside the plan; one line."""

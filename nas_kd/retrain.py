@@ -100,7 +100,9 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     best: tuple[float, optuna.trial.FrozenTrial, Spec, Network, float, int] | None = None
     for rank, trial in enumerate(candidates, 1):
         now = time.perf_counter()
-        deadline = None if end is None else Deadline(now + (end - now) / (len(candidates) - rank + 1))
+        # two-stage training keeps its planned length (distill.distill)
+        deadline = (None if end is None or cfg.distill.two_stage
+                    else Deadline(now + (end - now) / (len(candidates) - rank + 1)))
         spec = Spec.parse(trial.user_attrs[SPEC_ATTR])
         start_point = names.get(str(spec))
         label = f" ({start_point} start point)" if start_point else ""

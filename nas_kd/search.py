@@ -331,8 +331,12 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
         flag(name)
     if "time_budget" in given:  # the counts given explicitly keep their part of the plan
         base["time_fixed"] = [k for k in ("trials", "final_epochs") if k in given]
-    elif not (COUNTS | {"time_budget", "worker"}) & (given | set(loaded)):
+    elif not (COUNTS | {"time_budget", "worker"}) & (given | {k for k, v in loaded.items() if v not in (None, False)}) \
+            and "time_budget" not in loaded:
         base["time_budget"] = DEFAULT_TIME_BUDGET  # the bare command: a time, not counts
+    if "search_share" in given and base["time_budget"] is None:
+        raise InputError("--search-share splits a time budget between the search and the retrain, and this run has "
+                         "none (counts were given, or --time-budget off); give --time-budget too, or drop it")
     flag("start_from", convert=lambda v: list(dict.fromkeys(v)))
     flag("latency_budget", "latency_budget_ms")
     flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])

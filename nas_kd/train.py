@@ -44,20 +44,29 @@ class OneCycle:
     """The one-cycle learning-rate factor of optimizer step n: a linear rise over the first
     `warmup` share of `total` steps, then a linear fall to 0 at `total`. A callable object, so
     that the scheduler's state (and a checkpoint) keeps it, and `stretch` can move its end while
-    training: the rise stays as it was (or shortens with a shorter schedule), the fall is redrawn
-    from the current step to the new end."""
+    training: from the current step on, the factor falls linearly from its current value to 0 at
+    the new end (no jump); during the rise, the rise goes on as it was (or, for a schedule too
+    short for it, ends sooner, but not before the current step)."""
 
     def __init__(self, total: int, warmup: float):
         self.total, self.warmup = total, warmup
         self.rise = max(1, int(total * warmup))
+        self.fall_from: tuple[int, float] | None = None  # (step, factor) where a stretched fall starts
 
     def __call__(self, step: int) -> float:
         if step < self.rise:
             return (step + 1) / self.rise
+        if self.fall_from is not None and step >= self.fall_from[0]:
+            start, factor = self.fall_from
+            return max(0.0, factor * (self.total - step) / max(1, self.total - start))
         return max(0.0, (self.total - step) / max(1, self.total - self.rise))
 
-    def stretch(self, total: int) -> None:
-        self.rise = min(self.rise, max(1, int(total * self.warmup)))
+    def stretch(self, total: int, step: int) -> None:
+        """End the schedule at `total` steps instead, `step` steps having been taken."""
+        if step < self.rise:
+            self.rise = min(self.rise, max(step + 1, int(total * self.warmup)))
+        else:
+            self.fall_from = (step, self(step))
         self.total = total
 
 
@@ -190,7 +199,7 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
             wanted = max(done + 1, replan(done, seconds / done))
             if wanted != epochs:
                 epochs = wanted
-                schedule.stretch(epochs * len(batches))
+                schedule.stretch(epochs * len(batches), scheduler.last_epoch)
         if checkpoint is not None:
             checkpoint.save({"model": modules.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch, "seconds": seconds})

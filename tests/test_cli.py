@@ -122,8 +122,19 @@ def test_the_bare_command_runs_for_the_default_time_budget_and_counts_replace_it
     assert config_of(["--flops-budget", "50M", "--config", str(tmp_path / "c.yaml")]).time_budget is None
     (tmp_path / "t.yaml").write_text("seed: 2\n")
     assert config_of(["--flops-budget", "50M", "--config", str(tmp_path / "t.yaml")]).time_budget == DEFAULT_TIME_BUDGET
+    (tmp_path / "n.yaml").write_text("timeout: null\nworker: false\n")  # counts that count nothing
+    assert config_of(["--flops-budget", "50M", "--config", str(tmp_path / "n.yaml")]).time_budget == DEFAULT_TIME_BUDGET
+    (tmp_path / "off.yaml").write_text("time_budget: null\n")  # a config file's way to say off
+    assert config_of(["--flops-budget", "50M", "--config", str(tmp_path / "off.yaml")]).time_budget is None
     given = config_of(["--flops-budget", "50M", "--time-budget", "10m", "--trials", "3", "--search-share", "0.4"])
     assert (given.time_budget, given.time_fixed, given.search_share) == (600.0, ("trials",), 0.4)
+
+
+@pytest.mark.parametrize("counts", [["--trials", "3"], ["--time-budget", "off"]])
+def test_a_search_share_without_a_time_budget_is_refused(counts: list[str], capsys) -> None:
+    code, err = run_main(["--flops-budget", "50M", *counts, "--search-share", "0.2"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--search-share splits a time budget" in err and "give --time-budget too" in err
 
 
 @pytest.mark.parametrize("share", ["0", "1", "1.5", "x"])

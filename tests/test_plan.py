@@ -7,7 +7,7 @@ import re
 import pytest
 
 from nas_kd.errors import InputError
-from nas_kd.plan import Clock, Costs, epochs_left, least_budget, make_plan, parse_duration
+from nas_kd.plan import Clock, Costs, epochs_left, least_budget, make_plan, parse_duration, retrain_end
 from nas_kd.progress import format_duration
 
 
@@ -178,3 +178,13 @@ def test_a_search_timeout_waits_for_one_trained_trial() -> None:
     assert run(study, objective, trained=10, timeout=0.01) == 1
     assert calls == [0, 1, 2, 3]  # the timeout had passed after trial 0; it stopped after the first trained one
     assert run(study, objective, trained=10, timeout=0.01) == 1  # a study that holds one: the timeout counts at once
+
+
+def test_the_retrain_ends_by_the_budget_less_the_export_unless_its_epochs_were_given() -> None:
+    from nas_kd.config import SearchConfig
+
+    planned = SearchConfig(time_budget=1800.0)
+    assert retrain_end(planned, elapsed=700.0, now=lambda: 5000.0) == 5000.0 + 1800 - 60 - 700
+    assert retrain_end(SearchConfig(time_budget=1800.0, onnx=False), 700.0, lambda: 0.0) == 1800 - 20 - 700
+    fixed = SearchConfig(time_budget=1800.0, time_fixed=("final_epochs",))
+    assert retrain_end(fixed, 700.0) is None  # --final-epochs given: its count is kept, not re-planned

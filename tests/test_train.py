@@ -128,7 +128,8 @@ def test_a_replanned_fit_trains_the_epochs_asked_for(planned: int, asked: list[i
     assert all(seconds >= 0 for _, seconds in calls)
 
 
-def test_stretching_the_schedule_redraws_its_fall_to_the_new_end() -> None:
+@pytest.mark.parametrize("new_total", [14, 6])
+def test_stretching_the_schedule_falls_from_where_it_is_to_the_new_end(new_total: int) -> None:
     params = [nn.Parameter(torch.zeros(2))]
     optimizer = torch.optim.SGD(params, lr=1.0)
     scheduler = one_cycle(optimizer, 8, 0.25)  # 2 rising steps, then a fall to 0 at step 8
@@ -136,15 +137,25 @@ def test_stretching_the_schedule_redraws_its_fall_to_the_new_end() -> None:
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(4 / 6)  # (8 - 4) / (8 - 2)
-    scheduler.lr_lambdas[0].stretch(14)
-    scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(9 / 12)  # (14 - 5) / (14 - 2): the rise is kept
-    for _ in range(9):
+    scheduler.lr_lambdas[0].stretch(new_total, scheduler.last_epoch)
+    lrs = []
+    for _ in range(new_total - 4):
         optimizer.step()
         scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
-    scheduler.lr_lambdas[0].stretch(4)  # shorter than the rise was: the rise shortens with it
-    assert scheduler.lr_lambdas[0].rise == 1
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # no jump: a straight line from 4/6 at step 4 to 0 at the new end
+    expected = [4 / 6 * (new_total - step) / (new_total - 4) for step in range(5, new_total + 1)]
+    assert lrs == pytest.approx(expected, abs=1e-12) and lrs[-1] == 0.0
+
+
+def test_stretching_during_the_rise_keeps_rising() -> None:
+    from nas_kd.train import OneCycle
+
+    factor = OneCycle(40, 0.25)  # 10 rising steps
+    factor.stretch(80, 3)
+    assert factor.rise == 10 and factor(3) == pytest.approx(4 / 10) and factor(10) == 1.0
+    factor.stretch(8, 5)  # too short for the rise: it ends sooner, but not before step 5
+    assert factor.rise == 6 and factor(5) == 1.0
 
 
 def test_a_resumed_fit_keeps_its_replanned_length(tmp_path) -> None:
