@@ -75,6 +75,11 @@ def run_arm(arm: str, seed: int, budget: str, threads: int, work: Path) -> dict[
             "threads": threads, "machine": machine(), "version": VERSION, "commit": commit()}
 
 
+def key(arm: str, seed: int, budget: str) -> str:
+    """A run's key in the results file."""
+    return f"{arm}|{seed}|{budget}|{settings_id({'v': VERSION})}"
+
+
 def commit() -> str:
     """The code the runs ran: this checkout's commit."""
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -110,12 +115,12 @@ def main() -> int:
     results = ResultsFile(args.results)
     todo = [] if args.table_only else [
         (arm, seed) for seed in args.seeds for arm in args.arms
-        if results.get("runs", f"{arm}|{seed}|{args.budget}|{settings_id({'v': VERSION})}") is None]
+        if results.get("runs", key(arm, seed, args.budget)) is None]
 
     def one(job: tuple[str, int]) -> None:
         arm, seed = job
         entry = run_arm(arm, seed, args.budget, args.threads, args.work)
-        results.put("runs", f"{arm}|{seed}|{args.budget}|{settings_id({'v': VERSION})}", entry)
+        results.put("runs", key(arm, seed, args.budget), entry)
         print(f"{arm} seed {seed}: val {entry['val_acc']:.4f}, test {entry['test_acc']:.4f}, "
               f"{entry['wall_seconds']:.0f} s", flush=True)
 
