@@ -44,7 +44,7 @@ from nas_kd.study import study_training, update_study_attr
 # the share of the planned time the search gets by default (SearchConfig.search_share); the rest
 # goes to the retrain
 SEARCH_SHARE = SearchConfig.search_share
-# what the bare command runs for when no count (--trials, --final-epochs, --timeout) is given: on
+# what the bare command runs for when no count (search.COUNTS, or --worker) is given: on
 # the 2-core machine, a search and a retrain long enough to flatten the winner's curve
 # (BENCHMARKS.md, "The retrain's curve")
 DEFAULT_TIME_BUDGET = 1800.0

@@ -167,7 +167,8 @@ def build_parser() -> OneLineParser:
                    help="wall-clock time for the whole run, e.g. 90s, 30m, 2h: the run times a trial and a retrain "
                         "epoch here and splits the time between the search and the retrain (one line at the start "
                         "says how); --trials and --final-epochs given explicitly keep their counts. Default "
-                        f"{DEFAULT_TIME_BUDGET / 60:.0f}m when no count (--trials, --final-epochs, --timeout) is given; "
+                        f"{DEFAULT_TIME_BUDGET / 60:.0f}m when no count (--trials, --final-epochs, --timeout, --study-trials, "
+                        "--worker) is given; "
                         f"off: the counts alone ({DEFAULTS.trials} trials, {DEFAULTS.final_epochs} retrain epochs)")
     g.add_argument("--search-share", type=_share, default=DEFAULTS.search_share, metavar="FRACTION",
                    help=f"the search's share of a time budget, the retrain getting the rest (default "
