@@ -278,6 +278,9 @@ def retrain_end(cfg: SearchConfig, elapsed: float, now: Callable[[], float] = ti
     return now() + cfg.time_budget - export_seconds(cfg) - elapsed
 
 
+WITHIN = 0.10  # how far from its budget a run may end without a word on why
+
+
 def record_split(study: optuna.Study, plan: Plan, marks: dict[str, float], trials: int, epochs: int) -> str:
     """The actual split of the run (`marks`: elapsed seconds when setup, search and retrain ended;
     no retrain mark when nothing was retrained), stored beside the plan; one line."""
@@ -288,10 +291,15 @@ def record_split(study: optuna.Study, plan: Plan, marks: dict[str, float], trial
     update_study_attr(study, TIME_ATTR, {**study.user_attrs.get(TIME_ATTR, {}),
                                          "actual": {k: round(v, 1) for k, v in actual.items()}})
     over = end / plan.budget - 1
-    return (f"time budget {format_duration(plan.budget)}: setup {format_duration(actual['setup'])}, search "
+    line = (f"time budget {format_duration(plan.budget)}: setup {format_duration(actual['setup'])}, search "
             f"{format_duration(actual['search'])} ({trials} trials), retrain {format_duration(actual['retrain'])} "
             f"({epochs} epochs), export and report {format_duration(actual['export'])}; total "
             f"{format_duration(end)}, {abs(over):.0%} {'over' if over > 0 else 'under'} the budget")
+    if abs(over) > WITHIN and epochs:  # why: the run stops at whole epochs, and one is large beside the budget
+        epoch = actual["retrain"] / epochs
+        line += (f" (the retrain stops at whole epochs, and one took ~{format_duration(epoch)}, "
+                 f"{epoch / plan.budget:.0%} of the budget)")
+    return line
 
 
 def check_time_budget(cfg: SearchConfig) -> None:

@@ -188,3 +188,22 @@ def test_the_retrain_ends_by_the_budget_less_the_export_unless_its_epochs_were_g
     assert retrain_end(SearchConfig(time_budget=1800.0, onnx=False), 700.0, lambda: 0.0) == 1800 - 20 - 700
     fixed = SearchConfig(time_budget=1800.0, time_fixed=("final_epochs",))
     assert retrain_end(fixed, 700.0) is None  # --final-epochs given: its count is kept, not re-planned
+
+
+@pytest.mark.parametrize("end, epochs, why", [(1750.0, 11, False), (1500.0, 5, True), (2100.0, 4, True)])
+def test_the_split_line_says_why_a_run_ended_more_than_10_percent_off(end: float, epochs: int, why: bool) -> None:
+    """Within 10% of the budget the split line gives the figures alone; beyond, the size of one
+    retrain epoch beside the budget (a run stops at whole epochs); the study keeps the actual split."""
+    import optuna
+
+    from nas_kd.plan import TIME_ATTR, Plan, record_split
+
+    study = optuna.create_study()
+    plan = Plan(budget=1800.0, spent=200.0, search=400.0, trials=10, retrain=1100.0, epochs=epochs, export=60.0)
+    marks = {"setup": 200.0, "search": 600.0, "retrain": end - 30.0, "end": end}
+    line = record_split(study, plan, marks, 10, epochs)
+    epoch = format_duration((end - 630.0) / epochs)
+    assert line.endswith(f"(the retrain stops at whole epochs, and one took ~{epoch}, "
+                         f"{(end - 630.0) / epochs / 1800:.0%} of the budget)") == why, line
+    assert f"{'over' if end > 1800 else 'under'} the budget" in line
+    assert study.user_attrs[TIME_ATTR]["actual"]["epochs"] == epochs

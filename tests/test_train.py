@@ -186,6 +186,10 @@ def test_a_deadline_asks_for_the_epochs_that_fit_and_at_least_one_more() -> None
     now[0] = 300.0
     assert deadline(2, 100.0) == 2 + 7  # 700 s left, 100 s an epoch
     assert deadline.epochs == 9
+    now[0] = 401.0
+    assert deadline(3, 100.0) == 3 + 6  # 599 s left: the nearest end is 6 epochs on, 1 s past it
+    now[0] = 460.0
+    assert deadline(3, 100.0) == 3 + 5  # 540 s left: 5 epochs, 40 s short, is nearer than 6
     now[0] = 990.0
     assert deadline(8, 100.0) == 9  # 10 s left: one more epoch, the least
     now[0] = 1200.0
