@@ -44,6 +44,7 @@ calibration networks is flagged `over`. Picks and retrains go to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -74,6 +75,7 @@ from nas_kd.latency import LatencyTable, measure_latency
 from nas_kd.memory import format_bytes
 from nas_kd.space import SearchSpace, load_space
 from nas_kd.time_blocks import time_folder
+from nas_kd.train import resolve_device
 from nas_kd.zoo import teacher_spec
 
 INPUT, CLASSES = (1, 28, 28), 10
@@ -117,9 +119,11 @@ def budget_of(name: str, table: LatencyTable) -> Budget:
     return Budget(latency_ms=round(ms, 3))
 
 
-def config_for(budget: Budget, seed: int, cache_dir: str) -> SearchConfig:
-    return SearchConfig(params_budget=budget.params, latency_budget_ms=budget.latency_ms, memory_budget=budget.memory,
-                        seed=seed,
+def config_for(budget: Budget, seed: int, cache_dir: str, device: str = "cpu") -> SearchConfig:
+    """The search's config at `budget`. Its trials' latency is the table's or not measured
+    (`onnx` off): this script measures every pick itself, here, and the search exports nothing."""
+    return SearchConfig(onnx=False, params_budget=budget.params, latency_budget_ms=budget.latency_ms, memory_budget=budget.memory,
+                        seed=seed, device=device,
                         latency_table=str(table_path()) if budget.latency_ms is not None else None,
                         search_space=SPACE, cache_dir=cache_dir)
 
@@ -157,6 +161,11 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("studies/bench-device-budgets"),
                         help="where the searches' studies and the table's layers go")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the searches and retrains train (their rows are kept apart by device); a "
+                             "pick's latency is measured only on the CPU this is run on, never beside a GPU run")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="pick and retrain nothing: measure here the latency of every pick not measured yet")
     parser.add_argument("--results", type=Path, default=RESULTS / "device_budgets.json")
     parser.add_argument("--table-only", action="store_true", help="pick and retrain nothing: the tables of the results")
     args = parser.parse_args()
@@ -166,7 +175,9 @@ def main() -> int:
     results = ResultsFile(args.results)
     space = load_space(SPACE)
     table = make_table(results, space, args.work / "table")
-    table_path().write_text(json.dumps(results.get("table", TABLE_KEY)["table"], indent=1) + "\n")
+    text = json.dumps(results.get("table", TABLE_KEY)["table"], indent=1) + "\n"
+    if not table_path().is_file() or table_path().read_text() != text:  # unchanged: not rewritten under other runs
+        table_path().write_text(text)
     # a pick is over a latency budget in fact when measured above it by more than the table's
     # error: its median absolute error on its own calibration networks (the largest is one noisy
     # network's, -65% in the table timed while other work shared the cores)
@@ -174,28 +185,32 @@ def main() -> int:
     budgets = {name: budget_of(name, table) for name in args.budgets}
     print(f"{machine()}; table: {table.calibration_line()}; budgets: "
           + ", ".join(f"{n} = {b}" for n, b in budgets.items()), flush=True)
-    base = SearchConfig(cache_dir=args.cache_dir)
-    sid = settings_id({"config": json.dumps({k: v for k, v in base.to_dict().items() if k not in ("seed", "cache_dir", "time_budget", "time_fixed", "final_augment")},
-                                            sort_keys=True), "v": 1})
+    base = SearchConfig(cache_dir=args.cache_dir, device=args.device)
+    sids = {device: settings_id_of(base, device) for device in ("cpu", "cuda")}
+    sid = sids[args.device]
     dataset: Dataset | None = None
     retrained = Retrains(results, base, sid)
 
-    def measured(spec: Spec) -> dict[str, Any]:
-        if results.get("measured", str(spec)) is None:
+    def measured(spec: Spec) -> dict[str, Any] | None:
+        if results.get("measured", str(spec)) is None and args.device == "cpu":
             results.put("measured", str(spec), {"measured_ms": round(measure_latency(spec, INPUT, CLASSES), 4),
                                                 "machine": machine()})
         return results.get("measured", str(spec))
 
-    for seed in [] if args.table_only else args.seeds:
+    if args.measure_only:
+        args.device = "cpu"
+        for spec in sorted({row["spec"] for pick in results.data.get("picks", {}).values() for row in pick["rows"].values()}):
+            print(f"  {spec}: {measured(Spec.parse(spec))['measured_ms']:.3f} ms", flush=True)
+    for seed in [] if args.table_only or args.measure_only else args.seeds:
         for name, budget in budgets.items():
             for method in args.methods:
                 key = f"{name}|{budget}|{method}|{seed}|{sid}"
                 if results.get("picks", key) is None:
                     if dataset is None:
-                        dataset = load_dataset(base.dataset)
+                        dataset = load_dataset(base.dataset).to(resolve_device(args.device))
                     started = time.perf_counter()
                     if method in SEARCHES:
-                        spec, extra = search_pick(method, config_for(budget, seed, args.cache_dir),
+                        spec, extra = search_pick(method, config_for(budget, seed, args.cache_dir, args.device),
                                                   args.work / name / method)
                         picks = {method: spec}
                     elif method == "largest":
@@ -211,19 +226,29 @@ def main() -> int:
                     print(f"  {name} seed {seed} {method}: picked {', '.join(picks)} in {seconds:.0f} s", flush=True)
                 for row, entry in results.get("picks", key)["rows"].items():
                     if dataset is None:
-                        dataset = load_dataset(base.dataset)
+                        dataset = load_dataset(base.dataset).to(resolve_device(args.device))
                     r = retrained(Spec.parse(entry["spec"]), seed, dataset)
                     m = measured(Spec.parse(entry["spec"]))
                     print(f"  {name} seed {seed} {row}: {entry['spec']} {format_count(entry['macs'])} MACs, "
-                          f"{entry['predicted_ms']:.3f} ms predicted / {m['measured_ms']:.3f} measured, "
+                          f"{entry['predicted_ms']:.3f} ms predicted / "
+                          f"{'not measured (GPU run)' if m is None else format(m['measured_ms'], '.3f') + ' measured'}, "
                           f"{format_bytes(entry['peak_int8'])} peak; val {r['val_acc']:.4f} test {r['test_acc']:.4f}",
                           flush=True)
-    print_tables(results, retrained, budgets, args.seeds, sid, tolerance)
+    for device, device_sid in sids.items():  # each device's retrains in their own tables
+        print_tables(results, Retrains(results, base, device_sid), budgets, args.seeds, device_sid, tolerance, device)
     return 0
 
 
+def settings_id_of(base: SearchConfig, device: str) -> str:
+    """The results' key of a run's settings: the search's defaults, and the device where not the CPU."""
+    # the fields a pick does not depend on; "device" is kept at its default, as the first runs saw it
+    kept = {k: v for k, v in dataclasses.replace(base, device="auto").to_dict().items()
+            if k not in ("seed", "cache_dir", "time_budget", "time_fixed", "final_augment", "search_share")}
+    return settings_id({"config": json.dumps(kept, sort_keys=True), "v": 1, **({"device": device} if device != "cpu" else {})})
+
+
 def print_tables(results: ResultsFile, retrains: Retrains, budgets: dict[str, Budget], seeds: list[int], sid: str,
-                 tolerance: float) -> None:
+                 tolerance: float, device: str = "cpu") -> None:
     """Per budget: each row's mean ± sd over seeds of test and validation accuracy, its cost, and
     the hand-made method (its best row on validation per seed)."""
     for name, budget in budgets.items():
@@ -245,7 +270,7 @@ def print_tables(results: ResultsFile, retrains: Retrains, budgets: dict[str, Bu
                 rows.setdefault("hand-made (best on val)", []).append(best)
         if not rows:
             continue
-        print(f"\n{name}: {budget}\n")
+        print(f"\n{name}: {budget} (trained on {device})\n")
         print("| method | seeds | test acc | val acc | MACs | predicted ms | measured ms | peak int8 | over | pick time |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for row, lines in rows.items():

@@ -1,0 +1,46 @@
+"""The device-budget benchmark's rules (benchmarks/device_budgets.py), on its committed latency
+table: the budgets it states, and a hand-made family that meets each budget by the same numbers
+every method is judged by."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.device_budgets import (
+    BUDGETS,
+    CLASSES,
+    INPUT,
+    SPACE,
+    TABLE_KEY,
+    budget_of,
+    cost_of,
+    hand_made,
+    table_path,
+)
+from nas_kd.latency import LatencyTable
+from nas_kd.space import load_space
+
+
+def committed_table() -> LatencyTable:
+    data = json.loads(table_path().read_text())
+    results = json.loads((table_path().parent / "device_budgets.json").read_text())
+    assert data == results["table"][TABLE_KEY]["table"]  # the table file is the one the results were judged by
+    return LatencyTable.from_data(data, str(table_path()), load_space(SPACE), INPUT, CLASSES, "fp32")
+
+
+def test_the_latency_budgets_are_resnet20_at_half_and_full_width_by_the_table() -> None:
+    table = committed_table()
+    assert budget_of("latency-half", table).latency_ms == 0.245
+    assert budget_of("latency-full", table).latency_ms == 0.638
+
+
+@pytest.mark.parametrize("name", BUDGETS)
+def test_every_hand_made_row_meets_its_budget_by_the_judged_costs(name: str) -> None:
+    table = committed_table()
+    budget = budget_of(name, table)
+    rows = hand_made(budget, table)
+    assert {"hand-made mobilenetv2"} < set(rows)  # a ResNet row and MobileNetV2
+    for row, spec in rows.items():
+        assert budget.fits(cost_of(spec, table)), (row, str(spec), cost_of(spec, table))
