@@ -48,16 +48,6 @@ def _duration_or_off(text: str, flag: str) -> float | None:
     return None if text.strip().lower() == "off" else parse_duration(text, flag)
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), got {text!r}")
-    return value
-
-
 def _count(flag: str) -> Callable[[str], int]:
     return _typed(parse_count, flag)
 
@@ -66,14 +56,17 @@ def _positive(kind: type, flag: str, minimum: float = 1) -> Callable[[str], Any]
     return number(kind, minimum)
 
 
-def _fraction(flag: str):
+def _fraction(zero: bool = True) -> Callable[[str], float]:
+    """A fraction below 1: from 0 (`zero`), or above 0."""
+    accepted = "in [0, 1)" if zero else "between 0 and 1 (exclusive)"
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
-        if not 0 <= value < 1:
-            raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+            value = float("nan")
+        if not (0 <= value < 1 if zero else 0 < value < 1):
+            raise argparse.ArgumentTypeError(f"expected a fraction {accepted}, got {text!r}")
         return value
     return parse
 
@@ -117,7 +110,7 @@ def build_parser() -> OneLineParser:
                    help="most MACs of one forward pass, e.g. 300K, 50M, 1.5G, 2.5e6 (ptflops 'FLOPs')")
     g.add_argument("--params-budget", type=_count("--params-budget"), metavar="N",
                    help="most trainable parameters, e.g. 100K, 1.5M")
-    g.add_argument("--budget-floor", type=_fraction("--budget-floor"), metavar="SHARE",
+    g.add_argument("--budget-floor", type=_fraction(), metavar="SHARE",
                    help="students using less than this share of every bound of the budget (MACs, params, "
                         "latency, memory) are not trained, as over-budget ones are not (default 0: off; applies "
                         "with a MACs or params budget; lowered when the space's largest student uses less of it: "
@@ -170,7 +163,7 @@ def build_parser() -> OneLineParser:
                         f"{DEFAULT_TIME_BUDGET / 60:.0f}m when no count (--trials, --final-epochs, --timeout, --study-trials, "
                         "--worker) is given; "
                         f"off: the counts alone ({DEFAULTS.trials} trials, {DEFAULTS.final_epochs} retrain epochs)")
-    g.add_argument("--search-share", type=_share, default=DEFAULTS.search_share, metavar="FRACTION",
+    g.add_argument("--search-share", type=_fraction(zero=False), default=DEFAULTS.search_share, metavar="FRACTION",
                    help=f"the search's share of a time budget, the retrain getting the rest (default "
                         f"{DEFAULTS.search_share})")
     g.add_argument("--start-from", action="append", metavar="hand-made|SPEC",
@@ -228,7 +221,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--distill", default=str(DEFAULTS.distill),
                    help=f"weighted losses, NAME[=WEIGHT],... (default {DEFAULTS.distill}); known: {', '.join(LOSSES)} "
                         "(see the README for each method's paper)")
-    g.add_argument("--two-stage", type=_fraction("--two-stage"), default=DEFAULTS.distill.two_stage, metavar="FRACTION",
+    g.add_argument("--two-stage", type=_fraction(), default=DEFAULTS.distill.two_stage, metavar="FRACTION",
                    help="two-stage training: this fraction of every training's epochs uses only the feature losses "
                         "(hint, crosslayer, at, rtk), the rest only the logit losses (ce, kl); 0 = one stage (default)")
     g.add_argument("--ensemble-weighting", choices=list(ENSEMBLE_WEIGHTINGS), default=DEFAULTS.distill.ensemble_weighting,
@@ -246,7 +239,7 @@ def build_parser() -> OneLineParser:
                    help=f"small datasets: teachers trained here and the retrain make at least N optimizer steps, "
                         f"a trial N/20; their epochs are raised to reach them (default {DEFAULTS.min_steps}, which "
                         "changes nothing on Fashion-MNIST; 0 = off)")
-    g.add_argument("--teacher-min-gain", type=_fraction("--teacher-min-gain"), default=DEFAULTS.teacher_min_gain,
+    g.add_argument("--teacher-min-gain", type=_fraction(), default=DEFAULTS.teacher_min_gain,
                    metavar="FRACTION",
                    help="stop the run when a teacher's validation accuracy closes less than this share of the gap "
                         f"from chance to 100%% (default {DEFAULTS.teacher_min_gain:g}: below 19%% for 10 classes); "
