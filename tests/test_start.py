@@ -27,6 +27,7 @@ from nas_kd.start import (
     HAND_MADE,
     family,
     family_specs,
+    fitting_factor,
     hand_made,
     scaled,
     space_params,
@@ -227,3 +228,20 @@ def test_every_family_member_meets_the_budget_it_was_scaled_to(budget: Budget) -
         if factor < round(step * steps, 2):  # the widest the family goes fits: nothing wider to check
             wider = scaled(teacher_spec(name), round(factor + step, 2))
             assert wider == spec or not budget.fits(facts(wider)), (name, factor)
+
+
+def test_a_latency_that_does_not_grow_with_width_is_scanned_not_bisected() -> None:
+    """ResNet-20 at x0.90 (16/28/56 channels) can be priced above x1.00 (16/32/64) by a table: the
+    largest factor that fits is still found, as a bisection on latency did not (x0.85)."""
+    base = teacher_spec("resnet20")
+    slow = {scaled(base, 0.9)}  # over the budget, between factors that fit
+    over = lambda spec: spec.stages[-1].width > 64  # noqa: E731 - wider than x1.00: over
+    exact = lambda spec: spec not in slow and not over(spec)  # noqa: E731
+    assert scaled(base, fitting_factor(base, lambda spec: True, exact=exact)) == scaled(base, 1.0)
+    checked: list[Spec] = []
+    fitting_factor(base, lambda spec: True, exact=lambda spec: checked.append(spec) or exact(spec))
+    assert len(checked) == len(set(checked))  # once per distinct spec
+    # the bound that grows stops the scan at 16/28/56 channels, which the latency refuses: 12/28/56
+    narrow = fitting_factor(base, lambda spec: spec.stages[-1].width <= 56, exact=exact)
+    assert scaled(base, narrow).stem == 12 and scaled(base, narrow).stages[-1].width == 56
+    assert fitting_factor(base, lambda spec: True, exact=lambda spec: False) == 0.0
