@@ -55,6 +55,15 @@ def settings_id(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def search_settings_id(base: SearchConfig, device: str, skip: tuple[str, ...] = ()) -> str:
+    """The results' key of picks made and retrained with the search's defaults `base`: its fields
+    but the seed, the cache folder, the time budget's and `skip`; the device where it is not the
+    CPU (the first CPU runs saw the default device, and keep their key)."""
+    kept = {k: v for k, v in dataclasses.replace(base, device=SearchConfig.device).to_dict().items()
+            if k not in ("seed", "cache_dir", "time_budget", "time_fixed", "final_augment", "search_share", *skip)}
+    return settings_id({"config": json.dumps(kept, sort_keys=True), "v": 1, **({"device": device} if device != "cpu" else {})})
+
+
 def machine(device: torch.device | None = None) -> str:
     """The processor, its cores and torch's threads, and the GPU where `device` is one."""
     gpu = f", {torch.cuda.get_device_name(device)}" if device is not None and device.type == "cuda" else ""
@@ -217,7 +226,7 @@ class Retrains:
             cost = count(build(spec, dataset.input_shape, dataset.num_classes), dataset.input_shape)
             entry |= {"macs": cost.macs, "params": cost.params}
         self.results.put("retrains", f"{spec}|{seed}|{self.sid}", {**entry, "seconds": round(seconds, 1),
-                                                                   "machine": machine()})
+                                                                   "machine": machine(dataset.train.x.device)})
         if label:
             print(f"  {label}: retrained {spec}, val {entry['val_acc']:.4f} ({seconds:.0f} s)", flush=True)
         return self.get(spec, seed)

@@ -44,7 +44,6 @@ calibration networks is flagged `over`. Picks and retrains go to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -62,7 +61,7 @@ from benchmarks.common import (
     machine,
     mean_sd,
     search_pick,
-    settings_id,
+    search_settings_id,
 )
 from nas_kd import start
 from nas_kd.arch import Spec
@@ -186,7 +185,7 @@ def main() -> int:
     print(f"{machine()}; table: {table.calibration_line()}; budgets: "
           + ", ".join(f"{n} = {b}" for n, b in budgets.items()), flush=True)
     base = SearchConfig(cache_dir=args.cache_dir, device=args.device)
-    sids = {device: settings_id_of(base, device) for device in ("cpu", "cuda")}
+    sids = {device: search_settings_id(base, device) for device in ("cpu", "cuda")}
     sid = sids[args.device]
     dataset: Dataset | None = None
     retrained = Retrains(results, base, sid)
@@ -222,7 +221,8 @@ def main() -> int:
                     seconds = time.perf_counter() - started
                     rows = {row: {"spec": str(spec), **facts(spec, table)} for row, spec in picks.items()}
                     results.put("picks", key, {"budget": str(budget), "method": method, "seed": seed, "rows": rows,
-                                               "pick_seconds": round(seconds, 1), **extra, "machine": machine()})
+                                               "pick_seconds": round(seconds, 1), **extra,
+                                               "machine": machine(resolve_device(args.device))})
                     print(f"  {name} seed {seed} {method}: picked {', '.join(picks)} in {seconds:.0f} s", flush=True)
                 for row, entry in results.get("picks", key)["rows"].items():
                     if dataset is None:
@@ -237,14 +237,6 @@ def main() -> int:
     for device, device_sid in sids.items():  # each device's retrains in their own tables
         print_tables(results, Retrains(results, base, device_sid), budgets, args.seeds, device_sid, tolerance, device)
     return 0
-
-
-def settings_id_of(base: SearchConfig, device: str) -> str:
-    """The results' key of a run's settings: the search's defaults, and the device where not the CPU."""
-    # the fields a pick does not depend on; "device" is kept at its default, as the first runs saw it
-    kept = {k: v for k, v in dataclasses.replace(base, device="auto").to_dict().items()
-            if k not in ("seed", "cache_dir", "time_budget", "time_fixed", "final_augment", "search_share")}
-    return settings_id({"config": json.dumps(kept, sort_keys=True), "v": 1, **({"device": device} if device != "cpu" else {})})
 
 
 def print_tables(results: ResultsFile, retrains: Retrains, budgets: dict[str, Budget], seeds: list[int], sid: str,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import statistics
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import optuna
 import torch
 
-from benchmarks.common import RESULTS, ResultsFile, Retrains, machine, mean_sd, settings_id
+from benchmarks.common import RESULTS, ResultsFile, Retrains, machine, mean_sd, search_settings_id
 from nas_kd.arch import Spec
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig
@@ -54,8 +53,11 @@ def run_search(cfg: SearchConfig, work: Path, name: str) -> tuple[optuna.Study, 
     """A fresh search (`--final-epochs 0`) of `cfg` in `work`, and its wall seconds."""
     # trials' latency judges nothing under MACs budgets, and the search exports nothing: not measured
     run = dataclasses.replace(cfg, final_epochs=0, out_dir=str(work), study_name=name, onnx=False)
-    for stale in work.glob(f"{name}*"):  # an unfinished study there starts again
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    for stale in [work / name, *work.glob(f"{name}.*")]:  # an unfinished study there starts again
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
     started = time.perf_counter()
     study = search(run, progress=False)
     return study, time.perf_counter() - started
@@ -87,7 +89,10 @@ def picks_of(method: str, base: SearchConfig, budgets: list[str], trials: int, s
     for b in budgets:
         study, seconds = run_search(dataclasses.replace(cfg, flops_budget=parse_count(b), trials=max(1, trials // len(budgets))),
                                     work, f"single-{b}-s{seed}")
-        picks[b] = pick_entry(pick_winner(study)) | {"seconds": round(seconds, 1)}
+        try:
+            picks[b] = pick_entry(pick_winner(study)) | {"seconds": round(seconds, 1)}
+        except InputError as e:  # nothing trained within the budget: a loss of the method, as for pareto
+            picks[b] = {"refused": str(e), "seconds": round(seconds, 1)}
         total, count, trained = total + seconds, count + len(study.trials), trained + sum(was_trained(t) for t in study.trials)
     return {"seconds": round(total, 1), "picks": picks, "trials": count, "trained": trained}
 
@@ -112,7 +117,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     results = ResultsFile(args.results)
     base = SearchConfig(cache_dir=args.cache_dir, device=args.device)
-    sids = {d: sid_of(base, d) for d in ("cpu", "cuda")}
+    sids = {d: search_settings_id(base, d) for d in ("cpu", "cuda")}
     sid = sids[args.device]
     retrained = Retrains(results, base, sid)
     dataset: Dataset | None = None
@@ -138,13 +143,6 @@ def main() -> int:
     return 0
 
 
-def sid_of(base: SearchConfig, device: str) -> str:
-    """The results' key of the settings: the search's defaults, and the device where not the CPU."""
-    kept = {k: v for k, v in dataclasses.replace(base, device="auto").to_dict().items()
-            if k not in ("seed", "cache_dir", "time_budget", "time_fixed", "final_augment", "search_share")}
-    return settings_id({"config": json.dumps(kept, sort_keys=True), "v": 1, **({"device": device} if device != "cpu" else {})})
-
-
 def show(results: ResultsFile, retrains: Retrains, seeds: list[int], trials: int, budgets: list[str], sid: str,
          device: str) -> None:
     """Per budget and method: mean ± sd over seeds of the retrained validation and test accuracy, the
@@ -156,16 +154,17 @@ def show(results: ResultsFile, retrains: Retrains, seeds: list[int], trials: int
             entry = results.get("searches", f"{method}|{seed}|{trials}|{'-'.join(budgets)}|{sid}")
             if entry is None:
                 continue
-            total = entry["seconds"]
+            retrained: dict[str, float] = {}  # a spec picked at several budgets is retrained once
             for b, pick in entry["picks"].items():
                 r = retrains.get(pick["spec"], seed) if "spec" in pick else None
                 rows.setdefault((b, method), []).append({**pick, **(r or {})})
-                total += r["seconds"] if r else 0.0
-            times.setdefault(method, []).append(total)
+                if r:
+                    retrained[pick["spec"]] = r["seconds"]
+            times.setdefault(method, []).append(entry["seconds"] + sum(retrained.values()))
     if not rows:
         return
     print(f"\nOne study, many budgets: {trials} Pareto trials against {len(budgets)} searches of "
-          f"{trials // len(budgets)}, trained on {device}\n")
+          f"{max(1, trials // len(budgets))}, trained on {device}\n")
     print("| budget | method | seeds | val acc | test acc | MACs | refused |")
     print("|---|---|---|---|---|---|---|")
     for (b, method), lines in sorted(rows.items(), key=lambda kv: (parse_count(kv[0][0]), kv[0][1])):
@@ -173,7 +172,7 @@ def show(results: ResultsFile, retrains: Retrains, seeds: list[int], trials: int
         val, test = (mean_sd([x[k] for x in done]) if done else "-" for k in ("val_acc", "test_acc"))
         print(f"| {b} | {method} | {len(done)} | {val} | {test} | "
               f"{format_count(statistics.mean(x['macs'] for x in done)) if done else '-'} | {len(lines) - len(done)} |")
-    print("\n| method | seeds | searches + retrains |")
+    print("\n| method | seeds | searches + retrains (each distinct pick once) |")
     print("|---|---|---|")
     for method, values in times.items():
         print(f"| {method} | {len(values)} | {statistics.mean(values) / 60:.1f} min |")

@@ -295,10 +295,10 @@ def record_split(study: optuna.Study, plan: Plan, marks: dict[str, float], trial
             f"{format_duration(actual['search'])} ({trials} trials), retrain {format_duration(actual['retrain'])} "
             f"({epochs} epochs), export and report {format_duration(actual['export'])}; total "
             f"{format_duration(end)}, {abs(over):.0%} {'over' if over > 0 else 'under'} the budget")
-    if abs(over) > WITHIN and epochs:  # why: the run stops at whole epochs, and one is large beside the budget
-        epoch = actual["retrain"] / epochs
-        line += (f" (the retrain stops at whole epochs, and one took ~{format_duration(epoch)}, "
-                 f"{epoch / plan.budget:.0%} of the budget)")
+    if abs(over) > WITHIN:  # why: the part that strayed furthest from its plan, the way the run did
+        planned = {"setup": plan.spent, "search": plan.search, "retrain": plan.retrain, "export": plan.export}
+        part = (max if over > 0 else min)(planned, key=lambda k: actual[k] - planned[k])
+        line += f" (the {part} took {format_duration(actual[part])} of the ~{format_duration(planned[part])} planned)"
     return line
 
 

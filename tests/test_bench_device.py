@@ -21,6 +21,8 @@ from benchmarks.device_budgets import (
 )
 from nas_kd.latency import LatencyTable
 from nas_kd.space import load_space
+from nas_kd.start import scaled
+from nas_kd.zoo import teacher_spec
 
 
 def committed_table() -> LatencyTable:
@@ -44,3 +46,5 @@ def test_every_hand_made_row_meets_its_budget_by_the_judged_costs(name: str) -> 
     assert {"hand-made mobilenetv2"} < set(rows)  # a ResNet row and MobileNetV2
     for row, spec in rows.items():
         assert budget.fits(cost_of(spec, table)), (row, str(spec), cost_of(spec, table))
+    if name == "latency-full":  # the budget is ResNet-20 at x1.00 by the table: it fits at full width
+        assert rows["hand-made resnet20"] == scaled(teacher_spec("resnet20"), 1.0)

@@ -177,7 +177,7 @@ def test_a_resumed_fit_keeps_its_replanned_length(tmp_path) -> None:
     assert epochs == [1, 2, 3, 4, 5] and len(steps) == 4 * 5
 
 
-def test_a_deadline_asks_for_the_epochs_that_fit_and_at_least_one_more() -> None:
+def test_a_deadline_asks_for_the_epochs_that_end_nearest_it_and_at_least_one_more() -> None:
     from nas_kd.train import Deadline
 
     now = [100.0]
