@@ -143,9 +143,12 @@ def export_seconds(cfg: SearchConfig) -> float:
 
 
 def epochs_left(budget: float, elapsed: float, epoch: float, export: float = EXPORT_SECONDS) -> int:
-    """Retrain epochs that fit what is left of `budget` after `elapsed` seconds, keeping `export`
-    for the end (at least MIN_EPOCHS: a run past its budget still hands over a trained student)."""
-    return max(MIN_EPOCHS, math.floor((budget - elapsed - export) / epoch + 1e-9))
+    """The whole retrain epochs that end nearest to what is left of `budget` after `elapsed`
+    seconds, keeping `export` for the end, as `train.Deadline` re-plans them (at least MIN_EPOCHS:
+    a run past its budget still hands over a trained student). Rounded down, a 10-minute run with
+    1.95 epochs' time left trained 1 and ended 16% under: a training's last epoch is never
+    re-planned, its learning rate having fallen to 0."""
+    return max(MIN_EPOCHS, math.floor((budget - elapsed - export) / epoch + 0.5))
 
 
 class Clock:

@@ -78,7 +78,9 @@ def test_epochs_left_after_the_search_with_a_fake_clock() -> None:
     clock = Clock(lambda: now[0])
     now[0] += 700.0
     assert clock.elapsed() == 700.0
-    assert epochs_left(1800.0, clock.elapsed(), epoch=90.0, export=60.0) == 11  # floor(1040 / 90)
+    assert epochs_left(1800.0, clock.elapsed(), epoch=90.0, export=60.0) == 12  # 1040 / 90 = 11.6: 12 end nearest
+    assert epochs_left(1800.0, clock.elapsed(), epoch=100.0, export=60.0) == 10  # 10.4: 10, 40 s short
+    assert epochs_left(600.0, 277.0, epoch=166.0, export=60.0) == 2  # 1.58: the 10-minute run that trained 1
     assert epochs_left(1800.0, 1790.0, epoch=90.0) == 1  # past the budget: still one epoch
 
 
