@@ -41,8 +41,9 @@ from nas_kd.plan import TIME_ATTR, parse_duration
 BUDGET_FLAGS = ("--flops-budget", "50M")
 # 2: the retrain re-plans its length after each epoch (train.Deadline); runs of version 1 planned
 # it once, from a few timed steps, and are kept beside them; 3: the re-plan ends at the nearest
-# whole epoch (version 2 stopped at the last that fitted, up to one epoch short)
-VERSION = 3
+# whole epoch (version 2 stopped at the last that fitted, up to one epoch short); 4: the retrain's
+# first plan does too (version 3 rounded it down, and a training's last epoch is never re-planned)
+VERSION = 4
 ARMS = {
     "search": (),
     "search-20": ("--search-share", "0.2"),
