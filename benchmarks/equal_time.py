@@ -77,9 +77,9 @@ def run_arm(arm: str, seed: int, budget: str, threads: int, work: Path) -> dict[
             "threads": threads, "machine": machine(), "version": VERSION, "commit": commit()}
 
 
-def key(arm: str, seed: int, budget: str) -> str:
-    """A run's key in the results file."""
-    return f"{arm}|{seed}|{budget}|{settings_id({'v': VERSION})}"
+def key(arm: str, seed: int, budget: str, threads: int = 1) -> str:
+    """A run's key in the results file (the torch threads where not one, the first runs' count)."""
+    return f"{arm}|{seed}|{budget}|{settings_id({'v': VERSION})}" + (f"|t{threads}" if threads != 1 else "")
 
 
 def commit() -> str:
@@ -89,13 +89,14 @@ def commit() -> str:
 
 
 def show(results: ResultsFile) -> None:
-    rows = sorted(results.data.get("runs", {}).values(), key=lambda e: (e.get("version", 1), e["budget_seconds"], e["seed"], e["arm"]))
-    print("| version | budget | seed | arm | winner MACs | trials | retrain epochs | val acc | test acc | wall | "
+    rows = sorted(results.data.get("runs", {}).values(),
+                  key=lambda e: (e.get("version", 1), e["budget_seconds"], e["seed"], e["arm"], e["threads"]))
+    print("| version | budget | seed | arm | threads | winner MACs | trials | retrain epochs | val acc | test acc | wall | "
           "over budget |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for e in rows:
         actual = e.get("actual") or {}
-        print(f"| {e.get('version', 1)} | {e['budget']} | {e['seed']} | {e['arm']} | {e['macs'] / 1e6:.1f}M | "
+        print(f"| {e.get('version', 1)} | {e['budget']} | {e['seed']} | {e['arm']} | {e['threads']} | {e['macs'] / 1e6:.1f}M | "
               f"{actual.get('trials', '')} | "
               f"{e['final_epochs']} | {e['val_acc'] * 100:.2f}% | {e['test_acc'] * 100:.2f}% | "
               f"{e['wall_seconds'] / 60:.1f} min | {e['wall_seconds'] / e['budget_seconds'] - 1:+.1%} |")
@@ -117,12 +118,12 @@ def main() -> int:
     results = ResultsFile(args.results)
     todo = [] if args.table_only else [
         (arm, seed) for seed in args.seeds for arm in args.arms
-        if results.get("runs", key(arm, seed, args.budget)) is None]
+        if results.get("runs", key(arm, seed, args.budget, args.threads)) is None]
 
     def one(job: tuple[str, int]) -> None:
         arm, seed = job
         entry = run_arm(arm, seed, args.budget, args.threads, args.work)
-        results.put("runs", key(arm, seed, args.budget), entry)
+        results.put("runs", key(arm, seed, args.budget, args.threads), entry)
         print(f"{arm} seed {seed}: val {entry['val_acc']:.4f}, test {entry['test_acc']:.4f}, "
               f"{entry['wall_seconds']:.0f} s", flush=True)
 
