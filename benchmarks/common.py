@@ -19,11 +19,13 @@ import platform
 import random
 import shutil
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import scipy.stats
 import torch
 
@@ -55,12 +57,12 @@ def settings_id(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def search_settings_id(base: SearchConfig, device: str, skip: tuple[str, ...] = ()) -> str:
+def search_settings_id(base: SearchConfig, device: str) -> str:
     """The results' key of picks made and retrained with the search's defaults `base`: its fields
-    but the seed, the cache folder, the time budget's and `skip`; the device where it is not the
-    CPU (the first CPU runs saw the default device, and keep their key)."""
+    but the seed, the cache folder and the time budget's; the device where it is not the CPU (the
+    first CPU runs saw the default device, and keep their key)."""
     kept = {k: v for k, v in dataclasses.replace(base, device=SearchConfig.device).to_dict().items()
-            if k not in ("seed", "cache_dir", "time_budget", "time_fixed", "final_augment", "search_share", *skip)}
+            if k not in ("seed", "cache_dir", "time_budget", "time_fixed", "final_augment", "search_share")}
     return settings_id({"config": json.dumps(kept, sort_keys=True), "v": 1, **({"device": device} if device != "cpu" else {})})
 
 
@@ -176,16 +178,28 @@ def hand_made(budget: Budget, dataset: Dataset) -> Spec:
     return found[0]
 
 
+def fresh_search(cfg: SearchConfig, work: Path, name: str) -> tuple[optuna.Study, float]:
+    """`nas_kd.search` with `cfg` and --final-epochs 0 as study `name` in `work`, and its wall
+    seconds. An unfinished study of that name there starts again; no other study is touched (a
+    glob on the name's prefix once took seed 1's for seed 10's)."""
+    run = dataclasses.replace(cfg, final_epochs=0, out_dir=str(work), study_name=name)
+    for stale in [work / name, *work.glob(f"{name}.*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    started = time.perf_counter()
+    study = search(run, progress=False)
+    return study, time.perf_counter() - started
+
+
 def search_pick(method: str, cfg: SearchConfig, work: Path) -> tuple[Spec, dict[str, Any]]:
     """The winner of `nas_kd.search` with `cfg` and --final-epochs 0, and what its study holds; the
     method "random" searches with --sampler random, "params" with --trial-score params. The study
     goes in `work`; an unfinished one there starts again."""
-    run = dataclasses.replace(cfg, final_epochs=0, out_dir=str(work), study_name=f"{method}-seed{cfg.seed}",
-                              sampler="random" if method == "random" else cfg.sampler,
+    run = dataclasses.replace(cfg, sampler="random" if method == "random" else cfg.sampler,
                               trial_score="params" if method == "params" else cfg.trial_score)
-    for stale in work.glob(f"{run.study_name}*"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    study = search(run, progress=False)
+    study, _ = fresh_search(run, work, f"{method}-seed{cfg.seed}")
     winner = pick_winner(study)
     return Spec.parse(winner.user_attrs[SPEC_ATTR]), {
         "trial": winner.number, "trial_score": winner.value, "trials_in_study": len(study.trials),

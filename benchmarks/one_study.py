@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
 
-from benchmarks.common import RESULTS, ResultsFile, Retrains, machine, mean_sd, search_settings_id
+from benchmarks.common import RESULTS, ResultsFile, Retrains, fresh_search, machine, mean_sd, search_settings_id
 from nas_kd.arch import Spec
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig
@@ -41,26 +39,11 @@ from nas_kd.cost import format_count, parse_count
 from nas_kd.data import Dataset, load_dataset
 from nas_kd.errors import InputError
 from nas_kd.picks import pick_at_budget, pick_winner
-from nas_kd.pipeline import search
 from nas_kd.records import SPEC_ATTR, was_trained
 from nas_kd.train import resolve_device
 
 METHODS = ("pareto", "single")
 BUDGETS = ("10M", "25M", "50M")
-
-
-def run_search(cfg: SearchConfig, work: Path, name: str) -> tuple[optuna.Study, float]:
-    """A fresh search (`--final-epochs 0`) of `cfg` in `work`, and its wall seconds."""
-    # trials' latency judges nothing under MACs budgets, and the search exports nothing: not measured
-    run = dataclasses.replace(cfg, final_epochs=0, out_dir=str(work), study_name=name, onnx=False)
-    for stale in [work / name, *work.glob(f"{name}.*")]:  # an unfinished study there starts again
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
-    started = time.perf_counter()
-    study = search(run, progress=False)
-    return study, time.perf_counter() - started
 
 
 def pick_entry(trial: optuna.trial.FrozenTrial, fitting: int | None = None) -> dict[str, Any]:
@@ -71,11 +54,12 @@ def pick_entry(trial: optuna.trial.FrozenTrial, fitting: int | None = None) -> d
 def picks_of(method: str, base: SearchConfig, budgets: list[str], trials: int, seed: int,
              work: Path) -> dict[str, Any]:
     """The method's pick at every budget, its searches' seconds and trial counts."""
-    cfg = dataclasses.replace(base, seed=seed)
+    # trials' latency judges nothing under MACs budgets, and the search exports nothing: not measured
+    cfg = dataclasses.replace(base, seed=seed, onnx=False)
     if method == "pareto":
         largest = max(budgets, key=parse_count)
-        study, seconds = run_search(dataclasses.replace(cfg, objective="pareto", flops_budget=parse_count(largest),
-                                                        trials=trials), work, f"pareto-s{seed}")
+        study, seconds = fresh_search(dataclasses.replace(cfg, objective="pareto", flops_budget=parse_count(largest),
+                                                          trials=trials), work, f"pareto-s{seed}")
         picks: dict[str, Any] = {}
         for b in budgets:
             try:
@@ -87,8 +71,8 @@ def picks_of(method: str, base: SearchConfig, budgets: list[str], trials: int, s
                 "trained": sum(was_trained(t) for t in study.trials)}
     picks, total, count, trained = {}, 0.0, 0, 0
     for b in budgets:
-        study, seconds = run_search(dataclasses.replace(cfg, flops_budget=parse_count(b), trials=max(1, trials // len(budgets))),
-                                    work, f"single-{b}-s{seed}")
+        study, seconds = fresh_search(dataclasses.replace(cfg, flops_budget=parse_count(b),
+                                                          trials=max(1, trials // len(budgets))), work, f"single-{b}-s{seed}")
         try:
             picks[b] = pick_entry(pick_winner(study)) | {"seconds": round(seconds, 1)}
         except InputError as e:  # nothing trained within the budget: a loss of the method, as for pareto
