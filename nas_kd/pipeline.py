@@ -203,7 +203,7 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
     name = cfg.study_name or default_study_name(keys)
     url = storage_url(cfg.storage, name, Path(cfg.out_dir))
     study = open_study(open_storage(url, interval=cfg.heartbeat), name, cfg.objective == "pareto", cfg.seed, keys, cfg.pruner,
-                       cfg.trial_reports, cfg.sampler)
+                       cfg.trial_reports, cfg.sampler, shared=cfg.worker or cfg.study_trials is not None)
     if cfg.objective == "pareto" and cfg.pruner != "none":
         log("--objective pareto: trials are not pruned (Optuna cannot prune multi-objective studies); "
             "every trial trains to its end")

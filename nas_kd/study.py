@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -216,16 +217,32 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 SAMPLERS = ("tpe", "random")
 
 
+def sampler_seed(seed: int, n_existing: int, shared: bool) -> int:
+    """The sampler's seed for a run that finds `n_existing` trials in its study.
+
+    Reseeded on resume (`seed + n_existing`), so the random start-up phase does not propose the
+    first run's specs again. A run that shares the study with others running at the same time
+    (`--worker`, `--study-trials`) draws its seed from the OS: workers started together all find
+    the same number of trials, and with one seed their samplers proposed the same specs in the same
+    order, so each spec of the start-up phase was trained once per worker. Such runs are not
+    reproducible whatever their seed, since the trials they see depend on the others' timing."""
+    if shared:
+        return secrets.randbits(31)
+    return seed + n_existing
+
+
 def open_study(storage: RDBStorage, name: str, pareto: bool, seed: int, guarded: dict[str, Any],
-               pruner: str = "median", reports: int = 1, sampler: str = "tpe") -> optuna.Study:
+               pruner: str = "median", reports: int = 1, sampler: str = "tpe", shared: bool = False) -> optuna.Study:
     """Create the study, or load it if it exists and was made with the same settings. Trials of
     a single-objective study are pruned by `make_pruner(pruner, reports)`; a Pareto study's are
-    never pruned (Optuna cannot prune multi-objective studies)."""
+    never pruned (Optuna cannot prune multi-objective studies).
+
+    `shared`: other processes may run trials of the study at the same time (workers); the sampler
+    then gets a seed of its own (see `sampler_seed`)."""
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     n_existing = existing[name].n_trials if name in existing else 0
-    # reseed on resume so the random start-up phase does not propose the first run's specs again
     study = optuna.create_study(storage=storage, study_name=name, directions=directions(pareto),
-                                sampler=make_sampler(sampler, seed + n_existing),
+                                sampler=make_sampler(sampler, sampler_seed(seed, n_existing, shared)),
                                 pruner=make_pruner("none" if pareto else pruner, reports), load_if_exists=True)
     wanted = [optuna.study.StudyDirection.MAXIMIZE] + ([optuna.study.StudyDirection.MINIMIZE] if pareto else [])
     if study.directions != wanted:

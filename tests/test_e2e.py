@@ -16,10 +16,11 @@ import optuna
 import pytest
 import torch
 
+from nas_kd.config import SearchConfig
 from nas_kd.data import load_dataset
 from nas_kd.export import load_student
 from nas_kd.records import is_feasible, was_trained
-from nas_kd.study import open_storage, run
+from nas_kd.study import guarded, open_storage, open_study, run, sampler_seed
 from nas_kd.train import evaluate
 from tests.conftest import E2E_ARGS, E2E_STUDY, load_json, run_cli
 
@@ -197,6 +198,25 @@ def test_stale_trial_of_a_killed_process_is_retried(tmp_path: Path) -> None:
     assert seen == [3]  # the killed trial's parameters ran again first
     states = [t.state for t in study.trials]
     assert states[0] == optuna.trial.TrialState.FAIL and states[1] == optuna.trial.TrialState.COMPLETE
+
+
+def test_workers_opening_a_study_together_propose_different_specs(tmp_path: Path) -> None:
+    """Workers started together find the same number of trials; with the run's seed alone their
+    samplers proposed the same specs in the same order (the start-up phase trained each once per
+    worker). A shared run draws a seed of its own; an unshared one keeps seed + trials found."""
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=False)
+    keys = guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+
+    def first_proposals(shared: bool, name: str) -> list[list[float]]:
+        studies = [open_study(storage, name, False, 3, keys, shared=shared) for _ in range(2)]
+        trials = [s.ask() for s in studies]
+        return [[t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)] for t in trials]
+
+    same = first_proposals(False, "alone")
+    assert same[0] == same[1]  # what workers did before: one seed, one proposal
+    apart = first_proposals(True, "shared")
+    assert apart[0] != apart[1]
+    assert sampler_seed(3, 5, shared=False) == 8
 
 
 def test_retrain_command_retrains_the_trial_asked_for(e2e_copy: dict) -> None:
