@@ -6,12 +6,16 @@ which .ci/run does) and written in the same idx format, so the real loader reads
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,10 +54,64 @@ def mini_dataset(mini_fashion_dir: Path):
 
 
 def run_cli(module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m <module> <args>` in `cwd`, as a user would run it."""
+    """`python -m <module> <args>` in `cwd`, as a user would run it: a process of its own, forked
+    from a server that has the heavy imports done (tests/forkserver.py), or a new interpreter
+    with NAS_KD_TEST_FORK=0."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    argv = [sys.executable, "-m", module, *args]
+    if os.environ.get("NAS_KD_TEST_FORK", "1") == "0":
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return _fork_server().run(argv, module, args, Path(cwd), env, timeout)
+
+
+class ForkServer:
+    """The client of one tests/forkserver.py process (one per pytest-xdist worker)."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.forkserver"], cwd=ROOT, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.read()  # {"ready": pid}: the imports are done
+
+    def read(self, timeout: float | None = None) -> dict:
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the test fork server exited with status {self.process.wait()}")
+        return json.loads(line)
+
+    def run(self, argv: list[str], module: str, args: tuple[str, ...], cwd: Path, env: dict[str, str],
+            timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "out", Path(tmp) / "err"
+            request = {"module": module, "args": list(args), "cwd": str(cwd.resolve()), "env": env, "out": str(out),
+                       "err": str(err)}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = self.read()["pid"]
+            try:
+                code = self.read(timeout)["code"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                self.read()
+                raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text()) from None
+            return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+_server: ForkServer | None = None
+
+
+def _fork_server() -> ForkServer:
+    global _server
+    if _server is None or _server.process.poll() is not None:
+        _server = ForkServer()
+        atexit.register(_server.close)
+    return _server
 
 
 def search_cli(work: Path, cache: Path, data_dir: Path, *args: str, name: str = "s") -> tuple[object, str]:
