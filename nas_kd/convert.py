@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import tempfile
@@ -40,10 +41,40 @@ def require_runtime() -> None:
                              "and no latency flag") from None
 
 
+@functools.cache
+def reuse_torchlib_registry() -> bool:
+    """Make the exporter build its table of ONNX translations once per process and opset.
+
+    `torch.onnx.export(dynamo=True)` rebuilds the table from onnxscript's torchlib on every call:
+    about 1 s of a warm 2-s export of a student on the 2-core machine, paid by every candidate a
+    latency-budget search times and by every block of a latency table. The table depends on the
+    opset alone and an export only reads it; the exported bytes are the same with it reused
+    (tests/test_latency.py checks). It is torch's private API: where it has moved, this does
+    nothing and exports build the table as before. Returns whether the table is reused."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+        build = _registration.ONNXRegistry.from_torchlib
+    except (ImportError, AttributeError):
+        return False
+    tables: dict[object, object] = {}
+
+    def from_torchlib(opset_version: object = None, **kwargs: object) -> object:
+        if kwargs:  # a call this was not written for: build as torch does
+            return build(opset_version=opset_version, **kwargs) if opset_version is not None else build(**kwargs)
+        if opset_version not in tables:
+            tables[opset_version] = build(opset_version=opset_version) if opset_version is not None else build()
+        return tables[opset_version]
+
+    from_torchlib.built_every_time = build  # torch's own, for the test that compares the two
+    _registration.ONNXRegistry.from_torchlib = staticmethod(from_torchlib)
+    return True
+
+
 def to_onnx(model: nn.Module, input_shape: tuple[int, int, int], metadata: dict[str, str] | None = None,
             dynamic_batch: bool = True) -> bytes:
     """`model` (logits out) as a serialized ONNX model with input `input` (B, C, H, W) float32,
     normalised as in training, and output `logits` (B, classes); the batch is dynamic unless told."""
+    reuse_torchlib_registry()
     model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
     example = torch.zeros(2 if dynamic_batch else 1, *input_shape)  # 2: a batch of 1 would be specialised
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
