@@ -46,6 +46,11 @@ def run_child(request: dict, channels: tuple[int, int]) -> None:
         import threading
         import traceback
 
+        if "OMP_NUM_THREADS" in request["env"]:  # as a new interpreter would read it at its first torch op
+            import torch
+
+            torch.set_num_threads(int(request["env"]["OMP_NUM_THREADS"]))
+
         module = request["module"]
         sys.argv = [module, *request["args"]]
         sys.modules.pop(module, None)  # run as __main__, as `python -m` does, not the copy the server imported
