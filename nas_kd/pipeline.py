@@ -63,6 +63,7 @@ from nas_kd.study import (
     guarded,
     open_storage,
     open_study,
+    shares_its_study,
     space_id,
     storage_url,
     study_training,
@@ -203,7 +204,7 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
     name = cfg.study_name or default_study_name(keys)
     url = storage_url(cfg.storage, name, Path(cfg.out_dir))
     study = open_study(open_storage(url, interval=cfg.heartbeat), name, cfg.objective == "pareto", cfg.seed, keys, cfg.pruner,
-                       cfg.trial_reports, cfg.sampler, shared=cfg.worker or cfg.study_trials is not None)
+                       cfg.trial_reports, cfg.sampler, shared=shares_its_study(cfg))
     if cfg.objective == "pareto" and cfg.pruner != "none":
         log("--objective pareto: trials are not pruned (Optuna cannot prune multi-objective studies); "
             "every trial trains to its end")

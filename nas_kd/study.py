@@ -217,6 +217,12 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 SAMPLERS = ("tpe", "random")
 
 
+def shares_its_study(cfg: SearchConfig) -> bool:
+    """Whether other processes may run trials of the run's study at the same time: a worker, or a
+    run that counts the whole study's training (`--study-trials`)."""
+    return cfg.worker or cfg.study_trials is not None
+
+
 def sampler_seed(seed: int, n_existing: int, shared: bool) -> int:
     """The sampler's seed for a run that finds `n_existing` trials in its study.
 

@@ -20,7 +20,7 @@ from nas_kd.config import SearchConfig
 from nas_kd.data import load_dataset
 from nas_kd.export import load_student
 from nas_kd.records import is_feasible, was_trained
-from nas_kd.study import guarded, open_storage, open_study, run, sampler_seed
+from nas_kd.study import guarded, open_storage, open_study, run, sampler_seed, shares_its_study
 from nas_kd.train import evaluate
 from tests.conftest import E2E_ARGS, E2E_STUDY, load_json, run_cli
 
@@ -217,6 +217,9 @@ def test_workers_opening_a_study_together_propose_different_specs(tmp_path: Path
     apart = first_proposals(True, "shared")
     assert apart[0] != apart[1]
     assert sampler_seed(3, 5, shared=False) == 8
+    # the runs that share: workers and runs counting the whole study's training
+    assert [shares_its_study(SearchConfig(flops_budget=5_000_000, **kw))
+            for kw in ({}, {"worker": True}, {"study_trials": 8})] == [False, True, True]
 
 
 def test_retrain_command_retrains_the_trial_asked_for(e2e_copy: dict) -> None:
