@@ -1,5 +1,5 @@
 """What one ONNX export of a student costs with the exporter's translation table built on every
-call (torch's way) and built once per process (`nas_kd.convert.reuse_torchlib_registry`),
+call (torch's way) and built once per process (`nas_kd.convert.reused_torchlib_table`),
 measured side by side on the same students.
 
     python -m benchmarks.onnx_export [--specs 6] [--rounds 3]
@@ -13,16 +13,15 @@ The table shows the median seconds per export, the ratio, and whether the bytes 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 import warnings
 
 import torch
-from torch.onnx._internal.exporter import _registration
 
+from benchmarks.common import machine
 from nas_kd.arch import build
-from nas_kd.convert import reuse_torchlib_registry, to_onnx
+from nas_kd.convert import reused_torchlib_table, to_onnx
 from nas_kd.space import load_space
 
 
@@ -34,30 +33,26 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    if not reuse_torchlib_registry():
-        raise SystemExit("this torch has no torchlib registry hook: nothing to compare")
-    reused = _registration.ONNXRegistry.from_torchlib
-    every_time = staticmethod(reused.built_every_time)
+    with reused_torchlib_table() as reusable:
+        if not reusable:
+            raise SystemExit("this torch has no hook for the exporter's table: nothing to compare")
     shape = (1, 28, 28)
     models = [build(spec, shape, 10) for spec in load_space("resnet").random_specs(args.specs, args.seed)]
-    to_onnx(models[0], shape)  # the exporter's own first-call costs, and the reused table, out of the timing
-    times: dict[str, list[float]] = {"built every export": [], "built once": []}
+    to_onnx(models[0], shape)  # the exporter's own first-call costs, and the kept table, out of the timing
+    ways = {"built every export": False, "built once": True}
+    times: dict[str, list[float]] = {way: [] for way in ways}
     same = True
     for r in range(args.rounds):
         for i, model in enumerate(models):
-            order = ["built every export", "built once"] if (r + i) % 2 == 0 else ["built once", "built every export"]
+            order = list(ways) if (r + i) % 2 == 0 else list(reversed(ways))
             outputs = {}
             for way in order:
-                _registration.ONNXRegistry.from_torchlib = every_time if way == "built every export" else \
-                    staticmethod(reused)
                 start = time.perf_counter()
-                outputs[way] = to_onnx(model, shape)
+                outputs[way] = to_onnx(model, shape, reuse_table=ways[way])
                 times[way].append(time.perf_counter() - start)
             same &= outputs["built every export"] == outputs["built once"]
-    _registration.ONNXRegistry.from_torchlib = staticmethod(reused)
     base = statistics.median(times["built every export"])
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread, torch "
-          f"{torch.__version__}; {args.specs} students x {args.rounds} rounds")
+    print(f"{machine()}; {args.specs} students x {args.rounds} rounds")
     print("| translation table | median s per export | ratio |")
     print("|---|---|---|")
     for way, values in times.items():
