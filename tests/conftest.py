@@ -10,9 +10,7 @@ import atexit
 import gzip
 import json
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,19 +27,16 @@ from nas_kd.data import DEBIAN_FASHION_MNIST, _read_idx, load_dataset
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def share_the_cores() -> int:
-    """Torch threads for each pytest-xdist worker and the commands it runs: the machine's cores
-    shared among the workers. Two workers of two threads each on two cores left OpenMP threads
-    waiting on each other; `OMP_NUM_THREADS` passes the share on to every command a test starts."""
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest-xdist worker runs torch on its share of the machine's cores, and passes the share
+    to every command a test starts (`OMP_NUM_THREADS`, unless it is set already). Two workers of two
+    threads each on two cores left OpenMP threads waiting on each other: the suite took twice as
+    long (BENCHMARKS.md, *The test suite's time*)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    threads = max(1, (os.cpu_count() or 1) // workers)
     if workers > 1:
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    return threads
-
-
-share_the_cores()
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        if os.environ["OMP_NUM_THREADS"].isdigit():
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 MINI_TRAIN, MINI_TEST = 600, 200
 
 
@@ -76,21 +71,31 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: float = 600) -> subproc
     argv = [sys.executable, "-m", module, *args]
     if os.environ.get("NAS_KD_TEST_FORK", "1") == "0":
         return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    return _fork_server().run(argv, module, args, Path(cwd), env, timeout)
+    server = _fork_server()
+    if server.startup_env != startup_env(env):  # read at an interpreter's start: the server's would not do
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return server.run(argv, module, args, Path(cwd), env, timeout)
+
+
+STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "TORCH", "CUDA", "LD_")
+
+
+def startup_env(env: dict[str, str]) -> dict[str, str]:
+    """The variables an interpreter or its libraries read as they start."""
+    return {k: v for k, v in env.items() if k.startswith(STARTUP_PREFIXES)}
 
 
 class ForkServer:
     """The client of one tests/forkserver.py process (one per pytest-xdist worker)."""
 
     def __init__(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.startup_env = startup_env(env)
         self.process = subprocess.Popen([sys.executable, "-m", "tests.forkserver"], cwd=ROOT, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        stdout=subprocess.PIPE, text=True, env=env)
         self.read()  # {"ready": pid}: the imports are done
 
-    def read(self, timeout: float | None = None) -> dict:
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError
+    def read(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"the test fork server exited with status {self.process.wait()}")
@@ -101,21 +106,23 @@ class ForkServer:
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp) / "out", Path(tmp) / "err"
             request = {"module": module, "args": list(args), "cwd": str(cwd.resolve()), "env": env, "out": str(out),
-                       "err": str(err)}
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
-            pid = self.read()["pid"]
+                       "err": str(err), "timeout": timeout}
             try:
-                code = self.read(timeout)["code"]
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                self.read()
-                raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text()) from None
-            return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
+                self.process.stdin.write(json.dumps(request) + "\n")
+                self.process.stdin.flush()
+                answer = self.read()
+            except BaseException:  # the protocol may be out of step: the next run starts a new server
+                self.process.kill()
+                raise
+            stdout, stderr = (p.read_text() if p.is_file() else "" for p in (out, err))
+        if answer["timed_out"]:
+            raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(argv, answer["code"], stdout, stderr)
 
     def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
 
 
 _server: ForkServer | None = None
