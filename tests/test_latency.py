@@ -19,7 +19,7 @@ from nas_kd import time_blocks
 from nas_kd.arch import BLOCKS, BasicBlock, Spec, build
 from nas_kd.batches import BatchIterator, seeded_subset
 from nas_kd.blocks import CALIBRATION_NETWORKS, calibration_specs, export_blocks, space_layers, spec_layers
-from nas_kd.budget import Budget
+from nas_kd.budget import LATENCY_PROBES, Budget, check_reachable
 from nas_kd.config import SearchConfig, TrainConfig
 from nas_kd.convert import OPSET, reused_torchlib_table, to_onnx
 from nas_kd.cost import count
@@ -257,6 +257,29 @@ def context(mini_dataset):
 
 
 SMALL = Spec.parse("c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1|basic_d1_w64_s2_k3_e1")
+
+
+@pytest.mark.parametrize(("budget_ms", "timed"), [(2.0, 1), (0.5, 1 + 1 + LATENCY_PROBES)])
+def test_a_reachable_latency_budget_is_known_at_the_first_spec_that_meets_it(budget_ms: float, timed: int) -> None:
+    """The smallest specs are timed first and the check ends at the first under the budget; a
+    budget none meets times them all and names the fastest."""
+    space = load_space("resnet")
+    smallest = [spec for spec, _ in space.smallest((1, 28, 28), 10)]
+    seen: list[Spec] = []
+
+    def meter(spec: Spec) -> float:  # the smallest specs at 1 ms, the rest slower
+        seen.append(spec)
+        return 1.0 if spec in smallest else 3.0
+
+    cfg = SearchConfig(latency_budget_ms=budget_ms)
+    if budget_ms >= 1.0:
+        check_reachable(cfg, space, (1, 28, 28), 10, smallest, meter)
+    else:
+        with pytest.raises(InputError, match=r"the lowest fp32 latency of \d+ specs tried .* is 1 ms, by "):
+            check_reachable(cfg, space, (1, 28, 28), 10, smallest, meter)
+    every = {str(spec) for spec in smallest + space.random_specs(LATENCY_PROBES, cfg.seed)}
+    assert len(seen) == len(set(map(str, seen))) and seen[0] == smallest[0]
+    assert len(seen) == (1 if budget_ms >= 1.0 else len(every)) and len(seen) <= timed
 
 
 @pytest.mark.parametrize(("budget_ms", "state"), [(1e-3, optuna.trial.TrialState.PRUNED),
