@@ -10,6 +10,7 @@ import atexit
 import gzip
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,9 @@ def startup_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(STARTUP_PREFIXES)}
 
 
+SERVER_START_TIMEOUT = 300  # seconds for the server's imports (5.4 s measured on the 2-core machine)
+
+
 class ForkServer:
     """The client of one tests/forkserver.py process (one per pytest-xdist worker)."""
 
@@ -93,7 +97,11 @@ class ForkServer:
         self.startup_env = startup_env(env)
         self.process = subprocess.Popen([sys.executable, "-m", "tests.forkserver"], cwd=ROOT, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=env)
-        self.read()  # {"ready": pid}: the imports are done
+        # {"ready": pid} once the imports are done; the only line then, so select sees it unbuffered
+        if not select.select([self.process.stdout], [], [], SERVER_START_TIMEOUT)[0]:
+            self.process.kill()
+            raise RuntimeError(f"the test fork server did not start in {SERVER_START_TIMEOUT} s")
+        self.read()
 
     def read(self) -> dict:
         line = self.process.stdout.readline()
