@@ -41,7 +41,7 @@ def require_runtime() -> None:
                              "and no latency flag") from None
 
 
-_TABLES: dict[object, object] = {}  # opset -> the exporter's translation table, built once per process
+_TABLES: dict[object, object] = {}  # the builder's arguments (the opset) -> its table, built once per process
 
 
 @contextlib.contextmanager
@@ -65,12 +65,11 @@ def reused_torchlib_table() -> Iterator[bool]:
         yield False
         return
 
-    def from_torchlib(opset_version: object = None, **kwargs: object) -> object:
-        if kwargs:  # a call this was not written for: build as torch does
-            return build(opset_version=opset_version, **kwargs) if opset_version is not None else build(**kwargs)
-        if opset_version not in _TABLES:
-            _TABLES[opset_version] = build(opset_version=opset_version) if opset_version is not None else build()
-        table = _TABLES[opset_version]
+    def from_torchlib(*args: object, **kwargs: object) -> object:
+        key = (args, tuple(sorted(kwargs.items())))  # the opset, however torch passes it
+        if key not in _TABLES:
+            _TABLES[key] = build(*args, **kwargs)
+        table = _TABLES[key]
         own = object.__new__(type(table))
         own.__dict__.update(table.__dict__, functions={k: list(v) for k, v in table.functions.items()})
         return own
