@@ -26,6 +26,7 @@ from filelock import FileLock
 from nas_kd.data import DEBIAN_FASHION_MNIST, _read_idx, load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
+MINI_TRAIN, MINI_TEST = 600, 200
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,7 +39,6 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         if os.environ["OMP_NUM_THREADS"].isdigit():
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-MINI_TRAIN, MINI_TEST = 600, 200
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -67,15 +67,22 @@ def mini_dataset(mini_fashion_dir: Path):
 def run_cli(module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m <module> <args>` in `cwd`, as a user would run it: a process of its own, forked
     from a server that has the heavy imports done (tests/forkserver.py), or a new interpreter
-    with NAS_KD_TEST_FORK=0."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", module, *args]
-    if os.environ.get("NAS_KD_TEST_FORK", "1") == "0":
-        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    server = _fork_server()
-    if server.startup_env != startup_env(env):  # read at an interpreter's start: the server's would not do
-        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    return server.run(argv, module, args, Path(cwd), env, timeout)
+    with NAS_KD_TEST_FORK=0 and where the run changes a variable read at an interpreter's start."""
+    env = command_env()
+    if os.environ.get("NAS_KD_TEST_FORK", "1") != "0":
+        server = _fork_server()
+        if server.startup_env == startup_env(env):
+            return server.run(module, args, Path(cwd), env, timeout)
+    return subprocess.run(command(module, args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def command(module: str, args: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def command_env() -> dict[str, str]:
+    """The environment a test's command runs in: the test's, unbuffered."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "TORCH", "CUDA", "LD_")
@@ -93,9 +100,9 @@ class ForkServer:
     """The client of one tests/forkserver.py process (one per pytest-xdist worker)."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = command_env()
         self.startup_env = startup_env(env)
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.forkserver"], cwd=ROOT, stdin=subprocess.PIPE,
+        self.process = subprocess.Popen(command("tests.forkserver", ()), cwd=ROOT, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=env)
         # {"ready": pid} once the imports are done; the only line then, so select sees it unbuffered
         if not select.select([self.process.stdout], [], [], SERVER_START_TIMEOUT)[0]:
@@ -109,7 +116,7 @@ class ForkServer:
             raise RuntimeError(f"the test fork server exited with status {self.process.wait()}")
         return json.loads(line)
 
-    def run(self, argv: list[str], module: str, args: tuple[str, ...], cwd: Path, env: dict[str, str],
+    def run(self, module: str, args: tuple[str, ...], cwd: Path, env: dict[str, str],
             timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp) / "out", Path(tmp) / "err"
@@ -124,8 +131,8 @@ class ForkServer:
                 raise
             stdout, stderr = (p.read_text() if p.is_file() else "" for p in (out, err))
         if answer["timed_out"]:
-            raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
-        return subprocess.CompletedProcess(argv, answer["code"], stdout, stderr)
+            raise subprocess.TimeoutExpired(command(module, args), timeout, stdout, stderr)
+        return subprocess.CompletedProcess(command(module, args), answer["code"], stdout, stderr)
 
     def close(self) -> None:
         if self.process.poll() is None:
