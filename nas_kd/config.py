@@ -145,6 +145,8 @@ class SearchConfig:
     latency_table: str | None = None  # a time_blocks.py table: predict latencies from it instead of measuring
     pareto_cost: str = "macs"  # the second objective of objective "pareto": "macs" or "latency_ms"
     onnx: bool = True  # measure every trial's latency; export model.onnx and model.int8.onnx with the weights
+    # the CPU model.int8.onnx is quantized for (nas_kd.int8.TARGETS, or "auto": this one); "x86" = any x86-64
+    int8_target: str = "x86"
     # small datasets: a teacher trained here and the retrain make at least `min_steps` optimizer
     # steps, a trial at least min_steps / TRIAL_STEP_SHARE; their epochs are raised to reach them
     # (`adapt_schedule`; 0 = off). 1200 is just under the 1263 steps of the default Fashion-MNIST

@@ -4,7 +4,8 @@ measurements need them.
 A model becomes ONNX through the torch.export-based exporter (`torch.onnx.export(dynamo=True)`,
 which needs onnxscript), opset `OPSET`, input `input` (B, C, H, W) float32 normalised as in
 training and output `logits` (B, classes). int8 is ONNX Runtime's static post-training
-quantisation (QDQ, int8 weights per output channel, uint8 activations calibrated by min/max).
+quantisation (QDQ, weights per output channel, activations calibrated by min/max), with the
+types and weight range `nas_kd.int8` chooses per target CPU.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import torch
 import torch.nn as nn
 
 from nas_kd.errors import InputError
+from nas_kd.time_blocks import make_session
 
 OPSET = 20  # the torch.export-based exporter's own opset on torch 2.14
 EXPORTER = "torch.onnx.export(dynamo=True), torch.export-based"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-INT8_WARN_POINTS = 1.0  # an int8 model that loses more test accuracy than this is flagged in the report
 
 
 def require_runtime() -> None:
@@ -102,10 +103,12 @@ def to_onnx(model: nn.Module, input_shape: tuple[int, int, int], metadata: dict[
     return proto.SerializeToString()
 
 
-def quantize_int8(model: bytes, calibration: np.ndarray, batch: int = 32) -> bytes:
-    """Static post-training quantization with ONNX Runtime: QDQ format, int8 weights per output
-    channel (symmetric), uint8 activations whose ranges are the min/max over `calibration`
-    (N, C, H, W), normalised training images. The metadata is kept."""
+def quantize_int8(model: bytes, calibration: np.ndarray, batch: int = 32, activation: str = "u8", weight: str = "s8",
+                  reduce_range: bool = True) -> bytes:
+    """Static post-training quantization with ONNX Runtime: QDQ format, `weight` ("s8" or "u8")
+    weights per output channel, 7-bit with `reduce_range` (the default: x86 CPUs without VNNI
+    saturate full-range int8 weights), `activation` ("u8" or "s8") activations whose ranges are
+    the min/max over `calibration` (N, C, H, W), normalised training images. The metadata is kept."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -114,6 +117,8 @@ def quantize_int8(model: bytes, calibration: np.ndarray, batch: int = 32) -> byt
         QuantType,
         quantize_static,
     )
+
+    types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -130,10 +135,30 @@ def quantize_int8(model: bytes, calibration: np.ndarray, batch: int = 32) -> byt
             warnings.simplefilter("ignore")
             logging.getLogger("root").setLevel(logging.ERROR)
             quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            activation_type=types[activation], weight_type=types[weight], reduce_range=reduce_range,
                             calibrate_method=CalibrationMethod.MinMax)
         out = onnx.load(str(dst))
     original = onnx.load_from_string(model)
     if not out.metadata_props:
         out.metadata_props.extend(original.metadata_props)
     return out.SerializeToString()
+
+
+def with_metadata(model: bytes, metadata: dict[str, str]) -> bytes:
+    """`model` with `metadata` added to (or replacing the same keys of) its metadata_props."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *metadata.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+def onnx_logits(model: bytes, inputs: np.ndarray, batch: int = 256) -> np.ndarray:
+    """`model`'s outputs on `inputs` (N, C, H, W), run with ONNX Runtime on one thread."""
+    session = make_session(model, threads=1)
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])

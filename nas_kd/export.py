@@ -14,11 +14,18 @@ Files of one export (OUT = the winner's, a baseline's or an online student's fol
   metadata (`spec`, `input_shape`, `mean`, `std`, `classes`, ...) is in the model's
   metadata_props. ONNX Runtime runs it on every test image: its logits must match torch's within
   `LOGIT_TOLERANCE`, and its test accuracy is recorded;
-- `model.int8.onnx`: static post-training quantization with ONNX Runtime (QDQ, int8 weights per
-  channel, uint8 activations calibrated on `CALIBRATION_IMAGES` seeded training images, never test
-  images), tested the same way;
+- `model.int8.onnx`: static post-training quantization with ONNX Runtime (QDQ, weights per
+  channel, activations calibrated on `CALIBRATION_IMAGES` seeded training images, never test
+  images), with the settings that hold on the int8 target (`nas_kd.int8`: by default any x86-64
+  CPU), each candidate checked against fp32 on validation images and the best kept; its metadata
+  says the settings, the target, the instruction set of the check and the agreement. Tested the
+  same way;
+- `check_images.npy`: `DEVICE_CHECK_IMAGES` normalised validation images, (N, C, H, W) float32,
+  for the device script to check the int8 model against fp32 where it runs
+  (`python3 time_blocks.py --model model.int8.onnx --reference model.onnx --images check_images.npy`);
 - `metrics.json`: the student's and teachers' test figures, costs, memory, and per model its test
-  accuracy and its latency here (batch 1, the fastest of 3 medians of 100 runs after 10 warm-up runs).
+  accuracy and its latency here, measured on the delivered files (batch 1 through their dynamic
+  batch, the fastest of 3 medians of 100 runs after 10 warm-up runs), and the int8 choice.
 """
 
 from __future__ import annotations
@@ -35,10 +42,11 @@ from safetensors import safe_open
 from nas_kd.arch import Network, Spec, build
 from nas_kd.batches import BatchIterator, eval_batches, seeded_subset
 from nas_kd.config import SearchConfig
-from nas_kd.convert import EXPORTER, INT8_WARN_POINTS, OPSET, quantize_int8, require_runtime, to_onnx
+from nas_kd.convert import EXPORTER, OPSET, onnx_logits, require_runtime, to_onnx
 from nas_kd.data import Dataset
 from nas_kd.ensemble import Ensemble, soft_targets
 from nas_kd.errors import InputError
+from nas_kd.int8 import CHECK_IMAGES, DEFAULT_TARGET, quantize_for
 from nas_kd.memory import memory_facts
 from nas_kd.progress import log
 from nas_kd.teacher_cache import load_state, save_model
@@ -49,6 +57,7 @@ from nas_kd.versions import versions
 STUDENT_FORMAT = "nas_kd.student"
 LOGIT_TOLERANCE = 1e-3  # most |ONNX Runtime - torch| logit difference, times max(1, largest |logit|)
 CALIBRATION_IMAGES = 512  # training images whose activation ranges set the int8 scales
+DEVICE_CHECK_IMAGES = 256  # validation images written beside the models for the device script's int8 check
 
 
 def student_metrics(model: Network, dataset: Dataset) -> dict[str, float]:
@@ -74,9 +83,11 @@ def student_metadata(model: Network, dataset: Dataset, cfg: SearchConfig) -> dic
             "std": json.dumps(dataset.std), "config": cfg.to_json(), "versions": json.dumps(versions())}
 
 
-def test_inputs(dataset: Dataset) -> np.ndarray:
-    """Every normalised test image, (N, C, H, W) float32, as the ONNX models take them."""
-    return torch.cat([x.cpu() for x, _ in eval_batches(dataset.test, dataset, channels_last=False)]).numpy()
+def split_inputs(dataset: Dataset, split: str = "test", n: int | None = None) -> np.ndarray:
+    """The first `n` (all: None) normalised images of a split, (N, C, H, W) float32, as the ONNX models take them."""
+    images = getattr(dataset, split)
+    images = images if n is None or n >= len(images) else images.subset(torch.arange(n))
+    return torch.cat([x.cpu() for x, _ in eval_batches(images, dataset, channels_last=False)]).numpy()
 
 
 def calibration_images(dataset: Dataset, seed: int, n: int = CALIBRATION_IMAGES) -> np.ndarray:
@@ -86,19 +97,13 @@ def calibration_images(dataset: Dataset, seed: int, n: int = CALIBRATION_IMAGES)
     return batches.images(index, 0).cpu().numpy().astype(np.float32)
 
 
-def onnx_logits(model: bytes, inputs: np.ndarray, batch: int = 256) -> np.ndarray:
-    session = make_session(model, threads=1)
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])
-
-
 def export_onnx(model: Network, dataset: Dataset, meta: dict[str, str], out_dir: Path, seed: int = 0,
-                int8: bool = True, threads: int = 1) -> dict[str, Any]:
-    """`model.onnx` (and `model.int8.onnx`) in out_dir, run with ONNX Runtime on the test images;
-    returns their figures for metrics.json."""
+                int8: bool = True, threads: int = 1, int8_target: str = DEFAULT_TARGET) -> dict[str, Any]:
+    """`model.onnx` (and `model.int8.onnx` for `int8_target`, with `check_images.npy`) in out_dir,
+    run with ONNX Runtime on the test images; returns their figures for metrics.json."""
     require_runtime()
     out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = test_inputs(dataset)
+    inputs = split_inputs(dataset)
     reference = predict(model, dataset.test, dataset).cpu().numpy()
     labels = dataset.test.y.cpu().numpy()
     fp32 = to_onnx(model, dataset.input_shape, meta)
@@ -114,18 +119,22 @@ def export_onnx(model: Network, dataset: Dataset, meta: dict[str, str], out_dir:
     if diff > bound:
         log(f"warning: ONNX Runtime's logits differ from torch's by {diff:.3g} (> {bound:.3g}) in {out_dir / 'model.onnx'}")
     if int8:
-        quantized = quantize_int8(fp32, calibration_images(dataset, seed))
-        (out_dir / "model.int8.onnx").write_bytes(quantized)
-        int8_logits = onnx_logits(quantized, inputs)
+        # the settings are chosen on validation images; the test images only measure the kept model
+        choice = quantize_for(fp32, calibration_images(dataset, seed), split_inputs(dataset, "val", CHECK_IMAGES),
+                              int8_target)
+        (out_dir / "model.int8.onnx").write_bytes(choice.model)
+        np.save(out_dir / "check_images.npy", split_inputs(dataset, "val", DEVICE_CHECK_IMAGES))
+        int8_logits = onnx_logits(choice.model, inputs)
         facts.update({
             "int8_file": str(out_dir / "model.int8.onnx"), "int8_calibration_images": CALIBRATION_IMAGES,
+            **choice.facts(),
             "int8_test_acc": float((int8_logits.argmax(1) == labels).mean()),
             "int8_agreement": float((int8_logits.argmax(1) == logits.argmax(1)).mean()),
-            "latency_ms_int8": round(latency_ms(make_session(quantized, threads)), 4)})
+            "latency_ms_int8": round(latency_ms(make_session(choice.model, threads)), 4)})
         facts["int8_accuracy_drop"] = round(100 * (facts["onnx_test_acc"] - facts["int8_test_acc"]), 2)  # points
-        if facts["int8_accuracy_drop"] > INT8_WARN_POINTS:
-            log(f"warning: the int8 model loses {facts['int8_accuracy_drop']:.2f} points of test accuracy "
-                f"(more than {INT8_WARN_POINTS:g})")
+        facts["int8_speedup"] = round(facts["latency_ms_fp32"] / facts["latency_ms_int8"], 3)
+        if (warning := choice.warning()) is not None:
+            log(warning)
     return facts
 
 
@@ -136,7 +145,8 @@ def export(model: Network, dataset: Dataset, cfg: SearchConfig, metrics: dict[st
     meta = student_metadata(model, dataset, cfg)
     metrics.update(memory_facts(model, dataset.input_shape))
     if cfg.onnx if onnx is None else onnx:
-        metrics.update(export_onnx(model, dataset, meta, out_dir, cfg.seed, threads=cfg.latency_threads))
+        metrics.update(export_onnx(model, dataset, meta, out_dir, cfg.seed, threads=cfg.latency_threads,
+                                   int8_target=cfg.int8_target))
     weights = out_dir / "model.safetensors"
     save_model(model, weights, {**meta, "metrics": json.dumps(metrics)})
     metrics_path = out_dir / "metrics.json"

@@ -13,6 +13,7 @@ from nas_kd.convert import require_runtime
 from nas_kd.data import load_dataset
 from nas_kd.errors import InputError
 from nas_kd.export import export_onnx, load_student, memory_facts, student_metadata, student_metrics
+from nas_kd.int8 import TARGET_NAMES, int8_line, target_help
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "(default: the checkpoint's folder)")
     parser.add_argument("--data-dir", help="where the dataset is, when not where the search found it")
     parser.add_argument("--no-int8", action="store_true", help="write model.onnx only")
+    parser.add_argument("--int8-target", choices=TARGET_NAMES, metavar="CPU",
+                        help=f"the CPU model.int8.onnx is quantized for (default: the run's, else x86): {target_help()}")
     parser.add_argument("--latency-threads", type=int, default=1, help="ONNX Runtime threads for the latency (default 1)")
     args = parser.parse_args(argv)
     quiet_libraries()
@@ -42,11 +45,14 @@ def main(argv: list[str] | None = None) -> int:
                              f"{'x'.join(map(str, meta['input_shape']))} with {len(meta['classes'])}")
         out = args.out or args.checkpoint.parent
         metrics = {**meta.get("metrics", {}), **student_metrics(model, dataset), **memory_facts(model, dataset.input_shape)}
+        target = args.int8_target or cfg.int8_target
         metrics.update(export_onnx(model, dataset, student_metadata(model, dataset, cfg), out, cfg.seed,
-                                   not args.no_int8, args.latency_threads))
+                                   not args.no_int8, args.latency_threads, target))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     except InputError as e:
         return fail(str(e))
+    if (line := int8_line(metrics)) is not None:
+        print(f"int8: {line}", file=sys.stderr)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("onnx", "int8", "latency", "test_acc"))},
                      indent=2))
     return 0

@@ -26,6 +26,7 @@ from nas_kd.data import load_dataset
 from nas_kd.distill import check_two_stage, retrain_augments, retrain_recipe_text
 from nas_kd.ensemble import CachedTargets, check_weighting, ensemble_from_config, ensemble_summary, teacher_names
 from nas_kd.errors import InputError
+from nas_kd.int8 import check_target
 from nas_kd.latency import check_precision, latency_meter
 from nas_kd.losses import Criterion, loss_class, recipe_features, recipe_uses_teachers
 from nas_kd.objective import run_trial, trial_context, trial_score_named
@@ -97,6 +98,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     if cfg.pareto_cost not in PARETO_COSTS:
         raise InputError(f"unknown pareto cost {cfg.pareto_cost!r}; known: {', '.join(PARETO_COSTS)}")
     check_precision(cfg.latency_precision)
+    check_target(cfg.int8_target)
     if cfg.latency_threads < 1:
         raise InputError(f"latency_threads must be >= 1, got {cfg.latency_threads}")
     for key in ("latency_budget_ms", "memory_budget"):

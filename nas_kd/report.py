@@ -19,9 +19,9 @@ from typing import Any
 import optuna
 import pandas as pd
 
-from nas_kd.convert import INT8_WARN_POINTS
 from nas_kd.cost import format_count
 from nas_kd.fronts import COSTS, ParetoData, budget_picks, epochs_figure, pareto_data, pareto_figure, trials_frame
+from nas_kd.int8 import AGREEMENT_WARN, int8_line
 from nas_kd.memory import format_bytes
 from nas_kd.objective import TRIAL_SCORES
 from nas_kd.study import BASELINE_ATTR, ONLINE_ATTR, STUDY_ATTR, WINNER_ATTR, compression_teacher
@@ -90,8 +90,9 @@ def finalists_table(metrics: dict[str, Any]) -> list[str]:
 
 
 def deployment(metrics: dict[str, Any]) -> list[str]:
-    """The exported models side by side (fp32 ONNX, int8 ONNX), with a warning when int8 loses
-    more than INT8_WARN_POINTS of test accuracy."""
+    """The exported models side by side (fp32 ONNX, int8 ONNX), the int8 model's settings and
+    target, and a warning when it agrees with fp32 on fewer than AGREEMENT_WARN of the
+    validation images it was checked on."""
     if "onnx_test_acc" not in metrics:
         return []
     rows = [{"model": "fp32 (model.onnx)", "test_acc": metrics["onnx_test_acc"],
@@ -103,12 +104,15 @@ def deployment(metrics: dict[str, Any]) -> list[str]:
                      "peak_memory": metrics.get("peak_memory_int8")})
     rows = [{k: (format_bytes(v) if k in ("weights", "peak_memory") and v is not None else v) for k, v in r.items()}
             for r in rows]
-    out = ["<h3>Deployment (ONNX Runtime on the search machine, batch 1, "
+    out = ["<h3>Deployment (ONNX Runtime on the search machine, the delivered files, batch 1, "
            f"{html.escape(str(metrics.get('latency_threads', 1)))} thread(s))</h3>", _table(rows)]
-    drop = metrics.get("int8_accuracy_drop")
-    if drop is not None and drop > INT8_WARN_POINTS:
-        out.append(f"<p class=warn><b>Warning: the int8 model loses {drop:.2f} points of test accuracy</b> "
-                   f"(more than {INT8_WARN_POINTS:g}); ship the fp32 model or calibrate on more images.</p>")
+    if (line := int8_line(metrics)) is not None:
+        out.append(f"<p class=note>int8: {html.escape(line)}.</p>")
+    agreement = metrics.get("int8_val_agreement")
+    if agreement is not None and agreement < AGREEMENT_WARN:
+        out.append(f"<p class=warn><b>Warning: the int8 model agrees with fp32 on only {agreement:.1%} of validation "
+                   f"images</b> on the machine that checked it ({html.escape(str(metrics.get('int8_checked_on')))}); "
+                   "ship the fp32 model, or export again with --int8-target x86.</p>")
     return out
 
 

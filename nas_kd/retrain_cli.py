@@ -23,6 +23,7 @@ from nas_kd.data import load_dataset
 from nas_kd.distill import FINAL_AUGMENT
 from nas_kd.ensemble import ensemble_from_config, ensemble_summary
 from nas_kd.errors import InputError
+from nas_kd.int8 import TARGET_NAMES, target_help
 from nas_kd.latency import latency_meter, parse_latency
 from nas_kd.memory import parse_bytes
 from nas_kd.online import retrain_online, top_students
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--latency-table", metavar="JSON", help="price latencies a trial did not record with this table "
                    "(default: the search's, if it had one)")
     parser.add_argument("--no-onnx", action="store_true", help="export the weights only, no ONNX models")
+    parser.add_argument("--int8-target", choices=TARGET_NAMES, metavar="CPU",
+                        help=f"the CPU model.int8.onnx is quantized for (default: the search's): {target_help()}")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["finalists"] = 1  # the trial asked for, whatever the search's --finalists was
         if args.no_onnx:
             overrides["onnx"] = False
+        if args.int8_target is not None:
+            overrides["int8_target"] = args.int8_target
         cfg = from_dict(SearchConfig, {**cfg.to_dict(), **overrides})
         if cfg.onnx:
             require_runtime()  # before any training

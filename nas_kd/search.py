@@ -21,6 +21,7 @@ from nas_kd.cost import parse_count
 from nas_kd.distill import FINAL_AUGMENT, LONG_RETRAIN_EPOCHS
 from nas_kd.ensemble import ENSEMBLE_WEIGHTINGS
 from nas_kd.errors import InputError
+from nas_kd.int8 import TARGET_NAMES, target_help
 from nas_kd.latency import PRECISIONS, parse_latency
 from nas_kd.losses import LOSSES
 from nas_kd.memory import parse_bytes
@@ -265,6 +266,9 @@ def build_parser() -> OneLineParser:
     g.add_argument("--no-onnx", action="store_true",
                    help="export the weights only (no model.onnx / model.int8.onnx) and do not measure the trials' "
                         "latency (unless a latency flag asks for it)")
+    g.add_argument("--int8-target", choices=TARGET_NAMES, default=DEFAULTS.int8_target, metavar="CPU",
+                   help="the CPU model.int8.onnx is quantized for, its settings checked against fp32 on validation "
+                        f"images: {target_help()}")
     g = p.add_argument_group("run")
     g.add_argument("--config", metavar="YAML", help="a YAML file of SearchConfig keys; flags given override it")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed)

@@ -9,6 +9,7 @@ import optuna
 
 from nas_kd.config import SearchConfig
 from nas_kd.cost import format_count
+from nas_kd.int8 import int8_line
 from nas_kd.records import (
     FAIL_ATTR,
     REPEAT_ATTR,
@@ -80,7 +81,10 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
             int8 = (f"; int8: test {winner['int8_test_acc']:.4f}, {winner['latency_ms_int8']:.3f} ms"
                     if "int8_test_acc" in winner else "")
             rows.append(("winner on ONNX Runtime", f"fp32: test {winner['onnx_test_acc']:.4f}, "
-                                                   f"{winner['latency_ms_fp32']:.3f} ms{int8} (batch 1, here)"))
+                                                   f"{winner['latency_ms_fp32']:.3f} ms{int8} (the delivered files, "
+                                                   "batch 1, here)"))
+            if (line := int8_line(winner)) is not None:
+                rows.append(("winner int8", line))
     for b in study.user_attrs.get(BASELINE_ATTR, {}).get("methods", []):
         rows.append((b["method"], f"{format_count(b['macs'])} MACs, test {b['test_acc']:.4f} after {b['final_epochs']} epochs"))
     out = Path(cfg.out_dir) / study.study_name

@@ -9,6 +9,16 @@ the device and run there
 
 then bring `table.json` back and pass it to the search: `--latency-table table.json`.
 
+It also times one exported model where it will run, and checks an int8 model there: the export
+writes `check_images.npy` (normalised validation images) beside `model.onnx` and
+`model.int8.onnx`; on the device
+
+    python3 time_blocks.py --model model.int8.onnx --reference model.onnx --images check_images.npy
+
+prints both latencies and the share of the images on which the int8 model's top-1 class is the
+fp32 model's: int8 kernels differ between CPUs (x86 without VNNI saturates full-range int8
+weights), so whether int8 holds is a fact of the device, not of the machine that exported it.
+
 Every model is timed as the search times whole students (`nas_kd.latency.measure_latency` calls
 `latency_ms` below): one input of batch 1, `threads` intra-op threads, sequential execution, all
 graph optimisations, `warmup` runs, then the median of `runs` timed runs, in milliseconds; that
@@ -150,9 +160,44 @@ def time_folder(folder: Path, threads: int = 1, warmup: int = 10, runs: int = 10
     return table
 
 
+def top1(session, images: np.ndarray, batch: int = 1) -> np.ndarray:
+    """The top-1 class of each image (N, C, H, W) through `session`, `batch` at a time (1 for a
+    model exported with a static batch of 1)."""
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: images[i:i + batch]})[0].argmax(1)
+                           for i in range(0, len(images), batch)])
+
+
+def check_model(model: Path, reference: Path | None, images: Path | None, threads: int = 1, warmup: int = 10,
+                runs: int = 100, passes: int = PASSES) -> dict:
+    """`model`'s latency here (and `reference`'s), and with `images` the share of them on which
+    `model`'s top-1 class is `reference`'s."""
+    session = make_session(str(model), threads)
+    out: dict = {"model": str(model), "latency_ms": round(latency_ms(session, warmup, runs, passes), 4),
+                 "device": describe_device(threads)}
+    if reference is not None:
+        ref = make_session(str(reference), threads)
+        out["reference"], out["reference_latency_ms"] = str(reference), round(latency_ms(ref, warmup, runs, passes), 4)
+        if images is not None:
+            try:
+                data = np.load(images).astype(np.float32)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read {images} as a .npy array of images ({e})") from None
+            want = [d for d in session.get_inputs()[0].shape[1:]]
+            if data.ndim != 4 or [d for d in data.shape[1:]] != want:
+                raise ValueError(f"{images} holds an array of shape {data.shape}; the model takes (N, {', '.join(map(str, want))})")
+            batch = 1 if session.get_inputs()[0].shape[0] == 1 else 256
+            out["images"], out["agreement"] = len(data), float((top1(session, data, batch) == top1(ref, data, batch)).mean())
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="time_blocks.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("folder", type=Path, help="the folder written by python -m nas_kd.latency blocks")
+    p.add_argument("folder", type=Path, nargs="?", help="the folder written by python -m nas_kd.latency blocks")
+    p.add_argument("--model", type=Path, help="instead of a folder: time this one ONNX model (e.g. model.int8.onnx)")
+    p.add_argument("--reference", type=Path, help="with --model: time this model too (e.g. model.onnx) and compare")
+    p.add_argument("--images", type=Path, help="with --model and --reference: a .npy of normalised images (the "
+                                               "export's check_images.npy) on which to compare their top-1 classes")
     p.add_argument("--out", type=Path, default=Path("table.json"), help="where to write the table (default table.json)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--runs", type=int, default=100, help=f"timed runs per model (>= {MIN_RUNS}; default 100)")
@@ -164,11 +209,18 @@ def main(argv=None) -> int:
         print(f"error: need --threads >= 1, --runs >= {MIN_RUNS}, --warmup >= 0, --passes >= 1; got {args.threads}, "
               f"{args.runs}, {args.warmup}, {args.passes}", file=sys.stderr)
         return 2
+    if (args.folder is None) == (args.model is None) or (args.reference and not args.model) or \
+            (args.images and not args.reference):
+        print("error: give a folder of blocks, or --model (with --reference, and --images to compare them)",
+              file=sys.stderr)
+        return 2
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         print("error: onnxruntime is not installed here: pip install onnxruntime numpy", file=sys.stderr)
         return 2
+    if args.model is not None:
+        return print_check(args)
     try:
         table = time_folder(args.folder, args.threads, args.warmup, args.runs, args.passes,
                             log=lambda m: print(m, file=sys.stderr))
@@ -178,6 +230,26 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {args.out}: {sum(len(e) for e in table['entries'].values())} layer and "
           f"{sum(len(n) for n in table['networks'].values())} network timings on {table['device']['cpu']}")
+    return 0
+
+
+def print_check(args: argparse.Namespace) -> int:
+    try:
+        out = check_model(args.model, args.reference, args.images, args.threads, args.warmup, args.runs, args.passes)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # ONNX Runtime's own errors: a file that is not a model, a missing file
+        print(f"error: cannot run {args.model}{' or ' + str(args.reference) if args.reference else ''}: "
+              f"{str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    line = f"{out['model']}: {out['latency_ms']:.3f} ms"
+    if "reference" in out:
+        line += f"; {out['reference']}: {out['reference_latency_ms']:.3f} ms"
+    if "agreement" in out:
+        line += f"; same top-1 class on {out['agreement']:.1%} of {out['images']} images"
+    print(f"{line} ({out['device']['cpu']}, {args.threads} thread(s))")
+    print(json.dumps({k: v for k, v in out.items() if k != "device"}))
     return 0
 
 

@@ -63,6 +63,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     (["--flops-budget", "50M", "--two-stage", "0.5", "--distill", "crosslayer"], "and a logit loss (ce, kl) for stage two"),
     (["--flops-budget", "50M", "--ensemble-weighting", "best"], "argument --ensemble-weighting: invalid choice: 'best'"),
     (["--flops-budget", "50M", "--trial-score", "zero-cost"], "argument --trial-score: invalid choice: 'zero-cost'"),
+    (["--flops-budget", "50M", "--int8-target", "x86-sse"], "argument --int8-target: invalid choice: 'x86-sse'"),
     (["--flops-budget", "5M", "--pruned-baseline", "--teachers", "resnet8,resnet110"],
      "--pruned-baseline: the largest teacher resnet110 pruned to one filter per prunable layer still has"),
 ])
