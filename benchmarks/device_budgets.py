@@ -80,7 +80,7 @@ from nas_kd.zoo import teacher_spec
 INPUT, CLASSES = (1, 28, 28), 10
 # a budget with every bound, so that start.spec_facts counts every cost a pick is judged by
 EVERY_BOUND = Budget(latency_ms=float("inf"), memory=2**62)
-SPACE = "resnet"
+SPACE = "resnet-v1"  # the space the table and every recorded pick were made for (named resnet then)
 BUDGETS = ("latency-half", "latency-full", "mcu-48KB")
 # a Cortex-M class microcontroller: SRAM for the peak int8 activations, flash for the int8 weights
 MEMORY_BYTES, FLASH_PARAMS = 48_000, 250_000

@@ -114,6 +114,9 @@ class SearchConfig:
     # 94.57% against 94.39% for the default search, 94.27% against 94.38% for random search, 3
     # seeds) and their trials, on bigger students, took longer (BENCHMARKS.md, "The budget floor")
     budget_floor: float = 0.0
+    # "on": every sampled shape's widths are scaled to the largest that fit the budget (nas_kd.edge),
+    # so trials compare designs at equal cost; "off": trained as sampled (studies made before it)
+    budget_edge: str = "on"
     # students trained first, before the sampler proposes any (nas_kd.start): "hand-made" (the
     # deepest of ResNet-20/14/8 scaled to the budget) and/or spec strings; each counts towards
     # `trials`, and a resumed study does not train one it holds again

@@ -18,10 +18,12 @@ from nas_kd.records import (
     LATENCY_ATTR,
     NASWOT,
     REPEAT_ATTR,
+    SHAPE_ATTR,
     SPEC_ATTR,
     START_ATTR,
     SYNFLOW,
     TRAIN_SECONDS_ATTR,
+    USE_ATTR,
     VAL_ACC_RAW_ATTR,
     curve,
     is_feasible,
@@ -33,7 +35,7 @@ from nas_kd.records import (
 COLUMNS = ["number", "status", "spec", "macs", "params", "macs_compression", "params_compression", "latency_ms",
            "peak_memory_int8", "weights_int8", "score",
            "val_acc_raw", "naswot", "synflow", "val_acc_curve", "train_seconds", "feasible", "repeat_of", "start_point",
-           "fail_reason"]
+           "fail_reason", "budget_use", "shape"]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -49,7 +51,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                      "score": trial_score(t), "val_acc_raw": a.get(VAL_ACC_RAW_ATTR), "naswot": a.get(NASWOT),
                      "synflow": a.get(SYNFLOW), "val_acc_curve": json.dumps(points) if points else None,
                      "train_seconds": a.get(TRAIN_SECONDS_ATTR), "feasible": is_feasible(t) if t.constraints else None,
-                     "repeat_of": a.get(REPEAT_ATTR), "start_point": a.get(START_ATTR), "fail_reason": a.get(FAIL_ATTR)})
+                     "repeat_of": a.get(REPEAT_ATTR), "start_point": a.get(START_ATTR), "fail_reason": a.get(FAIL_ATTR),
+                     "budget_use": a.get(USE_ATTR), "shape": a.get(SHAPE_ATTR)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

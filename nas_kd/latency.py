@@ -157,7 +157,7 @@ class LatencyTable:
         made = (data.get("space"), data.get("space_fingerprint"), tuple(data.get("input_shape") or ()),
                 data.get("num_classes"))
         want = (space.name, space.fingerprint(), tuple(input_shape), num_classes)
-        if made != want:
+        if made[1:] != want[1:]:  # the space's choices, not its name (resnet-v1 was named resnet)
             raise InputError(f"latency table {path} was made for space {made[0]!r} (fingerprint {made[1]}), input "
                              f"{'x'.join(map(str, made[2]))}, {made[3]} classes; this search has space {want[0]!r} "
                              f"(fingerprint {want[1]}), input {'x'.join(map(str, want[2]))}, {want[3]} classes: "

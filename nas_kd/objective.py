@@ -21,16 +21,19 @@ from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
 from nas_kd.cost import Cost, count
 from nas_kd.data import Dataset, Split
 from nas_kd.distill import criterion_for, criterion_stages, distill
+from nas_kd.edge import repair
 from nas_kd.ensemble import Ensemble, TargetSource
 from nas_kd.errors import InputError
 from nas_kd.memory import memory_facts
 from nas_kd.proxies import naswot, synflow
 from nas_kd.records import (
+    AT_LARGEST_ATTR,
     BLOCKWISE_ATTR,
     BLOCKWISE_MEMO_ATTR,
     BLOCKWISE_NEW_ATTR,
     BLOCKWISE_STAGES_ATTR,
     CURVE_ATTR,
+    EDGE_FACTOR_ATTR,
     EVAL_SECONDS_ATTR,
     FAIL_ATTR,
     FAIL_TRACE_ATTR,
@@ -41,8 +44,10 @@ from nas_kd.records import (
     REPEAT_ATTR,
     SCORE_ATTR,
     SCORE_KIND_ATTR,
+    SHAPE_ATTR,
     SPEC_ATTR,
     START_ATTR,
+    START_SPEC_ATTR,
     SYNFLOW,
     TRAIN_SECONDS_ATTR,
     TRAINED_FRACTION_ATTR,
@@ -89,6 +94,8 @@ class TrialContext:
     latency: Callable[[Spec], float] | None = None  # spec -> ms (latency.latency_meter); None = not known
     pareto_cost: str = "macs"  # the Cost field minimised beside accuracy when `pareto`
     floor: float = 0.0  # the budget floor in force (budget.effective_floor): a lesser budget.use is not trained
+    edge: bool = False  # scale every sampled shape's widths to the budget's edge (nas_kd.edge)
+    edge_fill: bool = True  # let the repair raise single widths too (off when every latency is measured here)
 
 
 def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budget: Budget, batches: BatchIterator,
@@ -107,9 +114,11 @@ def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budg
     if cfg.trial_reports > 1 and REPORT_IMAGES < len(dataset.val):
         report_val = dataset.val.subset(seeded_subset(len(dataset.val), REPORT_IMAGES, cfg.seed).to(dataset.val.y.device))
     proxy_images = batches.images(positions[:PROXY_BATCH], 0)
+    measured = budget.latency_ms is not None and not cfg.latency_table
     return TrialContext(space, dataset, ensemble, budget, batches, targets, cfg.distill, cfg.train, cfg.trial_epochs,
                         cfg.objective == "pareto", cfg.seed, progress, cfg.trial_score, scorer, calibration,
-                        cfg.trial_reports, report_val, proxy_images, latency, cfg.pareto_cost, floor)
+                        cfg.trial_reports, report_val, proxy_images, latency, cfg.pareto_cost, floor,
+                        cfg.budget_edge == "on", not measured)
 
 
 REPORT_IMAGES = 2000  # validation images read by a trial's intermediate reports (the last reads them all)
@@ -182,6 +191,8 @@ def release_memory() -> None:
 def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, float]:
     trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
     spec = trial_spec(ctx.space, trial)
+    if ctx.edge and START_SPEC_ATTR not in trial.user_attrs:  # a start point is trained as it was given
+        spec = at_edge(ctx, trial, spec)
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes)
     memory = memory_facts(model, ctx.dataset.input_shape)
     cost = replace(count(model, ctx.dataset.input_shape), memory=memory["peak_memory_int8"])
@@ -210,6 +221,29 @@ def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, 
     trial.set_user_attr(SCORE_ATTR, score)
     trial.set_user_attr(SCORE_KIND_ATTR, ctx.trial_score)
     return (score, float(getattr(cost, ctx.pareto_cost))) if ctx.pareto else score
+
+
+def at_edge(ctx: TrialContext, trial: optuna.Trial, shape: Spec) -> Spec:
+    """The sampled `shape` with its widths scaled to the budget's edge (`edge.repair`), the shape,
+    the factor and whether it stopped at the space's greatest widths recorded on the trial."""
+    shape_in = ctx.dataset.input_shape
+
+    def price(spec: Spec) -> Cost:
+        model = build(spec, shape_in, ctx.dataset.num_classes, channels_last=False)
+        cost = count(model, shape_in)
+        if ctx.budget.memory is not None:
+            cost = replace(cost, memory=memory_facts(model, shape_in)["peak_memory_int8"])
+        if ctx.budget.latency_ms is not None and ctx.latency is not None and replace(
+                ctx.budget, latency_ms=None).fits(cost):  # a latency (seconds when measured) only within the rest
+            cost = replace(cost, latency_ms=ctx.latency(spec))
+        return cost
+
+    fixed = repair(shape, ctx.space, ctx.budget, price, ctx.edge_fill)
+    trial.set_user_attr(SHAPE_ATTR, str(shape))
+    trial.set_user_attr(EDGE_FACTOR_ATTR, fixed.factor)
+    if fixed.at_largest:
+        trial.set_user_attr(AT_LARGEST_ATTR, True)
+    return fixed.spec
 
 
 def proxy_scores(ctx: TrialContext, spec: Spec, cost: Cost) -> dict[str, float]:

@@ -130,6 +130,11 @@ def validate(cfg: SearchConfig) -> SearchConfig:
                          f"{cfg.finalists}; give one of them")
     if not 0 <= cfg.budget_floor < 1:
         raise InputError(f"budget_floor must be a share in [0, 1), got {cfg.budget_floor}")
+    if cfg.budget_edge not in ("on", "off"):
+        raise InputError(f"budget_edge must be 'on' or 'off', got {cfg.budget_edge!r}")
+    if cfg.budget_floor and cfg.budget_edge == "on":
+        raise InputError(f"--budget-floor {cfg.budget_floor:g} applies only with --budget-edge off: at the budget's "
+                         "edge every trial already uses 95% of the budget; drop it, or add --budget-edge off")
     if cfg.min_steps < 0 or not 0 <= cfg.teacher_min_gain < 1:
         raise InputError(f"min_steps must be >= 0 and teacher_min_gain in [0, 1), got {cfg.min_steps} and "
                          f"{cfg.teacher_min_gain}")
@@ -202,7 +207,7 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
     if (warning := budget_warning(budget, teacher_names(cfg), dataset.input_shape, dataset.num_classes)):
         log(warning)
 
-    keys = guarded(cfg, space_id(space))
+    keys = guarded(cfg, space_id(space), space.fingerprint())
     name = cfg.study_name or default_study_name(keys)
     url = storage_url(cfg.storage, name, Path(cfg.out_dir))
     study = open_study(open_storage(url, interval=cfg.heartbeat), name, cfg.objective == "pareto", cfg.seed, keys, cfg.pruner,

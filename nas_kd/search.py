@@ -85,7 +85,10 @@ ptflops' aten backend: convolutions and linear layers, which is what the NAS lit
 "FLOPs". K/M/G are decimal: 50M = 50e6. --latency-budget is one image, batch 1, through the
 student's ONNX model with ONNX Runtime (us or ms), measured here or predicted from
 --latency-table; --memory-budget is peak int8 activation memory in bytes (MCUNet). A student over
-any budget is recorded as infeasible and never trained, and so is one under --budget-floor.
+any budget is recorded as infeasible and never trained. At the budget's edge (--budget-edge on,
+the default) every sampled shape's widths are first scaled to the largest that fit every bound
+(nas_kd.edge), so each trained trial uses at least 95% of its binding bound, or the space's
+greatest widths.
 
 outputs (OUT_DIR defaults to ./studies):
   OUT_DIR/<study>.db                Optuna storage (unless --storage); open it with
@@ -111,11 +114,14 @@ def build_parser() -> OneLineParser:
                    help="most MACs of one forward pass, e.g. 300K, 50M, 1.5G, 2.5e6 (ptflops 'FLOPs')")
     g.add_argument("--params-budget", type=_count("--params-budget"), metavar="N",
                    help="most trainable parameters, e.g. 100K, 1.5M")
+    g.add_argument("--budget-edge", choices=["on", "off"], default=DEFAULTS.budget_edge,
+                   help="on (default): the sampler draws a shape (blocks, depths, kernels, expansions, SE, the "
+                        "widths' proportions) and its widths are scaled to the largest that fit every bound, so "
+                        "trials compare designs at equal cost; off: students are trained as sampled, as before")
     g.add_argument("--budget-floor", type=_fraction(), metavar="SHARE",
-                   help="students using less than this share of every bound of the budget (MACs, params, "
-                        "latency, memory) are not trained, as over-budget ones are not (default 0: off; applies "
-                        "with a MACs or params budget; lowered when the space's largest student uses less of it: "
-                        "the log says to what). At 0.5 it picked no better students under 50M MACs (BENCHMARKS.md)")
+                   help="with --budget-edge off only (the edge replaces it): students using less than this share "
+                        "of every bound of the budget are not trained (default 0: off; applies with a MACs or "
+                        "params budget). At 0.5 it picked no better students under 50M MACs (BENCHMARKS.md)")
     g.add_argument("--latency-budget", type=_typed(parse_latency, "--latency-budget"), metavar="TIME",
                    help="most milliseconds for one image (batch 1) with ONNX Runtime, with a unit: e.g. 500us, 2ms; "
                         "measured on this machine, or predicted from --latency-table")
@@ -325,7 +331,7 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
                  "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score",
                  "bn_recalibration", "trial_reports", "pruner", "sampler", "latency_precision", "latency_threads",
                  "latency_table", "memory_budget", "pareto_cost", "min_steps", "teacher_min_gain", "study_trials",
-                 "heartbeat", "budget_floor", "finalists", "time_budget", "final_augment", "search_share"):
+                 "heartbeat", "budget_floor", "budget_edge", "finalists", "time_budget", "final_augment", "search_share"):
         flag(name)
     if "time_budget" in given:  # the counts given explicitly keep their part of the plan
         base["time_fixed"] = [k for k in ("trials", "final_epochs") if k in given]

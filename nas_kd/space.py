@@ -14,6 +14,10 @@ A space file looks like
 Per stage: `block` (see `arch.BLOCKS`), `depth`, `width`, `stride` (fixed per stage: 1 or 2),
 `kernel`, `expand` (asked only of blocks that use it) and `se`. A field with one value is fixed
 and not shown to Optuna; a list is a categorical choice named `s<i>_<field>` (`stem`, `head`).
+A width (a stage's, or `stem`) may instead be a range, `{min: 8, max: 256, step: 4}`: an integer
+Optuna asks for on that grid (`suggest_int`), so widths are fine enough for a search at the
+budget's edge to scale any shape to its budget (`nas_kd.edge`) and for the hand-made networks
+scaled to a budget to be specs of the space.
 """
 
 from __future__ import annotations
@@ -63,11 +67,29 @@ def part_module(kind: str, cin: int, arg: Any, num_classes: int) -> nn.Module:
 class StageChoices:
     block: tuple[str, ...]
     depth: tuple[int, ...]
-    width: tuple[int, ...]
+    width: tuple[int, ...]  # every width allowed (a range's whole grid)
     stride: int
     kernel: tuple[int, ...]
     expand: tuple[int, ...]
     se: tuple[bool, ...]
+    width_step: int = 0  # > 0: `width` is the grid min, min + step, ..., max, asked with suggest_int
+
+
+def _ask_width(trial: optuna.Trial, name: str, widths: tuple[int, ...], step: int) -> int:
+    """A width of the choices: an integer on the grid when `step` (a range), else categorical."""
+    if len(widths) == 1:
+        return widths[0]
+    if step:
+        return trial.suggest_int(name, widths[0], widths[-1], step=step)
+    return trial.suggest_categorical(name, list(widths))
+
+
+def _least_widths(widths: tuple[int, ...], step: int, cin: int) -> tuple[int, ...]:
+    """The widths the cheapest spec can have at a stage fed `cin` channels: a list's every one; a
+    range's least, and `cin` itself (a stage as wide as its input needs no shortcut convolution)."""
+    if not step:
+        return widths
+    return tuple(sorted({widths[0], *((cin,) if cin in widths else ())}))
 
 
 @dataclass(frozen=True)
@@ -78,6 +100,7 @@ class SearchSpace:
     head: tuple[int, ...]
     stages: tuple[StageChoices, ...]
     source: str  # the file it came from
+    stem_step: int = 0  # > 0: `stem` is a range's grid (StageChoices.width_step)
 
     # ------------------------------------------------------------ sampling
 
@@ -90,9 +113,14 @@ class SearchSpace:
         for i, st in enumerate(self.stages):
             block = pick(f"s{i}_block", st.block)
             expand = pick(f"s{i}_expand", st.expand) if BLOCKS[block].uses_expand else 1
-            stages.append(StageSpec(block, pick(f"s{i}_depth", st.depth), pick(f"s{i}_width", st.width),
+            stages.append(StageSpec(block, pick(f"s{i}_depth", st.depth), _ask_width(trial, f"s{i}_width", st.width,
+                                                                                     st.width_step),
                                     st.stride, pick(f"s{i}_kernel", st.kernel), expand, pick(f"s{i}_se", st.se)))
-        return Spec(pick("stem", self.stem), tuple(stages), pick("head", self.head))
+        return Spec(_ask_width(trial, "stem", self.stem, self.stem_step), tuple(stages), pick("head", self.head))
+
+    def width_bounds(self) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+        """(least, greatest) width of the stem and of each stage."""
+        return (min(self.stem), max(self.stem)), tuple((min(st.width), max(st.width)) for st in self.stages)
 
     def params_of(self, spec: Spec) -> dict[str, Any]:
         """The Optuna params that make `sample` return `spec` (for `study.enqueue_trial`)."""
@@ -100,20 +128,22 @@ class SearchSpace:
             raise InputError(f"spec {spec} has {len(spec.stages)} stages; space {self.name!r} has {len(self.stages)}")
         params: dict[str, Any] = {}
 
-        def put(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+        def put(name: str, value: Any, choices: tuple[Any, ...], step: int = 0) -> None:
             if value not in choices:
-                raise InputError(f"spec {spec}: {name}={value!r} is not in space {self.name!r} (choices {list(choices)})")
+                allowed = (f"a width of {choices[0]} to {choices[-1]} in steps of {step}" if step
+                           else f"choices {list(choices)}")
+                raise InputError(f"spec {spec}: {name}={value!r} is not in space {self.name!r} ({allowed})")
             if len(choices) > 1:
                 params[name] = value
 
-        put("stem", spec.stem, self.stem)
+        put("stem", spec.stem, self.stem, self.stem_step)
         put("head", spec.head, self.head)
         for i, (s, st) in enumerate(zip(spec.stages, self.stages)):
             if s.stride != st.stride:
                 raise InputError(f"spec {spec}: stage {i} stride {s.stride} is fixed to {st.stride} in space {self.name!r}")
             put(f"s{i}_block", s.block, st.block)
             put(f"s{i}_depth", s.depth, st.depth)
-            put(f"s{i}_width", s.width, st.width)
+            put(f"s{i}_width", s.width, st.width, st.width_step)
             put(f"s{i}_kernel", s.kernel, st.kernel)
             if BLOCKS[s.block].uses_expand:
                 put(f"s{i}_expand", s.expand, st.expand)
@@ -123,7 +153,14 @@ class SearchSpace:
     def fingerprint(self) -> str:
         """A short hash of the space's choices (not its name, file or description): what a latency
         table is valid for, and what a study of a shipped space records besides its name."""
-        choices = {"stem": self.stem, "head": self.head, "stages": [asdict(s) for s in self.stages]}
+        def stage(st: StageChoices) -> dict[str, Any]:
+            d = asdict(st)
+            if not d["width_step"]:  # the hash of spaces made before ranges existed
+                del d["width_step"]
+            return d
+        choices = {"stem": self.stem, "head": self.head, "stages": [stage(s) for s in self.stages]}
+        if self.stem_step:
+            choices["stem_step"] = self.stem_step
         return hashlib.sha1(json.dumps(choices, sort_keys=True).encode()).hexdigest()[:12]
 
     def size(self) -> int:
@@ -202,16 +239,19 @@ class SearchSpace:
         def after(stage: StageSpec, size: tuple[int, int]) -> tuple[int, int]:
             return tuple(downsampled(stage.block, stage.stride, n) for n in size)  # type: ignore[return-value]
 
-        options = [[StageSpec(b, min(st.depth), width, st.stride, min(st.kernel), e, min(st.se))
-                    for b in st.block for e in (st.expand if BLOCKS[b].uses_expand else (1,)) for width in st.width]
-                   for st in self.stages]
+        def options(st: StageChoices, cin: int) -> list[StageSpec]:
+            return [StageSpec(b, min(st.depth), width, st.stride, min(st.kernel), e, min(st.se))
+                    for b in st.block for e in (st.expand if BLOCKS[b].uses_expand else (1,))
+                    for width in _least_widths(st.width, st.width_step, cin)]
+
         c, h, w = input_shape
+        stems = self.stem[:1] if self.stem_step else self.stem  # a range's least stem is its cheapest
         # (width, size) leaving what is placed so far -> (its value, stem, stages)
-        frontier = {(stem, (h, w)): (value("stem", c, (h, w), stem), stem, ()) for stem in self.stem}
-        for opts in options:
+        frontier = {(stem, (h, w)): (value("stem", c, (h, w), stem), stem, ()) for stem in stems}
+        for st in self.stages:
             nxt: dict[tuple[int, tuple[int, int]], tuple[int, int, tuple[StageSpec, ...]]] = {}
             for (cin, size), (total, stem, stages) in frontier.items():
-                for o in opts:
+                for o in options(st, cin):
                     t = combine(total, value("stage", cin, size, o))
                     state = (o.width, after(o, size))
                     if state not in nxt or t < nxt[state][0]:
@@ -278,6 +318,16 @@ def parse_space(data: Any, source: str) -> SearchSpace:
             raise fail(key, f"repeated choices {values}")
         return tuple(values)
 
+    def width_range(value: dict[str, Any], key: str) -> tuple[tuple[int, ...], int]:
+        """A range of widths, {min, max, step}: its grid and its step."""
+        if set(value) != {"min", "max", "step"} or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+            raise fail(key, f"a range of widths is {{min: 8, max: 256, step: 4}} (three integers), got {value!r}")
+        lo, hi, step = value["min"], value["max"], value["step"]
+        if not (1 <= lo < hi and step >= 1 and (hi - lo) % step == 0):
+            raise fail(key, f"a range needs 1 <= min < max and max - min a multiple of step, got {value!r}")
+        return tuple(range(lo, hi + 1, step)), step
+
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping with keys {sorted(_TOP_FIELDS)}, got {type(data).__name__}")
     unknown = sorted(set(data) - _TOP_FIELDS, key=str)
@@ -297,9 +347,13 @@ def parse_space(data: Any, source: str) -> SearchSpace:
         if unknown:
             raise fail(f"{key}.{unknown[0]}", f"unknown key; known: {', '.join(_STAGE_FIELDS)}")
         fields = {}
+        width_step = 0
         for name, tp in _STAGE_FIELDS.items():
             if name not in raw and name not in _STAGE_DEFAULTS:
                 raise fail(f"{key}.{name}", "missing")
+            if name == "width" and isinstance(raw[name], dict):
+                fields[name], width_step = width_range(raw[name], f"{key}.width")
+                continue
             fields[name] = choices(raw.get(name, _STAGE_DEFAULTS.get(name)), tp, f"{key}.{name}")
         for b in fields["block"]:
             if b not in BLOCKS:
@@ -311,13 +365,14 @@ def parse_space(data: Any, source: str) -> SearchSpace:
             if bad:
                 raise fail(f"{key}.{name}", f"{bad[0]} is not allowed (must be >= 1{', odd' if name == 'kernel' else ''})")
         stages.append(StageChoices(fields["block"], fields["depth"], fields["width"], fields["stride"][0],
-                                   fields["kernel"], fields["expand"], fields["se"]))
-    stem = choices(data["stem"], int, "stem")
+                                   fields["kernel"], fields["expand"], fields["se"], width_step))
+    stem, stem_step = width_range(data["stem"], "stem") if isinstance(data["stem"], dict) else (
+        choices(data["stem"], int, "stem"), 0)
     head = choices(data.get("head", 0), int, "head")
     if min(stem) < 1 or min(head) < 0:
         raise fail("stem" if min(stem) < 1 else "head", "widths must be >= 1 (head: >= 0)")
     name = data.get("name", Path(source).stem)
-    return SearchSpace(str(name), str(data.get("description", "")), stem, head, tuple(stages), source)
+    return SearchSpace(str(name), str(data.get("description", "")), stem, head, tuple(stages), source, stem_step)
 
 
 def describe(space: SearchSpace) -> str:

@@ -40,14 +40,19 @@ COMPRESSION_TEACHER_KEY, OLD_COMPRESSION_TEACHER_KEY = "compression_teacher", "r
 GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "teachers", "teacher_epochs",
                 "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed",
                 "trial_score", "shipped_teachers", "bn_recalibration", "latency_budget_ms", "memory_budget",
-                "latency_precision", "latency_threads", "latency_table", "pareto_cost", "budget_floor")
+                "latency_precision", "latency_threads", "latency_table", "pareto_cost", "budget_floor", "budget_edge",
+                "space_fingerprint")
 # keys added later: recorded only when not at their default, so older studies keep their names
 LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "memory_budget", "latency_precision",
                      "latency_threads", "latency_table", "pareto_cost")
 # keys added later that change what a trial's score means, so they are always recorded (and new
 # studies get new default names); a study recorded before such a key had this value
-# (`budget_floor` is recorded only when not 0, its default, so studies made before it keep their names)
-LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0}
+# (`budget_floor` is recorded only when not 0, its default, so studies made before it keep their names;
+# `budget_edge` always, so a study of before it resumes only with --budget-edge off)
+LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0, "budget_edge": "off"}
+# a study made before spaces' choices were recorded names the shipped space it used as it was then:
+# "resnet" then is "resnet-v1" now, so such a study resumes with --search-space resnet-v1 --budget-edge off
+LEGACY_SPACES = {"resnet": "resnet-v1"}
 
 _DEFAULTS = SearchConfig()
 
@@ -58,7 +63,7 @@ def space_id(space: SearchSpace) -> str:
     return space.name if path.parent == SHIPPED.resolve() else str(path)
 
 
-def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
+def guarded(cfg: SearchConfig, space_source: str, fingerprint: str | None = None) -> dict[str, Any]:
     """The settings a study's trials depend on. Settings added after a study format was first
     released are included only when they differ from their default, so that older studies keep
     their names and still resume."""
@@ -72,6 +77,8 @@ def guarded(cfg: SearchConfig, space_source: str) -> dict[str, Any]:
             d["distill"][key] = getattr(cfg.distill, key)
     if not d["budget_floor"]:  # off: not recorded, so studies made before the floor keep their names
         del d["budget_floor"]
+    if fingerprint is not None:  # what the space samples: a shipped space's choices change between versions
+        d["space_fingerprint"] = fingerprint
     return {k: d[k] for k in GUARDED_KEYS if k in d and (k not in LATE_GUARDED_KEYS or d[k] != getattr(_DEFAULTS, k))}
 
 
@@ -259,8 +266,16 @@ def open_study(storage: RDBStorage, name: str, pareto: bool, seed: int, guarded:
         study.set_user_attr(STUDY_ATTR, {"guarded": json.loads(json.dumps(guarded, default=str))})
     else:
         now = json.loads(json.dumps(guarded, default=str))
+        if "space_fingerprint" not in recorded:  # made before spaces were recorded: the names of then
+            recorded = {**recorded, "search_space": LEGACY_SPACES.get(recorded.get("search_space"),
+                                                                      recorded.get("search_space")),
+                        "space_fingerprint": now.get("space_fingerprint")}
         for key in GUARDED_KEYS:
             was, is_ = recorded.get(key, LEGACY_VALUES.get(key)), now.get(key, LEGACY_VALUES.get(key))
+            if key == "space_fingerprint" and was != is_:
+                raise InputError(f"study {name!r} was created with another {recorded.get('search_space')!r} space "
+                                 f"(fingerprint {was}, this one {is_}): its trials would not match; use the space it "
+                                 "was made with, or another --study-name")
             if was != is_:
                 raise InputError(f"study {name!r} was created with {key}={was!r}, this run has {key}={is_!r}; use "
                                  "the same settings to resume, or another --study-name")

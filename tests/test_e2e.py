@@ -205,7 +205,7 @@ def test_workers_opening_a_study_together_propose_different_specs(tmp_path: Path
     samplers proposed the same specs in the same order (the start-up phase trained each once per
     worker). A shared run draws a seed of its own; an unshared one keeps seed + trials found."""
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=False)
-    keys = guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+    keys = guarded(SearchConfig(flops_budget=5_000_000), "resnet-v1")
 
     def first_proposals(shared: bool, name: str) -> list[list[float]]:
         studies = [open_study(storage, name, False, 3, keys, shared=shared) for _ in range(2)]

@@ -64,7 +64,7 @@ def test_a_student_under_the_floor_is_recorded_and_not_trained(cost: Cost, state
 
 
 def test_the_largest_spec_has_more_macs_than_any_random_one() -> None:
-    space = load_space("resnet")
+    space = load_space("resnet-v1")
     spec, cost = space.largest((1, 28, 28), 10)
     assert space.params_of(spec) is not None  # in the space
     assert cost.macs == count(build(spec, (1, 28, 28), 10, channels_last=False), (1, 28, 28)).macs
@@ -74,7 +74,7 @@ def test_the_largest_spec_has_more_macs_than_any_random_one() -> None:
 
 
 def test_the_floor_follows_the_space_when_the_budget_is_beyond_it() -> None:
-    space = load_space("resnet")
+    space = load_space("resnet-v1")
     shape = (1, 28, 28)
     # a tight budget most random specs exceed keeps the whole floor (few random specs fit 5M)
     assert effective_floor(0.5, Budget(macs=5_000_000), space, shape, 10)[0] == 0.5
@@ -97,10 +97,10 @@ def test_a_study_resumes_only_with_the_floor_it_was_made_with(tmp_path: Path) ->
     before the floor existed) it is not recorded, so those keep their names; a study made with
     one resumes only with the same one, and one made without refuses a floor, naming the setting."""
     storage = open_storage(f"sqlite:///{tmp_path / 'old.db'}", heartbeat=False)
-    off = guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+    off = guarded(SearchConfig(flops_budget=5_000_000), "resnet-v1")
     assert "budget_floor" not in off
     open_study(storage, "old", False, 0, off)
-    half = guarded(SearchConfig(flops_budget=5_000_000, budget_floor=0.5), "resnet")
+    half = guarded(SearchConfig(flops_budget=5_000_000, budget_floor=0.5), "resnet-v1")
     assert half["budget_floor"] == 0.5 and default_study_name(half) != default_study_name(off)
     with pytest.raises(InputError, match="created with budget_floor=0.0, this run has budget_floor=0.5"):
         open_study(storage, "old", False, 0, half)
@@ -113,7 +113,8 @@ def test_a_study_resumes_only_with_the_floor_it_was_made_with(tmp_path: Path) ->
 def test_a_search_with_a_floor_trains_only_students_over_it(e2e_run: dict, tmp_path: Path) -> None:
     study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], "--flops-budget", "12M",
                             "--teachers", "resnet8", "--trials", "2", "--trial-epochs", "1", "--subset", "300",
-                            "--final-epochs", "0", "--seed", "3", "--no-onnx", "--quiet", "--budget-floor", "0.5")
+                            "--final-epochs", "0", "--seed", "3", "--no-onnx", "--quiet", "--budget-floor", "0.5",
+                            "--budget-edge", "off", "--search-space", "resnet-v1")
     assert sum(was_trained(t) for t in study.trials) == 2
     for t in study.trials:
         macs = t.user_attrs["macs"]

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "nas_kd"
 # the data flow, first to last (README, Development); command lines come after what they wire
 FLOW = ["errors", "versions", "progress", "config", "cli", "data", "batches", "arch", "cost", "records", "proxies", "train", "zoo",
-        "teacher_cache", "ensemble", "space", "time_blocks", "convert", "int8", "memory", "blocks", "latency", "budget", "start", "losses", "distill", "prune", "blockwise",
+        "teacher_cache", "ensemble", "space", "time_blocks", "convert", "int8", "memory", "blocks", "latency", "budget", "edge", "start", "losses", "distill", "prune", "blockwise",
         "objective", "study", "picks", "plan", "fronts", "report", "export", "online", "baselines", "retrain", "summary", "pipeline", "__init__",
         "export_cli", "latency_cli", "report_cli", "retrain_cli", "teachers", "search"]
 # the command lines: they parse flags and hand a config to the library, which imports none of them

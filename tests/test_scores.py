@@ -397,12 +397,12 @@ def test_a_study_made_before_recalibration_resumes_only_without_it(tmp_path: Pat
     """Studies recorded before `bn_recalibration` existed scored trials without it: resuming one
     with recalibration on would mix two kinds of score, so it is refused with the flag to pass."""
     storage = open_storage(f"sqlite:///{tmp_path / 'old.db'}", heartbeat=False)
-    before = guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+    before = guarded(SearchConfig(flops_budget=5_000_000), "resnet-v1")
     del before["bn_recalibration"]  # what an older nas_kd recorded
     open_study(storage, "old", False, 0, before)
-    now = guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+    now = guarded(SearchConfig(flops_budget=5_000_000), "resnet-v1")
     assert default_study_name(now) != default_study_name(before)  # a bare rerun starts a new study
     with pytest.raises(InputError, match="created with bn_recalibration=0, this run has bn_recalibration=8"):
         open_study(storage, "old", False, 0, now)
-    off = guarded(SearchConfig(flops_budget=5_000_000, bn_recalibration=0), "resnet")
+    off = guarded(SearchConfig(flops_budget=5_000_000, bn_recalibration=0), "resnet-v1")
     assert open_study(storage, "old", False, 0, off).study_name == "old"

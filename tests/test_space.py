@@ -84,7 +84,7 @@ def tiny(name: str) -> SearchSpace:
 
 
 def test_shipped_names():
-    assert shipped_spaces() == ["mobilenetv2", "resnet"]
+    assert shipped_spaces() == ["mobilenetv2", "resnet", "resnet-v1"]
 
 
 @pytest.mark.parametrize("name", shipped_spaces())
@@ -100,8 +100,11 @@ def test_shipped_space_loads(name):
 
 
 def test_shipped_sizes():
+    # stem 32 widths x (3 block/expand x 5 depths x 32 widths) x (3 x 5 x 64 x 2 kernels x 2 se)
+    # x (3 x 5 x 128 x 2 x 2): widths on a grid of 4, 4-128, 4-256 and 4-512
+    assert load_space("resnet").size() == 32 * (3 * 5 * 32) * (3 * 5 * 64 * 4) * (3 * 5 * 128 * 4)
     # stem 2 x (3 block/expand x 2 depths x 3 widths) x (3 x 3 x 3 x 2 kernels x 2 se)^2
-    assert load_space("resnet").size() == 2 * 18 * 108 * 108
+    assert load_space("resnet-v1").size() == 2 * 18 * 108 * 108
     assert load_space("mobilenetv2").size() == 2 * 2 * 6 * 24 * 72 * 72 * 48
 
 
@@ -160,12 +163,17 @@ def test_every_spec_round_trips(name):
 
 
 def test_params_of_names_the_choice_outside_the_space():
-    space = load_space("resnet")
+    ranged = load_space("resnet")
+    spec = ranged.random_specs(1, seed=0)[0]
+    odd = Spec(spec.stem, (StageSpec("basic", 1, 22, 1), *spec.stages[1:]), spec.head)
+    with pytest.raises(InputError, match=r"s0_width=22 is not in space 'resnet' \(a width of 4 to 128 in steps of 4\)"):
+        ranged.params_of(odd)
+    space = load_space("resnet-v1")
     spec = space.random_specs(1, seed=0)[0]
     wide = Spec(spec.stem, (StageSpec("basic", 1, 20, 1), *spec.stages[1:]), spec.head)
-    with pytest.raises(InputError, match=r"s0_width=20 is not in space 'resnet' \(choices \[16, 24, 32\]\)"):
+    with pytest.raises(InputError, match=r"s0_width=20 is not in space 'resnet-v1' \(choices \[16, 24, 32\]\)"):
         space.params_of(wide)
-    with pytest.raises(InputError, match="has 1 stages; space 'resnet' has 3"):
+    with pytest.raises(InputError, match="has 1 stages; space 'resnet-v1' has 3"):
         space.params_of(Spec(16, spec.stages[:1]))
     strided = Spec(spec.stem, (StageSpec("basic", 1, 16, 2), *spec.stages[1:]), spec.head)
     with pytest.raises(InputError, match="stage 0 stride 2 is fixed to 1"):

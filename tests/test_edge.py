@@ -1,0 +1,162 @@
+"""The budget's edge: the repair that scales a sampled shape to its budget, the space that holds
+the hand-made family, a search whose every trained trial sits at the edge, and studies of before
+the edge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from nas_kd import start
+from nas_kd.arch import Spec, build
+from nas_kd.budget import Budget
+from nas_kd.config import SearchConfig
+from nas_kd.cost import Cost, count
+from nas_kd.edge import EDGE_SHARE, repair, scaled
+from nas_kd.errors import InputError
+from nas_kd.latency import LatencyTable
+from nas_kd.memory import peak_activations
+from nas_kd.records import AT_LARGEST_ATTR, EDGE_FACTOR_ATTR, SHAPE_ATTR, SPEC_ATTR, USE_ATTR, was_trained
+from nas_kd.space import load_space
+from nas_kd.study import STUDY_ATTR, guarded, open_storage, open_study
+from tests.conftest import search_cli
+
+INPUT, CLASSES = (1, 28, 28), 10
+TABLE = Path(__file__).parents[1] / "benchmarks" / "results" / "device_budgets_table.json"
+
+
+def fake_latency(spec: Spec) -> float:
+    """A latency that grows with width and depth as a table's does: ms per MAC, plus per block."""
+    macs = count(build(spec, INPUT, CLASSES, channels_last=False), INPUT).macs
+    return 0.05 + macs / 5e7 + 0.01 * sum(s.depth for s in spec.stages)
+
+
+def pricer(budget: Budget):
+    def price(spec: Spec) -> Cost:
+        model = build(spec, INPUT, CLASSES, channels_last=False)
+        cost = count(model, INPUT)
+        return Cost(cost.macs, cost.params,
+                    fake_latency(spec) if budget.latency_ms is not None else None,
+                    peak_activations(model, INPUT) if budget.memory is not None else None)
+    return price
+
+
+@pytest.mark.parametrize("budget", [Budget(macs=5_000_000), Budget(params=60_000), Budget(latency_ms=0.3),
+                                    Budget(params=80_000, memory=30_000), Budget(macs=20_000_000, params=80_000)],
+                         ids=["macs", "params", "latency", "memory+params", "macs+params"])
+def test_the_repair_puts_every_shape_at_the_edge(budget: Budget) -> None:
+    space = load_space("resnet")
+    price = pricer(budget)
+    for shape in space.random_specs(2, seed=11):
+        fixed = repair(shape, space, budget, price)
+        assert budget.fits(fixed.cost), (shape, fixed)
+        assert fixed.cost == price(fixed.spec)
+        # at the edge, or as wide as the space allows
+        assert fixed.share >= EDGE_SHARE or fixed.at_largest, (shape, fixed)
+        # the shape is kept: blocks, depths, kernels, expansions and SE as drawn
+        assert [(s.block, s.depth, s.kernel, s.expand, s.se) for s in fixed.spec.stages] == \
+               [(s.block, s.depth, s.kernel, s.expand, s.se) for s in shape.stages]
+        # a spec of the space, widths on its grid
+        space.params_of(fixed.spec)
+        assert repair(shape, space, budget, price) == fixed  # the same shape and budget: the same spec
+
+
+def test_a_shape_that_cannot_reach_the_budget_stays_at_the_spaces_greatest_widths() -> None:
+    space = load_space("resnet")
+    shape = Spec.parse("c8|basic_d1_w8_s1_k3_e1|basic_d1_w8_s2_k3_e1|basic_d1_w8_s2_k3_e1")
+    fixed = repair(shape, space, Budget(macs=10_000_000_000), pricer(Budget(macs=1)))
+    assert fixed.at_largest and fixed.share < EDGE_SHARE
+    assert fixed.spec == scaled(shape, 100.0, space.width_bounds())  # every width at its greatest
+    assert [fixed.spec.stem, *(s.width for s in fixed.spec.stages)] == [128, 128, 256, 512]
+
+
+def test_a_shape_no_width_of_which_fits_is_left_to_the_budget_check() -> None:
+    space = load_space("resnet")
+    shape = space.random_specs(1, seed=2)[0]
+    fixed = repair(shape, space, Budget(macs=1_000), pricer(Budget(macs=1)))
+    assert not Budget(macs=1_000).fits(fixed.cost) and not fixed.at_largest
+
+
+def hand_made_budgets() -> dict[str, tuple[Budget, object]]:
+    """5M and 50M MACs, and the two latency budgets of the committed table (benchmarks/device_budgets)."""
+    table = LatencyTable.load(TABLE, load_space("resnet-v1"), INPUT, CLASSES, "fp32")
+    budgets: dict[str, tuple[Budget, object]] = {"5M": (Budget(macs=5_000_000), None),
+                                                 "50M": (Budget(macs=50_000_000), None)}
+    for name, factor in (("latency-half", 0.5), ("latency-full", 1.0)):
+        ms = table.predict(start.scaled(start.teacher_spec("resnet20"), factor))
+        budgets[name] = (Budget(latency_ms=round(ms, 3)), table.predict)
+    return budgets
+
+
+@pytest.mark.parametrize("name", ["5M", "50M", "latency-half", "latency-full"])
+def test_the_hand_made_pick_is_a_student_of_the_space(name: str) -> None:
+    budget, latency = hand_made_budgets()[name]
+    found = start.hand_made(budget, INPUT, CLASSES, latency)
+    assert found is not None
+    spec = found[0]
+    space = load_space("resnet")
+    params = space.params_of(spec)
+    assert space.sample(optuna.trial.FixedTrial(params)) == spec  # its Optuna params give it back
+    assert start.space_params(space, spec) == params  # so --start-from hand-made enqueues it with them
+
+
+@pytest.mark.parametrize(("depths", "widths"), [((1, 1, 1), (16, 32, 64)), ((2, 2, 2), (16, 32, 64)),
+                                                ((3, 3, 3), (16, 32, 64)), ((5, 5, 5), (16, 32, 64)),
+                                                ((3, 3, 3), (20, 40, 84)), ((3, 3, 3), (128, 256, 512))])
+def test_the_space_holds_resnets_of_every_depth_to_its_greatest_width(depths, widths) -> None:
+    spec = Spec(widths[0], tuple(start.teacher_spec("resnet20").stages[i].__class__(
+        "basic", depths[i], widths[i], 1 if i == 0 else 2) for i in range(3)))
+    load_space("resnet").params_of(spec)
+
+
+def test_a_study_of_before_the_edge_resumes_only_as_it_was_made(tmp_path: Path) -> None:
+    """A study made before the edge (no budget_edge, no space fingerprint recorded, space "resnet")
+    was made with today's resnet-v1 and without the edge: it resumes with exactly those, and a
+    run at the edge is refused in one line."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'old.db'}", heartbeat=False)
+    cfg = SearchConfig(flops_budget=5_000_000)
+    old = guarded(cfg, "resnet")
+    del old["budget_edge"]
+    study = optuna.create_study(storage=storage, study_name="old", direction="maximize")
+    study.set_user_attr(STUDY_ATTR, {"guarded": old})
+    with pytest.raises(InputError, match="created with search_space='resnet-v1', this run has search_space='resnet'"):
+        open_study(storage, "old", False, 0, guarded(cfg, "resnet", load_space("resnet").fingerprint()))
+    at_edge = guarded(SearchConfig(flops_budget=5_000_000, search_space="resnet-v1"), "resnet-v1",
+                      load_space("resnet-v1").fingerprint())
+    with pytest.raises(InputError, match="created with budget_edge='off', this run has budget_edge='on'"):
+        open_study(storage, "old", False, 0, at_edge)
+    off = guarded(SearchConfig(flops_budget=5_000_000, search_space="resnet-v1", budget_edge="off"), "resnet-v1",
+                  load_space("resnet-v1").fingerprint())
+    assert open_study(storage, "old", False, 0, off).study_name == "old"
+    # a study made now records its space's choices: a space file changed since is refused
+    new = guarded(cfg, "/x/space.yaml", "aaaaaaaaaaaa")
+    open_study(storage, "new", False, 0, new)
+    with pytest.raises(InputError, match="created with another '/x/space.yaml' space"):
+        open_study(storage, "new", False, 0, {**new, "space_fingerprint": "bbbbbbbbbbbb"})
+
+
+def test_a_search_trains_only_students_at_the_edge(e2e_run: dict, tmp_path: Path) -> None:
+    study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], "--flops-budget", "5M",
+                            "--teachers", "resnet8", "--trials", "3", "--trial-epochs", "1", "--subset", "200",
+                            "--final-epochs", "0", "--seed", "4", "--quiet", name="edge")
+    trained = [t for t in study.trials if was_trained(t)]
+    assert len(trained) >= 3
+    for t in trained:
+        assert 0.95 * 5_000_000 <= t.user_attrs["macs"] <= 5_000_000, (t.number, t.user_attrs["macs"])
+        assert t.user_attrs[USE_ATTR] >= 0.95
+        shape, spec = Spec.parse(t.user_attrs[SHAPE_ATTR]), Spec.parse(t.user_attrs[SPEC_ATTR])
+        assert [s.depth for s in shape.stages] == [s.depth for s in spec.stages]
+        assert t.user_attrs[EDGE_FACTOR_ATTR] > 0 and AT_LARGEST_ATTR not in t.user_attrs
+    assert json.loads(json.dumps(study.user_attrs[STUDY_ATTR]["guarded"]))["budget_edge"] == "on"
+
+
+def test_the_floor_is_refused_at_the_edge(capsys, tmp_path: Path, monkeypatch) -> None:
+    from nas_kd import search
+
+    monkeypatch.chdir(tmp_path)
+    assert search.main(["--flops-budget", "5M", "--budget-floor", "0.5"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--budget-floor 0.5 applies only with --budget-edge off" in lines[0]
