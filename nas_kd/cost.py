@@ -62,9 +62,10 @@ def parse_count(text: str, what: str = "budget") -> int:
     return int(round(value))
 
 
-def format_count(n: float) -> str:
-    """12_345_678 -> '12.35M' (decimal suffixes, as the budgets take them)."""
+def format_count(n: float, unit: str = "") -> str:
+    """12_345_678 -> '12.35M', with `unit` after the suffix ('12.35MB'; decimal suffixes, as the
+    budgets take them)."""
     for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.4g}{suffix}"
-    return f"{n:.4g}"
+            return f"{n / scale:.4g}{suffix}{unit}"
+    return f"{n:.4g}{unit}"

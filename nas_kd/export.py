@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from nas_kd.arch import Network, Spec, build
 from nas_kd.batches import BatchIterator, eval_batches, seeded_subset
@@ -49,7 +48,7 @@ from nas_kd.errors import InputError
 from nas_kd.int8 import CHECK_IMAGES, DEFAULT_TARGET, quantize_for
 from nas_kd.memory import memory_facts
 from nas_kd.progress import log
-from nas_kd.teacher_cache import load_state, save_model
+from nas_kd.teacher_cache import load_state, read_metadata, save_model
 from nas_kd.time_blocks import latency_ms, make_session
 from nas_kd.train import accuracy, evaluate, predict
 from nas_kd.versions import versions
@@ -161,11 +160,7 @@ def load_student(path: str | Path) -> tuple[Network, dict[str, Any]]:
     """
     path = Path(path)
     state = load_state(path)
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception:
-        meta = {}
+    meta = read_metadata(path)
     if meta.get("format") != STUDENT_FORMAT:
         raise InputError(f"{path} is not a nas_kd student export (metadata format {meta.get('format')!r}, "
                          f"expected {STUDENT_FORMAT!r})")

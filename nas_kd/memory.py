@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from nas_kd.cost import format_count
 from nas_kd.errors import InputError
 
 # ---------------------------------------------------------------- bytes
@@ -45,10 +46,8 @@ def parse_bytes(text: str, what: str = "--memory-budget") -> int:
 
 
 def format_bytes(n: float) -> str:
-    for suffix, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.4g}{suffix}"
-    return f"{n:.4g}B"
+    """256_000 -> '256KB' (decimal)."""
+    return format_count(n, "B")
 
 
 # ---------------------------------------------------------------- peak activations and weights

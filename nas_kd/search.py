@@ -53,7 +53,7 @@ def _count(flag: str) -> Callable[[str], int]:
     return _typed(parse_count, flag)
 
 
-def _positive(kind: type, flag: str, minimum: float = 1) -> Callable[[str], Any]:
+def _positive(kind: type, minimum: float = 1) -> Callable[[str], Any]:
     return number(kind, minimum)
 
 
@@ -131,7 +131,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--latency-precision", choices=list(PRECISIONS), default=DEFAULTS.latency_precision,
                    help="the model whose latency is measured and bounded: fp32 (default) or int8 (static "
                         "post-training quantization)")
-    g.add_argument("--latency-threads", type=_positive(int, "--latency-threads"), default=DEFAULTS.latency_threads,
+    g.add_argument("--latency-threads", type=_positive(int), default=DEFAULTS.latency_threads,
                    metavar="N", help=f"ONNX Runtime threads of every latency measurement (default {DEFAULTS.latency_threads})")
     g.add_argument("--latency-table", metavar="JSON",
                    help="predict latencies from this per-layer table, timed on the target device "
@@ -142,12 +142,12 @@ def build_parser() -> OneLineParser:
                         "PATH/train/<class>/*.png [and PATH/test/<class>/*.png]")
     g.add_argument("--data-dir", help="where datasets are looked for and downloaded (default: ./data; "
                                       "Fashion-MNIST also /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--subset", type=_positive(int, "--subset", 10), default=DEFAULTS.subset, metavar="N",
+    g.add_argument("--subset", type=_positive(int, 10), default=DEFAULTS.subset, metavar="N",
                    help=f"training images per trial, a fixed seeded subset (default {DEFAULTS.subset})")
     g = p.add_argument_group("teachers")
     g.add_argument("--teachers", default=",".join(DEFAULTS.teachers),
                    help=f"comma-separated ensemble (default {','.join(DEFAULTS.teachers)}); known: {', '.join(TEACHERS)}")
-    g.add_argument("--teacher-epochs", type=_positive(int, "--teacher-epochs"), default=DEFAULTS.teacher_epochs,
+    g.add_argument("--teacher-epochs", type=_positive(int), default=DEFAULTS.teacher_epochs,
                    help=f"epochs to train a missing teacher (default {DEFAULTS.teacher_epochs}); trained teachers are cached")
     g.add_argument("--no-shipped-teachers", action="store_true",
                    help="do not use the teachers shipped with nas_kd (Fashion-MNIST wrn16_2 and resnet20); use "
@@ -157,11 +157,11 @@ def build_parser() -> OneLineParser:
     g = p.add_argument_group("search")
     g.add_argument("--search-space", default=DEFAULTS.search_space,
                    help="a shipped space (resnet, mobilenetv2) or a path to a YAML file (default resnet)")
-    g.add_argument("--trials", type=_positive(int, "--trials", 0), default=DEFAULTS.trials,
+    g.add_argument("--trials", type=_positive(int, 0), default=DEFAULTS.trials,
                    help=f"trials' worth of training to run now (default {DEFAULTS.trials}): a trial counts 1, a pruned "
                         "one the share of its steps it trained; over-budget specs and specs already scored count "
                         "nothing")
-    g.add_argument("--timeout", type=_positive(float, "--timeout", 1), metavar="SECONDS",
+    g.add_argument("--timeout", type=_positive(float, 1), metavar="SECONDS",
                    help="stop starting trials after this many seconds")
     g.add_argument("--time-budget", type=_typed(_duration_or_off, "--time-budget"), metavar="DURATION",
                    help="wall-clock time for the whole run, e.g. 90s, 30m, 2h: the run times a trial and a retrain "
@@ -180,7 +180,7 @@ def build_parser() -> OneLineParser:
                         "basic_d3_w32_s2_k3_e1|basic_d3_w64_s2_k3_e1'. Each counts towards --trials, and is retrained "
                         "beside the best trial whatever its trial score, kept only if better on validation: one "
                         f"more retrain each (default: {', '.join(DEFAULTS.start_from) or 'none'})")
-    g.add_argument("--trial-epochs", type=_positive(int, "--trial-epochs"), default=DEFAULTS.trial_epochs,
+    g.add_argument("--trial-epochs", type=_positive(int), default=DEFAULTS.trial_epochs,
                    help=f"distillation epochs per trial (default {DEFAULTS.trial_epochs})")
     g.add_argument("--trial-score", choices=list(TRIAL_SCORES), default=DEFAULTS.trial_score,
                    help="distill: a trial's score is its validation accuracy after --trial-epochs of whole-network "
@@ -190,12 +190,12 @@ def build_parser() -> OneLineParser:
                         "training-free proxies of the untrained network (NASWOT, Mellor et al. 2021; SynFlow, Tanaka "
                         "et al. 2020), about a second per spec; macs, params: the cost alone, the baselines every "
                         "score must beat (see BENCHMARKS.md for how each ranks students)")
-    g.add_argument("--bn-recalibration", type=_positive(int, "--bn-recalibration", 0),
+    g.add_argument("--bn-recalibration", type=_positive(int, 0),
                    default=DEFAULTS.bn_recalibration, metavar="BATCHES",
                    help="before every validation pass of a distill trial, re-estimate BatchNorm statistics from "
                         f"this many fixed training batches (default {DEFAULTS.bn_recalibration}; 0 = off, as in "
                         "studies made before it: resume those with 0)")
-    g.add_argument("--trial-reports", type=_positive(int, "--trial-reports"), default=DEFAULTS.trial_reports,
+    g.add_argument("--trial-reports", type=_positive(int), default=DEFAULTS.trial_reports,
                    metavar="N", help=f"validation passes per distill trial, at equal fractions of its steps "
                                      f"(default {DEFAULTS.trial_reports}): the steps the pruner acts on")
     g.add_argument("--pruner", choices=list(PRUNERS), default=DEFAULTS.pruner,
@@ -214,7 +214,7 @@ def build_parser() -> OneLineParser:
                    help="the second objective of --objective pareto: macs (default) or latency_ms")
     g.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT_DIR/<study>.db; postgresql://... "
                                      "lets several workers share one study)")
-    g.add_argument("--study-trials", type=_positive(int, "--study-trials"), metavar="N",
+    g.add_argument("--study-trials", type=_positive(int), metavar="N",
                    help="stop once the study holds N trials' worth of training from all its workers and runs "
                         "together (instead of --trials more in this run): workers started with the same "
                         "command share the work (README, 'Many workers, one study')")
@@ -234,15 +234,15 @@ def build_parser() -> OneLineParser:
     g.add_argument("--ensemble-weighting", choices=list(ENSEMBLE_WEIGHTINGS), default=DEFAULTS.distill.ensemble_weighting,
                    help="how the teachers' outputs are combined: mean (default), or val_acc: weighted by each "
                         "teacher's validation accuracy")
-    g.add_argument("--temperature", type=_positive(float, "--temperature", 1e-3), default=DEFAULTS.distill.temperature,
+    g.add_argument("--temperature", type=_positive(float, 1e-3), default=DEFAULTS.distill.temperature,
                    help=f"softmax temperature of the KL loss (default {DEFAULTS.distill.temperature:g})")
-    g.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=DEFAULTS.train.batch_size)
-    g.add_argument("--lr", type=_positive(float, "--lr", 1e-6), default=DEFAULTS.train.lr,
+    g.add_argument("--batch-size", type=_positive(int), default=DEFAULTS.train.batch_size)
+    g.add_argument("--lr", type=_positive(float, 1e-6), default=DEFAULTS.train.lr,
                    help=f"peak learning rate of the one-cycle SGD schedule (default {DEFAULTS.train.lr:g})")
     g.add_argument("--augment", action="store_true",
                    help="padding-crop and flip augmentation on whole batches (off by default: it costs "
                         "accuracy at short schedules; worth it from ~10 epochs on)")
-    g.add_argument("--min-steps", type=_positive(int, "--min-steps", 0), default=DEFAULTS.min_steps, metavar="N",
+    g.add_argument("--min-steps", type=_positive(int, 0), default=DEFAULTS.min_steps, metavar="N",
                    help=f"small datasets: teachers trained here and the retrain make at least N optimizer steps, "
                         f"a trial N/20; their epochs are raised to reach them (default {DEFAULTS.min_steps}, which "
                         "changes nothing on Fashion-MNIST; 0 = off)")
@@ -252,7 +252,7 @@ def build_parser() -> OneLineParser:
                         f"from chance to 100%% (default {DEFAULTS.teacher_min_gain:g}: below 19%% for 10 classes); "
                         "0 = accept any teacher")
     g = p.add_argument_group("final model")
-    g.add_argument("--final-epochs", type=_positive(int, "--final-epochs", 0), default=DEFAULTS.final_epochs,
+    g.add_argument("--final-epochs", type=_positive(int, 0), default=DEFAULTS.final_epochs,
                    help=f"epochs of the winner's retrain (default {DEFAULTS.final_epochs}; 0 = no retrain)")
     g.add_argument("--final-augment", choices=FINAL_AUGMENT, default=DEFAULTS.final_augment,
                    help="padding-crop and flips in the retrain: auto (default: "
@@ -263,9 +263,9 @@ def build_parser() -> OneLineParser:
                    help="also L1-prune the largest teacher's filters until it fits the budget, keep its weights, and "
                         "distil it with the winner's recipe and epochs (and fine-tune it, for comparison); shown "
                         "in the report")
-    g.add_argument("--retrain-trial", type=_positive(int, "--retrain-trial", 0), metavar="N",
+    g.add_argument("--retrain-trial", type=_positive(int, 0), metavar="N",
                    help="retrain trial N instead of the best feasible one")
-    g.add_argument("--finalists", type=_positive(int, "--finalists"), default=DEFAULTS.finalists, metavar="K",
+    g.add_argument("--finalists", type=_positive(int), default=DEFAULTS.finalists, metavar="K",
                    help="retrain the K best trials (distinct students, by trial score) with the full schedule and "
                         "keep the one of best validation accuracy; the test set sees only that one (default "
                         f"{DEFAULTS.finalists}: the best trial only; each finalist costs a retrain)")
@@ -282,7 +282,7 @@ def build_parser() -> OneLineParser:
                    help="auto: the GPU when there is one (default)")
     g.add_argument("--out-dir", default=DEFAULTS.out_dir, help="where storage, reports and exports go (default studies)")
     g.add_argument("--cache-dir", help="where trained teachers are cached (default OUT_DIR/cache)")
-    g.add_argument("--heartbeat", type=_positive(int, "--heartbeat"), default=DEFAULTS.heartbeat, metavar="SECONDS",
+    g.add_argument("--heartbeat", type=_positive(int), default=DEFAULTS.heartbeat, metavar="SECONDS",
                    help=f"a running trial writes a heartbeat every SECONDS (default {DEFAULTS.heartbeat}); a trial "
                         "silent for 3x that (its process was killed) is failed and retried once by the next run "
                         "or another worker")

@@ -192,3 +192,30 @@ def test_budget_warning_names_both_costs(budget: Budget, teachers: list[str], ex
 def test_the_default_budget_is_below_the_default_teachers() -> None:
     """The point of the default teachers: every student the default budget admits compresses them."""
     assert budget_warning(Budget(macs=50_000_000), list(SearchConfig().teachers), (1, 28, 28), 10) is None
+
+
+def test_one_command_runs_every_command(capsys) -> None:
+    """`python -m nas_kd <command>` and the console script `nas-kd` (pyproject's [project.scripts])
+    run each command's own main; --help lists them; an unknown one is one line and exit 2."""
+    import importlib
+
+    import tomllib
+
+    from nas_kd.__main__ import COMMANDS
+    from nas_kd.__main__ import main as nas_kd_main
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["nas-kd"].partition(":")
+    assert getattr(importlib.import_module(module), func) is nas_kd_main
+    assert nas_kd_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name}" in out for name in COMMANDS)
+    for name, (target, _) in COMMANDS.items():
+        assert callable(importlib.import_module(target).main), name
+    assert nas_kd_main(["bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown command 'bogus'; known: search, retrain, report, export, latency, teachers "
+                   "(nas-kd --help)"]
+    with pytest.raises(SystemExit) as exited:  # the command's own parser, its own exit status
+        nas_kd_main(["export", "--int8-target", "z80"])
+    assert exited.value.code == 2

@@ -1,0 +1,166 @@
+"""The proof of the budget's edge: does the search at the edge pick better students than the simple rules?
+
+    python -m benchmarks.budget_edge --cells 50M --seeds 0 [--methods edge random-edge] [--threads 1]
+    python -m benchmarks.budget_edge --table-only
+
+Cells (Fashion-MNIST, 1x28x28, 10 classes): `5M` and `50M` MACs, and `mcu-48KB` (48,000 bytes of
+peak int8 activations and 250K parameters, as in `benchmarks.device_budgets`). The two latency
+cells of `device_budgets` are judged by its committed table, which prices only the layers of the
+`resnet-v1` space and the hand-made family: the ranged `resnet` space (widths on a grid of 4)
+holds layers no table can list in full, so those cells are not run here (see BENCHMARKS.md).
+
+Methods, each picking one student per cell and seed:
+
+- edge: `nas_kd.search` at its defaults (the `resnet` space, `--budget-edge on`), its winner;
+- random-edge: the same with `--sampler random` (random shapes at the edge: same trials, same score);
+- off: today's search before the edge, `--budget-edge off --search-space resnet-v1`, its winner;
+- largest: of 200 seeded random specs of `resnet-v1` that fit, the one with the most MACs (the
+  rule as `search_vs_baselines` measured it);
+- hand-made: `nas_kd.start.hand_made` (the deepest ResNet at half width or more, scaled to fit).
+
+Every pick is retrained with the fixed recipe of `benchmarks.search_vs_baselines` (3 epochs, every
+training image, the shipped ensemble, seed S) and tested once; the table reads validation first,
+and nothing is chosen on the test set. Picks and retrains go to
+`benchmarks/results/budget_edge.json` as they finish, so a killed run resumes; retrains of the
+same spec, seed and settings recorded by `search_vs_baselines`, `device_budgets` or `headroom`
+are adopted instead of run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from benchmarks import search_vs_baselines
+from benchmarks.common import (
+    RESULTS,
+    ResultsFile,
+    Retrains,
+    counter,
+    hand_made,
+    largest,
+    machine,
+    mean_sd,
+    search_pick,
+    search_settings_id,
+    settings_id,
+)
+from nas_kd.arch import Spec, build
+from nas_kd.budget import Budget
+from nas_kd.config import SearchConfig
+from nas_kd.cost import Cost, format_count
+from nas_kd.data import Dataset, load_dataset
+from nas_kd.memory import peak_activations
+from nas_kd.space import load_space
+
+CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB": Budget(params=250_000, memory=48_000)}
+METHODS = ("edge", "random-edge", "off", "largest", "hand-made")
+ADOPT_FROM = ("search_vs_baselines.json", "device_budgets.json", "headroom.json")
+
+
+def cell_config(budget: Budget, seed: int) -> SearchConfig:
+    return SearchConfig(flops_budget=budget.macs, params_budget=budget.params, memory_budget=budget.memory, seed=seed,
+                        cache_dir=search_vs_baselines.CACHE_DIR, onnx=False)
+
+
+def retrain_sid(name: str, dataset: Dataset) -> str:
+    """The settings id of the cell's retrains: search_vs_baselines' for a MACs budget, device_budgets'
+    (CPU) for the others, so that the retrains they recorded are the same ones."""
+    if CELLS[name].macs is not None:
+        base = SearchConfig(flops_budget=CELLS[name].macs, cache_dir=search_vs_baselines.CACHE_DIR)
+        return settings_id({"dataset": dataset.fingerprint(), "config": search_vs_baselines.config_json(base),
+                            "methods": "v1"})
+    return search_settings_id(SearchConfig(cache_dir=search_vs_baselines.CACHE_DIR), "cpu")
+
+
+def adopt(results: ResultsFile, sid: str) -> None:
+    """Copy into `results` the retrains of settings `sid` that the other benchmarks recorded."""
+    for name in ADOPT_FROM:
+        other = ResultsFile(RESULTS / name)
+        for key, entry in other.data.get("retrains", {}).items():
+            if key.endswith(f"|{sid}") and results.get("retrains", key) is None:
+                results.put("retrains", key, entry)
+
+
+def cost_of(spec: Spec, dataset: Dataset) -> Cost:
+    model = build(spec, dataset.input_shape, dataset.num_classes, channels_last=False)
+    cost = counter(dataset.input_shape, dataset.num_classes)(spec)
+    return dataclasses.replace(cost, memory=peak_activations(model, dataset.input_shape))
+
+
+def pick(method: str, name: str, seed: int, dataset: Dataset, work: Path) -> tuple[Spec, dict[str, Any]]:
+    budget, cfg = CELLS[name], cell_config(CELLS[name], seed)
+    if method == "largest":
+        return largest(load_space("resnet-v1"), budget, seed, lambda s: cost_of(s, dataset)), {}
+    if method == "hand-made":
+        return hand_made(budget, dataset), {}
+    if method == "off":
+        cfg = dataclasses.replace(cfg, budget_edge="off", search_space="resnet-v1")
+    return search_pick("random" if method == "random-edge" else "search", cfg, work / name / method)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--work", type=Path, default=Path("studies/bench-budget-edge"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--results", type=Path, default=RESULTS / "budget_edge.json")
+    parser.add_argument("--table-only", action="store_true", help="pick and retrain nothing: the tables")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = ResultsFile(args.results)
+    dataset = load_dataset(SearchConfig().dataset)
+    print(machine(), flush=True)
+    for name in args.cells:
+        sid = retrain_sid(name, dataset)
+        adopt(results, sid)
+        retrained = Retrains(results, dataclasses.replace(cell_config(CELLS[name], 0), onnx=True), sid, with_cost=True)
+        for seed in [] if args.table_only else args.seeds:
+            for method in args.methods:
+                key = f"{name}|{method}|{seed}|{sid}"
+                if results.get("picks", key) is None:
+                    started = time.perf_counter()
+                    spec, extra = pick(method, name, seed, dataset, args.work)
+                    results.put("picks", key, {"cell": name, "method": method, "seed": seed, "spec": str(spec),
+                                               "pick_seconds": round(time.perf_counter() - started, 1), **extra,
+                                               "machine": machine()})
+                spec = Spec.parse(results.get("picks", key)["spec"])
+                r = retrained(spec, seed, dataset, f"{name} seed {seed} {method}")
+                print(f"  {name} seed {seed} {method}: {spec} val {r['val_acc']:.4f} test {r['test_acc']:.4f}",
+                      flush=True)
+        print_table(name, args.seeds, args.methods, results, sid, dataset)
+    return 0
+
+
+def print_table(name: str, seeds: list[int], methods: list[str], results: ResultsFile, sid: str,
+                dataset: Dataset) -> None:
+    budget = CELLS[name]
+    print(f"\n| method ({name}: {budget}) | seeds | val acc | test acc | MACs | share of the binding bound |")
+    print("|---|---|---|---|---|---|")
+    for method in methods:
+        rows = []
+        for seed in seeds:
+            p = results.get("picks", f"{name}|{method}|{seed}|{sid}")
+            r = p and results.get("retrains", f"{p['spec']}|{seed}|{sid}")
+            if r:
+                rows.append((r["val_acc"], r["test_acc"], budget.use(cost_of(Spec.parse(p["spec"]), dataset)),
+                             r.get("macs", 0)))
+        if rows:
+            print(f"| {method} | {len(rows)} | {mean_sd([r[0] for r in rows])} | {mean_sd([r[1] for r in rows])} | "
+                  f"{format_count(statistics.mean(r[3] for r in rows))} | "
+                  f"{statistics.mean(r[2] for r in rows):.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
