@@ -188,7 +188,8 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
     check_reachable(cfg, space, dataset.input_shape, dataset.num_classes, [min_macs_spec, min_params_spec], latency)
     floor, floor_text = effective_floor(cfg.budget_floor, budget, space, dataset.input_shape, dataset.num_classes)
     starts, starts_skipped = start_points(cfg.start_from, space, budget, dataset.input_shape, dataset.num_classes,
-                                          floor, latency if cfg.latency_table else None)
+                                          floor, latency if cfg.latency_table else None,
+                                          None if cfg.latency_table else latency)
     if cfg.pruned_baseline:
         check_prunable(cfg, dataset.input_shape, dataset.num_classes, latency)
     refuse_too_small(cfg, space, budget, dataset, clock)

@@ -146,23 +146,42 @@ def family(budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
 
 
 def hand_made(budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
-              latency: Callable[[Spec], float] | None = None) -> tuple[Spec, str] | None:
+              latency: Callable[[Spec], float] | None = None,
+              measured: Callable[[Spec], float] | None = None) -> tuple[Spec, str] | None:
     """What a person would pick without a search, and its name: the deepest of ResNet-20, -14 and -8
     that fits the budget at half its widths or more, at the largest width that fits; ResNet-8
     narrower still if none does; None if not even that fits, or if the budget has no bound it can
     be scaled to (MACs, params, peak memory, or a latency `latency` prices). Raises InputError when
-    `latency` cannot price it."""
-    bounds = checkable(budget, latency)
-    if not scalable(bounds):
-        return None
-
-    fits, exact = _checks(bounds, input_shape, num_classes, latency)
+    `latency` cannot price it. `measured`: a latency measured here (seconds a spec), used when no
+    table prices it: the widths are then bisected on it with the other bounds, about 9 timings a
+    network, each only of a width that meets the other bounds."""
+    if latency is None and measured is not None and budget.latency_ms is not None:
+        fits, exact = _measured_checks(budget, input_shape, num_classes, measured)
+    else:
+        bounds = checkable(budget, latency)
+        if not scalable(bounds):
+            return None
+        fits, exact = _checks(bounds, input_shape, num_classes, latency)
     for name in HAND_MADE_BASES:
         base = teacher_spec(name)
         factor = fitting_factor(base, fits, exact=exact)
         if factor >= 0.5 or (name == HAND_MADE_BASES[-1] and factor > 0):
             return scaled(base, factor), f"{name.replace('resnet', 'ResNet-')} at x{factor:.2f} widths"
     return None
+
+
+def _measured_checks(budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
+                     measured: Callable[[Spec], float]) -> tuple[Callable[[Spec], bool], None]:
+    """`fitting_factor`'s checks when the latency is measured here: one check of every bound, the
+    latency timed only when the others hold (a timing is an export and seconds of runs)."""
+    grows = replace(budget, latency_ms=None)
+    limit = budget.latency_ms
+    assert limit is not None
+
+    def fits(spec: Spec) -> bool:
+        return grows.fits(spec_facts(spec, grows, input_shape, num_classes)) and measured(spec) <= limit
+
+    return fits, None
 
 
 @dataclass(frozen=True)
@@ -184,11 +203,12 @@ def space_params(space: SearchSpace, spec: Spec) -> dict[str, object] | None:
 
 
 def start_points(names: tuple[str, ...], space: SearchSpace, budget: Budget, input_shape: tuple[int, int, int],
-                 num_classes: int, floor: float = 0.0,
-                 latency: Callable[[Spec], float] | None = None) -> tuple[list[StartPoint], list[str]]:
+                 num_classes: int, floor: float = 0.0, latency: Callable[[Spec], float] | None = None,
+                 measured: Callable[[Spec], float] | None = None) -> tuple[list[StartPoint], list[str]]:
     """The start points `names` ask for (HAND_MADE or spec strings), one per spec, and a log line
     for each one left out. `latency`: a cheap latency of a spec (a table), or None when latencies
-    are measured (then a latency bound is left to the trial). A given spec that does not parse,
+    are measured (then a given spec's latency bound is left to the trial, and the hand-made network
+    is scaled by timing a few widths with `measured`). A given spec that does not parse,
     breaks a bound, is under the budget floor or cannot be priced is refused (InputError); the
     hand-made network is left out, with a line, when none of its widths fits or it cannot be priced."""
     bounds = checkable(budget, latency)
@@ -197,7 +217,7 @@ def start_points(names: tuple[str, ...], space: SearchSpace, budget: Budget, inp
     for name in dict.fromkeys(names):
         if name == HAND_MADE:
             try:
-                found = hand_made(budget, input_shape, num_classes, latency)
+                found = hand_made(budget, input_shape, num_classes, latency, measured)
             except InputError as e:
                 skipped.append(f"start point {HAND_MADE}: {e}; left out")
                 continue

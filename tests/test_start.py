@@ -62,12 +62,12 @@ def test_the_hand_made_network_is_the_deepest_resnet_at_the_widest_width_that_fi
 
 def test_no_hand_made_network_when_not_even_resnet8_fits() -> None:
     assert hand_made(Budget(200_000), SHAPE, CLASSES) is None
-    points, skipped = start_points((HAND_MADE,), load_space("resnet"), Budget(200_000), SHAPE, CLASSES)
+    points, skipped = start_points((HAND_MADE,), load_space("resnet-v1"), Budget(200_000), SHAPE, CLASSES)
     assert points == [] and skipped == ["start point hand-made: no width of ResNet-8 fits MACs <= 200K; left out"]
 
 
 def test_start_points_in_the_space_carry_their_params_and_others_none() -> None:
-    space = load_space("resnet")
+    space = load_space("resnet-v1")
     points, skipped = start_points((HAND_MADE, GIVEN, HAND_MADE), space, Budget(50_000_000), SHAPE, CLASSES)
     assert skipped == [] and [p.name for p in points] == [HAND_MADE, "given"]  # the repeat is dropped
     made, given = points
@@ -83,15 +83,35 @@ def test_the_hand_made_network_fits_a_memory_budget_and_needs_a_bound_to_scale_t
     factor = float(text.split("x")[1].split(" ")[0])
     bigger = scaled(teacher_spec("resnet20" if "20" in text else "resnet14" if "14" in text else "resnet8"), factor + 0.01)
     assert peak_activations(build(bigger, SHAPE, CLASSES), SHAPE) > 20_000
-    # a measured latency bound alone: nothing to scale it to before the trials
+    # a measured latency bound alone, and nothing to time it with: nothing to scale it to
     assert hand_made(Budget(latency_ms=1.0), SHAPE, CLASSES) is None
-    points, skipped = start_points((HAND_MADE,), load_space("resnet"), Budget(latency_ms=1.0), SHAPE, CLASSES)
+    points, skipped = start_points((HAND_MADE,), load_space("resnet-v1"), Budget(latency_ms=1.0), SHAPE, CLASSES)
     assert points == [] and skipped == ["start point hand-made: the budget has no MACs, params or memory bound to "
                                         "scale it to (a measured latency bound is checked by the trials alone); left out"]
 
 
+def test_under_a_measured_latency_budget_the_hand_made_network_is_scaled_by_timing_a_few_widths() -> None:
+    """A user who times on their own machine sees the network they would have picked: its widths
+    are bisected on the measured latency (here a stand-in that grows with MACs), in a few timings."""
+    timed: list[Spec] = []
+
+    def measured(spec: Spec) -> float:
+        timed.append(spec)
+        return spec_cost(spec, SHAPE, CLASSES).macs / 1e8  # 1 ms per 100M MACs
+
+    budget = Budget(latency_ms=0.5)
+    spec, text = hand_made(budget, SHAPE, CLASSES, measured=measured)
+    assert text.startswith("ResNet-20 at x")
+    assert measured(spec) <= 0.5
+    factor = float(text.split("x")[1].split(" ")[0])
+    assert measured(scaled(teacher_spec("resnet20"), round(factor + 0.01, 2))) > 0.5  # the largest that fits
+    assert len(timed) <= 2 * 12  # a bisection of 300 widths (and the two checks above), not a walk
+    points, skipped = start_points((HAND_MADE,), load_space("resnet"), budget, SHAPE, CLASSES, measured=measured)
+    assert skipped == [] and points[0].spec == spec and points[0].params is not None  # in the ranged space
+
+
 def test_a_latency_table_prices_start_points_before_any_work() -> None:
-    space = load_space("resnet")
+    space = load_space("resnet-v1")
 
     def table(spec: Spec) -> float:  # a table of the space: it cannot price a spec outside it
         if space_params(space, spec) is None:
@@ -109,7 +129,7 @@ def test_a_latency_table_prices_start_points_before_any_work() -> None:
 
 
 def test_a_start_point_is_one_per_spec_and_in_the_space_only_when_it_samples_back() -> None:
-    space = load_space("resnet")
+    space = load_space("resnet-v1")
     made = "c20|basic_d3_w20_s1_k3_e1|basic_d3_w40_s2_k3_e1|basic_d3_w84_s2_k3_e1"
     points, _ = start_points((HAND_MADE, made), space, Budget(50_000_000), SHAPE, CLASSES)
     assert [(p.name, str(p.spec)) for p in points] == [(HAND_MADE, made)]  # the same student once
@@ -120,7 +140,7 @@ def test_a_start_point_is_one_per_spec_and_in_the_space_only_when_it_samples_bac
 
 def test_a_given_start_point_under_the_budget_floor_is_refused() -> None:
     with pytest.raises(InputError) as e:
-        start_points((GIVEN,), load_space("resnet"), Budget(50_000_000), SHAPE, CLASSES, floor=0.5)
+        start_points((GIVEN,), load_space("resnet-v1"), Budget(50_000_000), SHAPE, CLASSES, floor=0.5)
     assert str(e.value) == (f"--start-from {GIVEN}: uses 19% of the budget, under the budget floor (50%); give a "
                             "larger student or lower --budget-floor")
 
@@ -144,7 +164,7 @@ def test_a_start_point_the_sampler_trained_first_is_still_the_start_point() -> N
     for spec, value in ((GIVEN, 0.7), ("c8|basic_d1_w8_s2_k3_e1", 0.8)):
         study.add_trial(optuna.trial.create_trial(value=value, constraints={"macs": -0.5}, user_attrs={
             "spec": spec, "macs": 1, "params": 1, "score": value}))
-    (point,), _ = start_points((GIVEN,), load_space("resnet"), Budget(50_000_000), SHAPE, CLASSES)
+    (point,), _ = start_points((GIVEN,), load_space("resnet-v1"), Budget(50_000_000), SHAPE, CLASSES)
     assert enqueue_start_points(study, [point]) == [f"start point given: {GIVEN} is already in the study"]
     assert study.user_attrs[START_POINTS_ATTR] == {GIVEN: "given"}
     assert [t.number for t in start_trials(study)] == [0]  # trial 0 trained it: it is the start point
@@ -157,7 +177,7 @@ def test_a_start_point_the_sampler_trained_first_is_still_the_start_point() -> N
 ])
 def test_a_bad_start_point_is_refused(name: str, message: str) -> None:
     with pytest.raises(InputError) as e:
-        start_points((name,), load_space("resnet"), Budget(5_000_000), SHAPE, CLASSES)
+        start_points((name,), load_space("resnet-v1"), Budget(5_000_000), SHAPE, CLASSES)
     assert str(e.value).startswith(message)
 
 
@@ -179,10 +199,13 @@ def test_a_search_trains_its_start_points_first_and_once_per_study(e2e_run: dict
     study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], *args)
     made = "c8|basic_d3_w8_s1_k3_e1|basic_d3_w20_s2_k3_e1|basic_d3_w40_s2_k3_e1"
     first, second = study.trials[:2]
-    assert first.user_attrs[SPEC_ATTR] == made and first.params == {} and first.user_attrs[START_ATTR] == HAND_MADE
-    # a start point in the space is a trial of the space: the sampler sees its params
+    # the default space holds the hand-made network: a start point in the space is a trial of the
+    # space, the sampler sees its params (and it is trained as given, not moved to the edge)
+    space = load_space("resnet")
+    assert first.user_attrs[SPEC_ATTR] == made and first.user_attrs[START_ATTR] == HAND_MADE
+    assert first.params == space.params_of(Spec.parse(made))
     assert second.user_attrs[SPEC_ATTR] == GIVEN and second.user_attrs[START_ATTR] == "given"
-    assert second.params == load_space("resnet").params_of(Spec.parse(GIVEN))
+    assert second.params == space.params_of(Spec.parse(GIVEN))
     assert first.state == second.state == optuna.trial.TrialState.COMPLETE and first.value == first.user_attrs["params"]
     assert f"start point hand-made: {made} (ResNet-20 at x0.62 widths, " in out
     assert f"trial 0 complete (hand-made start point): {made}" in out
@@ -190,7 +213,7 @@ def test_a_search_trains_its_start_points_first_and_once_per_study(e2e_run: dict
     rows = pd.read_csv(tmp_path / "studies" / "s" / "trials.csv")
     assert list(rows["start_point"].fillna(""))[:3] == [HAND_MADE, "given", ""]
     # resumed: the study holds both start points, so neither is enqueued (nor trained) again
-    points, _ = start_points((HAND_MADE, GIVEN), load_space("resnet"), Budget(12_000_000), SHAPE, CLASSES)
+    points, _ = start_points((HAND_MADE, GIVEN), load_space("resnet-v1"), Budget(12_000_000), SHAPE, CLASSES)
     assert enqueue_start_points(study, points) == [f"start point hand-made: {made} is already in the study",
                                       f"start point given: {GIVEN} is already in the study"]
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 0
