@@ -7,9 +7,11 @@ every budget tried. TuNAS (Bender et al., CVPR 2020) and MCUNet's TinyNAS (Lin e
 2020) keep candidates at the target cost instead. Here the sampler draws a shape (per stage the
 block, depth, kernel, expansion, squeeze-excite, and the widths, whose proportions are what the
 shape keeps), and `repair` scales every width by one factor (widths rounded to multiples of 4,
-within the space's least and greatest width of each stage) to the largest that meets every bound
+then to the greatest width the space allows at or under it: a range's grid, or a listed width) to
+the largest that meets every bound
 (MACs, params, peak int8 memory, latency measured or from a table), then raises single widths by
-4, the raise that uses most of the budget first, while one fits and the student uses less than
+one step (4 channels on a grid, the next listed width), the raise that uses most of the budget
+first, while one fits and the student uses less than
 `EDGE_SHARE` of its binding bound (few raises, so the shape's proportions stay). Optuna models the shape; the repaired spec is the trial's.
 
 A shape that cannot reach the budget even at the space's greatest widths is trained there and
@@ -41,14 +43,25 @@ class Repair:
     at_largest: bool  # the shape reached the space's greatest widths before the budget
 
 
-def scaled(shape: Spec, factor: float, bounds: tuple[tuple[int, int], tuple[tuple[int, int], ...]]) -> Spec:
-    """`shape` with the stem's and every stage's width times `factor`, rounded to a multiple of
-    WIDTH_GRID and held within the space's `bounds` (`SearchSpace.width_bounds`)."""
-    def width(w: int, lo: int, hi: int) -> int:
-        return min(hi, max(lo, round(w * factor / WIDTH_GRID) * WIDTH_GRID))
-    (stem_lo, stem_hi), stages = bounds
-    return Spec(width(shape.stem, stem_lo, stem_hi),
-                tuple(dataclasses.replace(s, width=width(s.width, lo, hi)) for s, (lo, hi) in zip(shape.stages, stages)),
+def allowed(space: SearchSpace) -> tuple[tuple[int, ...], ...]:
+    """The widths the space allows for the stem and each stage, ascending (a range's whole grid)."""
+    return (tuple(sorted(space.stem)), *(tuple(sorted(st.width)) for st in space.stages))
+
+
+def _snap(width: float, choices: tuple[int, ...]) -> int:
+    """The greatest allowed width at or under `width` (the least when none is): a width of the
+    space, so that a latency table of a space of listed widths prices every repaired student."""
+    under = [c for c in choices if c <= width]
+    return under[-1] if under else choices[0]
+
+
+def scaled(shape: Spec, factor: float, widths: tuple[tuple[int, ...], ...]) -> Spec:
+    """`shape` with the stem's and every stage's width times `factor`, each rounded to the nearest
+    multiple of WIDTH_GRID and then to the greatest width of the space at or under it (`allowed`)."""
+    def width(w: int, choices: tuple[int, ...]) -> int:
+        return _snap(max(WIDTH_GRID, round(w * factor / WIDTH_GRID) * WIDTH_GRID), choices)
+    return Spec(width(shape.stem, widths[0]),
+                tuple(dataclasses.replace(s, width=width(s.width, c)) for s, c in zip(shape.stages, widths[1:])),
                 shape.head)
 
 
@@ -57,7 +70,7 @@ def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spe
     figure the budget bounds; it is called once per distinct spec. The same shape, budget and
     prices always give the same spec. `fill`: raise single widths after the common scaling (off
     where each price is a latency measured here, seconds each)."""
-    bounds = space.width_bounds()
+    widths = allowed(space)
     prices: dict[Spec, Cost] = {}
 
     def cost(spec: Spec) -> Cost:
@@ -66,9 +79,9 @@ def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spe
         return prices[spec]
 
     def fits(k: int) -> bool:
-        return budget.fits(cost(scaled(shape, k * STEP, bounds)))
+        return budget.fits(cost(scaled(shape, k * STEP, widths)))
 
-    widest = widest_factor(shape, bounds)
+    widest = widest_factor(shape, widths)
     top = max(1, round(widest / STEP))
     # lo fits (0: nothing checked fits), hi does not (top + 1: everything up to top fits); from the
     # shape's own widths out, doubling, so that no network far over the budget is ever built
@@ -85,11 +98,11 @@ def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spe
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     if lo == 0:  # not even the least widths fit: the budget check rejects it as it is
-        spec = scaled(shape, STEP, bounds)
+        spec = scaled(shape, STEP, widths)
         return Repair(spec, cost(spec), STEP, budget.use(cost(spec)), False)
-    spec = scaled(shape, lo * STEP, bounds)
+    spec = scaled(shape, lo * STEP, widths)
     while fill and (budget.use(cost(spec)) or 0.0) < EDGE_SHARE:
-        raised = [r for r in widened(spec, bounds) if budget.fits(cost(r))]
+        raised = [r for r in widened(spec, widths) if budget.fits(cost(r))]
         if not raised:
             break
         spec = max(raised, key=lambda r: (budget.use(cost(r)) or 0.0, str(r)))
@@ -99,18 +112,19 @@ def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spe
     return Repair(spec, cost(spec), round(lo * STEP, 2), share, at_largest)
 
 
-def widest_factor(shape: Spec, bounds: tuple[tuple[int, int], tuple[tuple[int, int], ...]]) -> float:
-    """The factor at which every width of `shape` has reached its stage's greatest width."""
-    (_, stem_hi), stages = bounds
-    return max([stem_hi / shape.stem] + [hi / s.width for s, (_, hi) in zip(shape.stages, stages)])
+def widest_factor(shape: Spec, widths: tuple[tuple[int, ...], ...]) -> float:
+    """The factor at which every width of `shape` has reached its greatest allowed width."""
+    return max(c[-1] / w for w, c in zip([shape.stem, *(s.width for s in shape.stages)], widths))
 
 
-def widened(spec: Spec, bounds: tuple[tuple[int, int], tuple[tuple[int, int], ...]]) -> list[Spec]:
-    """`spec` with one width (the stem's or a stage's) raised by WIDTH_GRID, each one within the space."""
-    (_, stem_hi), stages = bounds
-    out = [Spec(spec.stem + WIDTH_GRID, spec.stages, spec.head)] if spec.stem + WIDTH_GRID <= stem_hi else []
-    for i, (s, (_, hi)) in enumerate(zip(spec.stages, stages)):
-        if s.width + WIDTH_GRID <= hi:
-            out.append(Spec(spec.stem, spec.stages[:i] + (dataclasses.replace(s, width=s.width + WIDTH_GRID),)
-                            + spec.stages[i + 1:], spec.head))
+def widened(spec: Spec, widths: tuple[tuple[int, ...], ...]) -> list[Spec]:
+    """`spec` with one width (the stem's or a stage's) raised to the next allowed one."""
+    def up(w: int, choices: tuple[int, ...]) -> int | None:
+        return next((c for c in choices if c > w), None)
+
+    out = [Spec(stem, spec.stages, spec.head)] if (stem := up(spec.stem, widths[0])) is not None else []
+    for i, (s, c) in enumerate(zip(spec.stages, widths[1:])):
+        if (w := up(s.width, c)) is not None:
+            out.append(Spec(spec.stem, spec.stages[:i] + (dataclasses.replace(s, width=w),) + spec.stages[i + 1:],
+                            spec.head))
     return out

@@ -15,7 +15,7 @@ from nas_kd.arch import Spec, build
 from nas_kd.budget import Budget
 from nas_kd.config import SearchConfig
 from nas_kd.cost import Cost, count
-from nas_kd.edge import EDGE_SHARE, repair, scaled
+from nas_kd.edge import EDGE_SHARE, allowed, repair, scaled, widened
 from nas_kd.errors import InputError
 from nas_kd.latency import LatencyTable
 from nas_kd.memory import peak_activations
@@ -69,8 +69,20 @@ def test_a_shape_that_cannot_reach_the_budget_stays_at_the_spaces_greatest_width
     shape = Spec.parse("c8|basic_d1_w8_s1_k3_e1|basic_d1_w8_s2_k3_e1|basic_d1_w8_s2_k3_e1")
     fixed = repair(shape, space, Budget(macs=10_000_000_000), pricer(Budget(macs=1)))
     assert fixed.at_largest and fixed.share < EDGE_SHARE
-    assert fixed.spec == scaled(shape, 100.0, space.width_bounds())  # every width at its greatest
+    assert fixed.spec == scaled(shape, 100.0, allowed(space))  # every width at its greatest
     assert [fixed.spec.stem, *(s.width for s in fixed.spec.stages)] == [128, 128, 256, 512]
+
+
+def test_in_a_space_of_listed_widths_the_repair_keeps_to_them() -> None:
+    """resnet-v1 lists three widths a stage: a repaired student is a spec of the space (so a latency
+    table of the space prices it), as close to the edge as those widths allow."""
+    space = load_space("resnet-v1")
+    budget = Budget(macs=20_000_000)
+    for shape in space.random_specs(3, seed=5):
+        fixed = repair(shape, space, budget, pricer(budget))
+        space.params_of(fixed.spec)  # raises for a width the space does not list
+        assert budget.fits(fixed.cost)
+        assert all(not budget.fits(pricer(budget)(r)) for r in widened(fixed.spec, allowed(space)))
 
 
 def test_a_shape_no_width_of_which_fits_is_left_to_the_budget_check() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -319,7 +320,9 @@ def test_a_latency_budget_rejects_a_spec_before_training(context, mini_dataset, 
     def meter(spec: Spec) -> float:
         return measure_latency(spec, mini_dataset.input_shape, mini_dataset.num_classes, runs=50)
 
-    ctx = trial_context(space, mini_dataset, ensemble, budget, batches, None, cfg, False, latency=meter)
+    # trained as sampled: at the budget's edge the repair would widen SMALL (tests/test_edge.py)
+    ctx = trial_context(space, mini_dataset, ensemble, budget, batches, None, replace(cfg, budget_edge="off"), False,
+                        latency=meter)
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial(space.params_of(SMALL))
     study.optimize(lambda t: run_trial(ctx, t), n_trials=1)
@@ -346,7 +349,8 @@ def test_the_floor_reads_every_bound(context, mini_dataset, latency_bound, measu
         calls.append(spec)
         return measured
 
-    ctx = trial_context(space, mini_dataset, ensemble, budget, batches, None, cfg, False, latency=meter, floor=0.5)
+    ctx = trial_context(space, mini_dataset, ensemble, budget, batches, None, replace(cfg, budget_edge="off"), False,
+                        latency=meter, floor=0.5)
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial(space.params_of(SMALL))
     study.optimize(lambda t: run_trial(ctx, t), n_trials=1)
