@@ -303,8 +303,11 @@ def test_no_pruner_never_prunes() -> None:
 
 # ---------------------------------------------------------------- command line
 
+# the space of before the budget's edge, sampled as drawn: the pruners and scores are what is
+# tested, on students smaller than the edge's (the edge: tests/test_edge.py)
 BASE = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--subset", "300",
-        "--final-epochs", "0", "--seed", "1", "--quiet", "--no-onnx")  # latency: tests/test_latency.py
+        "--final-epochs", "0", "--seed", "1", "--quiet", "--no-onnx",  # latency: tests/test_latency.py
+        "--search-space", "resnet-v1", "--budget-edge", "off")
 
 
 @pytest.fixture(scope="module")
