@@ -167,7 +167,12 @@ def search_cli(work: Path, cache: Path, data_dir: Path, *args: str, name: str = 
 # raised epochs (--min-steps), no refusal of a teacher near chance (--teacher-min-gain), and
 # BatchNorm recalibrated on 1 batch instead of 8 (recalibrating before each of a trial's 4
 # validations took more of a tiny trial's time than its training).
-TINY_DATA_FLAGS = ("--min-steps", "0", "--teacher-min-gain", "0", "--bn-recalibration", "1")
+# They sample the listed space of before the budget's edge, as drawn (smaller students, no repair
+# priced each trial); tests/test_edge.py and the start-point search pass `AT_THE_EDGE` after them,
+# and the search's default (the edge) is what a test run without these flags gets.
+TINY_DATA_FLAGS = ("--min-steps", "0", "--teacher-min-gain", "0", "--bn-recalibration", "1",
+                   "--search-space", "resnet-v1", "--budget-edge", "off")
+AT_THE_EDGE = ("--search-space", "resnet", "--budget-edge", "on")
 
 # The small search every end-to-end test reads: 2 trained trials of 1 epoch on 300 images. It
 # samples the listed space of before the budget's edge, without the edge, so that some of its
@@ -176,7 +181,7 @@ TINY_DATA_FLAGS = ("--min-steps", "0", "--teacher-min-gain", "0", "--bn-recalibr
 E2E_STUDY = "e2e"
 E2E_ARGS = (*TINY_DATA_FLAGS, "--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--trials", "2",
             "--trial-epochs", "1", "--subset", "300", "--final-epochs", "1", "--study-name", E2E_STUDY,
-            "--seed", "3", "--quiet", "--budget-edge", "off", "--search-space", "resnet-v1")
+            "--seed", "3", "--quiet")
 
 
 def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:

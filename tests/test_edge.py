@@ -22,7 +22,7 @@ from nas_kd.memory import peak_activations
 from nas_kd.records import AT_LARGEST_ATTR, EDGE_FACTOR_ATTR, SHAPE_ATTR, SPEC_ATTR, USE_ATTR, was_trained
 from nas_kd.space import load_space
 from nas_kd.study import STUDY_ATTR, guarded, open_storage, open_study
-from tests.conftest import search_cli
+from tests.conftest import AT_THE_EDGE, search_cli
 
 INPUT, CLASSES = (1, 28, 28), 10
 TABLE = Path(__file__).parents[1] / "benchmarks" / "results" / "device_budgets_table.json"
@@ -151,7 +151,7 @@ def test_a_study_of_before_the_edge_resumes_only_as_it_was_made(tmp_path: Path) 
 
 
 def test_a_search_trains_only_students_at_the_edge(e2e_run: dict, tmp_path: Path) -> None:
-    study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], "--flops-budget", "5M",
+    study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], *AT_THE_EDGE, "--flops-budget", "5M",
                             "--teachers", "resnet8", "--trials", "3", "--trial-epochs", "1", "--subset", "200",
                             "--final-epochs", "0", "--seed", "4", "--quiet", name="edge")
     trained = [t for t in study.trials if was_trained(t)]

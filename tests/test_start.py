@@ -35,7 +35,7 @@ from nas_kd.start import (
     start_points,
 )
 from nas_kd.zoo import teacher_spec
-from tests.conftest import search_cli
+from tests.conftest import AT_THE_EDGE, search_cli
 
 SHAPE, CLASSES = (1, 28, 28), 10
 # in the shipped resnet space, 9.35M MACs
@@ -195,7 +195,7 @@ def test_a_search_trains_its_start_points_first_and_once_per_study(e2e_run: dict
     args = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--subset", "300",
             "--trials", "3", "--trial-score", "params",
             "--final-epochs", "0", "--seed", "3", "--no-onnx", "--quiet", "--start-from", HAND_MADE,
-            "--start-from", GIVEN)
+            "--start-from", GIVEN, *AT_THE_EDGE)
     study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], *args)
     made = "c8|basic_d3_w8_s1_k3_e1|basic_d3_w20_s2_k3_e1|basic_d3_w40_s2_k3_e1"
     first, second = study.trials[:2]
