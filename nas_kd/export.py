@@ -119,10 +119,10 @@ def export_onnx(model: Network, dataset: Dataset, meta: dict[str, str], out_dir:
         log(f"warning: ONNX Runtime's logits differ from torch's by {diff:.3g} (> {bound:.3g}) in {out_dir / 'model.onnx'}")
     if int8:
         # the settings are chosen on validation images; the test images only measure the kept model
-        choice = quantize_for(fp32, calibration_images(dataset, seed), split_inputs(dataset, "val", CHECK_IMAGES),
-                              int8_target)
+        val = split_inputs(dataset, "val", max(CHECK_IMAGES, DEVICE_CHECK_IMAGES))
+        choice = quantize_for(fp32, calibration_images(dataset, seed), val[:CHECK_IMAGES], int8_target)
         (out_dir / "model.int8.onnx").write_bytes(choice.model)
-        np.save(out_dir / "check_images.npy", split_inputs(dataset, "val", DEVICE_CHECK_IMAGES))
+        np.save(out_dir / "check_images.npy", val[:DEVICE_CHECK_IMAGES])
         int8_logits = onnx_logits(choice.model, inputs)
         facts.update({
             "int8_file": str(out_dir / "model.int8.onnx"), "int8_calibration_images": CALIBRATION_IMAGES,

@@ -191,8 +191,9 @@ def release_memory() -> None:
 def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, float]:
     trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
     spec = trial_spec(ctx.space, trial)
+    priced: float | None = None  # the latency the repair judged the spec by, not measured again
     if ctx.edge and START_SPEC_ATTR not in trial.user_attrs:  # a start point is trained as it was given
-        spec = at_edge(ctx, trial, spec)
+        spec, priced = at_edge(ctx, trial, spec)
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes)
     memory = memory_facts(model, ctx.dataset.input_shape)
     cost = replace(count(model, ctx.dataset.input_shape), memory=memory["peak_memory_int8"])
@@ -201,7 +202,7 @@ def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, 
     # those under the floor only when a latency bound could lift them over it
     if ctx.latency is not None and replace(ctx.budget, latency_ms=None).fits(cost) and (
             not (short and short > 0) or ctx.budget.latency_ms is not None):
-        cost = replace(cost, latency_ms=ctx.latency(spec))
+        cost = replace(cost, latency_ms=priced if priced is not None else ctx.latency(spec))
     if not record_cost(trial, spec, cost, ctx.ensemble.largest(), ctx.budget, memory, ctx.floor):
         if not ctx.budget.fits(cost):
             raise optuna.TrialPruned(f"over budget ({ctx.budget.excess(cost)}); not trained")
@@ -223,9 +224,10 @@ def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, 
     return (score, float(getattr(cost, ctx.pareto_cost))) if ctx.pareto else score
 
 
-def at_edge(ctx: TrialContext, trial: optuna.Trial, shape: Spec) -> Spec:
-    """The sampled `shape` with its widths scaled to the budget's edge (`edge.repair`), the shape,
-    the factor and whether it stopped at the space's greatest widths recorded on the trial."""
+def at_edge(ctx: TrialContext, trial: optuna.Trial, shape: Spec) -> tuple[Spec, float | None]:
+    """The sampled `shape` with its widths scaled to the budget's edge (`edge.repair`), and the
+    latency the repair priced it at (None: not priced); the shape, the factor and whether it
+    stopped at the space's greatest widths recorded on the trial."""
     shape_in = ctx.dataset.input_shape
 
     def price(spec: Spec) -> Cost:
@@ -243,7 +245,7 @@ def at_edge(ctx: TrialContext, trial: optuna.Trial, shape: Spec) -> Spec:
     trial.set_user_attr(EDGE_FACTOR_ATTR, fixed.factor)
     if fixed.at_largest:
         trial.set_user_attr(AT_LARGEST_ATTR, True)
-    return fixed.spec
+    return fixed.spec, fixed.cost.latency_ms
 
 
 def proxy_scores(ctx: TrialContext, spec: Spec, cost: Cost) -> dict[str, float]:
