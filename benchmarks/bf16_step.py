@@ -19,13 +19,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nas_kd.arch import Spec, build
-from nas_kd.batches import BatchIterator
-from nas_kd.config import TrainConfig
-from nas_kd.cost import count, format_count
-from nas_kd.data import load_dataset
-from nas_kd.train import make_optimizer
-from nas_kd.zoo import TEACHERS, teacher_spec
+from nas_kd.core.config import TrainConfig
+from nas_kd.core.units import format_count
+from nas_kd.data.batches import BatchIterator
+from nas_kd.data.datasets import load_dataset
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import count
+from nas_kd.nets.zoo import TEACHERS, teacher_spec
+from nas_kd.training.train import make_optimizer
 
 STUDENTS = {
     "small": "c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1|basic_d1_w64_s2_k3_e1",

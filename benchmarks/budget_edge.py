@@ -16,7 +16,7 @@ Methods, each picking one student per cell and seed:
 - off: today's search before the edge, `--budget-edge off --search-space resnet-v1`, its winner;
 - largest: of 200 seeded random specs of `resnet-v1` that fit, the one with the most MACs (the
   rule as `search_vs_baselines` measured it);
-- hand-made: `nas_kd.start.hand_made` (the deepest ResNet at half width or more, scaled to fit).
+- hand-made: `nas_kd.nas.start.hand_made` (the deepest ResNet at half width or more, scaled to fit).
 
 Every pick is retrained with the fixed recipe of `benchmarks.search_vs_baselines` (3 epochs, every
 training image, the shipped ensemble, seed S) and tested once; the table reads validation first,
@@ -52,13 +52,14 @@ from benchmarks.common import (
     search_settings_id,
     settings_id,
 )
-from nas_kd.arch import Spec, build
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig
-from nas_kd.cost import Cost, format_count
-from nas_kd.data import Dataset, load_dataset
-from nas_kd.memory import peak_activations
-from nas_kd.space import load_space
+from nas_kd.core.config import SearchConfig
+from nas_kd.core.units import format_count
+from nas_kd.data.datasets import Dataset, load_dataset
+from nas_kd.device.memory import peak_activations
+from nas_kd.nas.budget import Budget
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import Cost
+from nas_kd.nets.space import load_space
 
 CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB": Budget(params=250_000, memory=48_000)}
 METHODS = ("edge", "random-edge", "off", "largest", "hand-made")

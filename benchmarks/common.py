@@ -29,22 +29,22 @@ import optuna
 import scipy.stats
 import torch
 
-from nas_kd import start
-from nas_kd.arch import Spec, build
-from nas_kd.batches import BatchIterator
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig
-from nas_kd.cost import Cost, count
-from nas_kd.data import Dataset
-from nas_kd.ensemble import CachedTargets, Ensemble, ensemble_from_config
-from nas_kd.export import student_metrics
-from nas_kd.losses import recipe_features
-from nas_kd.objective import REPORT_IMAGES
-from nas_kd.picks import pick_winner
-from nas_kd.pipeline import search
-from nas_kd.records import SPEC_ATTR, was_trained
-from nas_kd.retrain import retrain
-from nas_kd.space import SearchSpace
+from nas_kd.core.config import SearchConfig
+from nas_kd.data.batches import BatchIterator
+from nas_kd.data.datasets import Dataset
+from nas_kd.device.export import student_metrics
+from nas_kd.distill.losses import recipe_features
+from nas_kd.nas import start
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.objective import REPORT_IMAGES
+from nas_kd.nas.picks import pick_winner
+from nas_kd.nas.records import SPEC_ATTR, was_trained
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import Cost, count
+from nas_kd.nets.space import SearchSpace
+from nas_kd.pipeline.run import search
+from nas_kd.retraining.retrain import retrain
+from nas_kd.teaching.ensemble import CachedTargets, Ensemble, ensemble_from_config
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -171,7 +171,7 @@ def largest(space: SearchSpace, budget: Budget, seed: int, cost: Callable[[Spec]
 
 
 def hand_made(budget: Budget, dataset: Dataset) -> Spec:
-    """What a person would pick without a search (`nas_kd.start.hand_made`): the deepest of
+    """What a person would pick without a search (`nas_kd.nas.start.hand_made`): the deepest of
     ResNet-20, -14 and -8 that fits the budget at half its widths or more, scaled to fit."""
     found = start.hand_made(budget, dataset.input_shape, dataset.num_classes)
     if found is None:

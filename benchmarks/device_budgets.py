@@ -14,11 +14,11 @@ Budgets (Fashion-MNIST, 1x28x28, 10 classes), all fixed from one latency table b
   as the table predicts it: the hand-made ResNets fit at about half their widths;
 - `latency-full`: the same of ResNet-20 at x1.00: they fit at about full width;
 - `mcu-48KB`: a Cortex-M class microcontroller, as MCUNet (Lin et al., NeurIPS 2020) frames it:
-  48,000 bytes of SRAM for the peak int8 activations (`nas_kd.memory.peak_activations`) and
+  48,000 bytes of SRAM for the peak int8 activations (`nas_kd.device.memory.peak_activations`) and
   250K parameters (int8 weights in 256KB of flash). Without the flash bound, peak memory alone
   admits students of 137M MACs, which no such device runs.
 
-The table is made here once (`nas_kd.latency.export_blocks` with the hand-made family's layers
+The table is made here once (`nas_kd.device.latency.export_blocks` with the hand-made family's layers
 added, timed with `time_blocks.time_folder`, one thread) and kept in the results file, so every
 method and every later run is judged by the same numbers.
 
@@ -28,8 +28,8 @@ Methods, each picking one student of the default space (`resnet`) per budget and
   or `--memory-budget B`), `--final-epochs 0`, its winner;
 - random: the same with `--sampler random` (same trials, same trial score);
 - largest: of 200 seeded specs of the space that meet the budget, the one with the most MACs;
-- hand-made: the hand-made family (`nas_kd.start.family`: ResNet-20, -14, -8 and MobileNetV2,
-  each at the largest width that meets the budget) narrowed as `nas_kd.start.hand_made` does for
+- hand-made: the hand-made family (`nas_kd.nas.start.family`: ResNet-20, -14, -8 and MobileNetV2,
+  each at the largest width that meets the budget) narrowed as `nas_kd.nas.start.hand_made` does for
   the ResNets (the deepest at half width or more), every member retrained and the best on
   validation kept: `hand-made resnet` and `hand-made mobilenetv2` are its two rows.
 
@@ -63,19 +63,19 @@ from benchmarks.common import (
     search_pick,
     search_settings_id,
 )
-from nas_kd import start
-from nas_kd.arch import Spec
-from nas_kd.blocks import export_blocks
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig
-from nas_kd.cost import Cost, format_count
-from nas_kd.data import Dataset, load_dataset
-from nas_kd.latency import LatencyTable, measure_latency
-from nas_kd.memory import format_bytes
-from nas_kd.space import SearchSpace, load_space
-from nas_kd.time_blocks import time_folder
-from nas_kd.train import resolve_device
-from nas_kd.zoo import teacher_spec
+from nas_kd.core.config import SearchConfig
+from nas_kd.core.units import format_bytes, format_count
+from nas_kd.data.datasets import Dataset, load_dataset
+from nas_kd.device.latency import LatencyTable, measure_latency
+from nas_kd.device.layers import export_blocks
+from nas_kd.device.time_blocks import time_folder
+from nas_kd.nas import start
+from nas_kd.nas.budget import Budget
+from nas_kd.nets.arch import Spec
+from nas_kd.nets.cost import Cost
+from nas_kd.nets.space import SearchSpace, load_space
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.training.train import resolve_device
 
 INPUT, CLASSES = (1, 28, 28), 10
 # a budget with every bound, so that start.spec_facts counts every cost a pick is judged by

@@ -36,19 +36,20 @@ from pathlib import Path
 
 import torch
 
-from nas_kd.arch import Spec, build
-from nas_kd.baselines import FINE_TUNE, train_pruned
-from nas_kd.batches import BatchIterator, seeded_subset
-from nas_kd.budget import Budget
-from nas_kd.config import DistillConfig, SearchConfig, parse_distill
-from nas_kd.cost import count, format_count
-from nas_kd.data import Split, load_dataset
-from nas_kd.ensemble import CachedTargets, ensemble_from_config
-from nas_kd.errors import InputError
-from nas_kd.online import train_online
-from nas_kd.prune import prune_to_budget
-from nas_kd.retrain import retrain
-from nas_kd.train import evaluate
+from nas_kd.core.config import DistillConfig, SearchConfig, parse_distill
+from nas_kd.core.errors import InputError
+from nas_kd.core.units import format_count
+from nas_kd.data.batches import BatchIterator, seeded_subset
+from nas_kd.data.datasets import Split, load_dataset
+from nas_kd.nas.budget import Budget
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import count
+from nas_kd.retraining.baselines import FINE_TUNE, train_pruned
+from nas_kd.retraining.online import train_online
+from nas_kd.retraining.prune import prune_to_budget
+from nas_kd.retraining.retrain import retrain
+from nas_kd.teaching.ensemble import CachedTargets, ensemble_from_config
+from nas_kd.training.train import evaluate
 
 STUDENT = "c8|basic_d1_w8_s1_k3_e1|basic_d1_w16_s2_k3_e1|basic_d1_w32_s2_k3_e1"
 

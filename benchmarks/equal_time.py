@@ -36,7 +36,8 @@ from typing import Any
 import optuna
 
 from benchmarks.common import RESULTS, ResultsFile, machine, settings_id
-from nas_kd.plan import TIME_ATTR, parse_duration
+from nas_kd.core.units import parse_duration
+from nas_kd.pipeline.plan import TIME_ATTR
 
 BUDGET_FLAGS = ("--flops-budget", "50M")
 # 2: the retrain re-plans its length after each epoch (train.Deadline); runs of version 1 planned

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from nas_kd.arch import Spec, build
-from nas_kd.batches import eval_batches
-from nas_kd.data import load_dataset
-from nas_kd.zoo import teacher_spec
+from nas_kd.data.batches import eval_batches
+from nas_kd.data.datasets import load_dataset
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.zoo import teacher_spec
 
 MODELS = {"student 4.2M MACs": Spec.parse("c16|bottleneck_d1_w24_s1_k3_e2|bottleneck_d1_w64_s2_k3_e4_se|"
                                           "bottleneck_d2_w64_s2_k5_e4"),

@@ -50,15 +50,15 @@ from benchmarks.common import (
     search_settings_id,
     settings_id,
 )
-from nas_kd import start
-from nas_kd.arch import Spec, StageSpec
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig
-from nas_kd.cost import format_count
-from nas_kd.data import load_dataset
-from nas_kd.errors import InputError
-from nas_kd.space import load_space
-from nas_kd.zoo import teacher_spec
+from nas_kd.core.config import SearchConfig
+from nas_kd.core.errors import InputError
+from nas_kd.core.units import format_count
+from nas_kd.data.datasets import load_dataset
+from nas_kd.nas import start
+from nas_kd.nas.budget import Budget
+from nas_kd.nets.arch import Spec, StageSpec
+from nas_kd.nets.space import load_space
+from nas_kd.nets.zoo import teacher_spec
 
 BUDGETS = ("50M", "latency-full")
 EDGE = 0.95  # a student must use at least this share of the budget

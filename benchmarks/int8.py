@@ -1,4 +1,4 @@
-"""int8 on this CPU: every quantization setting of `nas_kd.int8` on the shipped teachers and on
+"""int8 on this CPU: every quantization setting of `nas_kd.device.int8` on the shipped teachers and on
 students, accuracy, agreement with fp32 and latency, side by side in one run.
 
     python -m benchmarks.int8 [--students SPEC ...] [--epochs 1]
@@ -7,7 +7,7 @@ Models: the two shipped Fashion-MNIST teachers (resnet20, wrn16_2) and each stud
 (default: the main command's 37.1M-MAC winner), distilled here from the shipped ensemble for
 `--epochs` epochs with the search's recipe (a short retrain: its weights are of the kind int8
 must hold for, not the 11-epoch winner's). Each is exported once to ONNX (dynamic batch, as
-delivered) and quantized with every setting (`nas_kd.int8.SETTINGS`) on the export's 512 seeded
+delivered) and quantized with every setting (`nas_kd.device.int8.SETTINGS`) on the export's 512 seeded
 training images; each int8 model is run on the validation split (agreement with fp32, what the
 export chooses by) and on the test split (accuracy, for this table only), and its latency taken
 like the export's (one thread, batch 1, the fastest of 3 medians of 100 runs), the fp32 model's
@@ -25,17 +25,17 @@ import optuna
 import torch
 
 from benchmarks.common import RESULTS, ResultsFile, machine
-from nas_kd.arch import Spec
-from nas_kd.batches import BatchIterator
-from nas_kd.config import SearchConfig
-from nas_kd.convert import onnx_logits, quantize_int8, to_onnx
-from nas_kd.data import Dataset, load_dataset
-from nas_kd.ensemble import CachedTargets, ensemble_from_config
-from nas_kd.export import calibration_images, split_inputs
-from nas_kd.int8 import SETTINGS, instruction_set
-from nas_kd.losses import recipe_features
-from nas_kd.retrain import retrain
-from nas_kd.time_blocks import latency_ms, make_session
+from nas_kd.core.config import SearchConfig
+from nas_kd.data.batches import BatchIterator
+from nas_kd.data.datasets import Dataset, load_dataset
+from nas_kd.device.convert import onnx_logits, quantize_int8, to_onnx
+from nas_kd.device.export import calibration_images, split_inputs
+from nas_kd.device.int8 import SETTINGS, instruction_set
+from nas_kd.device.time_blocks import latency_ms, make_session
+from nas_kd.distill.losses import recipe_features
+from nas_kd.nets.arch import Spec
+from nas_kd.retraining.retrain import retrain
+from nas_kd.teaching.ensemble import CachedTargets, ensemble_from_config
 
 WINNER = "c24|basic_d1_w32_s1_k3_e1|bottleneck_d1_w64_s2_k3_e2|basic_d2_w64_s2_k5_e1"  # the main command's 37.1M winner
 

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, ResultsFile, counter, machine, settings_id, spearman, spearman_interval
-from nas_kd.blocks import export_blocks
-from nas_kd.latency import PASSES, RUNS, LatencyTable, measure_latency
-from nas_kd.space import load_space
-from nas_kd.time_blocks import time_folder
+from nas_kd.device.latency import PASSES, RUNS, LatencyTable, measure_latency
+from nas_kd.device.layers import export_blocks
+from nas_kd.device.time_blocks import time_folder
+from nas_kd.nets.space import load_space
 
 SPACES = ("resnet", "mobilenetv2")
 INPUT, CLASSES = (1, 28, 28), 10

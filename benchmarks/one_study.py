@@ -6,7 +6,7 @@ single-budget searches of a third of its trials each.
 
 A user with several targets can search once (`--objective pareto` at the largest budget) and pick
 per target afterwards (`python -m nas_kd.retrain --study-name S --flops-budget X`, which is
-`nas_kd.picks.pick_at_budget`), or search once per target. Per seed S:
+`nas_kd.nas.picks.pick_at_budget`), or search once per target. Per seed S:
 
 - pareto: one search of N trials, `--objective pareto --flops-budget` the largest budget; at each
   budget, the best trained trial that meets it;
@@ -32,15 +32,15 @@ import optuna
 import torch
 
 from benchmarks.common import RESULTS, ResultsFile, Retrains, fresh_search, machine, mean_sd, search_settings_id
-from nas_kd.arch import Spec
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig
-from nas_kd.cost import format_count, parse_count
-from nas_kd.data import Dataset, load_dataset
-from nas_kd.errors import InputError
-from nas_kd.picks import pick_at_budget, pick_winner
-from nas_kd.records import SPEC_ATTR, was_trained
-from nas_kd.train import resolve_device
+from nas_kd.core.config import SearchConfig
+from nas_kd.core.errors import InputError
+from nas_kd.core.units import format_count, parse_count
+from nas_kd.data.datasets import Dataset, load_dataset
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.picks import pick_at_budget, pick_winner
+from nas_kd.nas.records import SPEC_ATTR, was_trained
+from nas_kd.nets.arch import Spec
+from nas_kd.training.train import resolve_device
 
 METHODS = ("pareto", "single")
 BUDGETS = ("10M", "25M", "50M")

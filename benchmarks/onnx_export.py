@@ -1,5 +1,5 @@
 """What one ONNX export of a student costs with the exporter's translation table built on every
-call (torch's way) and built once per process (`nas_kd.convert.reused_torchlib_table`),
+call (torch's way) and built once per process (`nas_kd.device.convert.reused_torchlib_table`),
 measured side by side on the same students.
 
     python -m benchmarks.onnx_export [--specs 6] [--rounds 3]
@@ -20,9 +20,9 @@ import warnings
 import torch
 
 from benchmarks.common import machine
-from nas_kd.arch import build
-from nas_kd.convert import reused_torchlib_table, to_onnx
-from nas_kd.space import load_space
+from nas_kd.device.convert import reused_torchlib_table, to_onnx
+from nas_kd.nets.arch import build
+from nas_kd.nets.space import load_space
 
 
 def main() -> None:

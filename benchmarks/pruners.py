@@ -30,13 +30,13 @@ from pathlib import Path
 import optuna
 
 from benchmarks.common import RESULTS, Bench, ResultsFile, distill_sid, draw_specs, reference_settings, settings_id
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig
-from nas_kd.cost import format_count, parse_count
-from nas_kd.data import load_dataset
-from nas_kd.ensemble import ensemble_from_config
-from nas_kd.space import load_space
-from nas_kd.study import PRUNERS, make_pruner
+from nas_kd.core.config import SearchConfig
+from nas_kd.core.units import format_count, parse_count
+from nas_kd.data.datasets import load_dataset
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.study import PRUNERS, make_pruner
+from nas_kd.nets.space import load_space
+from nas_kd.teaching.ensemble import ensemble_from_config
 
 
 def replay(pruner: str, curves: list[list[list[float]]], order: list[int], budget: float,

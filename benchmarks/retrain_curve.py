@@ -13,7 +13,7 @@ and the shipped ensemble. The students:
 - winner: the main command's winner at --flops-budget 50M (trial 2 of the bare command,
   37.1M MACs; BENCHMARKS.md, "The main command");
 - resnet20: the hand-made network at the same budget, as `--start-from hand-made` builds it
-  (ResNet-20 widened until 50M MACs would be passed; `nas_kd.start.hand_made`).
+  (ResNet-20 widened until 50M MACs would be passed; `nas_kd.nas.start.hand_made`).
 
 The recipes (`RECIPES`): the search's distillation recipe (ce + kl + hint, T=4) on un-augmented
 images with the teachers' outputs cached once (`kd`, what the main command's retrain does today);
@@ -40,17 +40,17 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, ResultsFile, hand_made, machine, settings_id
-from nas_kd.arch import Spec, build
-from nas_kd.batches import BatchIterator
-from nas_kd.budget import Budget
-from nas_kd.config import DistillConfig, SearchConfig
-from nas_kd.cost import count
-from nas_kd.data import Dataset, Split, load_dataset
-from nas_kd.distill import distill, retrain_student, seeded_student
-from nas_kd.ensemble import CachedTargets, ensemble_from_config
-from nas_kd.export import student_metrics
-from nas_kd.losses import recipe_features
-from nas_kd.train import Checkpoint, resolve_device
+from nas_kd.core.config import DistillConfig, SearchConfig
+from nas_kd.data.batches import BatchIterator
+from nas_kd.data.datasets import Dataset, Split, load_dataset
+from nas_kd.device.export import student_metrics
+from nas_kd.distill.losses import recipe_features
+from nas_kd.distill.student import distill, retrain_student, seeded_student
+from nas_kd.nas.budget import Budget
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import count
+from nas_kd.teaching.ensemble import CachedTargets, ensemble_from_config
+from nas_kd.training.train import Checkpoint, resolve_device
 
 WINNER = "c24|basic_d1_w32_s1_k3_e1|bottleneck_d1_w64_s2_k3_e2|basic_d2_w64_s2_k5_e1"
 BUDGET = Budget(macs=50_000_000)

@@ -9,7 +9,7 @@ At each budget and seed, five methods each pick one student of the default searc
   --final-epochs 0`), its winner; with `--budget-floor 0.5` the searches (search, random,
   params) train only students that use half the budget (their picks are kept under keys of their
   own); with `--start-from hand-made` the searches train the hand-made network below first
-  (`nas_kd.start`), and their picks and studies are kept apart too (`|start-hand-made`): the
+  (`nas_kd.nas.start`), and their picks and studies are kept apart too (`|start-hand-made`): the
   search's pick is then its best trial by score, as before;
 - random: the same search with `--sampler random` (the same number of trained trials, the same
   score), its winner;
@@ -21,7 +21,7 @@ At each budget and seed, five methods each pick one student of the default searc
   trained, the same number of trials), what a user would run after reading that the count ranks
   students under a wide budget better than a brief training does;
 - finalists: the default search with `--finalists K` (default 3): its K best trials by trial score
-  and its start points (`nas_kd.study.retrain_candidates`) are each retrained as below, and the
+  and its start points (`nas_kd.nas.study.retrain_candidates`) are each retrained as below, and the
   one of best validation accuracy is the pick; with `--start-from hand-made --finalists 1`, the
   better on validation of the search's best trial and the hand-made network, which is what
   `python -m nas_kd.search --start-from hand-made` itself keeps. It reads the search method's study (run first when missing) and reuses the
@@ -64,15 +64,15 @@ from benchmarks.common import (
     search_pick,
     settings_id,
 )
-from nas_kd.arch import Spec
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig
-from nas_kd.cost import format_count, parse_count
-from nas_kd.data import Dataset, load_dataset
-from nas_kd.picks import retrain_candidates
-from nas_kd.records import SPEC_ATTR
-from nas_kd.space import load_space
-from nas_kd.study import study_training
+from nas_kd.core.config import SearchConfig
+from nas_kd.core.units import format_count, parse_count
+from nas_kd.data.datasets import Dataset, load_dataset
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.picks import retrain_candidates
+from nas_kd.nas.records import SPEC_ATTR
+from nas_kd.nas.study import study_training
+from nas_kd.nets.arch import Spec
+from nas_kd.nets.space import load_space
 
 METHODS = ("search", "random", "largest", "hand-made", "params", "finalists")
 
@@ -168,7 +168,7 @@ def search_study(cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[optun
 
 def pick_finalists(study: optuna.Study, k: int, retrained: Callable[[Spec], dict[str, Any]]) -> tuple[Spec, dict[str, Any]]:
     """As `--finalists k` picks: the best k trials of the study by trial score and its start points
-    (`nas_kd.study.retrain_candidates`), each retrained; the one of best validation accuracy (ties:
+    (`nas_kd.nas.study.retrain_candidates`), each retrained; the one of best validation accuracy (ties:
     the earlier). `retrained(spec)` is the results entry of the spec's retrain."""
     rows = []
     for trial in retrain_candidates(study, k):

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks.common import RESULTS, ResultsFile, machine
-from nas_kd.arch import build
-from nas_kd.batches import BatchIterator
-from nas_kd.config import TrainConfig
-from nas_kd.data import load_dataset, load_fashion_mnist
-from nas_kd.train import evaluate, fit
-from nas_kd.zoo import teacher_spec
+from nas_kd.core.config import TrainConfig
+from nas_kd.data.batches import BatchIterator
+from nas_kd.data.datasets import load_dataset, load_fashion_mnist
+from nas_kd.nets.arch import build
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.training.train import evaluate, fit
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 140, 50
 

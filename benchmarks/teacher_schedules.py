@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from nas_kd.config import TrainConfig
-from nas_kd.data import load_dataset
-from nas_kd.teacher_cache import train_teacher
-from nas_kd.train import evaluate
+from nas_kd.core.config import TrainConfig
+from nas_kd.data.datasets import load_dataset
+from nas_kd.teaching.cache import train_teacher
+from nas_kd.training.train import evaluate
 
 ARMS = {
     "fp32": TrainConfig(),

@@ -19,17 +19,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nas_kd.arch import Spec, build
-from nas_kd.batches import BatchIterator, seeded_subset
-from nas_kd.config import DistillConfig, SearchConfig, TrainConfig, parse_distill
-from nas_kd.cost import count, format_count
-from nas_kd.data import load_dataset
-from nas_kd.distill import criterion_for
-from nas_kd.ensemble import CachedTargets, Ensemble, LiveTargets
-from nas_kd.losses import StudentOutput
-from nas_kd.teacher_cache import Teacher
-from nas_kd.train import make_optimizer
-from nas_kd.zoo import teacher_spec
+from nas_kd.core.config import DistillConfig, SearchConfig, TrainConfig, parse_distill
+from nas_kd.core.units import format_count
+from nas_kd.data.batches import BatchIterator, seeded_subset
+from nas_kd.data.datasets import load_dataset
+from nas_kd.distill.losses import StudentOutput
+from nas_kd.distill.student import criterion_for
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import count
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.teaching.cache import Teacher
+from nas_kd.teaching.ensemble import CachedTargets, Ensemble, LiveTargets
+from nas_kd.training.train import make_optimizer
 
 STUDENTS = {
     "small (resnet8-like)": "c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1|basic_d1_w64_s2_k3_e1",

@@ -64,21 +64,22 @@ from benchmarks.common import (
     spearman_interval,
     trial_settings,
 )
-from nas_kd.arch import Spec
-from nas_kd.batches import BatchIterator, seeded_subset
-from nas_kd.blockwise import BlockwiseScorer, most_accurate
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig, steps_per_epoch
-from nas_kd.cost import Cost, format_count, parse_count
-from nas_kd.data import Split, load_dataset
-from nas_kd.ensemble import CachedTargets, ensemble_from_config
-from nas_kd.errors import InputError
-from nas_kd.losses import recipe_features
-from nas_kd.objective import PROXY_BATCH, TRIAL_SCORES, TrialContext, proxy_scores, trial_context
-from nas_kd.records import CURVE_ATTR
-from nas_kd.retrain import retrain
-from nas_kd.space import load_space
-from nas_kd.train import evaluate
+from nas_kd.core.config import SearchConfig, steps_per_epoch
+from nas_kd.core.errors import InputError
+from nas_kd.core.units import format_count, parse_count
+from nas_kd.data.batches import BatchIterator, seeded_subset
+from nas_kd.data.datasets import Split, load_dataset
+from nas_kd.distill.blockwise import BlockwiseScorer, most_accurate
+from nas_kd.distill.losses import recipe_features
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.objective import PROXY_BATCH, TRIAL_SCORES, TrialContext, proxy_scores, trial_context
+from nas_kd.nas.records import CURVE_ATTR
+from nas_kd.nets.arch import Spec
+from nas_kd.nets.cost import Cost
+from nas_kd.nets.space import load_space
+from nas_kd.retraining.retrain import retrain
+from nas_kd.teaching.ensemble import CachedTargets, ensemble_from_config
+from nas_kd.training.train import evaluate
 
 
 def top_k_precision(score: list[float], reference: list[float], k: int = 3) -> float:

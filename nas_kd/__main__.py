@@ -9,10 +9,10 @@ import sys
 # command -> (the module whose main(argv) runs it, what it does)
 COMMANDS = {
     "search": ("nas_kd.search", "search a student under a budget, report, retrain and export the winner"),
-    "retrain": ("nas_kd.retrain_cli", "retrain a study's winner, a trial, a new budget or an online ensemble"),
-    "report": ("nas_kd.report_cli", "write a study's HTML report again"),
-    "export": ("nas_kd.export_cli", "export a student checkpoint to ONNX and int8 ONNX, checked"),
-    "latency": ("nas_kd.latency_cli", "latency tables for a device, and one spec's latency and memory here"),
+    "retrain": ("nas_kd.retrain", "retrain a study's winner, a trial, a new budget or an online ensemble"),
+    "report": ("nas_kd.report", "write a study's HTML report again"),
+    "export": ("nas_kd.export", "export a student checkpoint to ONNX and int8 ONNX, checked"),
+    "latency": ("nas_kd.latency", "latency tables for a device, and one spec's latency and memory here"),
     "teachers": ("nas_kd.teachers", "list, train and ship teachers"),
 }
 

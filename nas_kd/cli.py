@@ -1,5 +1,5 @@
-"""Command-line plumbing shared by the command lines (`nas_kd.search`, `nas_kd.retrain_cli`,
-`nas_kd.report_cli`, ...): flag parsing and the one-line error. No library module imports it."""
+"""Command-line plumbing shared by the command lines (`nas_kd.search`, `nas_kd.retrain`,
+`nas_kd.report`, ...): flag parsing and the one-line error. No library module imports it."""
 
 from __future__ import annotations
 

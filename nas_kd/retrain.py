@@ -1,188 +1,178 @@
-"""Retrain the winner with the full schedule, test it once beside the teachers, export it.
-
-    python -m nas_kd.retrain --study-name NAME [--trial N | --finalists K] [--final-epochs E]
-
-Without augmentation the teachers' outputs are computed once for the whole training split (or
-taken from the search's cache); with it, the teachers run live on a fresh view every epoch
-(`distill.retrain_targets`). The winner is exported by `nas_kd.export`: safetensors weights that
-describe themselves, an ONNX model and an int8 ONNX model, both checked with ONNX Runtime.
-"""
+"""The command line of `python -m nas_kd.retrain --study-name NAME`: retrain a study's winner (or
+its finalists, or an online ensemble of its top students) with `nas_kd.retraining.retrain`."""
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
+import json
 import sys
-import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import optuna
 from optuna.trial import FrozenTrial
 
-from nas_kd.arch import Network, Spec, build
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig, from_dict
-from nas_kd.cost import Cost, count
-from nas_kd.data import Dataset
-from nas_kd.distill import criterion_for, retrain_augments, retrain_recipe_text, retrain_student, retrain_targets
-from nas_kd.ensemble import CachedTargets, Ensemble
-from nas_kd.errors import InputError
-from nas_kd.export import export, student_metrics, teachers_test_metrics
-from nas_kd.picks import (
-    budget_tag,
-    cost_text,
-    finalists,
-    pick_at_budget,
-    pick_winner,
-    retrain_candidates,
-    start_names,
-    stored_cost,
-)
-from nas_kd.progress import log
-from nas_kd.records import LATENCY_ATTR, SPEC_ATTR, cost_facts
-from nas_kd.report import write_report
-from nas_kd.study import AT_BUDGET_ATTR, STUDY_ATTR, WINNER_ATTR
-from nas_kd.train import Deadline, evaluate
+from nas_kd.cli import fail, quiet_libraries, study_parser
+from nas_kd.core.config import SearchConfig, adapt_schedule, from_dict
+from nas_kd.core.errors import InputError
+from nas_kd.core.progress import log
+from nas_kd.core.units import parse_bytes, parse_count, parse_latency
+from nas_kd.data.datasets import load_dataset
+from nas_kd.device.convert import require_runtime
+from nas_kd.device.int8 import TARGET_NAMES, target_help
+from nas_kd.device.latency import latency_meter
+from nas_kd.distill.student import FINAL_AUGMENT
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.picks import pick_at_budget, stored_cost
+from nas_kd.nas.records import SPEC_ATTR
+from nas_kd.nas.study import check_same_teachers, load_existing
+from nas_kd.nets.arch import Spec
+from nas_kd.nets.cost import Cost
+from nas_kd.nets.space import load_space
+from nas_kd.reporting.html import write_report
+from nas_kd.retraining.online import retrain_online, top_students
+from nas_kd.retraining.retrain import config_of, finish_retrain, retrain_at_budget
+from nas_kd.teaching.ensemble import ensemble_from_config, ensemble_summary
+from nas_kd.training.train import resolve_device
 
 
-def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
-            progress: bool = True, cached: CachedTargets | None = None,
-            deadline: Deadline | None = None) -> tuple[Network, float]:
-    """Distil a fresh `spec` network for `epochs` with the study's recipe (re-planned to end by
-    `deadline` when given); returns it and the seconds."""
-    device = dataset.train.x.device
-    return retrain_student(lambda: build(spec, dataset.input_shape, dataset.num_classes).to(device), dataset,
-                           ensemble, cfg, epochs, progress=progress, cached=cached, epoch_lines=True, replan=deadline)
+def new_budget(args: argparse.Namespace) -> Budget | None:
+    """The budget the budget flags give, or None when none is given."""
+    budget = Budget(None if args.flops_budget is None else parse_count(args.flops_budget, "--flops-budget"),
+                    None if args.params_budget is None else parse_count(args.params_budget, "--params-budget"),
+                    None if args.latency_budget is None else parse_latency(args.latency_budget),
+                    None if args.memory_budget is None else parse_bytes(args.memory_budget))
+    if args.latency_table and budget.latency_ms is None:
+        raise InputError("--latency-table prices a latency budget; add --latency-budget")
+    return None if budget == Budget() else budget
 
 
-def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
-    """The one look at the test set: the student, each teacher and the ensemble."""
-    return {**student_metrics(model, dataset), **teachers_test_metrics(dataset, ensemble)}
+def budget_price(cfg: SearchConfig, budget: Budget, table: str | None, input_shape: tuple[int, int, int],
+                 num_classes: int) -> Callable[[FrozenTrial], Cost]:
+    """A trial's cost as `picks.pick_at_budget` judges it: what the trial stored, and where a
+    latency bound needs a latency the trial did not record, the table's (given, or the search's)
+    or one measured here."""
+    if budget.latency_ms is None:
+        return stored_cost
+    meter, _ = latency_meter(replace(cfg, latency_table=table or cfg.latency_table, onnx=True),
+                             load_space(cfg.search_space), input_shape, num_classes)
+    assert meter is not None  # onnx=True: measured when there is no table
+
+    def price(trial: FrozenTrial) -> Cost:
+        cost = stored_cost(trial)
+        if cost.latency_ms is not None:
+            return cost
+        return replace(cost, latency_ms=meter(Spec.parse(trial.user_attrs[SPEC_ATTR])))
+    return price
 
 
-def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
-                   out_dir: Path, progress: bool = True, log=print, cached: CachedTargets | None = None,
-                   record: bool = True, end: float | None = None) -> dict[str, Any]:
-    """Pick the winner (or cfg.retrain_trial), retrain, test, export, and store the figures in the study.
+def main(argv: list[str] | None = None) -> int:
+    parser = study_parser("python -m nas_kd.retrain",
+                          "Retrain a study's winner (or --trial N) with the full schedule, test it and export it;\n"
+                          "or, with --online-ensemble K, retrain the top K students of its Pareto front together,\n"
+                          "each learning from the ensemble of all of them (into OUT_DIR/<study>/online/).")
+    parser.add_argument("--trial", type=int, help="retrain this trial instead of the best feasible one")
+    parser.add_argument("--final-epochs", type=int, help="epochs of the retrain (default: the search's)")
+    parser.add_argument("--final-augment", choices=FINAL_AUGMENT,
+                        help="padding-crop and flips in the retrain: auto, on or off (default: the search's; see "
+                             "python -m nas_kd.search --help)")
+    parser.add_argument("--finalists", type=int, metavar="K",
+                        help="retrain the K best trials (distinct students) and keep the one of best validation "
+                             "accuracy; only it is tested (default: the search's, 1). The study's start points "
+                             "(--start-from) are retrained beside them")
+    parser.add_argument("--online-ensemble", type=int, metavar="K",
+                        help="retrain the K (>= 2) most accurate feasible students of the Pareto front together, "
+                             "as an online ensemble (Walawalkar et al., ECCV 2020)")
+    parser.add_argument("--with-teachers", action="store_true",
+                        help="with --online-ensemble: each student also learns from the offline teachers "
+                             "with the study's recipe")
+    b = parser.add_argument_group("one study, many budgets", "retrain the best trained trial of the study that meets "
+                                  "a new budget (any of these, combined), into OUT_DIR/<study>/winner-<budget>/, "
+                                  "apart from the winner")
+    b.add_argument("--flops-budget", metavar="MACS", help="MACs of one forward pass of one input, e.g. 20M")
+    b.add_argument("--params-budget", metavar="N", help="parameters, e.g. 200K")
+    b.add_argument("--latency-budget", metavar="TIME", help="latency of one image, e.g. 1.5ms (the trial's stored "
+                   "latency; measured here, or predicted from --latency-table, where a trial has none)")
+    b.add_argument("--memory-budget", metavar="BYTES", help="peak int8 activation memory, e.g. 48K")
+    b.add_argument("--latency-table", metavar="JSON", help="price latencies a trial did not record with this table "
+                   "(default: the search's, if it had one)")
+    parser.add_argument("--no-onnx", action="store_true", help="export the weights only, no ONNX models")
+    parser.add_argument("--int8-target", choices=TARGET_NAMES, metavar="CPU",
+                        help=f"the CPU model.int8.onnx is quantized for (default: the search's): {target_help()}")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        online = args.online_ensemble is not None
+        if online and args.online_ensemble < 2:
+            raise InputError(f"--online-ensemble needs at least 2 students, got {args.online_ensemble}")
+        if args.with_teachers and not online:
+            raise InputError("--with-teachers applies to an online ensemble only; add --online-ensemble K")
+        if online and args.trial is not None:
+            raise InputError(f"--trial picks one student, --online-ensemble the top {args.online_ensemble}; "
+                             "pass one of them")
+        if args.finalists is not None and (args.finalists < 1 or online or args.trial is not None):
+            raise InputError(f"--finalists must be >= 1, got {args.finalists}" if args.finalists < 1 else
+                             f"--finalists {args.finalists} picks the winner by retraining the best {args.finalists}; "
+                             f"it does not go with {'--online-ensemble' if online else '--trial'}")
+        budget = new_budget(args)
+        if budget is not None and (online or args.trial is not None or args.finalists is not None):
+            raise InputError(f"a new budget ({budget}) picks its own trial; it does not go with "
+                             f"{'--online-ensemble' if online else '--trial' if args.trial is not None else '--finalists'}")
+        study = load_existing(args.storage, args.study_name, Path(args.out_dir))
+        cfg = config_of(study)
 
-    With cfg.finalists K > 1 the K best trials are each retrained and the one of best validation
-    accuracy is the winner (ties: the better trial score); only it is tested and exported. The
-    study's start points (`study.retrain_candidates`) are retrained beside them, whatever their
-    trial scores, and win only on validation too.
-
-    With `end` (a `time.perf_counter` time: a time budget's), each retrain re-plans its epochs
-    after every one to end by its share of what is left (`train.Deadline`), and the figures give
-    the epochs it trained."""
-    if cfg.retrain_trial is None:
-        best = finalists(study, cfg.finalists)
-        if cfg.finalists > 1 and len(best) < cfg.finalists:
-            log(f"--finalists {cfg.finalists}: the study has {len(best)} distinct feasible students; "
-                f"retraining {len(best)}")
-        candidates = retrain_candidates(study, cfg.finalists)
-        names = start_names(study)
-        if starts := [t for t in candidates if t.user_attrs[SPEC_ATTR] in names]:
-            log("start points, retrained whatever their trial score and kept only if best on validation: " + ", ".join(
-                f"trial {t.number} ({names[t.user_attrs[SPEC_ATTR]]}, trial score {t.values[0]:.4g})" for t in starts))
-    else:
-        candidates, names = [pick_winner(study, cfg.retrain_trial)], {}
-    many = len(candidates) > 1
-    start = time.perf_counter()
-    if many:
-        # the teachers' outputs over the training split once for every finalist: the search's cache
-        # when it covers the split, else computed here (each retrain would compute its own); when
-        # they run live (augmentation, or too big to cache) each retrain runs them
-        first = build(Spec.parse(candidates[0].user_attrs[SPEC_ATTR]), dataset.input_shape, dataset.num_classes)
-        _, shared = retrain_targets(ensemble, dataset, cfg, criterion_for(first, cfg.distill, ensemble.feature_channels),
-                                    cached, progress)
-        cached = shared if isinstance(shared, CachedTargets) else cached
-    rows: list[dict[str, Any]] = []
-    best: tuple[float, optuna.trial.FrozenTrial, Spec, Network, float, int] | None = None
-    for rank, trial in enumerate(candidates, 1):
-        now = time.perf_counter()
-        # two-stage training keeps its planned length (distill.distill)
-        deadline = (None if end is None or cfg.distill.two_stage
-                    else Deadline(now + (end - now) / (len(candidates) - rank + 1)))
-        spec = Spec.parse(trial.user_attrs[SPEC_ATTR])
-        start_point = names.get(str(spec))
-        label = f" ({start_point} start point)" if start_point else ""
-        which = f"finalist {rank} of {len(candidates)}{label}: " if many else ""
-        planned = f"~{cfg.final_epochs} epochs, re-planned after each" if deadline else f"{cfg.final_epochs} epochs"
-        log(f"retraining {which}trial {trial.number} ({spec}) for {planned}: "
-            f"{retrain_recipe_text(cfg, cfg.final_epochs)}")
-        model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached, deadline)
-        epochs = cfg.final_epochs if deadline is None or deadline.epochs is None else deadline.epochs
-        val = evaluate(model, dataset.val, dataset) if many else 0.0
-        if many:
-            rows.append({"trial": trial.number, "spec": str(spec), "search_val_acc": trial.values[0], "val_acc": val,
-                         "train_seconds": round(seconds, 2), "epochs": epochs,
-                         **({"start_point": start_point} if start_point else {})})
-            log(f"finalist {rank}: trial {trial.number} val acc {val:.4f} after the retrain "
-                f"(trial score {trial.values[0]:.4g})")
-        if best is None or val > best[0]:  # only the best model is kept in memory
-            best = (val, trial, spec, model, seconds, epochs)
-        del model  # before the next finalist trains
-    assert best is not None
-    _, trial, spec, model, seconds, epochs = best
-    if many:
-        log(f"finalists: trial {trial.number} has the best validation accuracy ({best[0]:.4f}); testing it")
-    metrics = test_metrics(model, dataset, ensemble)
-    metrics = {"trial": trial.number, "spec": str(spec),
-               **cost_facts(count(model, dataset.input_shape), ensemble.largest()),
-               "latency_ms": trial.user_attrs.get(LATENCY_ATTR),
-               "search_val_acc": trial.values[0], "final_epochs": epochs, **metrics,
-               "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
-               "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature,
-               "augmented": retrain_augments(cfg, cfg.final_epochs),  # decided before it trained
-               **({"finalists": rows} if many else {})}
-    weights, metrics_path = export(model, dataset, cfg, metrics, out_dir)
-    metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)
-    if record:
-        study.set_user_attr(WINNER_ATTR, metrics)
-    return metrics
-
-
-def finish_retrain(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
-                   progress: bool = True, log=log, cached: CachedTargets | None = None,
-                   end: float | None = None) -> dict[str, Any]:
-    """Retrain the winner into OUT_DIR/<study>/winner/ (by `end`, see `retrain_winner`) and
-    rewrite the study's report."""
-    out = Path(cfg.out_dir) / study.study_name
-    metrics = retrain_winner(study, dataset, ensemble, cfg, out / "winner", progress, log, cached, end=end)
-    html_path, _ = write_report(study, out)
-    log(f"winner: trial {metrics['trial']} test acc {metrics['test_acc']:.4f} "
-        f"(ensemble {metrics['ensemble_test_acc']:.4f}); report {html_path}")
-    return metrics
-
-
-def retrain_at_budget(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, budget: Budget,
-                      price: Callable[[FrozenTrial], Cost] = stored_cost, progress: bool = True, log=log,
-                      cached: CachedTargets | None = None) -> dict[str, Any]:
-    """One study, many budgets: retrain the best trained trial that meets `budget` (`picks.pick_at_budget`)
-    into OUT_DIR/<study>/winner-<budget tag>/, apart from the winner; its metrics are kept in the
-    study under AT_BUDGET_ATTR[tag], and the winner's record is left alone."""
-    trial, cost, fitting = pick_at_budget(study, budget, price)
-    tag = budget_tag(budget)
-    log(f"{budget}: trial {trial.number} ({trial.user_attrs[SPEC_ATTR]}; {cost_text(cost)}; trial score "
-        f"{trial.values[0]:.4f}), the best of {fitting} trained trials that meet it")
-    out = Path(cfg.out_dir) / study.study_name / f"winner-{tag}"
-    one = dataclasses.replace(cfg, retrain_trial=trial.number, finalists=1)
-    metrics = {"budget": str(budget), **retrain_winner(study, dataset, ensemble, one, out, progress, log, cached,
-                                                       record=False)}
-    study.set_user_attr(AT_BUDGET_ATTR, {**study.user_attrs.get(AT_BUDGET_ATTR, {}), tag: metrics})
-    log(f"{budget}: trial {trial.number} test acc {metrics['test_acc']:.4f}; {out}")
-    return metrics
-
-
-def config_of(study: optuna.Study) -> SearchConfig:
-    """The SearchConfig the study's search ran with (stored in the study by the command line)."""
-    stored = study.user_attrs.get(STUDY_ATTR, {}).get("config")
-    if stored is None:
-        raise InputError(f"study {study.study_name!r} was not made by nas_kd.search (no stored config)")
-    return from_dict(SearchConfig, stored)
+        if online:
+            top_students(study, args.online_ensemble)  # too few students: fail before any teacher is loaded
+        overrides: dict[str, Any] = {"device": args.device, "retrain_trial": args.trial, "out_dir": args.out_dir}
+        if cfg.cache_dir is None and cfg.cache_path().is_dir():
+            # the teachers stay where the search cached them when --out-dir moves only this command's outputs
+            overrides["cache_dir"] = str(cfg.cache_path())
+        if args.final_epochs is not None:
+            if args.final_epochs < 1:
+                raise InputError(f"--final-epochs must be >= 1, got {args.final_epochs}")
+            overrides["final_epochs"] = args.final_epochs
+        elif cfg.final_epochs == 0:  # searched with --final-epochs 0: nothing retrained then, so nothing to repeat
+            overrides["final_epochs"] = SearchConfig().final_epochs
+            log(f"the search ran with --final-epochs 0: retraining for the default {SearchConfig().final_epochs} "
+                "epochs (--final-epochs E for others)")
+        if args.final_augment is not None:
+            overrides["final_augment"] = args.final_augment
+        if args.finalists is not None:
+            overrides["finalists"] = args.finalists
+        elif args.trial is not None:
+            overrides["finalists"] = 1  # the trial asked for, whatever the search's --finalists was
+        if args.no_onnx:
+            overrides["onnx"] = False
+        if args.int8_target is not None:
+            overrides["int8_target"] = args.int8_target
+        cfg = from_dict(SearchConfig, {**cfg.to_dict(), **overrides})
+        if cfg.onnx:
+            require_runtime()  # before any training
+        dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None).to(resolve_device(cfg.device))
+        if budget is not None:  # refused before any teacher is loaded when no trial meets it
+            price = budget_price(cfg, budget, args.latency_table, dataset.input_shape, dataset.num_classes)
+            pick_at_budget(study, budget, price)
+        cfg, schedule_text = adapt_schedule(cfg, len(dataset.train))
+        log(schedule_text)
+        ensemble = ensemble_from_config(cfg, dataset, not args.quiet, log)
+        check_same_teachers(study, ensemble_summary(ensemble))
+        if online:
+            out = Path(cfg.out_dir) / study.study_name / "online"
+            metrics = retrain_online(study, dataset, ensemble, cfg, args.online_ensemble, args.with_teachers, out,
+                                     not args.quiet, log)
+            write_report(study, out.parent)
+        elif budget is not None:
+            metrics = retrain_at_budget(study, dataset, ensemble, cfg, budget, price, not args.quiet, log)
+        else:
+            metrics = finish_retrain(study, dataset, ensemble, cfg, not args.quiet, log)
+    except InputError as e:
+        return fail(str(e))
+    print(json.dumps(metrics, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    from nas_kd.retrain_cli import main
-
     sys.exit(main())

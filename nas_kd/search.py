@@ -1,7 +1,7 @@
 """The command line: `python -m nas_kd.search --flops-budget 50M`.
 
 Parses flags into a `SearchConfig` (defaults, then a --config YAML, then the flags typed) and
-hands it to `nas_kd.pipeline.search`, which runs the job. Bad input of any kind ends in one line
+hands it to `nas_kd.pipeline.run.search`, which runs the job. Bad input of any kind ends in one line
 on stderr and exit status 2.
 """
 
@@ -16,20 +16,19 @@ from typing import Any
 import yaml
 
 from nas_kd.cli import OneLineParser, base_parser, fail, number, quiet_libraries
-from nas_kd.config import SearchConfig, from_dict, parse_distill
-from nas_kd.cost import parse_count
-from nas_kd.distill import FINAL_AUGMENT, LONG_RETRAIN_EPOCHS
-from nas_kd.ensemble import ENSEMBLE_WEIGHTINGS
-from nas_kd.errors import InputError
-from nas_kd.int8 import TARGET_NAMES, target_help
-from nas_kd.latency import PRECISIONS, parse_latency
-from nas_kd.losses import LOSSES
-from nas_kd.memory import parse_bytes
-from nas_kd.objective import TRIAL_SCORES
-from nas_kd.pipeline import PARETO_COSTS, search
-from nas_kd.plan import DEFAULT_TIME_BUDGET, parse_duration
-from nas_kd.study import PRUNERS, SAMPLERS
-from nas_kd.zoo import TEACHERS
+from nas_kd.core.config import SearchConfig, from_dict, parse_distill
+from nas_kd.core.errors import InputError
+from nas_kd.core.units import parse_bytes, parse_count, parse_duration, parse_latency
+from nas_kd.device.int8 import TARGET_NAMES, target_help
+from nas_kd.device.latency import PRECISIONS
+from nas_kd.distill.losses import LOSSES
+from nas_kd.distill.student import FINAL_AUGMENT, LONG_RETRAIN_EPOCHS
+from nas_kd.nas.objective import TRIAL_SCORES
+from nas_kd.nas.study import PRUNERS, SAMPLERS
+from nas_kd.nets.zoo import TEACHERS
+from nas_kd.pipeline.plan import DEFAULT_TIME_BUDGET
+from nas_kd.pipeline.run import PARETO_COSTS, search
+from nas_kd.teaching.ensemble import ENSEMBLE_WEIGHTINGS
 
 DEFAULTS = SearchConfig()
 
@@ -87,7 +86,7 @@ student's ONNX model with ONNX Runtime (us or ms), measured here or predicted fr
 --latency-table; --memory-budget is peak int8 activation memory in bytes (MCUNet). A student over
 any budget is recorded as infeasible and never trained. At the budget's edge (--budget-edge on,
 the default) every sampled shape's widths are first scaled to the largest that fit every bound
-(nas_kd.edge), so each trained trial uses at least 95% of its binding bound, or the space's
+(nas_kd.nas.edge), so each trained trial uses at least 95% of its binding bound, or the space's
 greatest widths.
 
 outputs (OUT_DIR defaults to ./studies):

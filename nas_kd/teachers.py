@@ -19,29 +19,28 @@ from pathlib import Path
 
 import torch
 
-from nas_kd import teacher_cache
-from nas_kd.arch import build
 from nas_kd.cli import base_parser, fail, number, quiet_libraries
-from nas_kd.config import TrainConfig
-from nas_kd.cost import format_count
-from nas_kd.data import dataset_names, load_dataset
-from nas_kd.errors import InputError
-from nas_kd.progress import log
-from nas_kd.teacher_cache import (
+from nas_kd.core.config import TrainConfig
+from nas_kd.core.errors import InputError
+from nas_kd.core.progress import log
+from nas_kd.core.units import format_count
+from nas_kd.data.datasets import dataset_names, load_dataset
+from nas_kd.nets.arch import build
+from nas_kd.nets.weights import read_metadata, save_model
+from nas_kd.nets.zoo import TEACHERS, teacher_cost, teacher_spec
+from nas_kd.teaching import cache as teacher_cache
+from nas_kd.teaching.cache import (
     FORMAT,
     TeacherFile,
     cache_file,
     dataset_slug,
     load_teacher_file,
     partial_file,
-    read_metadata,
-    save_model,
     save_teacher,
     teacher_files,
     train_teacher,
 )
-from nas_kd.train import Checkpoint, evaluate, predict, resolve_device
-from nas_kd.zoo import TEACHERS, teacher_cost, teacher_spec
+from nas_kd.training.train import Checkpoint, evaluate, predict, resolve_device
 
 DEFAULTS = TrainConfig()
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from nas_kd.data import DEBIAN_FASHION_MNIST, _read_idx, load_dataset
+from nas_kd.data.datasets import DEBIAN_FASHION_MNIST, _read_idx, load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 MINI_TRAIN, MINI_TEST = 600, 200

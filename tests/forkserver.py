@@ -34,7 +34,7 @@ from typing import NoReturn
 PRELOAD = ("torch", "torchvision", "ptflops", "numpy", "optuna", "optuna.storages._rdb.storage", "alembic.command",
            "alembic.migration", "sqlalchemy.dialects.sqlite", "plotly.graph_objects", "plotly.io", "pandas", "yaml",
            "onnx", "onnxruntime", "onnxruntime.quantization", "onnxscript", "torch.onnx", "torch.export",
-           "nas_kd.pipeline", "nas_kd.export", "nas_kd.report")
+           "nas_kd.pipeline.run", "nas_kd.device.export", "nas_kd.reporting.html")
 
 
 def run_child(request: dict, channels: tuple[int, int], startup_err: bytes) -> NoReturn:

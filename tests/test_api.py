@@ -13,17 +13,17 @@ import optuna
 import pytest
 
 import nas_kd
-from nas_kd.arch import Spec, build
-from nas_kd.config import SearchConfig
-from nas_kd.cost import count
-from nas_kd.export import load_student
-from nas_kd.picks import pick_winner
-from nas_kd.pipeline import RunResult
-from nas_kd.study import WINNER_ATTR
+from nas_kd import SearchConfig
+from nas_kd.device.export import load_student
+from nas_kd.nas.picks import pick_winner
+from nas_kd.nas.study import WINNER_ATTR
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import count
+from nas_kd.pipeline.run import RunResult
 
 
 def test_importing_nas_kd_loads_neither_torch_nor_the_pipeline() -> None:
-    code = "import sys, nas_kd; print(sorted(m for m in ('torch', 'optuna', 'nas_kd.pipeline') if m in sys.modules))"
+    code = "import sys, nas_kd; print(sorted(m for m in ('torch', 'optuna', 'nas_kd.pipeline.run') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nas_kd.arch import BLOCKS, Network, Spec, StageSpec, build
-from nas_kd.errors import InputError
-from nas_kd.zoo import TEACHERS, teacher_spec
+from nas_kd.core.errors import InputError
+from nas_kd.nets.arch import BLOCKS, Network, Spec, StageSpec, build
+from nas_kd.nets.zoo import TEACHERS, teacher_spec
 
 
 def check_network(net: Network, shape: tuple[int, int, int], classes: int, batch: int = 3) -> None:

@@ -19,10 +19,10 @@ from benchmarks.device_budgets import (
     hand_made,
     table_path,
 )
-from nas_kd.latency import LatencyTable
-from nas_kd.space import load_space
-from nas_kd.start import scaled
-from nas_kd.zoo import teacher_spec
+from nas_kd.device.latency import LatencyTable
+from nas_kd.nas.start import scaled
+from nas_kd.nets.space import load_space
+from nas_kd.nets.zoo import teacher_spec
 
 
 def committed_table() -> LatencyTable:

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nas_kd.arch import BLOCKS, Spec, build
-from nas_kd.batches import BatchIterator, seeded_subset
-from nas_kd.blockwise import STEM, BlockwiseScorer, StageNet, most_accurate, stage_key, stage_map
-from nas_kd.config import TrainConfig
-from nas_kd.data import Augment, Dataset, Split
-from nas_kd.errors import InputError
-from nas_kd.losses import align
-from nas_kd.teacher_cache import Teacher
+from nas_kd.core.config import TrainConfig
+from nas_kd.core.errors import InputError
+from nas_kd.data.batches import BatchIterator, seeded_subset
+from nas_kd.data.datasets import Augment, Dataset, Split
+from nas_kd.distill.blockwise import STEM, BlockwiseScorer, StageNet, most_accurate, stage_key, stage_map
+from nas_kd.distill.losses import align
+from nas_kd.nets.arch import BLOCKS, Spec, build
+from nas_kd.teaching.cache import Teacher
 
 TEACHER = "c8|basic_d1_w8_s1_k3_e1|basic_d1_w16_s2_k3_e1"
 CFG = TrainConfig(batch_size=32)

@@ -10,14 +10,14 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas_kd.arch import Spec
-from nas_kd.blocks import spec_layers
-from nas_kd.budget import Budget
-from nas_kd.errors import InputError
-from nas_kd.fronts import budget_picks, pareto_data
-from nas_kd.latency import LatencyTable
-from nas_kd.picks import budget_tag, pick_at_budget, stored_cost
-from nas_kd.records import LATENCY_ATTR, PEAK_INT8_ATTR, SCORE_ATTR, SPEC_ATTR
+from nas_kd.core.errors import InputError
+from nas_kd.device.latency import LatencyTable
+from nas_kd.device.layers import spec_layers
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.picks import budget_tag, pick_at_budget, stored_cost
+from nas_kd.nas.records import LATENCY_ATTR, PEAK_INT8_ATTR, SCORE_ATTR, SPEC_ATTR
+from nas_kd.nets.arch import Spec
+from nas_kd.reporting.fronts import budget_picks, pareto_data
 from tests.conftest import copy_of_e2e, load_json, run_cli
 from tests.test_report import FRAME, TEACHERS
 

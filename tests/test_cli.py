@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from nas_kd import pipeline, search
-from nas_kd.budget import Budget, budget_warning
-from nas_kd.config import SearchConfig
-from nas_kd.errors import InputError
+from nas_kd import search
+from nas_kd.core.config import SearchConfig
+from nas_kd.core.errors import InputError
+from nas_kd.nas.budget import Budget, budget_warning
+from nas_kd.pipeline import run as pipeline
 from tests.conftest import run_cli
 
 
@@ -77,7 +78,7 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, capsys,
     monkeypatch.chdir(tmp_path)
     # a latency budget is checked against the smallest specs and 8 random ones, each exported and
     # timed (2-3 s a spec); one random spec says the same here
-    monkeypatch.setattr("nas_kd.budget.LATENCY_PROBES", 1)
+    monkeypatch.setattr("nas_kd.nas.budget.LATENCY_PROBES", 1)
     code, err = run_main(argv, capsys)
     assert code == 2
     lines = err.strip().splitlines()
@@ -120,7 +121,7 @@ def config_of(argv: list[str]) -> SearchConfig:
 
 
 def test_the_bare_command_runs_for_the_default_time_budget_and_counts_replace_it(tmp_path: Path) -> None:
-    from nas_kd.plan import DEFAULT_TIME_BUDGET
+    from nas_kd.pipeline.plan import DEFAULT_TIME_BUDGET
     bare = config_of(["--flops-budget", "50M"])
     assert (bare.time_budget, bare.time_fixed) == (DEFAULT_TIME_BUDGET, ())
     for counts in (["--trials", "4"], ["--final-epochs", "2"], ["--timeout", "60"], ["--study-trials", "8"],
@@ -170,7 +171,7 @@ def test_help_explains_macs() -> None:
 
 
 def test_python_api_validates_too(tmp_path: Path, monkeypatch) -> None:
-    from nas_kd.config import SearchConfig
+    from nas_kd.core.config import SearchConfig
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match="give a budget"):

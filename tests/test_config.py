@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from nas_kd.config import DistillConfig, SearchConfig, TrainConfig, from_dict, parse_distill
-from nas_kd.errors import InputError
+from nas_kd.core.config import DistillConfig, SearchConfig, TrainConfig, from_dict, parse_distill
+from nas_kd.core.errors import InputError
 
 
 def test_empty_dict_is_the_defaults():

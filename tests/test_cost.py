@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch.nn as nn
 
-from nas_kd.arch import build
-from nas_kd.budget import Budget
-from nas_kd.cost import Cost, count, format_count, parse_count
-from nas_kd.errors import InputError
-from nas_kd.zoo import teacher_spec
+from nas_kd.core.errors import InputError
+from nas_kd.core.units import format_count, parse_count
+from nas_kd.nas.budget import Budget
+from nas_kd.nets.arch import build
+from nas_kd.nets.cost import Cost, count
+from nas_kd.nets.zoo import teacher_spec
 
 
 @pytest.mark.parametrize(("module", "shape", "macs", "params"), [

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from conftest import E2E_STUDY
 
-from nas_kd.study import open_storage
+from nas_kd.nas.study import open_storage
 
 pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed: pip install -e '.[dashboard]'")
 

@@ -13,10 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from nas_kd import data
-from nas_kd.batches import BatchIterator, Normalizer, augment_params, seeded_subset, shift_flip
-from nas_kd.data import DATASETS, FASHION_CLASSES, Augment, Split, dataset_names, load_dataset, load_fashion_mnist
-from nas_kd.errors import InputError
+from nas_kd.core.errors import InputError
+from nas_kd.data import datasets as data
+from nas_kd.data.batches import BatchIterator, Normalizer, augment_params, seeded_subset, shift_flip
+from nas_kd.data.datasets import (
+    DATASETS,
+    FASHION_CLASSES,
+    Augment,
+    Split,
+    dataset_names,
+    load_dataset,
+    load_fashion_mnist,
+)
 
 # Loaders that read local files; every other registered one must download.
 OFFLINE = {"fashion-mnist"}

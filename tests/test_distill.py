@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from nas_kd.arch import Spec, build
-from nas_kd.batches import BatchIterator
-from nas_kd.config import DistillConfig, TrainConfig, parse_distill
-from nas_kd.distill import check_two_stage, criterion_for, distill, stage_epochs, step_seconds
-from nas_kd.ensemble import CachedTargets, Ensemble
-from nas_kd.errors import InputError
-from nas_kd.teacher_cache import Teacher
-from nas_kd.zoo import teacher_spec
+from nas_kd.core.config import DistillConfig, TrainConfig, parse_distill
+from nas_kd.core.errors import InputError
+from nas_kd.data.batches import BatchIterator
+from nas_kd.distill.student import check_two_stage, criterion_for, distill, stage_epochs, step_seconds
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.teaching.cache import Teacher
+from nas_kd.teaching.ensemble import CachedTargets, Ensemble
 
 STUDENT = Spec.parse("c8|basic_d1_w8_s1_k3_e1|basic_d1_w16_s2_k3_e1")
 STEM = "stem.0.0.weight"  # the student's first convolution

@@ -16,12 +16,12 @@ import optuna
 import pytest
 import torch
 
-from nas_kd.config import SearchConfig
-from nas_kd.data import load_dataset
-from nas_kd.export import load_student
-from nas_kd.records import is_feasible, was_trained
-from nas_kd.study import guarded, open_storage, open_study, run, sampler_seed, shares_its_study
-from nas_kd.train import evaluate
+from nas_kd.core.config import SearchConfig
+from nas_kd.data.datasets import load_dataset
+from nas_kd.device.export import load_student
+from nas_kd.nas.records import is_feasible, was_trained
+from nas_kd.nas.study import guarded, open_storage, open_study, run, sampler_seed, shares_its_study
+from nas_kd.training.train import evaluate
 from tests.conftest import E2E_ARGS, E2E_STUDY, load_json, run_cli
 
 TRIAL_ATTRS = {"spec", "macs", "params", "macs_compression", "params_compression", "val_acc_curve", "val_acc_raw",
@@ -266,9 +266,9 @@ def test_pareto_objective(e2e_copy: dict) -> None:
 def test_search_uses_the_gpu_when_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """The search's default device is "auto", and "auto" is CUDA exactly when torch sees a GPU:
     both answers of `torch.cuda.is_available` are forced, so this holds on a machine without one."""
-    from nas_kd.config import SearchConfig
-    from nas_kd.errors import InputError
-    from nas_kd.train import resolve_device
+    from nas_kd.core.config import SearchConfig
+    from nas_kd.core.errors import InputError
+    from nas_kd.training.train import resolve_device
 
     assert SearchConfig().device == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

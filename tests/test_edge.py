@@ -10,18 +10,18 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas_kd import start
-from nas_kd.arch import Spec, build
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig
-from nas_kd.cost import Cost, count
-from nas_kd.edge import EDGE_SHARE, allowed, repair, scaled, widened
-from nas_kd.errors import InputError
-from nas_kd.latency import LatencyTable
-from nas_kd.memory import peak_activations
-from nas_kd.records import AT_LARGEST_ATTR, EDGE_FACTOR_ATTR, SHAPE_ATTR, SPEC_ATTR, USE_ATTR, was_trained
-from nas_kd.space import load_space
-from nas_kd.study import STUDY_ATTR, guarded, open_storage, open_study
+from nas_kd.core.config import SearchConfig
+from nas_kd.core.errors import InputError
+from nas_kd.device.latency import LatencyTable
+from nas_kd.device.memory import peak_activations
+from nas_kd.nas import start
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.edge import EDGE_SHARE, allowed, repair, scaled, widened
+from nas_kd.nas.records import AT_LARGEST_ATTR, EDGE_FACTOR_ATTR, SHAPE_ATTR, SPEC_ATTR, USE_ATTR, was_trained
+from nas_kd.nas.study import STUDY_ATTR, guarded, open_storage, open_study
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import Cost, count
+from nas_kd.nets.space import load_space
 from tests.conftest import AT_THE_EDGE, search_cli
 
 INPUT, CLASSES = (1, 28, 28), 10

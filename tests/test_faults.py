@@ -15,20 +15,24 @@ import optuna
 import pytest
 import torch
 
-from nas_kd import fronts, objective, progress, retrain_cli
-from nas_kd.arch import build
-from nas_kd.batches import BatchIterator, seeded_subset
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig, TrainConfig
-from nas_kd.cost import count
-from nas_kd.ensemble import Ensemble
-from nas_kd.errors import InputError
-from nas_kd.objective import run_trial, trial_context
-from nas_kd.records import FAIL_ATTR, FAIL_TRACE_ATTR, trial_score, was_trained
-from nas_kd.space import load_space
-from nas_kd.study import MAX_FAILURES_IN_A_ROW, TooManyFailures, check_study_name, run
-from nas_kd.teacher_cache import Teacher, load_or_train, read_metadata
-from nas_kd.zoo import teacher_spec
+from nas_kd import retrain as retrain_cli
+from nas_kd.core import progress
+from nas_kd.core.config import SearchConfig, TrainConfig
+from nas_kd.core.errors import InputError
+from nas_kd.data.batches import BatchIterator, seeded_subset
+from nas_kd.nas import objective
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.objective import run_trial, trial_context
+from nas_kd.nas.records import FAIL_ATTR, FAIL_TRACE_ATTR, trial_score, was_trained
+from nas_kd.nas.study import MAX_FAILURES_IN_A_ROW, TooManyFailures, check_study_name, run
+from nas_kd.nets.arch import build
+from nas_kd.nets.cost import count
+from nas_kd.nets.space import load_space
+from nas_kd.nets.weights import read_metadata
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.reporting import fronts
+from nas_kd.teaching.cache import Teacher, load_or_train
+from nas_kd.teaching.ensemble import Ensemble
 from tests.conftest import E2E_ARGS, E2E_STUDY, run_cli
 
 CPU = torch.device("cpu")

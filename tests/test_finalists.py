@@ -1,6 +1,6 @@
 """--finalists K: the best K trials by trial score, each retrained with the full schedule; the one of
 best validation accuracy is the winner, and only it is tested and exported
-(`nas_kd.study.finalists`, `nas_kd.retrain.retrain_winner`, both commands)."""
+(`nas_kd.nas.study.finalists`, `nas_kd.retraining.retrain.retrain_winner`, both commands)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,22 @@ import pytest
 import torch
 from conftest import E2E_STUDY, load_json
 
-from nas_kd import distill, pipeline, retrain, retrain_cli, search
-from nas_kd.arch import Spec, build
-from nas_kd.config import DistillConfig, SearchConfig
-from nas_kd.cost import count
-from nas_kd.ensemble import CachedTargets, Ensemble
-from nas_kd.errors import InputError
-from nas_kd.picks import finalists, pick_winner, retrain_candidates, start_trials
-from nas_kd.records import START_ATTR
-from nas_kd.report import write_report
-from nas_kd.start import HAND_MADE
-from nas_kd.study import WINNER_ATTR
-from nas_kd.teacher_cache import Teacher
+from nas_kd import retrain as retrain_cli
+from nas_kd import search
+from nas_kd.core.config import DistillConfig, SearchConfig
+from nas_kd.core.errors import InputError
+from nas_kd.distill import student as distill
+from nas_kd.nas.picks import finalists, pick_winner, retrain_candidates, start_trials
+from nas_kd.nas.records import START_ATTR
+from nas_kd.nas.start import HAND_MADE
+from nas_kd.nas.study import WINNER_ATTR
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import count
+from nas_kd.pipeline import run as pipeline
+from nas_kd.reporting.html import write_report
+from nas_kd.retraining import retrain
+from nas_kd.teaching.cache import Teacher
+from nas_kd.teaching.ensemble import CachedTargets, Ensemble
 
 A, B, C, D = "c8|basic_d1_w8_s2_k3_e1", "c8|basic_d1_w16_s2_k3_e1", "c8|basic_d1_w24_s2_k3_e1", "c8|basic_d1_w32_s2_k3_e1"
 
@@ -32,7 +36,7 @@ A, B, C, D = "c8|basic_d1_w8_s2_k3_e1", "c8|basic_d1_w16_s2_k3_e1", "c8|basic_d1
 def add(study: optuna.Study, spec: str, value: float, macs: int, over: bool = False, trained: bool = True,
         start: str | None = None) -> int:
     """A completed trial of `spec` scored `value`; over budget when `over`; a repeat that reused a
-    stored score (not trained) unless `trained`; a start point (nas_kd.start) named `start`."""
+    stored score (not trained) unless `trained`; a start point (nas_kd.nas.start) named `start`."""
     study.add_trial(optuna.trial.create_trial(value=value, constraints={"macs": 0.5 if over else -0.5}, user_attrs={
         "spec": spec, "macs": macs, "params": 1, **({"val_acc_per_epoch": [value]} if trained else {}),
         **({START_ATTR: start} if start else {})}))

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nas_kd.arch import build
-from nas_kd.picks import pick_winner
-from nas_kd.records import was_trained
-from nas_kd.study import default_study_name
-from nas_kd.teacher_cache import weights_digest
-from nas_kd.zoo import teacher_spec
+from nas_kd.nas.picks import pick_winner
+from nas_kd.nas.records import was_trained
+from nas_kd.nas.study import default_study_name
+from nas_kd.nets.arch import build
+from nas_kd.nets.weights import weights_digest
+from nas_kd.nets.zoo import teacher_spec
 from tests.conftest import TINY_DATA_FLAGS, load_json, run_cli
 
 # Seed 198's sampler proposes a 6.09M-MACs student first, and seed 199's (the resumed study's

@@ -8,17 +8,17 @@ import optuna
 import pytest
 from conftest import search_cli
 
-from nas_kd.arch import Spec, build
-from nas_kd.budget import Budget, effective_floor, floor_shortfall
-from nas_kd.config import SearchConfig
-from nas_kd.cost import Cost, count
-from nas_kd.errors import InputError
-from nas_kd.objective import record_cost
-from nas_kd.records import FLOOR_CONSTRAINT, USE_ATTR, is_feasible, status, was_trained
+from nas_kd.core.config import SearchConfig
+from nas_kd.core.errors import InputError
+from nas_kd.nas.budget import Budget, effective_floor, floor_shortfall
+from nas_kd.nas.objective import record_cost
+from nas_kd.nas.records import FLOOR_CONSTRAINT, USE_ATTR, is_feasible, status, was_trained
+from nas_kd.nas.study import default_study_name, guarded, open_storage, open_study
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import Cost, count
+from nas_kd.nets.space import load_space
+from nas_kd.reporting.summary import trial_line
 from nas_kd.search import main
-from nas_kd.space import load_space
-from nas_kd.study import default_study_name, guarded, open_storage, open_study
-from nas_kd.summary import trial_line
 
 SPEC = Spec.parse("c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1")
 COMPRESSION_TEACHER = Cost(40_000_000, 400_000)

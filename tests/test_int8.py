@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from nas_kd import int8
-from nas_kd.arch import Spec, build
-from nas_kd.convert import onnx_logits, to_onnx
-from nas_kd.errors import InputError
+from nas_kd.core.errors import InputError
+from nas_kd.device import int8
+from nas_kd.device.convert import onnx_logits, to_onnx
+from nas_kd.nets.arch import Spec, build
 
 AVX2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
 AVX512_VNNI = "flags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_vnni\n"

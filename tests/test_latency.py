@@ -16,29 +16,30 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nas_kd import time_blocks
-from nas_kd.arch import BLOCKS, BasicBlock, Spec, build
-from nas_kd.batches import BatchIterator, seeded_subset
-from nas_kd.blocks import CALIBRATION_NETWORKS, calibration_specs, export_blocks, space_layers, spec_layers
-from nas_kd.budget import LATENCY_PROBES, Budget, check_reachable
-from nas_kd.config import SearchConfig, TrainConfig
-from nas_kd.convert import OPSET, reused_torchlib_table, to_onnx
-from nas_kd.cost import count
-from nas_kd.ensemble import Ensemble
-from nas_kd.errors import InputError
-from nas_kd.export import LOGIT_TOLERANCE, export, export_onnx, load_student, student_metadata
-from nas_kd.export_cli import main as export_main
-from nas_kd.int8 import instruction_set
-from nas_kd.latency import LatencyTable, measure_latency, parse_latency
-from nas_kd.latency_cli import main as latency_main
-from nas_kd.memory import parse_bytes, peak_activations
-from nas_kd.objective import run_trial, trial_context
-from nas_kd.records import status
-from nas_kd.space import load_space, parse_space
-from nas_kd.teacher_cache import Teacher
-from nas_kd.time_blocks import make_session, time_folder
-from nas_kd.train import evaluate, fit
-from nas_kd.zoo import teacher_spec
+from nas_kd.core.config import SearchConfig, TrainConfig
+from nas_kd.core.errors import InputError
+from nas_kd.core.units import parse_bytes, parse_latency
+from nas_kd.data.batches import BatchIterator, seeded_subset
+from nas_kd.device import time_blocks
+from nas_kd.device.convert import OPSET, reused_torchlib_table, to_onnx
+from nas_kd.device.export import LOGIT_TOLERANCE, export, export_onnx, load_student, student_metadata
+from nas_kd.device.int8 import instruction_set
+from nas_kd.device.latency import LatencyTable, measure_latency
+from nas_kd.device.layers import CALIBRATION_NETWORKS, calibration_specs, export_blocks, space_layers, spec_layers
+from nas_kd.device.memory import peak_activations
+from nas_kd.device.time_blocks import make_session, time_folder
+from nas_kd.export import main as export_main
+from nas_kd.latency import main as latency_main
+from nas_kd.nas.budget import LATENCY_PROBES, Budget, check_reachable
+from nas_kd.nas.objective import run_trial, trial_context
+from nas_kd.nas.records import status
+from nas_kd.nets.arch import BLOCKS, BasicBlock, Spec, build
+from nas_kd.nets.cost import count
+from nas_kd.nets.space import load_space, parse_space
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.teaching.cache import Teacher
+from nas_kd.teaching.ensemble import Ensemble
+from nas_kd.training.train import evaluate, fit
 from tests.conftest import run_cli
 
 # ---------------------------------------------------------------- units
@@ -631,10 +632,10 @@ def test_measuring_latency_leaves_the_random_state_alone() -> None:
 
 
 def test_blocks_with_hand_made_exports_the_family_layers_too(tmp_path: Path, monkeypatch) -> None:
-    """`nas_kd.latency blocks --with-hand-made` hands every width of every hand-made family member
+    """`nas_kd.device.latency blocks --with-hand-made` hands every width of every hand-made family member
     to export_blocks, so one table prices the search's students and the hand-made networks."""
-    import nas_kd.latency_cli as cli
-    from nas_kd.start import FAMILY_STEPS, family_specs
+    import nas_kd.latency as cli
+    from nas_kd.nas.start import FAMILY_STEPS, family_specs
 
     seen: dict[str, list] = {}
     monkeypatch.setattr(cli, "export_blocks", lambda *a, **k: seen.setdefault("extra", list(k["extra"])))

@@ -7,10 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nas_kd.arch import Spec, build
-from nas_kd.ensemble import Ensemble, Targets
-from nas_kd.errors import InputError
-from nas_kd.losses import (
+from nas_kd.core.errors import InputError
+from nas_kd.distill.losses import (
     LOSSES,
     Criterion,
     StudentOutput,
@@ -22,8 +20,10 @@ from nas_kd.losses import (
     recipe_features,
     recipe_uses_teachers,
 )
-from nas_kd.teacher_cache import Teacher
-from nas_kd.zoo import teacher_spec
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.teaching.cache import Teacher
+from nas_kd.teaching.ensemble import Ensemble, Targets
 
 B, K = 4, 10
 

@@ -11,12 +11,12 @@ import optuna
 import pytest
 import torch
 
-from nas_kd.config import DistillConfig, SearchConfig, from_dict
-from nas_kd.data import load_dataset
-from nas_kd.ensemble import ensemble_from_config
-from nas_kd.export import load_student
-from nas_kd.retrain import retrain
-from nas_kd.train import resolve_device
+from nas_kd.core.config import DistillConfig, SearchConfig, from_dict
+from nas_kd.data.datasets import load_dataset
+from nas_kd.device.export import load_student
+from nas_kd.retraining.retrain import retrain
+from nas_kd.teaching.ensemble import ensemble_from_config
+from nas_kd.training.train import resolve_device
 from tests.conftest import TINY_DATA_FLAGS, run_cli, search_cli
 
 BASE = ("--flops-budget", "12M", "--teachers", "resnet8", "--teacher-epochs", "1", "--trials", "1",

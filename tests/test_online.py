@@ -1,4 +1,4 @@
-"""nas_kd.online: the online-ensemble loss against its formula, which students a study yields
+"""nas_kd.retraining.online: the online-ensemble loss against its formula, which students a study yields
 (exact trial numbers on a hand-built study), training with and without the offline teachers, and
 `python -m nas_kd.retrain --online-ensemble K` end to end on a copy of the e2e study."""
 
@@ -13,16 +13,15 @@ import torch
 import torch.nn.functional as F
 from conftest import E2E_STUDY, load_json, run_cli
 
-from nas_kd import retrain_cli
-from nas_kd.arch import Spec, build
-from nas_kd.config import DistillConfig, SearchConfig, TrainConfig
-from nas_kd.cost import count
-from nas_kd.data import load_dataset
-from nas_kd.ensemble import Ensemble, Targets
-from nas_kd.errors import InputError
-from nas_kd.export import load_student
-from nas_kd.losses import Criterion, StudentOutput
-from nas_kd.online import (
+from nas_kd import retrain as retrain_cli
+from nas_kd.core.config import DistillConfig, SearchConfig, TrainConfig
+from nas_kd.core.errors import InputError
+from nas_kd.data.datasets import load_dataset
+from nas_kd.device.export import load_student
+from nas_kd.distill.losses import Criterion, StudentOutput
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import count
+from nas_kd.retraining.online import (
     ONLINE_ATTR,
     OnlineEnsembleLoss,
     retrain_online,
@@ -30,8 +29,9 @@ from nas_kd.online import (
     top_students,
     train_online,
 )
-from nas_kd.teacher_cache import Teacher
-from nas_kd.train import predict, resolve_device
+from nas_kd.teaching.cache import Teacher
+from nas_kd.teaching.ensemble import Ensemble, Targets
+from nas_kd.training.train import predict, resolve_device
 
 B, C, T = 6, 10, 4.0
 

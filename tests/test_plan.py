@@ -1,4 +1,4 @@
-"""The time budget's arithmetic (nas_kd.plan), driven by fake costs and a fake clock."""
+"""The time budget's arithmetic (nas_kd.pipeline.plan), driven by fake costs and a fake clock."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from nas_kd.errors import InputError
-from nas_kd.plan import Clock, Costs, epochs_left, least_budget, make_plan, parse_duration, retrain_end
-from nas_kd.progress import format_duration
+from nas_kd.core.errors import InputError
+from nas_kd.core.units import format_duration, parse_duration
+from nas_kd.pipeline.plan import Clock, Costs, epochs_left, least_budget, make_plan, retrain_end
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400),
@@ -90,7 +90,7 @@ def test_a_time_budget_run_ends_within_it_and_records_its_plan(tmp_path, mini_fa
     budget plus the tolerance of one trial."""
     import optuna
 
-    from nas_kd.plan import TIME_ATTR
+    from nas_kd.pipeline.plan import TIME_ATTR
     from tests.conftest import TINY_DATA_FLAGS, run_cli
 
     # the least this run accepts is 31 s on a quiet 2-core machine at one thread (9 s of setup, a trial,
@@ -137,15 +137,15 @@ def test_a_time_budget_too_small_is_refused_in_one_line(tmp_path, mini_fashion_d
 
 
 def test_the_export_allowance_is_smaller_without_onnx() -> None:
-    from nas_kd.config import SearchConfig
-    from nas_kd.plan import EXPORT_SECONDS, REPORT_SECONDS, export_seconds
+    from nas_kd.core.config import SearchConfig
+    from nas_kd.pipeline.plan import EXPORT_SECONDS, REPORT_SECONDS, export_seconds
 
     assert export_seconds(SearchConfig()) == EXPORT_SECONDS == 60.0
     assert export_seconds(SearchConfig(onnx=False)) == REPORT_SECONDS == 20.0
 
 
 def test_the_time_budget_status_and_bar_follow_the_clock() -> None:
-    from nas_kd.progress import TimeBudget, budget_status
+    from nas_kd.core.progress import TimeBudget, budget_status
 
     now = [100.0]
     assert budget_status() == ""
@@ -166,8 +166,8 @@ def test_a_search_timeout_waits_for_one_trained_trial() -> None:
 
     import optuna
 
-    from nas_kd.records import SCORE_ATTR
-    from nas_kd.study import run
+    from nas_kd.nas.records import SCORE_ATTR
+    from nas_kd.nas.study import run
 
     calls = []
 
@@ -185,7 +185,7 @@ def test_a_search_timeout_waits_for_one_trained_trial() -> None:
 
 
 def test_the_retrain_ends_by_the_budget_less_the_export_unless_its_epochs_were_given() -> None:
-    from nas_kd.config import SearchConfig
+    from nas_kd.core.config import SearchConfig
 
     planned = SearchConfig(time_budget=1800.0)
     assert retrain_end(planned, elapsed=700.0, now=lambda: 5000.0) == 5000.0 + 1800 - 60 - 700
@@ -205,7 +205,7 @@ def test_the_split_line_says_why_a_run_ended_more_than_10_percent_off(marks: dic
     that strayed furthest from its plan, the way the run did; the study keeps the actual split."""
     import optuna
 
-    from nas_kd.plan import TIME_ATTR, Plan, record_split
+    from nas_kd.pipeline.plan import TIME_ATTR, Plan, record_split
 
     study = optuna.create_study()
     plan = Plan(budget=1800.0, spent=200.0, search=400.0, trials=10, retrain=1100.0, epochs=12, export=60.0)

@@ -21,8 +21,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from nas_kd.records import FAIL_ATTR, REPEAT_ATTR, WORKER_ATTR, was_trained
-from nas_kd.study import open_storage, study_training
+from nas_kd.nas.records import FAIL_ATTR, REPEAT_ATTR, WORKER_ATTR, was_trained
+from nas_kd.nas.study import open_storage, study_training
 from tests.conftest import E2E_ARGS, TINY_DATA_FLAGS
 
 pytest.importorskip("psycopg", reason="pip install -e '.[postgres]'")

@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nas_kd.arch import Network, Spec, SqueezeExcite, build
-from nas_kd.baselines import check_prunable
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig
-from nas_kd.cost import count, format_count
-from nas_kd.errors import InputError
-from nas_kd.memory import peak_activations
-from nas_kd.prune import STEPS, min_pruned_cost, prune, prune_to_budget, pruned_spec
+from nas_kd.core.config import SearchConfig
+from nas_kd.core.errors import InputError
+from nas_kd.core.units import format_count
+from nas_kd.device.memory import peak_activations
+from nas_kd.nas.budget import Budget
+from nas_kd.nets.arch import Network, Spec, SqueezeExcite, build
+from nas_kd.nets.cost import count
+from nas_kd.retraining.baselines import check_prunable
+from nas_kd.retraining.prune import STEPS, min_pruned_cost, prune, prune_to_budget, pruned_spec
 
 SHAPE = (3, 16, 16)
 CLASSES = 5

@@ -1,4 +1,4 @@
-"""nas_kd.report: the Pareto front, the plot data, the trial table, and the files the report writes.
+"""nas_kd.reporting.html: the Pareto front, the plot data, the trial table, and the files the report writes.
 
 Compute first, render second: `pareto_front` and `pareto_data` are compared exactly against
 hand-made inputs, `trials_frame` against a study built trial by trial through the real storage,
@@ -20,14 +20,11 @@ import plotly.offline
 import pytest
 from conftest import E2E_STUDY, copy_of_e2e, run_cli
 
-from nas_kd import fronts, report, report_cli
-from nas_kd.arch import Spec
-from nas_kd.budget import Budget
-from nas_kd.cost import Cost
-from nas_kd.fronts import COLUMNS, ParetoData, Points
-from nas_kd.objective import record_cost
-from nas_kd.records import pareto_front
-from nas_kd.study import (
+from nas_kd import report as report_cli
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.objective import record_cost
+from nas_kd.nas.records import pareto_front
+from nas_kd.nas.study import (
     COMPRESSION_TEACHER_KEY,
     OLD_COMPRESSION_TEACHER_KEY,
     STUDY_ATTR,
@@ -35,6 +32,11 @@ from nas_kd.study import (
     compression_teacher,
     open_storage,
 )
+from nas_kd.nets.arch import Spec
+from nas_kd.nets.cost import Cost
+from nas_kd.reporting import fronts
+from nas_kd.reporting import html as report
+from nas_kd.reporting.fronts import COLUMNS, ParetoData, Points
 
 NAN = float("nan")
 E2E_BUDGET = 12_000_000  # --flops-budget 12M in conftest.E2E_ARGS

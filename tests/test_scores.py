@@ -11,24 +11,25 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nas_kd.arch import Spec, build
-from nas_kd.batches import BatchIterator, eval_batches, seeded_subset
-from nas_kd.blockwise import BlockwiseScorer
-from nas_kd.budget import Budget
-from nas_kd.config import SearchConfig, TrainConfig
-from nas_kd.cost import count
-from nas_kd.ensemble import CachedTargets, Ensemble
-from nas_kd.errors import InputError
-from nas_kd.losses import recipe_features
-from nas_kd.objective import TRIAL_SCORES, report_steps, run_trial, trial_context, trial_score_named
-from nas_kd.pipeline import trial_text
-from nas_kd.proxies import naswot, synflow
-from nas_kd.records import CURVE_ATTR, REPEAT_ATTR, SCORE_ATTR, SCORE_KIND_ATTR, was_trained
-from nas_kd.space import load_space
-from nas_kd.study import PRUNERS, default_study_name, guarded, make_pruner, open_storage, open_study, run
-from nas_kd.teacher_cache import SHIPPED_TEACHERS, Teacher, load_state
-from nas_kd.train import evaluate, recalibrate_bn, recalibrated
-from nas_kd.zoo import teacher_spec
+from nas_kd.core.config import SearchConfig, TrainConfig
+from nas_kd.core.errors import InputError
+from nas_kd.data.batches import BatchIterator, eval_batches, seeded_subset
+from nas_kd.distill.blockwise import BlockwiseScorer
+from nas_kd.distill.losses import recipe_features
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.objective import TRIAL_SCORES, report_steps, run_trial, trial_context, trial_score_named
+from nas_kd.nas.proxies import naswot, synflow
+from nas_kd.nas.records import CURVE_ATTR, REPEAT_ATTR, SCORE_ATTR, SCORE_KIND_ATTR, was_trained
+from nas_kd.nas.study import PRUNERS, default_study_name, guarded, make_pruner, open_storage, open_study, run
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import count
+from nas_kd.nets.space import load_space
+from nas_kd.nets.weights import load_state
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.pipeline.run import trial_text
+from nas_kd.teaching.cache import SHIPPED_TEACHERS, Teacher
+from nas_kd.teaching.ensemble import CachedTargets, Ensemble
+from nas_kd.training.train import evaluate, recalibrate_bn, recalibrated
 from tests.conftest import run_cli, search_cli
 
 # ---------------------------------------------------------------- BatchNorm recalibration

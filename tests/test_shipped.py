@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 
-from nas_kd import teacher_cache
-from nas_kd.arch import build
-from nas_kd.config import SearchConfig
-from nas_kd.data import load_dataset
-from nas_kd.ensemble import ensemble_from_config
-from nas_kd.teacher_cache import load_teacher_file, shipped_teacher, teacher_files
-from nas_kd.train import evaluate
-from nas_kd.zoo import teacher_spec
+from nas_kd.core.config import SearchConfig
+from nas_kd.data.datasets import load_dataset
+from nas_kd.nets.arch import build
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.teaching import cache as teacher_cache
+from nas_kd.teaching.cache import load_teacher_file, shipped_teacher, teacher_files
+from nas_kd.teaching.ensemble import ensemble_from_config
+from nas_kd.training.train import evaluate
 from tests.conftest import run_cli
 
 DEFAULT = SearchConfig()

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from nas_kd.config import SearchConfig, TrainConfig, adapt_schedule
-from nas_kd.data import DEBIAN_FASHION_MNIST, _read_idx, load_dataset
-from nas_kd.teacher_cache import load_or_train
+from nas_kd.core.config import SearchConfig, TrainConfig, adapt_schedule
+from nas_kd.data.datasets import DEBIAN_FASHION_MNIST, _read_idx, load_dataset
+from nas_kd.teaching.cache import load_or_train
 
 CPU = torch.device("cpu")
 

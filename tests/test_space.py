@@ -13,11 +13,11 @@ import optuna
 import pytest
 import torch
 
-from nas_kd.arch import BLOCKS, Spec, StageSpec, build, downsampled
-from nas_kd.cost import Cost, count
-from nas_kd.errors import InputError
-from nas_kd.memory import peak_activations
-from nas_kd.space import SearchSpace, load_space, parse_space, part_module, shipped_spaces
+from nas_kd.core.errors import InputError
+from nas_kd.device.memory import peak_activations
+from nas_kd.nets.arch import BLOCKS, Spec, StageSpec, build, downsampled
+from nas_kd.nets.cost import Cost, count
+from nas_kd.nets.space import SearchSpace, load_space, parse_space, part_module, shipped_spaces
 
 SHAPE = (1, 28, 28)
 

@@ -1,4 +1,4 @@
-"""Start points (nas_kd.start): the hand-made network scaled to a budget, the specs a user gives,
+"""Start points (nas_kd.nas.start): the hand-made network scaled to a budget, the specs a user gives,
 and a search that trains them first, once per study."""
 
 from __future__ import annotations
@@ -11,18 +11,14 @@ import optuna
 import pandas as pd
 import pytest
 
-from nas_kd.arch import Spec, build
-from nas_kd.budget import Budget
-from nas_kd.cost import Cost, count
-from nas_kd.errors import InputError
-from nas_kd.latency import LatencyTable
-from nas_kd.memory import peak_activations
-from nas_kd.objective import may_prune
-from nas_kd.picks import START_POINTS_ATTR, enqueue_start_points, start_trials
-from nas_kd.records import SPEC_ATTR, START_ATTR
-from nas_kd.search import main
-from nas_kd.space import load_space
-from nas_kd.start import (
+from nas_kd.core.errors import InputError
+from nas_kd.device.latency import LatencyTable
+from nas_kd.device.memory import peak_activations
+from nas_kd.nas.budget import Budget
+from nas_kd.nas.objective import may_prune
+from nas_kd.nas.picks import START_POINTS_ATTR, enqueue_start_points, start_trials
+from nas_kd.nas.records import SPEC_ATTR, START_ATTR
+from nas_kd.nas.start import (
     FAMILY_STEPS,
     HAND_MADE,
     family,
@@ -34,7 +30,11 @@ from nas_kd.start import (
     spec_cost,
     start_points,
 )
-from nas_kd.zoo import teacher_spec
+from nas_kd.nets.arch import Spec, build
+from nas_kd.nets.cost import Cost, count
+from nas_kd.nets.space import load_space
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.search import main
 from tests.conftest import AT_THE_EDGE, search_cli
 
 SHAPE, CLASSES = (1, 28, 28), 10
@@ -222,7 +222,7 @@ def test_a_search_trains_its_start_points_first_and_once_per_study(e2e_run: dict
 def _family_table() -> LatencyTable:
     """A latency table by hand holding every layer of the hand-made family: a layer's time grows with
     its output size, so wider members are slower, as on a device."""
-    from nas_kd.blocks import spec_layers
+    from nas_kd.device.layers import spec_layers
 
     entries = {layer.key(): 0.01 + layer.cout * layer.h * layer.w * 1e-6
                for name in FAMILY_STEPS for spec in family_specs(name) for layer in spec_layers(spec, (1, 28, 28), 10)}

@@ -9,23 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from nas_kd import teacher_cache
-from nas_kd.arch import build
-from nas_kd.config import TrainConfig
-from nas_kd.cost import count
-from nas_kd.errors import InputError
-from nas_kd.teacher_cache import (
+from nas_kd.core.config import TrainConfig
+from nas_kd.core.errors import InputError
+from nas_kd.nets.arch import build
+from nas_kd.nets.cost import count
+from nas_kd.nets.weights import read_metadata, save_model
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.teaching import cache as teacher_cache
+from nas_kd.teaching.cache import (
     cache_file,
     load_or_train,
     partial_file,
-    read_metadata,
-    save_model,
     shipped_teacher,
     teacher_metadata,
     train_teacher,
 )
-from nas_kd.train import Checkpoint, evaluate
-from nas_kd.zoo import teacher_spec
+from nas_kd.training.train import Checkpoint, evaluate
 from tests.conftest import TINY_DATA_FLAGS, run_cli
 
 CPU = torch.device("cpu")
@@ -238,7 +237,7 @@ def test_shipped_teachers_do_not_apply_to_other_datasets(mini_dataset, tmp_path)
 def test_a_study_does_not_go_on_with_other_teacher_weights() -> None:
     import optuna
 
-    from nas_kd.study import STUDY_ATTR, check_same_teachers
+    from nas_kd.nas.study import STUDY_ATTR, check_same_teachers
 
     study = optuna.create_study(study_name="s")
     first = [{"name": "wrn16_2", "path": "a.safetensors", "weights_sha256": "aaa"}]

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nas_kd.arch import build
-from nas_kd.batches import BatchIterator
-from nas_kd.config import TrainConfig
-from nas_kd.ensemble import CachedTargets, Ensemble, LiveTargets, soft_targets
-from nas_kd.errors import InputError
-from nas_kd.teacher_cache import Teacher, load_or_train
-from nas_kd.zoo import teacher_spec
+from nas_kd.core.config import TrainConfig
+from nas_kd.core.errors import InputError
+from nas_kd.data.batches import BatchIterator
+from nas_kd.nets.arch import build
+from nas_kd.nets.zoo import teacher_spec
+from nas_kd.teaching.cache import Teacher, load_or_train
+from nas_kd.teaching.ensemble import CachedTargets, Ensemble, LiveTargets, soft_targets
 
 CPU = torch.device("cpu")
 QUICK = TrainConfig(batch_size=128)
@@ -41,7 +41,7 @@ def test_trained_teacher_is_cached_and_reused(cached_teacher, mini_dataset) -> N
 
 @pytest.mark.parametrize("change", [{"epochs": 2}, {"seed": 1}, {"cfg": TrainConfig(batch_size=64)}])
 def test_cache_key_covers_what_determines_a_teacher(cached_teacher, mini_dataset, change) -> None:
-    from nas_kd.teacher_cache import cache_key
+    from nas_kd.teaching.cache import cache_key
 
     base = {"epochs": 1, "seed": 0, "cfg": QUICK}
     assert cache_key("resnet8", mini_dataset, **base) != cache_key("resnet8", mini_dataset, **{**base, **change})
@@ -154,7 +154,7 @@ def test_cached_targets_hold_every_stage_when_asked(mini_dataset) -> None:
 
 def test_ensemble_accuracy_uses_the_mean_of_probabilities(mini_dataset) -> None:
     ensemble = two_member_ensemble(mini_dataset)
-    from nas_kd.train import predict
+    from nas_kd.training.train import predict
 
     logits = torch.stack([predict(t.model, mini_dataset.val, mini_dataset) for t in ensemble.members])
     expected = (F.softmax(logits, -1).mean(0).argmax(1) == mini_dataset.val.y).float().mean().item()
@@ -188,8 +188,8 @@ def test_a_subset_iterator_reads_the_whole_split_cache(mini_dataset) -> None:
 ])
 def test_retrain_targets(mini_dataset, augment: bool, limit_gb: float, pass_cache: bool, recipe: str,
                          expected: str) -> None:
-    from nas_kd.config import DistillConfig, SearchConfig, TrainConfig, parse_distill
-    from nas_kd.distill import criterion_for, retrain_targets
+    from nas_kd.core.config import DistillConfig, SearchConfig, TrainConfig, parse_distill
+    from nas_kd.distill.student import criterion_for, retrain_targets
 
     ensemble = two_member_ensemble(mini_dataset)
     cfg = SearchConfig(train=TrainConfig(augment=augment), target_cache_gb=limit_gb,
@@ -218,8 +218,8 @@ def test_the_long_retrain_recipe_augments_the_batches_it_says(mini_dataset, fina
     """Checked on the batches: a retrain of `epochs` shows the images as they are in its first epoch
     and, when it augments, shifted or flipped views from the second on, with the teachers' outputs
     cached for exactly the views it shows."""
-    from nas_kd.config import SearchConfig
-    from nas_kd.distill import (
+    from nas_kd.core.config import SearchConfig
+    from nas_kd.distill.student import (
         LONG_RETRAIN_EPOCHS,
         criterion_for,
         retrain_augments,
@@ -249,16 +249,16 @@ def test_the_long_retrain_recipe_augments_the_batches_it_says(mini_dataset, fina
 
 
 def test_a_bad_final_augment_is_named() -> None:
-    from nas_kd.config import SearchConfig
-    from nas_kd.distill import retrain_augments
+    from nas_kd.core.config import SearchConfig
+    from nas_kd.distill.student import retrain_augments
 
     with pytest.raises(InputError, match="final_augment must be one of auto, on, off, got 'maybe'"):
         retrain_augments(SearchConfig(final_augment="maybe"), 3)
 
 
 def test_the_search_refuses_a_bad_final_augment_before_any_work() -> None:
-    from nas_kd.config import SearchConfig
-    from nas_kd.pipeline import validate
+    from nas_kd.core.config import SearchConfig
+    from nas_kd.pipeline.run import validate
 
     with pytest.raises(InputError, match="final_augment must be one of auto, on, off, got 'maybe'"):
         validate(SearchConfig(flops_budget=5_000_000, final_augment="maybe"))

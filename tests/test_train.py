@@ -1,4 +1,4 @@
-"""nas_kd.train's optimiser, schedule and loss guard on tiny models: which parameters decay, the
+"""nas_kd.training.train's optimiser, schedule and loss guard on tiny models: which parameters decay, the
 one-cycle factors step by step, and a non-finite loss stopping `fit` with its epoch named."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nas_kd.config import TrainConfig
-from nas_kd.train import fit, make_optimizer, one_cycle
+from nas_kd.core.config import TrainConfig
+from nas_kd.training.train import fit, make_optimizer, one_cycle
 
 
 def tiny_model() -> nn.Sequential:
@@ -149,7 +149,7 @@ def test_stretching_the_schedule_falls_from_where_it_is_to_the_new_end(new_total
 
 
 def test_stretching_during_the_rise_keeps_rising() -> None:
-    from nas_kd.train import OneCycle
+    from nas_kd.training.train import OneCycle
 
     factor = OneCycle(40, 0.25)  # 10 rising steps
     factor.stretch(80, 3)
@@ -159,7 +159,7 @@ def test_stretching_during_the_rise_keeps_rising() -> None:
 
 
 def test_a_resumed_fit_keeps_its_replanned_length(tmp_path) -> None:
-    from nas_kd.train import Checkpoint
+    from nas_kd.training.train import Checkpoint
 
     checkpoint = Checkpoint(tmp_path / "c.pt")
 
@@ -178,7 +178,7 @@ def test_a_resumed_fit_keeps_its_replanned_length(tmp_path) -> None:
 
 
 def test_a_deadline_asks_for_the_epochs_that_end_nearest_it_and_at_least_one_more() -> None:
-    from nas_kd.train import Deadline
+    from nas_kd.training.train import Deadline
 
     now = [100.0]
     deadline = Deadline(end=1000.0, now=lambda: now[0])

@@ -15,8 +15,8 @@ CHECK = """
 import sys
 from pathlib import Path
 import nas_kd
-from nas_kd.space import load_space, shipped_spaces
-from nas_kd.teacher_cache import SHIPPED_TEACHERS
+from nas_kd.nets.space import load_space, shipped_spaces
+from nas_kd.teaching.cache import SHIPPED_TEACHERS
 assert Path(nas_kd.__file__).is_relative_to(Path(sys.argv[1])), nas_kd.__file__
 for name in shipped_spaces():
     print("space", name, load_space(name).size())

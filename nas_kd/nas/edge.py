@@ -1,0 +1,130 @@
+"""Candidates at the budget's edge: a sampled shape's widths scaled to the largest that fit every
+bound of the budget, so that trials compare designs at equal cost.
+
+A search whose proposals use 50-80% of the budget ranks students by size more than by design: a
+brief trial scores a larger student higher, and the largest spec that fits beat the search under
+every budget tried. TuNAS (Bender et al., CVPR 2020) and MCUNet's TinyNAS (Lin et al., NeurIPS
+2020) keep candidates at the target cost instead. Here the sampler draws a shape (per stage the
+block, depth, kernel, expansion, squeeze-excite, and the widths, whose proportions are what the
+shape keeps), and `repair` scales every width by one factor (widths rounded to multiples of 4,
+then to the greatest width the space allows at or under it: a range's grid, or a listed width) to
+the largest that meets every bound
+(MACs, params, peak int8 memory, latency measured or from a table), then raises single widths by
+one step (4 channels on a grid, the next listed width), the raise that uses most of the budget
+first, while one fits and the student uses less than
+`EDGE_SHARE` of its binding bound (few raises, so the shape's proportions stay). Optuna models the shape; the repaired spec is the trial's.
+
+A shape that cannot reach the budget even at the space's greatest widths is trained there and
+recorded as such (`Repair.at_largest`); one that does not fit even at the least widths is left
+to the budget check, which rejects it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from nas_kd.nas.budget import Budget
+from nas_kd.nets.arch import Spec
+from nas_kd.nets.cost import Cost
+from nas_kd.nets.space import SearchSpace
+
+EDGE_SHARE = 0.95  # a repaired student uses at least this share of its binding bound (DESIGN: the budget edge)
+STEP = 0.01  # of the factor the widths are scaled by
+WIDTH_GRID = 4  # widths are multiples of this
+
+
+@dataclasses.dataclass(frozen=True)
+class Repair:
+    spec: Spec  # the student trained
+    cost: Cost  # its cost, every bounded figure priced
+    factor: float  # the widths' scale against the shape drawn
+    share: float | None  # budget.use(cost): its largest share of a bound
+    at_largest: bool  # the shape reached the space's greatest widths before the budget
+
+
+def allowed(space: SearchSpace) -> tuple[tuple[int, ...], ...]:
+    """The widths the space allows for the stem and each stage, ascending (a range's whole grid)."""
+    return (tuple(sorted(space.stem)), *(tuple(sorted(st.width)) for st in space.stages))
+
+
+def _snap(width: float, choices: tuple[int, ...]) -> int:
+    """The greatest allowed width at or under `width` (the least when none is): a width of the
+    space, so that a latency table of a space of listed widths prices every repaired student."""
+    under = [c for c in choices if c <= width]
+    return under[-1] if under else choices[0]
+
+
+def scaled(shape: Spec, factor: float, widths: tuple[tuple[int, ...], ...]) -> Spec:
+    """`shape` with the stem's and every stage's width times `factor`, each rounded to the nearest
+    multiple of WIDTH_GRID and then to the greatest width of the space at or under it (`allowed`)."""
+    def width(w: int, choices: tuple[int, ...]) -> int:
+        return _snap(max(WIDTH_GRID, round(w * factor / WIDTH_GRID) * WIDTH_GRID), choices)
+    return Spec(width(shape.stem, widths[0]),
+                tuple(dataclasses.replace(s, width=width(s.width, c)) for s, c in zip(shape.stages, widths[1:])),
+                shape.head)
+
+
+def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spec], Cost], fill: bool = True) -> Repair:
+    """`shape` scaled to the budget's edge (see the module's docstring). `price(spec)` gives every
+    figure the budget bounds; it is called once per distinct spec. The same shape, budget and
+    prices always give the same spec. `fill`: raise single widths after the common scaling (off
+    where each price is a latency measured here, seconds each)."""
+    widths = allowed(space)
+    prices: dict[Spec, Cost] = {}
+
+    def cost(spec: Spec) -> Cost:
+        if spec not in prices:
+            prices[spec] = price(spec)
+        return prices[spec]
+
+    def fits(k: int) -> bool:
+        return budget.fits(cost(scaled(shape, k * STEP, widths)))
+
+    widest = widest_factor(shape, widths)
+    top = max(1, round(widest / STEP))
+    # lo fits (0: nothing checked fits), hi does not (top + 1: everything up to top fits); from the
+    # shape's own widths out, doubling, so that no network far over the budget is ever built
+    start = min(round(1 / STEP), top)
+    if fits(start):
+        lo, hi = start, min(2 * start, top + 1)
+        while hi <= top and fits(hi):
+            lo, hi = hi, min(2 * hi, top + 1)
+    else:
+        lo, hi = start // 2, start
+        while lo > 0 and not fits(lo):
+            lo, hi = lo // 2, lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    if lo == 0:  # not even the least widths fit: the budget check rejects it as it is
+        spec = scaled(shape, STEP, widths)
+        return Repair(spec, cost(spec), STEP, budget.use(cost(spec)), False)
+    spec = scaled(shape, lo * STEP, widths)
+    while fill and (budget.use(cost(spec)) or 0.0) < EDGE_SHARE:
+        raised = [r for r in widened(spec, widths) if budget.fits(cost(r))]
+        if not raised:
+            break
+        spec = max(raised, key=lambda r: (budget.use(cost(r)) or 0.0, str(r)))
+    share = budget.use(cost(spec))
+    # every factor up to the widest fitted, and the student is still short of the edge
+    at_largest = hi > top and (share or 0.0) < EDGE_SHARE
+    return Repair(spec, cost(spec), round(lo * STEP, 2), share, at_largest)
+
+
+def widest_factor(shape: Spec, widths: tuple[tuple[int, ...], ...]) -> float:
+    """The factor at which every width of `shape` has reached its greatest allowed width."""
+    return max(c[-1] / w for w, c in zip([shape.stem, *(s.width for s in shape.stages)], widths))
+
+
+def widened(spec: Spec, widths: tuple[tuple[int, ...], ...]) -> list[Spec]:
+    """`spec` with one width (the stem's or a stage's) raised to the next allowed one."""
+    def up(w: int, choices: tuple[int, ...]) -> int | None:
+        return next((c for c in choices if c > w), None)
+
+    out = [Spec(stem, spec.stages, spec.head)] if (stem := up(spec.stem, widths[0])) is not None else []
+    for i, (s, c) in enumerate(zip(spec.stages, widths[1:])):
+        if (w := up(s.width, c)) is not None:
+            out.append(Spec(spec.stem, spec.stages[:i] + (dataclasses.replace(s, width=w),) + spec.stages[i + 1:],
+                            spec.head))
+    return out
