@@ -79,7 +79,7 @@ METHODS = ("search", "random", "largest", "hand-made", "params", "finalists")
 
 # SearchConfig keys added after the first results were recorded: left out of the settings while at
 # their defaults, so the recorded picks and retrains stay valid
-LATER_KEYS = ("latency_budget_ms", "memory_budget", "latency_precision", "latency_threads", "latency_table",
+LATER_KEYS = ("more", "latency_budget_ms", "memory_budget", "latency_precision", "latency_threads", "latency_table",
               "pareto_cost", "onnx",
               # issue 11: at their defaults they change nothing on Fashion-MNIST (min_steps raises no
               # epoch there, tests/test_small_data.py checks it; the others are checks and logistics)

@@ -26,8 +26,10 @@ from nas_kd.distill.student import FINAL_AUGMENT, LONG_RETRAIN_EPOCHS
 from nas_kd.nas.objective import TRIAL_SCORES
 from nas_kd.nas.study import PRUNERS, SAMPLERS
 from nas_kd.nets.zoo import TEACHERS
+from nas_kd.pipeline.checks import PARETO_COSTS
 from nas_kd.pipeline.plan import DEFAULT_TIME_BUDGET
-from nas_kd.pipeline.run import PARETO_COSTS, search
+from nas_kd.pipeline.resume import Interrupted
+from nas_kd.pipeline.run import search
 from nas_kd.teaching.ensemble import ENSEMBLE_WEIGHTINGS
 
 DEFAULTS = SearchConfig()
@@ -223,6 +225,11 @@ def build_parser() -> OneLineParser:
                         "makes once")
     g.add_argument("--study-name", help="the same name resumes a study (default: derived from dataset, budget "
                                         "and a hash of the settings trials depend on)")
+    g.add_argument("--more", action="store_true",
+                   help="start a new run in the study instead of finishing the one it holds: the same command "
+                        "after an interruption finishes the run it began (the trials left, then the retrain from "
+                        "its last epoch) and after a finished run does nothing; --more searches again (--trials "
+                        "more, or a fresh --time-budget) and retrains")
     g = p.add_argument_group("distillation")
     g.add_argument("--distill", default=str(DEFAULTS.distill),
                    help=f"weighted losses, NAME[=WEIGHT],... (default {DEFAULTS.distill}); known: {', '.join(LOSSES)} "
@@ -363,6 +370,8 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
         base["onnx"] = False
     if args.worker:
         base["worker"] = True
+    if args.more:
+        base["more"] = True
     return from_dict(SearchConfig, base)
 
 
@@ -375,9 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         search(cfg, progress=not args.quiet)
     except InputError as e:
         return fail(str(e))
+    except Interrupted as e:  # the run stored how far it got
+        print(f"\ninterrupted: {e.next}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("\ninterrupted: every finished trial is in the storage; run the same command again to resume "
-              "(the interrupted trial is retried)", file=sys.stderr)
+        print("\ninterrupted before the search began: nothing is stored; run the same command again",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -80,11 +80,12 @@ def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory: pytest.TempPathFactory, teacher_cache: Path, mini_fashion_dir: Path) -> dict:
-    """Runs A and B: the same flags twice in one folder, no --study-name; the storages after each."""
+    """Runs A and B: the same flags twice in one folder, no --study-name, the second with --more (without
+    it, the finished run would be left as it is); the storages after each."""
     work = tmp_path_factory.mktemp("default-name")
     first = search(work, teacher_cache, mini_fashion_dir, *RUN)
     after_first = storages(work)
-    second = search(work, teacher_cache, mini_fashion_dir, *RUN)
+    second = search(work, teacher_cache, mini_fashion_dir, *RUN, "--more")
     return {"work": work, "first": first, "second": second, "after_first": after_first,
             "after_second": storages(work)}
 

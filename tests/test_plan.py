@@ -7,8 +7,9 @@ import re
 import pytest
 
 from nas_kd.core.errors import InputError
+from nas_kd.core.progress import RunClock
 from nas_kd.core.units import format_duration, parse_duration
-from nas_kd.pipeline.plan import Clock, Costs, epochs_left, least_budget, make_plan, retrain_end
+from nas_kd.pipeline.plan import Costs, epochs_left, least_budget, make_plan, retrain_end
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400),
@@ -75,7 +76,7 @@ def test_a_resumed_study_plans_from_what_it_holds() -> None:
 
 def test_epochs_left_after_the_search_with_a_fake_clock() -> None:
     now = [1000.0]
-    clock = Clock(lambda: now[0])
+    clock = RunClock(now=lambda: now[0])
     now[0] += 700.0
     assert clock.elapsed() == 700.0
     assert epochs_left(1800.0, clock.elapsed(), epoch=90.0, export=60.0) == 12  # 1040 / 90 = 11.6: 12 end nearest
@@ -145,17 +146,17 @@ def test_the_export_allowance_is_smaller_without_onnx() -> None:
 
 
 def test_the_time_budget_status_and_bar_follow_the_clock() -> None:
-    from nas_kd.core.progress import TimeBudget, budget_status
+    from nas_kd.core.progress import RunClock, budget_status
 
     now = [100.0]
     assert budget_status() == ""
-    with TimeBudget(1800.0, 40.0, progress=False, now=lambda: now[0]) as run:
+    with RunClock(1800.0, 40.0, progress=False, now=lambda: now[0]) as run:
         assert run.bar is None  # no terminal here: the lines carry the status instead
         assert budget_status() == " [60s of 30m]"
         now[0] = 40.0 + 725.0
         assert budget_status() == " [12m of 30m]"
-    assert budget_status() == "" and TimeBudget.active is None
-    with TimeBudget(None, 0.0, progress=True):  # no budget: nothing
+    assert budget_status() == "" and RunClock.active is None
+    with RunClock(None, 0.0, progress=True):  # no budget: nothing
         assert budget_status() == ""
 
 

@@ -26,7 +26,7 @@ from nas_kd.nets.cost import count
 from nas_kd.nets.space import load_space
 from nas_kd.nets.weights import load_state
 from nas_kd.nets.zoo import teacher_spec
-from nas_kd.pipeline.run import trial_text
+from nas_kd.pipeline.checks import trial_text
 from nas_kd.teaching.cache import SHIPPED_TEACHERS, Teacher
 from nas_kd.teaching.ensemble import CachedTargets, Ensemble
 from nas_kd.training.train import evaluate, recalibrate_bn, recalibrated

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from nas_kd.core.config import SearchConfig
+from nas_kd.core.config import SearchConfig, TrainConfig
 from nas_kd.data.datasets import load_dataset
 from nas_kd.nets.arch import build
 from nas_kd.nets.zoo import teacher_spec
@@ -41,7 +41,9 @@ def test_a_shipped_teacher_reproduces_its_recorded_validation_accuracy(fashion, 
     meta = file.meta
     assert meta["command"].startswith(f"python -m nas_kd.teachers train --dataset fashion-mnist --arch {name} ")
     assert {"epochs", "seed", "train", "versions", "test_acc", "train_seconds", "weights_sha256"} <= set(meta)
-    assert json.loads(meta["train"])["batch_size"] > 0
+    # the command that made it says the epochs and seed the file records, and the schedule is the default one
+    assert f"--epochs {meta['epochs']}" in meta["command"] and f"--seed {meta['seed']}" in meta["command"]
+    assert json.loads(meta["train"])["batch_size"] == TrainConfig().batch_size
     model = build(teacher_spec(name), fashion.input_shape, fashion.num_classes)
     load_teacher_file(file, model)  # checks the weights against their digest
     assert f"{evaluate(model, fashion.val, fashion):.6f}" == meta["val_acc"]

@@ -33,18 +33,18 @@ def small_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize(("images", "expected"), [
+@pytest.mark.parametrize(("images", "steps", "expected"), [
     # Fashion-MNIST's 54,000: 421 steps an epoch, 31 a trial epoch of 4,000 images: nothing raised
-    (54_000, (3, 2, 3)),
+    (54_000, 421, (3, 2, 3)),
     # 1,260 images: 9 steps an epoch, so 1,200 steps need 134 epochs; a trial's 60 steps 7
-    (1_260, (134, 7, 134)),
+    (1_260, 9, (134, 7, 134)),
     # fewer images than a batch: one step an epoch
-    (100, (1200, 60, 1200)),
+    (100, 1, (1200, 60, 1200)),
 ])
-def test_schedules_adapt_to_the_dataset_size(images: int, expected: tuple[int, int, int]) -> None:
+def test_schedules_adapt_to_the_dataset_size(images: int, steps: int, expected: tuple[int, int, int]) -> None:
     cfg, text = adapt_schedule(SearchConfig(), images)
     assert (cfg.teacher_epochs, cfg.trial_epochs, cfg.final_epochs) == expected
-    assert text.startswith(f"schedule: {max(1, images // 128)} steps an epoch ({images} training images, batch 128)")
+    assert text.startswith(f"schedule: {steps} steps an epoch ({images} training images, batch 128)")
     assert ("no epochs raised" in text) == (expected == (3, 2, 3))
 
 

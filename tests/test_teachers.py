@@ -258,7 +258,7 @@ def test_a_bad_final_augment_is_named() -> None:
 
 def test_the_search_refuses_a_bad_final_augment_before_any_work() -> None:
     from nas_kd.core.config import SearchConfig
-    from nas_kd.pipeline.run import validate
+    from nas_kd.pipeline.checks import validate
 
     with pytest.raises(InputError, match="final_augment must be one of auto, on, off, got 'maybe'"):
         validate(SearchConfig(flops_budget=5_000_000, final_augment="maybe"))

@@ -138,6 +138,7 @@ class SearchConfig:
     # trials' worth of training, from all workers and runs together (None: this run's `trials`)
     study_trials: int | None = None
     worker: bool = False  # run trials only: no retrain, no pruned baseline, no report (run those once, after)
+    more: bool = False  # a new run in the study, not the end of the one it holds (nas_kd.pipeline.resume)
     heartbeat: int = 15  # seconds between a running trial's heartbeats; one silent for 3x this is failed and retried
     study_name: str | None = None
     # deployment (nas_kd.device.latency, nas_kd.device.export)

@@ -23,36 +23,42 @@ def log(message: str) -> None:
     tqdm.write(f"[nas_kd] {message}", file=sys.stderr)
 
 
-class TimeBudget:
-    """The whole run against its `--time-budget`: the `[elapsed of budget]` that the trial and
-    epoch lines end with, and on a terminal one bar for the run with the time elapsed and left.
-    One is active at a time (`TimeBudget.active`); `tick` moves its bar, at most once a second.
-    Without a budget (None) it does nothing."""
+class RunClock:
+    """The run's one clock: seconds since it started (`elapsed`; a resumed run started when its first
+    session did, `resume`), and against its `--time-budget` the `[elapsed of budget]` that the trial
+    and epoch lines end with, and on a terminal one bar with the time elapsed and left. One is active
+    at a time (`RunClock.active`); `tick` moves its bar, at most once a second. Without a budget
+    (None) it only tells the time. `start` defaults to now; the tests pass a fake `now`."""
 
-    active: TimeBudget | None = None
+    active: RunClock | None = None
 
-    def __init__(self, budget: float | None, start: float, progress: bool,
+    def __init__(self, budget: float | None = None, start: float | None = None, progress: bool = False,
                  now: Callable[[], float] = time.perf_counter):
-        self.budget, self.start, self.now = budget, start, now
+        self.budget, self.now = budget, now
+        self.start = now() if start is None else start
         self.bar = None
         if budget is not None and bars_shown(progress):
             self.bar = tqdm(total=round(budget), desc="time budget", unit="s", dynamic_ncols=True,
                             bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
         self.shown = -1.0
 
-    def __enter__(self) -> TimeBudget:
+    def __enter__(self) -> RunClock:
         if self.budget is not None:
-            TimeBudget.active = self
+            RunClock.active = self
             self.tick()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        TimeBudget.active = None
+        RunClock.active = None
         if self.bar is not None:
             self.bar.close()
 
     def elapsed(self) -> float:
         return self.now() - self.start
+
+    def resume(self, earlier: float) -> None:
+        """Count the `earlier` seconds of a run's earlier sessions as elapsed."""
+        self.start -= earlier
 
     def status(self) -> str:
         return f"[{format_duration(self.elapsed())} of {format_duration(self.budget)}]"
@@ -68,10 +74,10 @@ class TimeBudget:
 
 def budget_status() -> str:
     """' [3m of 30m]' while a run with a time budget is going, else ''."""
-    return f" {TimeBudget.active.status()}" if TimeBudget.active is not None else ""
+    return f" {RunClock.active.status()}" if RunClock.active is not None else ""
 
 
 def tick() -> None:
     """Move the run's time-budget bar, if there is one."""
-    if TimeBudget.active is not None:
-        TimeBudget.active.tick()
+    if RunClock.active is not None:
+        RunClock.active.tick()

@@ -81,7 +81,8 @@ def distill(student: Network, batches: BatchIterator, targets: TargetSource | No
                    epoch_lines=epoch_lines, checkpoint=checkpoint, replan=replan)
 
     offset = first * len(batches)
-    align = None if checkpoint is None else Checkpoint(checkpoint.path.with_stem(checkpoint.path.stem + "-align"))
+    align = None if checkpoint is None else Checkpoint(checkpoint.path.with_stem(checkpoint.path.stem + "-align"),
+                                                         checkpoint.on_damage)
     seconds = fit(modules, batches, step_of("features"), cfg, first, on_epoch, f"{desc} align", progress,
                   on_step=on_step, epoch_lines=epoch_lines, checkpoint=align)
     return seconds + fit(modules, batches, step_of("logits"), cfg, second, on_epoch, desc, progress, first_epoch=first,

@@ -26,6 +26,7 @@ import torch
 
 from nas_kd.core.config import DistillConfig, SearchConfig, steps_per_epoch
 from nas_kd.core.errors import InputError
+from nas_kd.core.progress import RunClock
 from nas_kd.core.units import format_duration
 from nas_kd.data.batches import BatchIterator, eval_batches, forward_batch
 from nas_kd.data.datasets import Dataset
@@ -142,17 +143,6 @@ def epochs_left(budget: float, elapsed: float, epoch: float, export: float = EXP
     return max(MIN_EPOCHS, math.floor((budget - elapsed - export) / epoch + 0.5))
 
 
-class Clock:
-    """Seconds since the run started; the tests pass a fake `now`."""
-
-    def __init__(self, now: Callable[[], float] = time.perf_counter):
-        self.now = now
-        self.start = now()
-
-    def elapsed(self) -> float:
-        return self.now() - self.start
-
-
 # ---------------------------------------------------------------- the run's costs, measured here
 
 TRIAL_OVERHEAD = 1.25  # a trial's validation passes, BatchNorm recalibration and latency check, over its steps
@@ -182,7 +172,7 @@ def spec_step_seconds(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: Sea
         return step_seconds(model, batches, targets, criterion, cfg.train, TIMED_STEPS, WARMUP_STEPS)
 
 
-def refuse_too_small(cfg: SearchConfig, space: SearchSpace, budget: Budget, dataset: Dataset, clock: Clock) -> None:
+def refuse_too_small(cfg: SearchConfig, space: SearchSpace, budget: Budget, dataset: Dataset, clock: RunClock) -> None:
     """Before any teacher, target or trial: refuse a time budget that cannot hold even one retrain
     epoch and the export, pricing the epoch by a typical student's plain cross-entropy steps
     (distillation costs more, so this errs towards letting a run start; `make_plan` checks again
@@ -218,7 +208,7 @@ def teacher_pass_seconds(ensemble: Ensemble, dataset: Dataset, features: Feature
 
 def plan_search(cfg: SearchConfig, study: optuna.Study, space: SearchSpace, budget: Budget, dataset: Dataset,
                 ensemble: Ensemble, batches: BatchIterator, targets: TargetSource | None,
-                clock: Clock) -> tuple[SearchConfig, Plan]:
+                clock: RunClock) -> tuple[SearchConfig, Plan]:
     """The run's plan once its teachers and targets are ready: a typical student's steps timed
     here price a trial and a retrain epoch; the config gets the search's trials and timeout (and
     the retrain's epochs) unless they were given explicitly (`cfg.time_fixed`)."""
@@ -239,8 +229,17 @@ def plan_search(cfg: SearchConfig, study: optuna.Study, space: SearchSpace, budg
     return cfg, plan
 
 
+def stored_plan(study: optuna.Study) -> Plan | None:
+    """The plan a run's first session stored (`plan_search`), for a session that resumes after the search."""
+    stored = study.user_attrs.get(TIME_ATTR, {}).get("plan")
+    try:
+        return Plan(**stored) if isinstance(stored, dict) else None
+    except TypeError:
+        return None
+
+
 def plan_retrain(cfg: SearchConfig, study: optuna.Study, dataset: Dataset, ensemble: Ensemble,
-                 batches: BatchIterator, targets: TargetSource | None, clock: Clock) -> tuple[SearchConfig, str]:
+                 batches: BatchIterator, targets: TargetSource | None, clock: RunClock) -> tuple[SearchConfig, str]:
     """After the search: the retrain's epochs from what is left of the budget, the winner's own steps
     timed here; and a line that says so."""
     if "final_epochs" in cfg.time_fixed:

@@ -17,16 +17,14 @@ from tqdm.auto import tqdm
 
 from nas_kd.core.config import SearchConfig, adapt_schedule
 from nas_kd.core.errors import InputError
-from nas_kd.core.progress import TimeBudget, bars_shown, budget_status, log
-from nas_kd.core.units import format_count
+from nas_kd.core.progress import RunClock, bars_shown, budget_status, log
+from nas_kd.core.units import format_count, format_duration
 from nas_kd.data.batches import BatchIterator, seeded_subset
 from nas_kd.data.datasets import load_dataset
-from nas_kd.device.convert import require_runtime
-from nas_kd.device.int8 import check_target
-from nas_kd.device.latency import check_precision, latency_meter
+from nas_kd.device.latency import latency_meter
 from nas_kd.distill.blockwise import BlockwiseScorer, most_accurate
-from nas_kd.distill.losses import Criterion, loss_class, recipe_features, recipe_uses_teachers
-from nas_kd.distill.student import check_two_stage, retrain_augments, retrain_recipe_text
+from nas_kd.distill.losses import recipe_features, recipe_uses_teachers
+from nas_kd.distill.student import retrain_augments, retrain_recipe_text
 from nas_kd.nas.budget import Budget, budget_warning, check_reachable, effective_floor
 from nas_kd.nas.objective import run_trial, trial_context, trial_score_named
 from nas_kd.nas.picks import enqueue_start_points
@@ -39,12 +37,9 @@ from nas_kd.nas.records import (
 from nas_kd.nas.start import start_points
 from nas_kd.nas.study import (
     COMPRESSION_TEACHER_KEY,
-    PRUNERS,
-    SAMPLERS,
     STUDY_ATTR,
     WINNER_ATTR,
     check_same_teachers,
-    check_study_name,
     check_url,
     default_study_name,
     guarded,
@@ -58,125 +53,47 @@ from nas_kd.nas.study import (
 )
 from nas_kd.nas.study import run as run_trials
 from nas_kd.nets.space import describe, load_space
-from nas_kd.nets.zoo import TEACHERS
+from nas_kd.pipeline.checks import trial_text, validate
 from nas_kd.pipeline.plan import (
-    Clock,
-    check_time_budget,
     plan_retrain,
     plan_search,
     record_split,
     refuse_too_small,
     retrain_end,
+    stored_plan,
 )
+from nas_kd.pipeline.resume import Interrupted, Session, begin, session_text
 from nas_kd.reporting.html import write_report
 from nas_kd.reporting.summary import summary_table, trial_line
 from nas_kd.retraining.baselines import check_prunable, pruned_baseline
 from nas_kd.retraining.retrain import finish_retrain
 from nas_kd.teaching.ensemble import (
     CachedTargets,
-    check_weighting,
     ensemble_from_config,
     ensemble_summary,
     teacher_names,
 )
 from nas_kd.training.train import resolve_device
 
-PARETO_COSTS = ("macs", "latency_ms")  # the Cost fields --objective pareto can minimise
-
-
-def validate(cfg: SearchConfig) -> SearchConfig:
-    if all(getattr(cfg, k) is None for k in ("flops_budget", "params_budget", "latency_budget_ms", "memory_budget")):
-        raise InputError("give a budget: --flops-budget (MACs, e.g. 50M), --params-budget (e.g. 500K), "
-                         "--latency-budget (e.g. 2ms) and/or --memory-budget (e.g. 256K)")
-    if cfg.study_name is not None:
-        check_study_name(cfg.study_name)
-    trial_score_named(cfg.trial_score)
-    check_time_budget(cfg)
-    if cfg.sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {cfg.sampler!r}; known: {', '.join(SAMPLERS)}")
-    if cfg.pruner not in PRUNERS:
-        raise InputError(f"unknown pruner {cfg.pruner!r}; known: {', '.join(PRUNERS)}")
-    if cfg.bn_recalibration < 0 or cfg.trial_reports < 1:
-        raise InputError(f"bn_recalibration must be >= 0 and trial_reports >= 1, got {cfg.bn_recalibration} "
-                         f"and {cfg.trial_reports}")
-    if cfg.objective not in ("accuracy", "pareto"):
-        raise InputError(f"objective must be 'accuracy' or 'pareto', got {cfg.objective!r}")
-    if cfg.pareto_cost not in PARETO_COSTS:
-        raise InputError(f"unknown pareto cost {cfg.pareto_cost!r}; known: {', '.join(PARETO_COSTS)}")
-    check_precision(cfg.latency_precision)
-    check_target(cfg.int8_target)
-    if cfg.latency_threads < 1:
-        raise InputError(f"latency_threads must be >= 1, got {cfg.latency_threads}")
-    for key in ("latency_budget_ms", "memory_budget"):
-        value = getattr(cfg, key)
-        if value is not None and not value > 0:
-            raise InputError(f"{key} must be positive, got {value!r}")
-    if cfg.onnx or cfg.latency_budget_ms is not None or cfg.pareto_cost == "latency_ms" or cfg.latency_table:
-        require_runtime()
-    resolve_device(cfg.device)
-    names = teacher_names(cfg)
-    if not names:
-        raise InputError("no teachers: pass --teachers, e.g. --teachers resnet20")
-    for name in names:
-        if name not in TEACHERS:
-            raise InputError(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}")
-    if len(set(cfg.teachers)) != len(cfg.teachers):
-        raise InputError(f"--teachers lists a teacher twice: {','.join(cfg.teachers)}")
-    for name, _ in cfg.distill.losses:
-        loss_class(name)
-    Criterion(cfg.distill.weights(), [8], [[8]], cfg.distill.temperature)  # weights and temperature
-    check_two_stage(cfg.distill)
-    check_weighting(cfg.distill.ensemble_weighting)
-    if cfg.heartbeat < 1 or (cfg.study_trials is not None and cfg.study_trials < 1):
-        raise InputError(f"heartbeat must be >= 1 s and study_trials >= 1, got {cfg.heartbeat} and {cfg.study_trials}")
-    if cfg.finalists < 1:
-        raise InputError(f"finalists must be >= 1, got {cfg.finalists}")
-    if cfg.finalists > 1 and cfg.retrain_trial is not None:
-        raise InputError(f"--retrain-trial picks one trial and --finalists {cfg.finalists} the best "
-                         f"{cfg.finalists}; give one of them")
-    if not 0 <= cfg.budget_floor < 1:
-        raise InputError(f"budget_floor must be a share in [0, 1), got {cfg.budget_floor}")
-    if cfg.budget_edge not in ("on", "off"):
-        raise InputError(f"budget_edge must be 'on' or 'off', got {cfg.budget_edge!r}")
-    if cfg.budget_floor and cfg.budget_edge == "on":
-        raise InputError(f"--budget-floor {cfg.budget_floor:g} applies only with --budget-edge off: at the budget's "
-                         "edge every trial already uses 95% of the budget; drop it, or add --budget-edge off")
-    if cfg.min_steps < 0 or not 0 <= cfg.teacher_min_gain < 1:
-        raise InputError(f"min_steps must be >= 0 and teacher_min_gain in [0, 1), got {cfg.min_steps} and "
-                         f"{cfg.teacher_min_gain}")
-    for key in ("trial_epochs", "teacher_epochs", "ensemble_views"):
-        if getattr(cfg, key) < 1:
-            raise InputError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.train.batch_size < 1 or cfg.train.lr <= 0:
-        raise InputError(f"batch size and learning rate must be positive, got {cfg.train.batch_size}, {cfg.train.lr}")
-    retrain_augments(cfg, cfg.final_epochs)  # a bad final_augment from YAML is named here
-    return cfg
-
-
-def trial_text(cfg: SearchConfig, images: int) -> str:
-    """One line: how this search's trials are scored (and pruned)."""
-    kind = trial_score_named(cfg.trial_score)
-    if not kind.trains:
-        return f"trial score {cfg.trial_score}: computed from the untrained spec, nothing trained; no pruning"
-    schedule = f"{cfg.trial_epochs} epoch{'s' if cfg.trial_epochs > 1 else ''} x {images} images"
-    recal = (f"BatchNorm recalibrated on {cfg.bn_recalibration} batches before validation" if cfg.bn_recalibration
-             else "no BatchNorm recalibration")
-    if kind.blockwise:
-        return f"trial score {cfg.trial_score}: {schedule} per stage; no pruning"
-    pruner = "none (--objective pareto cannot prune)" if cfg.objective == "pareto" else cfg.pruner
-    return (f"trial score {cfg.trial_score}: {schedule}, {recal}, {cfg.trial_reports} validation passes; "
-            f"pruner {pruner}")
-
 
 def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
     """The whole job; returns the study. Bad settings raise `InputError` before any work. With a
     time budget, the trial and epoch lines say the time elapsed of it (on a terminal, a bar)."""
-    clock = Clock()
-    with TimeBudget(cfg.time_budget, clock.start, progress):
-        return run_search(cfg, progress, clock)
+    session = Session()
+    with RunClock(cfg.time_budget, progress=progress) as clock:
+        try:
+            return run_search(cfg, progress, clock, session)
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:
+            raise session.interrupted(clock.elapsed()) from None
 
 
-def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
+def run_search(cfg: SearchConfig, progress: bool, clock: RunClock, session: Session | None = None) -> optuna.Study:
+    """`search`'s phases in order; `session` is told the run, study and outputs as soon as they are known,
+    so that an interrupted run can store how far it got (`resume.Session`)."""
+    session = Session() if session is None else session
+    asked = cfg  # the command's settings, before the schedule and the plan adapt them
     validate(cfg)
     # every check of the user's input comes before the first progress line and any training
     space = load_space(cfg.search_space)
@@ -223,6 +140,22 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
         log("--objective pareto: trials are not pruned (Optuna cannot prune multi-objective studies); "
             "every trial trains to its end")
     log(f"study {name} in {url} ({len(study.trials)} trials already)")
+    out = Path(cfg.out_dir) / name
+    run, how = (None, "new") if cfg.worker else begin(study, asked)
+    if run is not None and how == "finished":
+        log(f"this command's run in study {name} is done ({run.asked}, {run.progress(study)}, retrained); nothing "
+            f"is left to do. --more starts a new run in the study")
+        print(f"\nnas_kd search finished\n{summary_table(study, cfg, url, run.elapsed)}")
+        return study
+    if run is not None and how == "resumed":
+        clock.resume(run.elapsed)
+        log(f"resuming this command's run ({run.asked}): {run.progress(study)}, {format_duration(run.elapsed)} "
+            f"spent in {run.sessions - 1} earlier session{'s' if run.sessions > 2 else ''}; "
+            + ("the search is done, the retrain goes on" if run.phase == "retrain" else "the search goes on"))
+    elif run is not None and cfg.more:
+        log(f"--more: a new run in study {name}, after the one it holds")
+    if run is not None:  # stored once its search is planned, or when it is interrupted before
+        session.run, session.study, session.out = run, study, out
     for line in starts_skipped:
         log(line)
 
@@ -264,9 +197,20 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
     ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer, latency, floor)
     log(trial_text(cfg, len(subset)))
     time_plan = None
-    if cfg.time_budget is not None:
+    searching = run is None or run.phase == "search"
+    if cfg.time_budget is not None and searching:
         cfg, time_plan = plan_search(cfg, study, space, budget, dataset, ensemble, batches, targets, clock)
-        log(time_plan.line(cfg.trials))
+        log(time_plan.line(cfg.trials) + (f" (what was left of it: {format_duration(run.elapsed)} were spent before)"
+                                          if how == "resumed" else ""))
+    elif cfg.time_budget is not None:
+        time_plan = stored_plan(study)
+    if run is not None and (run.target is None or run.planned) and searching:
+        # a count's run ends at the study's trials when it began plus the count, however many sessions it
+        # takes; a time budget's trials are re-planned in each session from the time left
+        run.target = (float(cfg.study_trials) if cfg.study_trials is not None else
+                      (study_training(study) if run.planned else run.trials_before) + cfg.trials)
+        run.save(study)
+    target = cfg.study_trials if run is None else run.target
     marks = {"setup": clock.elapsed()}
 
     # the bar counts trials' worth of training, as --trials does: a pruned trial its share
@@ -286,15 +230,14 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
             bar.set_postfix_str(f"#{trial.number} score {trial_score(trial):.4f} "
                                 f"{format_count(trial.user_attrs['macs'])} MACs")
 
-    out = Path(cfg.out_dir) / name
     # the start points go in only now, when this run trains (a run refused above, or one with
     # nothing to train, leaves the study as it was)
-    if cfg.trials > 0 if cfg.study_trials is None else study_training(study) < cfg.study_trials:
+    if cfg.trials > 0 if target is None else study_training(study) < target:
         for line in enqueue_start_points(study, starts):
             log(line)
     try:
         trained = run_trials(study, lambda trial: run_trial(ctx, trial), cfg.trials, cfg.timeout, on_trial,
-                      study_target=cfg.study_trials)
+                             study_target=target)
     finally:
         bar.close()
         if not cfg.worker:  # workers leave the report to the one retrain after them
@@ -311,13 +254,18 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
             log(f"--final-epochs 0: nothing retrained; to retrain{finalists}: python -m nas_kd.retrain "
                 f"--study-name {name} --storage '{url}'")
     marks["search"] = clock.elapsed()
+    if run is not None:
+        run.phase, run.elapsed = ("retrain" if cfg.final_epochs > 0 else "done"), clock.elapsed()
+        run.save(study)
+        trained = max(trained, round(run.trained(study)))  # over every session of the run
     if time_plan is not None and cfg.final_epochs > 0 and not cfg.worker:
         cfg, line = plan_retrain(cfg, study, dataset, ensemble, batches, targets, clock)
         log(line)
     if cfg.final_epochs > 0 and not cfg.worker:
         started = clock.elapsed()
         end = retrain_end(cfg, started) if time_plan is not None else None
-        retrained = finish_retrain(study, dataset, ensemble, cfg, progress, log, targets, end)
+        retrained = finish_retrain(study, dataset, ensemble, cfg, progress, log, targets, end,
+                                   None if run is None else run.checkpoints(out))
         cfg = replace(cfg, final_epochs=retrained["final_epochs"])  # as trained, re-planned or not
         # the retrain ends where its test pass ends; the export and the report come after
         marks["retrain"] = min(clock.elapsed(), started + retrained["retrain_seconds"])
@@ -327,7 +275,11 @@ def run_search(cfg: SearchConfig, progress: bool, clock: Clock) -> optuna.Study:
     if time_plan is not None:
         marks["end"] = clock.elapsed()
         log(record_split(study, time_plan, marks, trained, cfg.final_epochs))
-    print(f"\nnas_kd search finished\n{summary_table(study, cfg, url, clock.elapsed())}")
+    if run is not None:
+        run.elapsed = clock.elapsed()
+        run.done(study, out)
+    resumed = f" ({session_text(run)})" if run is not None and run.sessions > 1 else ""
+    print(f"\nnas_kd search finished{resumed}\n{summary_table(study, cfg, url, clock.elapsed())}")
     return study
 
 

@@ -48,17 +48,25 @@ from nas_kd.nets.arch import Network, Spec, build
 from nas_kd.nets.cost import Cost, count
 from nas_kd.reporting.html import write_report
 from nas_kd.teaching.ensemble import CachedTargets, Ensemble
-from nas_kd.training.train import Deadline, evaluate
+from nas_kd.training.train import Checkpoint, Deadline, evaluate
 
 
 def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
             progress: bool = True, cached: CachedTargets | None = None,
-            deadline: Deadline | None = None) -> tuple[Network, float]:
+            deadline: Deadline | None = None, checkpoint: Checkpoint | None = None) -> tuple[Network, float]:
     """Distil a fresh `spec` network for `epochs` with the study's recipe (re-planned to end by
-    `deadline` when given); returns it and the seconds."""
+    `deadline` when given; saved to `checkpoint` after every epoch and resumed from it when given);
+    returns it and the seconds."""
     device = dataset.train.x.device
     return retrain_student(lambda: build(spec, dataset.input_shape, dataset.num_classes).to(device), dataset,
-                           ensemble, cfg, epochs, progress=progress, cached=cached, epoch_lines=True, replan=deadline)
+                           ensemble, cfg, epochs, progress=progress, cached=cached, epoch_lines=True, replan=deadline,
+                           checkpoint=checkpoint)
+
+
+def retrain_checkpoint(folder: Path | None, trial: int, log: Callable[[str], None]) -> Checkpoint | None:
+    """Where the retrain of `trial` saves every epoch, in `folder` (None: nowhere); a damaged file
+    there is moved aside with one warning line and the retrain starts anew."""
+    return None if folder is None else Checkpoint(folder / f"trial-{trial}.pt", on_damage=log)
 
 
 def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[str, Any]:
@@ -68,7 +76,7 @@ def test_metrics(model: Network, dataset: Dataset, ensemble: Ensemble) -> dict[s
 
 def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
                    out_dir: Path, progress: bool = True, log=print, cached: CachedTargets | None = None,
-                   record: bool = True, end: float | None = None) -> dict[str, Any]:
+                   record: bool = True, end: float | None = None, checkpoints: Path | None = None) -> dict[str, Any]:
     """Pick the winner (or cfg.retrain_trial), retrain, test, export, and store the figures in the study.
 
     With cfg.finalists K > 1 the K best trials are each retrained and the one of best validation
@@ -78,7 +86,8 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
 
     With `end` (a `time.perf_counter` time: a time budget's), each retrain re-plans its epochs
     after every one to end by its share of what is left (`train.Deadline`), and the figures give
-    the epochs it trained."""
+    the epochs it trained. With `checkpoints`, each retrain saves every epoch there and resumes
+    from what it finds (`retrain_checkpoint`): a run stopped mid-retrain goes on where it stopped."""
     if cfg.retrain_trial is None:
         best = finalists(study, cfg.finalists)
         if cfg.finalists > 1 and len(best) < cfg.finalists:
@@ -115,7 +124,8 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
         planned = f"~{cfg.final_epochs} epochs, re-planned after each" if deadline else f"{cfg.final_epochs} epochs"
         log(f"retraining {which}trial {trial.number} ({spec}) for {planned}: "
             f"{retrain_recipe_text(cfg, cfg.final_epochs)}")
-        model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached, deadline)
+        model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached, deadline,
+                                 retrain_checkpoint(checkpoints, trial.number, log))
         epochs = cfg.final_epochs if deadline is None or deadline.epochs is None else deadline.epochs
         val = evaluate(model, dataset.val, dataset) if many else 0.0
         if many:
@@ -149,11 +159,12 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
 
 def finish_retrain(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
                    progress: bool = True, log=log, cached: CachedTargets | None = None,
-                   end: float | None = None) -> dict[str, Any]:
-    """Retrain the winner into OUT_DIR/<study>/winner/ (by `end`, see `retrain_winner`) and
-    rewrite the study's report."""
+                   end: float | None = None, checkpoints: Path | None = None) -> dict[str, Any]:
+    """Retrain the winner into OUT_DIR/<study>/winner/ (by `end`, from and to `checkpoints`, see
+    `retrain_winner`) and rewrite the study's report."""
     out = Path(cfg.out_dir) / study.study_name
-    metrics = retrain_winner(study, dataset, ensemble, cfg, out / "winner", progress, log, cached, end=end)
+    metrics = retrain_winner(study, dataset, ensemble, cfg, out / "winner", progress, log, cached, end=end,
+                             checkpoints=checkpoints)
     html_path, _ = write_report(study, out)
     log(f"winner: trial {metrics['trial']} test acc {metrics['test_acc']:.4f} "
         f"(ensemble {metrics['ensemble_test_acc']:.4f}); report {html_path}")

@@ -18,6 +18,7 @@ from nas_kd.core.errors import InputError
 from nas_kd.core.progress import bars_shown, budget_status, log, tick
 from nas_kd.data.batches import Batch, BatchIterator, eval_batches
 from nas_kd.data.datasets import Dataset, Split
+from nas_kd.nets.weights import move_aside
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,24 +101,31 @@ class Checkpoint:
     so that a killed run resumes where it stopped. Written atomically with `torch.save`, read with
     `weights_only=True`."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_damage: Callable[[str], None] | None = None):
         self.path = path
+        self.on_damage = on_damage  # given: a damaged file is moved aside, said in one line, and training starts anew
 
     KEYS = ("model", "optimizer", "scheduler", "epoch", "seconds")
 
     def load(self) -> dict[str, Any] | None:
+        """The saved state (its `epochs` is the length the training had then), or None when there is
+        none. A damaged file raises `InputError`, or with `on_damage` is moved aside and gives None."""
         if not self.path.is_file():
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged pickle raises almost any type (KeyError, UnpicklingError, EOFError...)
-            raise InputError(f"cannot resume from {self.path}: the file is damaged "
-                             f"({(str(e).splitlines() or [type(e).__name__])[0]}); "
-                             "delete it to start this training anew") from None
+            return self._damaged(f"the file is damaged ({(str(e).splitlines() or [type(e).__name__])[0]})")
         if not isinstance(state, dict) or any(k not in state for k in self.KEYS):
-            raise InputError(f"cannot resume from {self.path}: not a training checkpoint of nas_kd (expected the "
-                             f"keys {', '.join(self.KEYS)}); delete it to start this training anew")
+            return self._damaged(f"not a training checkpoint of nas_kd (expected the keys {', '.join(self.KEYS)})")
         return state
+
+    def _damaged(self, why: str) -> None:
+        if self.on_damage is None:
+            raise InputError(f"cannot resume from {self.path}: {why}; delete it to start this training anew")
+        aside = move_aside(self.path)
+        self.on_damage(f"warning: cannot resume from {self.path}: {why}; moved it to {aside}, training starts anew")
+        return None
 
     def save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +213,8 @@ def fit(modules: nn.Module, batches: BatchIterator, step_loss: StepLoss, cfg: Tr
                 schedule.stretch(epochs * len(batches), scheduler.last_epoch)
         if checkpoint is not None:
             checkpoint.save({"model": modules.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "epoch": epoch, "seconds": seconds})
+                             "scheduler": scheduler.state_dict(), "epoch": epoch, "epochs": epochs,
+                             "seconds": seconds})
         if on_epoch is not None:
             on_epoch(epoch)
     return seconds
