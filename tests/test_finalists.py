@@ -18,7 +18,7 @@ from nas_kd import search
 from nas_kd.core.config import DistillConfig, SearchConfig
 from nas_kd.core.errors import InputError
 from nas_kd.distill import student as distill
-from nas_kd.nas.picks import finalists, pick_winner, retrain_candidates, start_trials
+from nas_kd.nas.picks import finalists, pick_winner, retrain_candidates
 from nas_kd.nas.records import START_ATTR
 from nas_kd.nas.start import HAND_MADE
 from nas_kd.nas.study import WINNER_ATTR
@@ -66,7 +66,7 @@ def test_start_points_are_retrained_whatever_their_score() -> None:
     assert [t.number for t in retrain_candidates(study, 1)] == [b, made]
     assert [t.number for t in retrain_candidates(study, 2)] == [b, c, made]
     assert [t.number for t in retrain_candidates(study, 3)] == [b, c, made]  # a finalist already: once
-    assert [t.number for t in start_trials(study)] == [made]
+    assert [t.number for t in retrain_candidates(study, 0)] == [made]
 
 
 def test_finalists_of_a_study_without_feasible_trials_is_input_error() -> None:

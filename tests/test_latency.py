@@ -302,10 +302,10 @@ def test_a_reachable_latency_budget_is_known_at_the_first_spec_that_meets_it(bud
 
     cfg = SearchConfig(latency_budget_ms=budget_ms)
     if budget_ms >= 1.0:
-        check_reachable(cfg, space, (1, 28, 28), 10, smallest, meter)
+        check_reachable(Budget.from_config(cfg), space, (1, 28, 28), 10, meter)
     else:
         with pytest.raises(InputError, match=r"the lowest fp32 latency of \d+ specs tried .* is 1 ms, by "):
-            check_reachable(cfg, space, (1, 28, 28), 10, smallest, meter)
+            check_reachable(Budget.from_config(cfg), space, (1, 28, 28), 10, meter)
     every = {str(spec) for spec in smallest + space.random_specs(LATENCY_PROBES, cfg.seed)}
     assert len(seen) == len(set(map(str, seen))) and seen[0] == smallest[0]
     assert len(seen) == (1 if budget_ms >= 1.0 else len(every)) and len(seen) <= timed

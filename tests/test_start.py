@@ -16,7 +16,7 @@ from nas_kd.device.latency import LatencyTable
 from nas_kd.device.memory import peak_activations
 from nas_kd.nas.budget import Budget
 from nas_kd.nas.objective import may_prune
-from nas_kd.nas.picks import START_POINTS_ATTR, enqueue_start_points, start_trials
+from nas_kd.nas.picks import START_POINTS_ATTR, enqueue_start_points, retrain_candidates
 from nas_kd.nas.records import SPEC_ATTR, START_ATTR
 from nas_kd.nas.start import (
     FAMILY_STEPS,
@@ -167,7 +167,7 @@ def test_a_start_point_the_sampler_trained_first_is_still_the_start_point() -> N
     (point,), _ = start_points((GIVEN,), load_space("resnet-v1"), Budget(50_000_000), SHAPE, CLASSES)
     assert enqueue_start_points(study, [point]) == [f"start point given: {GIVEN} is already in the study"]
     assert study.user_attrs[START_POINTS_ATTR] == {GIVEN: "given"}
-    assert [t.number for t in start_trials(study)] == [0]  # trial 0 trained it: it is the start point
+    assert [t.number for t in retrain_candidates(study, 0)] == [0]  # trial 0 trained it: it is the start point
 
 
 @pytest.mark.parametrize(("name", "message"), [

@@ -1,4 +1,4 @@
-"""The versions a saved file records beside what it holds (STYLE.md: saved files describe themselves)."""
+"""The versions a saved file records beside what it holds (saved files describe themselves)."""
 
 from __future__ import annotations
 

@@ -88,30 +88,38 @@ LATENCY_PROBES = 8  # random specs timed before a search with a latency budget (
 TABLE_PROBES = 500  # random specs predicted from a latency table for the same check
 
 
-def check_reachable(cfg: SearchConfig, space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int,
-                    smallest: list[Spec], latency: Callable[[Spec], float] | None) -> None:
-    """Before any training: a memory budget below the space's least peak (`SearchSpace.least_peak`,
-    exact) is refused, as is a latency budget that none of the space's smallest specs and a seeded
-    sample of others meets, naming the best spec found. The specs are timed smallest first, and
-    the check ends at the first that meets the budget (each measured spec costs an export and a
-    timing, 2-3 s, before the search starts)."""
-    if cfg.memory_budget is not None:
+def check_reachable(budget: Budget, space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int,
+                    latency: Callable[[Spec], float] | None = None, seed: int = 0, table: bool = False,
+                    precision: str = "fp32") -> None:
+    """Before any training, the one check that the space can meet `budget`: its smallest specs by
+    MACs and by params must meet those bounds; a memory bound below the space's least peak
+    (`SearchSpace.least_peak`, exact) is refused, as is a latency bound that none of the space's
+    smallest specs and a seeded sample of others meets (by `latency`, measured or from a `table`),
+    naming the best spec found. The specs are timed smallest first, and the check ends at the
+    first that meets the budget (each measured spec costs an export and a timing, 2-3 s)."""
+    (min_macs_spec, min_macs), (min_params_spec, min_params) = space.smallest(input_shape, num_classes)
+    if (budget.macs is not None and min_macs.macs > budget.macs) or (
+            budget.params is not None and min_params.params > budget.params):
+        raise InputError(f"no student of search space {space.name!r} fits {budget}: the smallest reach "
+                         f"{format_count(min_macs.macs)} MACs ({min_macs_spec}) and {format_count(min_params.params)} "
+                         f"params at input {'x'.join(map(str, input_shape))}; raise the budget or use another space")
+    if budget.memory is not None:
         spec, peak = space.least_peak(input_shape, num_classes, peak_activations)
-        if peak > cfg.memory_budget:
+        if peak > budget.memory:
             raise InputError(f"no student of search space {space.name!r} meets --memory-budget "
-                             f"{format_count(cfg.memory_budget)}B: its lowest peak int8 activation memory is "
+                             f"{format_count(budget.memory)}B: its lowest peak int8 activation memory is "
                              f"{format_count(peak)}B, by {spec}; raise the budget or use a smaller space")
-    if cfg.latency_budget_ms is not None and latency is not None:
-        probes = TABLE_PROBES if cfg.latency_table else LATENCY_PROBES
-        specs = list(dict.fromkeys(smallest + space.random_specs(probes, cfg.seed)))
+    if budget.latency_ms is not None and latency is not None:
+        probes = TABLE_PROBES if table else LATENCY_PROBES
+        specs = list(dict.fromkeys([min_macs_spec, min_params_spec] + space.random_specs(probes, seed)))
         timed = []
         for spec in specs:
             timed.append((latency(spec), str(spec)))
-            if timed[-1][0] <= cfg.latency_budget_ms:
+            if timed[-1][0] <= budget.latency_ms:
                 return
         best = min(timed)
         raise InputError(f"no student of search space {space.name!r} meets --latency-budget "
-                         f"{cfg.latency_budget_ms:.4g} ms: the lowest {cfg.latency_precision} latency of "
+                         f"{budget.latency_ms:.4g} ms: the lowest {precision} latency of "
                          f"{len(specs)} specs tried (the smallest and {probes} random ones) is {best[0]:.4g} ms, "
                          f"by {best[1]}; raise the budget or use a smaller space")
 

@@ -69,7 +69,7 @@ LEGACY_CONSTRAINTS_KEY = "constraints"
 
 @dataclass
 class TrialContext:
-    """Everything a trial needs, built once per search by the command line."""
+    """Everything a trial needs, built once per search by the run (`pipeline.run`)."""
 
     space: SearchSpace
     dataset: Dataset  # on the training device
@@ -203,7 +203,7 @@ def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, 
     if ctx.latency is not None and replace(ctx.budget, latency_ms=None).fits(cost) and (
             not (short and short > 0) or ctx.budget.latency_ms is not None):
         cost = replace(cost, latency_ms=priced if priced is not None else ctx.latency(spec))
-    if not record_cost(trial, spec, cost, ctx.ensemble.largest(), ctx.budget, memory, ctx.floor):
+    if not record_cost(trial, spec, cost, ctx.ensemble.compression_reference(), ctx.budget, memory, ctx.floor):
         if not ctx.budget.fits(cost):
             raise optuna.TrialPruned(f"over budget ({ctx.budget.excess(cost)}); not trained")
         raise optuna.TrialPruned(f"under the budget floor (uses {ctx.budget.use(cost):.0%} of the budget, "

@@ -94,12 +94,6 @@ def start_names(study: optuna.Study) -> dict[str, str]:
     return {**names, **study.user_attrs.get(START_POINTS_ATTR, {})}
 
 
-def start_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """For each start point of the study (`start_names`), its best completed, scored trial within
-    the budget, whoever proposed it (the sampler may have trained the spec first); best first."""
-    return _starts_among(study, finalists(study, len(study.trials)))
-
-
 def _starts_among(study: optuna.Study, ranked: list[FrozenTrial]) -> list[FrozenTrial]:
     names = start_names(study)
     return [t for t in ranked if t.user_attrs[SPEC_ATTR] in names]

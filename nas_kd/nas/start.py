@@ -10,10 +10,10 @@ simulated 10-trial searches (BENCHMARKS.md, "How far a search of n trials can ge
 He et al. 2016, that fits the budget at half its widths or more, every width scaled to fit) as a
 trial of the study; `--start-from SPEC` enqueues any student. A start point in the search space is
 enqueued with its Optuna params, so the sampler learns from it; one outside the space (the
-hand-made network is outside the shipped spaces) is enqueued by its spec alone, and the sampler
+hand-made network is outside `resnet-v1`; the default `resnet` space holds it) is enqueued by its spec alone, and the sampler
 does not model it. Either way it is trained and scored like every trial and counts towards
 `--trials`; then the retrain compares it on validation with the search's best trial whatever
-its trial score (`study.retrain_candidates`), because a brief trial underrates it: at 50M MACs
+its trial score (`picks.retrain_candidates`), because a brief trial underrates it: at 50M MACs
 the widened ResNet-20 ranked 7th of 7, 5th of 7 and 2nd of 6 by trial score on three seeds and
 was better after the full retrain on two. So a study shows on the user's own budget and data
 whether the search found better than the network it started from, and never keeps worse on
@@ -41,7 +41,7 @@ from nas_kd.nets.zoo import teacher_spec
 HAND_MADE = "hand-made"
 HAND_MADE_BASES = ("resnet20", "resnet14", "resnet8")  # deepest first
 WIDTH_STEPS = 300  # width factors 0.01, 0.02, ... 3.00
-# the hand-made family (DESIGN.md): the ResNets above and MobileNetV2 with CIFAR strides
+# the hand-made family: the ResNets above and MobileNetV2 with CIFAR strides
 # (Sandler et al. 2018), each with the width step it is scaled by; MobileNetV2's coarser step
 # (0.05, up to 2.00) keeps the layers a latency table must hold for it at about 400
 FAMILY_STEPS = {"resnet20": (0.01, WIDTH_STEPS), "resnet14": (0.01, WIDTH_STEPS), "resnet8": (0.01, WIDTH_STEPS),

@@ -46,6 +46,7 @@ from nas_kd.nets.arch import Spec, build
 from nas_kd.nets.cost import count
 from nas_kd.nets.space import SearchSpace
 from nas_kd.teaching.ensemble import Ensemble, FeatureSet, LiveTargets, TargetSource
+from nas_kd.training.train import epochs_that_fit
 
 # the share of the planned time the search gets by default (SearchConfig.search_share); the rest
 # goes to the retrain
@@ -105,8 +106,6 @@ def make_plan(budget: float, costs: Costs, search_share: float = SEARCH_SHARE, t
     resumed study) count towards the plan's trials and cost nothing more. A budget too small for
     one new trial (when the study holds none) and a minimal retrain is refused, naming the least
     that works."""
-    if not 0 < search_share < 1:
-        raise InputError(f"the search's share of the time budget must be in (0, 1), got {search_share}")
     need = 0 if held or trials is not None else 1
     if epochs is None and trials is None and budget < least_budget(costs, need):
         raise InputError(f"--time-budget {format_duration(budget)} is too small on this machine: "
@@ -140,7 +139,7 @@ def epochs_left(budget: float, elapsed: float, epoch: float, export: float = EXP
     a run past its budget still hands over a trained student). Rounded down, a 10-minute run with
     1.95 epochs' time left trained 1 and ended 16% under: a training's last epoch is never
     re-planned, its learning rate having fallen to 0."""
-    return max(MIN_EPOCHS, math.floor((budget - elapsed - export) / epoch + 0.5))
+    return max(MIN_EPOCHS, epochs_that_fit(budget - elapsed - export, epoch))
 
 
 # ---------------------------------------------------------------- the run's costs, measured here

@@ -16,7 +16,6 @@ from optuna.trial import FrozenTrial
 from tqdm.auto import tqdm
 
 from nas_kd.core.config import SearchConfig, adapt_schedule
-from nas_kd.core.errors import InputError
 from nas_kd.core.progress import RunClock, bars_shown, budget_status, log
 from nas_kd.core.units import format_count, format_duration
 from nas_kd.data.batches import BatchIterator, seeded_subset
@@ -101,14 +100,10 @@ def run_search(cfg: SearchConfig, progress: bool, clock: RunClock, session: Sess
     if cfg.storage:
         check_url(cfg.storage)
     dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
-    (min_macs_spec, min_macs), (min_params_spec, min_params) = space.smallest(dataset.input_shape, dataset.num_classes)
-    if (budget.macs is not None and min_macs.macs > budget.macs) or (budget.params is not None and min_params.params > budget.params):
-        raise InputError(f"no student of search space {space.name!r} fits {budget}: the smallest reach "
-                         f"{format_count(min_macs.macs)} MACs ({min_macs_spec}) and {format_count(min_params.params)} "
-                         f"params at input {'x'.join(map(str, dataset.input_shape))}; raise the budget or use another space")
     cfg, schedule_text = adapt_schedule(cfg, len(dataset.train))
     latency, latency_text = latency_meter(cfg, space, dataset.input_shape, dataset.num_classes)
-    check_reachable(cfg, space, dataset.input_shape, dataset.num_classes, [min_macs_spec, min_params_spec], latency)
+    check_reachable(budget, space, dataset.input_shape, dataset.num_classes, latency, cfg.seed,
+                    bool(cfg.latency_table), cfg.latency_precision)
     floor, floor_text = effective_floor(cfg.budget_floor, budget, space, dataset.input_shape, dataset.num_classes)
     starts, starts_skipped = start_points(cfg.start_from, space, budget, dataset.input_shape, dataset.num_classes,
                                           floor, latency if cfg.latency_table else None,

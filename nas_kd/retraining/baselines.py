@@ -80,7 +80,7 @@ def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ense
     log(f"pruned teacher {teacher.name}: keep {keep:.3f} of each prunable layer -> {format_count(cost.macs)} MACs, "
         f"{format_count(cost.params)} params (val acc {before:.4f} before training); training it for "
         f"{cfg.final_epochs} epochs with KD and with fine-tuning")
-    facts = cost_facts(cost, ensemble.largest())
+    facts = cost_facts(cost, ensemble.compression_reference())
     methods = []
     for method, folder, recipe in (("pruned teacher + KD", "pruned-kd", cfg.distill),
                                    ("pruned teacher + fine-tuning", "pruned-finetune", FINE_TUNE)):

@@ -204,7 +204,7 @@ def retrain_online(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     log(f"training trials {', '.join(str(t.number) for t in trials)} together for {cfg.final_epochs} epochs: {recipe}")
     start = time.perf_counter()
     students, seconds = train_online(specs, dataset, ensemble, cfg, cfg.final_epochs, with_teachers, progress)
-    compression_teacher = ensemble.largest()
+    compression_teacher = ensemble.compression_reference()
     teachers = teachers_test_metrics(dataset, ensemble)  # once, not per student
     exported = []
     for i, (trial, model) in enumerate(zip(trials, students)):

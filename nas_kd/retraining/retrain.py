@@ -4,7 +4,7 @@
 
 Without augmentation the teachers' outputs are computed once for the whole training split (or
 taken from the search's cache); with it, the teachers run live on a fresh view every epoch
-(`distill.retrain_targets`). The winner is exported by `nas_kd.device.export`: safetensors weights that
+(`distill.student.retrain_targets`). The winner is exported by `nas_kd.device.export`: safetensors weights that
 describe themselves, an ONNX model and an int8 ONNX model, both checked with ONNX Runtime.
 """
 
@@ -143,7 +143,7 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
         log(f"finalists: trial {trial.number} has the best validation accuracy ({best[0]:.4f}); testing it")
     metrics = test_metrics(model, dataset, ensemble)
     metrics = {"trial": trial.number, "spec": str(spec),
-               **cost_facts(count(model, dataset.input_shape), ensemble.largest()),
+               **cost_facts(count(model, dataset.input_shape), ensemble.compression_reference()),
                "latency_ms": trial.user_attrs.get(LATENCY_ATTR),
                "search_val_acc": trial.values[0], "final_epochs": epochs, **metrics,
                "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),

@@ -108,8 +108,9 @@ class Ensemble:
         pruned baseline prunes."""
         return max(self.members, key=lambda t: t.cost.macs)
 
-    def largest(self) -> Cost:
-        """The reference for compression ratios: the largest member's MACs and params."""
+    def compression_reference(self) -> Cost:
+        """The reference for compression ratios: the most MACs of any member and the most params of
+        any member (of two members when the one of most MACs is not the one of most params)."""
         return Cost(max(t.cost.macs for t in self.members), max(t.cost.params for t in self.members))
 
     @torch.no_grad()  # not inference_mode: live targets enter the student's autograd graph

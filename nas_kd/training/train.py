@@ -89,8 +89,14 @@ class Deadline:
         self.epochs: int | None = None
 
     def __call__(self, done: int, epoch_seconds: float) -> int:
-        self.epochs = done + max(1, math.floor((self.end - self.now()) / max(epoch_seconds, 1e-9) + 0.5))
+        self.epochs = done + epochs_that_fit(self.end - self.now(), epoch_seconds)
         return self.epochs
+
+
+def epochs_that_fit(seconds: float, epoch_seconds: float) -> int:
+    """The one rule for a training's length in time: the whole epochs of `epoch_seconds` that end
+    nearest to `seconds` from now, and at least one (rounding down left up to a whole epoch unused)."""
+    return max(1, math.floor(seconds / max(epoch_seconds, 1e-9) + 0.5))
 
 
 StepLoss = Callable[[Batch], torch.Tensor]
