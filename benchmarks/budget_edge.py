@@ -39,19 +39,10 @@ import optuna
 import torch
 
 from benchmarks import search_vs_baselines
-from benchmarks.common import (
-    RESULTS,
-    ResultsFile,
-    Retrains,
-    counter,
-    hand_made,
-    largest,
-    machine,
-    mean_sd,
-    search_pick,
-    search_settings_id,
-    settings_id,
-)
+from benchmarks.results import RESULTS, ResultsFile, machine, search_settings_id, settings_id
+from benchmarks.retrains import Retrains
+from benchmarks.rules import counter, hand_made, largest, search_pick
+from benchmarks.stats import mean_sd
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.units import format_count
 from nas_kd.data.datasets import Dataset, load_dataset

@@ -53,16 +53,10 @@ from typing import Any
 import optuna
 import torch
 
-from benchmarks.common import (
-    RESULTS,
-    ResultsFile,
-    Retrains,
-    largest,
-    machine,
-    mean_sd,
-    search_pick,
-    search_settings_id,
-)
+from benchmarks.results import RESULTS, ResultsFile, machine, search_settings_id
+from benchmarks.retrains import Retrains
+from benchmarks.rules import largest, search_pick
+from benchmarks.stats import mean_sd
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.units import format_bytes, format_count
 from nas_kd.data.datasets import Dataset, load_dataset

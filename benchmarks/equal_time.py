@@ -35,7 +35,7 @@ from typing import Any
 
 import optuna
 
-from benchmarks.common import RESULTS, ResultsFile, machine, settings_id
+from benchmarks.results import RESULTS, ResultsFile, machine, settings_id
 from nas_kd.core.units import parse_duration
 from nas_kd.pipeline.plan import TIME_ATTR
 

@@ -40,16 +40,9 @@ import optuna
 import torch
 
 from benchmarks import device_budgets, search_vs_baselines
-from benchmarks.common import (
-    RESULTS,
-    ResultsFile,
-    Retrains,
-    counter,
-    hand_made,
-    machine,
-    search_settings_id,
-    settings_id,
-)
+from benchmarks.results import RESULTS, ResultsFile, machine, search_settings_id, settings_id
+from benchmarks.retrains import Retrains
+from benchmarks.rules import counter, hand_made
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.errors import InputError
 from nas_kd.core.units import format_count

@@ -24,7 +24,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from benchmarks.common import RESULTS, ResultsFile, machine
+from benchmarks.results import RESULTS, ResultsFile, machine
 from nas_kd.core.config import SearchConfig
 from nas_kd.data.batches import BatchIterator
 from nas_kd.data.datasets import Dataset, load_dataset

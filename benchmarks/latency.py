@@ -32,7 +32,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, ResultsFile, counter, machine, settings_id, spearman, spearman_interval
+from benchmarks.results import RESULTS, ResultsFile, machine, settings_id
+from benchmarks.rules import counter
+from benchmarks.stats import spearman, spearman_interval
 from nas_kd.device.latency import PASSES, RUNS, LatencyTable, measure_latency
 from nas_kd.device.layers import export_blocks
 from nas_kd.device.time_blocks import time_folder

@@ -31,7 +31,10 @@ from typing import Any
 import optuna
 import torch
 
-from benchmarks.common import RESULTS, ResultsFile, Retrains, fresh_search, machine, mean_sd, search_settings_id
+from benchmarks.results import RESULTS, ResultsFile, machine, search_settings_id
+from benchmarks.retrains import Retrains
+from benchmarks.rules import fresh_search
+from benchmarks.stats import mean_sd
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.errors import InputError
 from nas_kd.core.units import format_count, parse_count

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.results import machine
 from nas_kd.device.convert import reused_torchlib_table, to_onnx
 from nas_kd.nets.arch import build
 from nas_kd.nets.space import load_space

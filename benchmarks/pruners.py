@@ -29,7 +29,9 @@ from pathlib import Path
 
 import optuna
 
-from benchmarks.common import RESULTS, Bench, ResultsFile, distill_sid, draw_specs, reference_settings, settings_id
+from benchmarks.results import RESULTS, ResultsFile, settings_id
+from benchmarks.retrains import Bench, distill_sid, reference_settings
+from benchmarks.rules import draw_specs
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.units import format_count, parse_count
 from nas_kd.data.datasets import load_dataset

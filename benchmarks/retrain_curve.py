@@ -39,7 +39,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, ResultsFile, hand_made, machine, settings_id
+from benchmarks.results import RESULTS, ResultsFile, machine, settings_id
+from benchmarks.rules import hand_made
 from nas_kd.core.config import DistillConfig, SearchConfig
 from nas_kd.data.batches import BatchIterator
 from nas_kd.data.datasets import Dataset, Split, load_dataset

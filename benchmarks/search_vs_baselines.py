@@ -52,18 +52,10 @@ from typing import Any
 import optuna
 import torch
 
-from benchmarks.common import (
-    RESULTS,
-    ResultsFile,
-    Retrains,
-    counter,
-    hand_made,
-    largest,
-    machine,
-    mean_sd,
-    search_pick,
-    settings_id,
-)
+from benchmarks.results import RESULTS, ResultsFile, machine, settings_id
+from benchmarks.retrains import Retrains
+from benchmarks.rules import counter, hand_made, largest, search_pick
+from benchmarks.stats import mean_sd
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.units import format_count, parse_count
 from nas_kd.data.datasets import Dataset, load_dataset

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks.common import RESULTS, ResultsFile, machine
+from benchmarks.results import RESULTS, ResultsFile, machine
 from nas_kd.core.config import TrainConfig
 from nas_kd.data.batches import BatchIterator
 from nas_kd.data.datasets import load_dataset, load_fashion_mnist
