@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from nas_kd.cli import OneLineParser, base_parser, fail, number, quiet_libraries
-from nas_kd.core.config import SearchConfig, from_dict, parse_distill
+from nas_kd.core.config import DEFAULT_TIME_BUDGET, SearchConfig, from_dict, parse_distill, with_default_time_budget
 from nas_kd.core.errors import InputError
 from nas_kd.core.units import parse_bytes, parse_count, parse_duration, parse_latency
 from nas_kd.device.int8 import TARGET_NAMES, target_help
@@ -27,7 +27,6 @@ from nas_kd.nas.objective import TRIAL_SCORES
 from nas_kd.nas.study import PRUNERS, SAMPLERS
 from nas_kd.nets.zoo import TEACHERS
 from nas_kd.pipeline.checks import PARETO_COSTS
-from nas_kd.pipeline.plan import DEFAULT_TIME_BUDGET
 from nas_kd.pipeline.resume import Interrupted
 from nas_kd.pipeline.run import search
 from nas_kd.teaching.ensemble import ENSEMBLE_WEIGHTINGS
@@ -304,10 +303,6 @@ def given_flags(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-# counts that, given as flags or in a --config file, stand in place of the default time budget
-COUNTS = {"trials", "final_epochs", "timeout", "study_trials"}
-
-
 def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
     """Defaults, then the --config YAML, then the flags the user actually typed. With no time
     budget and no count given either way, the run gets DEFAULT_TIME_BUDGET."""
@@ -341,9 +336,9 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
         flag(name)
     if "time_budget" in given:  # the counts given explicitly keep their part of the plan
         base["time_fixed"] = [k for k in ("trials", "final_epochs") if k in given]
-    elif not (COUNTS | {"time_budget", "worker"}) & (given | {k for k, v in loaded.items() if v not in (None, False)}) \
-            and "time_budget" not in loaded:
-        base["time_budget"] = DEFAULT_TIME_BUDGET  # the bare command: a time, not counts
+    elif "time_budget" not in loaded:  # the bare command: a time, not counts (the rule nas_kd.run follows too)
+        given_or_loaded = given | {k for k, v in loaded.items() if v not in (None, False)}
+        base["time_budget"] = with_default_time_budget(SearchConfig(), given_or_loaded).time_budget
     if "search_share" in given and base["time_budget"] is None:
         raise InputError("--search-share splits a time budget between the search and the retrain, and this run has "
                          "none (counts were given, or --time-budget off); give --time-budget too, or drop it")

@@ -58,3 +58,20 @@ def test_run_returns_the_study_and_its_retrained_winner(tmp_path: Path, e2e_run:
 def test_a_run_that_retrained_nothing_has_no_winner() -> None:
     study = optuna.create_study()
     assert RunResult.of(study) == RunResult(study, None, None, None, None, None, None, None)
+
+
+def test_run_follows_the_command_lines_rule_for_a_run_given_no_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rule for both: no count and no time budget is the default time budget; a count keeps the counts."""
+    from nas_kd import search
+    from nas_kd.core.config import DEFAULT_TIME_BUDGET
+    from nas_kd.pipeline import run as pipeline
+
+    seen: list[SearchConfig] = []
+    monkeypatch.setattr(pipeline, "run", lambda cfg, progress: seen.append(cfg))
+    nas_kd.run(SearchConfig(flops_budget=50_000_000))
+    nas_kd.run(SearchConfig(flops_budget=50_000_000, trials=8))
+    nas_kd.run(SearchConfig(flops_budget=50_000_000, time_budget=600.0))
+    assert [cfg.time_budget for cfg in seen] == [DEFAULT_TIME_BUDGET, None, 600.0]
+    argv = ["--flops-budget", "50M"]
+    bare = search.config_from_args(search.build_parser().parse_args(argv), search.given_flags(argv))
+    assert bare.time_budget == seen[0].time_budget

@@ -121,7 +121,7 @@ def config_of(argv: list[str]) -> SearchConfig:
 
 
 def test_the_bare_command_runs_for_the_default_time_budget_and_counts_replace_it(tmp_path: Path) -> None:
-    from nas_kd.pipeline.plan import DEFAULT_TIME_BUDGET
+    from nas_kd.core.config import DEFAULT_TIME_BUDGET
     bare = config_of(["--flops-budget", "50M"])
     assert (bare.time_budget, bare.time_fixed) == (DEFAULT_TIME_BUDGET, ())
     for counts in (["--trials", "4"], ["--final-epochs", "2"], ["--timeout", "60"], ["--study-trials", "8"],

@@ -234,6 +234,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise InputError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
+# What a run given no count runs for, on the command line and through `nas_kd.run` alike: on the
+# 2-core machine, a search and a retrain long enough to flatten the winner's curve (BENCHMARKS.md,
+# "The retrain's curve"). Any count, or a worker, stands in its place.
+DEFAULT_TIME_BUDGET = 1800.0
+COUNTS = ("trials", "final_epochs", "timeout", "study_trials", "worker")
+
+
+def with_default_time_budget(cfg: SearchConfig, given: set[str]) -> SearchConfig:
+    """The one rule for a run's length: with no time budget and none of `COUNTS` among the settings
+    `given` (flags typed, keys of a YAML file, fields set on a config), DEFAULT_TIME_BUDGET."""
+    if cfg.time_budget is not None or given & {*COUNTS, "time_budget"}:
+        return cfg
+    return dataclasses.replace(cfg, time_budget=DEFAULT_TIME_BUDGET)
+
+
+def changed_fields(cfg: SearchConfig) -> set[str]:
+    """The settings of `cfg` that differ from the defaults: what a Python caller gave."""
+    default = SearchConfig()
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping; unknown keys and wrong types are errors."""
     hints = typing.get_type_hints(cls)

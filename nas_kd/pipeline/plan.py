@@ -51,10 +51,6 @@ from nas_kd.training.train import epochs_that_fit
 # the share of the planned time the search gets by default (SearchConfig.search_share); the rest
 # goes to the retrain
 SEARCH_SHARE = SearchConfig.search_share
-# what the bare command runs for when no count (search.COUNTS, or --worker) is given: on
-# the 2-core machine, a search and a retrain long enough to flatten the winner's curve
-# (BENCHMARKS.md, "The retrain's curve")
-DEFAULT_TIME_BUDGET = 1800.0
 MIN_EPOCHS = 1  # a retrain shorter than this is not a retrain
 EXPORT_SECONDS = 60.0  # test, ONNX and int8 export, report: about 30-50 s for a 50M student here
 REPORT_SECONDS = 20.0  # test, weights and report without ONNX (--no-onnx)
