@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from nas_kd.core.errors import InputError
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (and exit 2), not the usage block, and a
@@ -79,3 +81,35 @@ def quiet_libraries() -> None:
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def typed(convert: Callable[[str, str], Any], flag: str) -> Callable[[str], Any]:
+    """An argparse type from one of nas_kd's parsers (`parse_count`, `parse_latency`, `parse_bytes`)."""
+    def parse(text: str) -> Any:
+        try:
+            return convert(text, flag)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def fraction(zero: bool = True) -> Callable[[str], float]:
+    """A fraction below 1: from 0 (`zero`), or above 0."""
+    accepted = "in [0, 1)" if zero else "between 0 and 1 (exclusive)"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (0 <= value < 1 if zero else 0 < value < 1):
+            raise argparse.ArgumentTypeError(f"expected a fraction {accepted}, got {text!r}")
+        return value
+    return parse
+
+
+def arch_path(text: str) -> tuple[str, str]:
+    arch, sep, path = text.partition("=")
+    if not sep or not arch or not path:
+        raise argparse.ArgumentTypeError(f"expected ARCH=PATH, e.g. resnet56=weights.safetensors; got {text!r}")
+    return arch, path

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from nas_kd.cli import OneLineParser, base_parser, fail, number, quiet_libraries
+from nas_kd.cli import OneLineParser, arch_path, base_parser, fail, fraction, number, quiet_libraries, typed
 from nas_kd.core.config import DEFAULT_TIME_BUDGET, SearchConfig, from_dict, parse_distill, with_default_time_budget
 from nas_kd.core.errors import InputError
 from nas_kd.core.units import parse_bytes, parse_count, parse_duration, parse_latency
@@ -30,18 +30,9 @@ from nas_kd.pipeline.checks import PARETO_COSTS
 from nas_kd.pipeline.resume import Interrupted
 from nas_kd.pipeline.run import search
 from nas_kd.teaching.ensemble import ENSEMBLE_WEIGHTINGS
+from nas_kd.teaching.files import INPUTS
 
 DEFAULTS = SearchConfig()
-
-
-def _typed(convert: Callable[[str, str], Any], flag: str) -> Callable[[str], Any]:
-    """An argparse type from one of nas_kd's parsers (`parse_count`, `parse_latency`, `parse_bytes`)."""
-    def parse(text: str) -> Any:
-        try:
-            return convert(text, flag)
-        except InputError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return parse
 
 
 def _duration_or_off(text: str, flag: str) -> float | None:
@@ -50,33 +41,11 @@ def _duration_or_off(text: str, flag: str) -> float | None:
 
 
 def _count(flag: str) -> Callable[[str], int]:
-    return _typed(parse_count, flag)
+    return typed(parse_count, flag)
 
 
 def _positive(kind: type, minimum: float = 1) -> Callable[[str], Any]:
     return number(kind, minimum)
-
-
-def _fraction(zero: bool = True) -> Callable[[str], float]:
-    """A fraction below 1: from 0 (`zero`), or above 0."""
-    accepted = "in [0, 1)" if zero else "between 0 and 1 (exclusive)"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not (0 <= value < 1 if zero else 0 < value < 1):
-            raise argparse.ArgumentTypeError(f"expected a fraction {accepted}, got {text!r}")
-        return value
-    return parse
-
-
-def _ckpt(text: str) -> tuple[str, str]:
-    arch, sep, path = text.partition("=")
-    if not sep or not arch or not path:
-        raise argparse.ArgumentTypeError(f"expected ARCH=PATH, e.g. resnet56=weights.safetensors; got {text!r}")
-    return arch, path
 
 
 EPILOG = """
@@ -118,14 +87,14 @@ def build_parser() -> OneLineParser:
                    help="on (default): the sampler draws a shape (blocks, depths, kernels, expansions, SE, the "
                         "widths' proportions) and its widths are scaled to the largest that fit every bound, so "
                         "trials compare designs at equal cost; off: students are trained as sampled, as before")
-    g.add_argument("--budget-floor", type=_fraction(), metavar="SHARE",
+    g.add_argument("--budget-floor", type=fraction(), metavar="SHARE",
                    help="with --budget-edge off only (the edge replaces it): students using less than this share "
                         "of every bound of the budget are not trained (default 0: off; applies with a MACs or "
                         "params budget). At 0.5 it picked no better students under 50M MACs (BENCHMARKS.md)")
-    g.add_argument("--latency-budget", type=_typed(parse_latency, "--latency-budget"), metavar="TIME",
+    g.add_argument("--latency-budget", type=typed(parse_latency, "--latency-budget"), metavar="TIME",
                    help="most milliseconds for one image (batch 1) with ONNX Runtime, with a unit: e.g. 500us, 2ms; "
                         "measured on this machine, or predicted from --latency-table")
-    g.add_argument("--memory-budget", type=_typed(parse_bytes, "--memory-budget"), metavar="BYTES",
+    g.add_argument("--memory-budget", type=typed(parse_bytes, "--memory-budget"), metavar="BYTES",
                    help="most bytes of peak int8 activation memory (MCUNet's definition), for microcontrollers: "
                         "e.g. 256K (decimal) or 320KiB (binary)")
     g.add_argument("--latency-precision", choices=list(PRECISIONS), default=DEFAULTS.latency_precision,
@@ -146,14 +115,22 @@ def build_parser() -> OneLineParser:
                    help=f"training images per trial, a fixed seeded subset (default {DEFAULTS.subset})")
     g = p.add_argument_group("teachers")
     g.add_argument("--teachers", default=",".join(DEFAULTS.teachers),
-                   help=f"comma-separated ensemble (default {','.join(DEFAULTS.teachers)}); known: {', '.join(TEACHERS)}")
+                   help=f"comma-separated ensemble (default {','.join(DEFAULTS.teachers)}); known: {', '.join(TEACHERS)}; none: only the --teacher files")
     g.add_argument("--teacher-epochs", type=_positive(int), default=DEFAULTS.teacher_epochs,
                    help=f"epochs to train a missing teacher (default {DEFAULTS.teacher_epochs}); trained teachers are cached")
     g.add_argument("--no-shipped-teachers", action="store_true",
                    help="do not use the teachers shipped with nas_kd (Fashion-MNIST wrn16_2 and resnet20); use "
                         "cached ones or train them")
-    g.add_argument("--teacher-ckpt", type=_ckpt, action="append", default=[], metavar="ARCH=PATH",
+    g.add_argument("--teacher-ckpt", type=arch_path, action="append", default=[], metavar="ARCH=PATH",
                    help="use your own weights for teacher ARCH (safetensors, or a torch state dict); repeatable")
+    g.add_argument("--teacher", action="append", default=[], metavar="PATH", dest="teacher_file",
+                   help="a teacher you already have, beside --teachers: an ONNX model (run with ONNX Runtime) or a "
+                        "program saved with torch.export.save; repeatable. It joins the ensemble's soft targets "
+                        "(logits only: feature losses use the zoo's members). Checked on the data before any trial")
+    g.add_argument("--teacher-input", choices=INPUTS, default=DEFAULTS.teacher_input,
+                   help="what a --teacher file takes when its metadata does not say (nas_kd.input): dataset: "
+                        "inputs normalised by the dataset's per-channel mean and std, as the students' are "
+                        "(default); unit: pixels / 255 in [0, 1]")
     g = p.add_argument_group("search")
     g.add_argument("--search-space", default=DEFAULTS.search_space,
                    help="a shipped space (resnet, mobilenetv2) or a path to a YAML file (default resnet)")
@@ -163,14 +140,14 @@ def build_parser() -> OneLineParser:
                         "nothing")
     g.add_argument("--timeout", type=_positive(float, 1), metavar="SECONDS",
                    help="stop starting trials after this many seconds")
-    g.add_argument("--time-budget", type=_typed(_duration_or_off, "--time-budget"), metavar="DURATION",
+    g.add_argument("--time-budget", type=typed(_duration_or_off, "--time-budget"), metavar="DURATION",
                    help="wall-clock time for the whole run, e.g. 90s, 30m, 2h: the run times a trial and a retrain "
                         "epoch here and splits the time between the search and the retrain (one line at the start "
                         "says how); --trials and --final-epochs given explicitly keep their counts. Default "
                         f"{DEFAULT_TIME_BUDGET / 60:.0f}m when no count (--trials, --final-epochs, --timeout, --study-trials, "
                         "--worker) is given; "
                         f"off: the counts alone ({DEFAULTS.trials} trials, {DEFAULTS.final_epochs} retrain epochs)")
-    g.add_argument("--search-share", type=_fraction(zero=False), default=DEFAULTS.search_share, metavar="FRACTION",
+    g.add_argument("--search-share", type=fraction(zero=False), default=DEFAULTS.search_share, metavar="FRACTION",
                    help=f"the search's share of a time budget, the retrain getting the rest (default "
                         f"{DEFAULTS.search_share})")
     g.add_argument("--start-from", action="append", metavar="hand-made|SPEC",
@@ -233,7 +210,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--distill", default=str(DEFAULTS.distill),
                    help=f"weighted losses, NAME[=WEIGHT],... (default {DEFAULTS.distill}); known: {', '.join(LOSSES)} "
                         "(see the README for each method's paper)")
-    g.add_argument("--two-stage", type=_fraction(), default=DEFAULTS.distill.two_stage, metavar="FRACTION",
+    g.add_argument("--two-stage", type=fraction(), default=DEFAULTS.distill.two_stage, metavar="FRACTION",
                    help="two-stage training: this fraction of every training's epochs uses only the feature losses "
                         "(hint, crosslayer, at, rtk), the rest only the logit losses (ce, kl); 0 = one stage (default)")
     g.add_argument("--ensemble-weighting", choices=list(ENSEMBLE_WEIGHTINGS), default=DEFAULTS.distill.ensemble_weighting,
@@ -251,7 +228,7 @@ def build_parser() -> OneLineParser:
                    help=f"small datasets: teachers trained here and the retrain make at least N optimizer steps, "
                         f"a trial N/20; their epochs are raised to reach them (default {DEFAULTS.min_steps}, which "
                         "changes nothing on Fashion-MNIST; 0 = off)")
-    g.add_argument("--teacher-min-gain", type=_fraction(), default=DEFAULTS.teacher_min_gain,
+    g.add_argument("--teacher-min-gain", type=fraction(), default=DEFAULTS.teacher_min_gain,
                    metavar="FRACTION",
                    help="stop the run when a teacher's validation accuracy closes less than this share of the gap "
                         f"from chance to 100%% (default {DEFAULTS.teacher_min_gain:g}: below 19%% for 10 classes); "
@@ -344,8 +321,10 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
                          "none (counts were given, or --time-budget off); give --time-budget too, or drop it")
     flag("start_from", convert=lambda v: list(dict.fromkeys(v)))
     flag("latency_budget", "latency_budget_ms")
-    flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip()])
+    flag("teachers", convert=lambda v: [t.strip() for t in v.split(",") if t.strip() and t.strip() != "none"])
     flag("teacher_ckpt", "teacher_ckpts", convert=lambda v: [list(x) for x in v])
+    flag("teacher_file", "teacher_files", convert=lambda v: [str(Path(p).resolve()) for p in v])
+    flag("teacher_input")
     # flags of the nested configs: (flag dest, section, key)
     nested = (("batch_size", "train", "batch_size"), ("lr", "train", "lr"), ("temperature", "distill", "temperature"),
               ("two_stage", "distill", "two_stage"), ("ensemble_weighting", "distill", "ensemble_weighting"))

@@ -100,6 +100,8 @@ class SearchConfig:
     teacher_epochs: int = 3  # for a teacher neither shipped nor cached
     shipped_teachers: bool = True  # use the package's teachers when the dataset's fingerprint matches
     teacher_ckpts: tuple[tuple[str, str], ...] = ()  # (arch, path) pairs
+    teacher_files: tuple[str, ...] = ()  # ONNX models or torch.export programs the user has (teaching.files)
+    teacher_input: str = "dataset"  # a file teacher's input without metadata: "dataset" (normalised) or "unit"
     ensemble_views: int = 4  # augmented views whose teacher outputs are cached (with --augment)
     target_cache_gb: float = 4.0  # most memory for cached teacher outputs; beyond it teachers run live
     # search

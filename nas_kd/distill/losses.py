@@ -8,6 +8,7 @@ parts (adapters) are built per student, from its stage widths and the teachers' 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nas_kd.core.config import SearchConfig
 from nas_kd.core.errors import InputError
-from nas_kd.teaching.ensemble import FeatureSet, Targets, member_weights, merge_feature_sets, soft_targets
+from nas_kd.teaching.ensemble import Ensemble, FeatureSet, Targets, feature_weights, merge_feature_sets, soft_targets
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class Hint(Loss):
         for adapt, member in zip(self.adapters, targets.features):
             s, t = align(adapt(student.features[-1]), member[-1])
             losses.append(F.mse_loss(s, t))
-        return weighted_mean(losses, member_weights(targets))
+        return weighted_mean(losses, feature_weights(targets))
 
 
 def gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -176,7 +178,7 @@ class CrossLayerGram(Loss):
             per_pair = [(gram(adapted[a], adapted[b]) - gram(member[a], member[b])).pow(2).sum((1, 2)).mean()
                         for a, b in self.pairs[m]]
             losses.append(torch.stack(per_pair).mean())
-        return weighted_mean(losses, member_weights(targets))
+        return weighted_mean(losses, feature_weights(targets))
 
 
 def attention_map(f: torch.Tensor) -> torch.Tensor:
@@ -214,7 +216,7 @@ class AttentionTransfer(Loss):
         losses = [torch.stack([attention_distance(f, member[j]).mean()
                                for f, j in zip(student.features, stages)]).mean()
                   for member, stages in zip(targets.features, self.teacher_stage)]
-        return AT_BETA * weighted_mean(losses, member_weights(targets))
+        return AT_BETA * weighted_mean(losses, feature_weights(targets))
 
 
 @register_loss("rtk")
@@ -240,7 +242,7 @@ class RepresentativeTeacherKeys(Loss):
         self.keys = nn.ModuleList(nn.Linear(c, self.dim) for st in teacher_channels for c in st)
 
     def forward(self, student: StudentOutput, targets: Targets | None, labels: torch.Tensor) -> torch.Tensor:
-        weights = member_weights(targets)
+        weights = feature_weights(targets)
         teacher = [(f, weights[m]) for m, member in enumerate(targets.features) for f in member]
         k = torch.stack([key(f.mean((2, 3))) for key, (f, _) in zip(self.keys, teacher)], 1)  # (B, N, d)
         q = torch.stack([query(f.mean((2, 3))) for query, f in zip(self.queries, student.features)], 1)  # (B, S, d)
@@ -298,3 +300,21 @@ def recipe_features(weights: dict[str, float]) -> FeatureSet:
 
 def recipe_uses_teachers(weights: dict[str, float]) -> bool:
     return any(loss_class(n).uses_teachers for n, w in weights.items() if w > 0)
+
+
+def logits_only(cfg: SearchConfig, ensemble: Ensemble) -> tuple[SearchConfig, str]:
+    """`cfg` with a recipe the ensemble can serve, and a line when it differs: when no member exposes
+    feature maps (every teacher is a file: logits only), the recipe's feature losses are left out
+    (ce and kl when nothing else is left). Members without feature maps beside ones with them need
+    nothing: the feature losses read the members that have them."""
+    if ensemble.feature_members:
+        return cfg, ""
+    dropped = [n for n, w in cfg.distill.losses if w > 0 and loss_class(n).features]
+    if not dropped:
+        return cfg, ""
+    kept = tuple((n, w) for n, w in cfg.distill.losses if n not in dropped and w > 0) or (("ce", 1.0), ("kl", 1.0))
+    distill = dataclasses.replace(cfg.distill, losses=kept, two_stage=0.0)
+    line = (f"no teacher exposes feature maps (teachers from files give logits only): the recipe's feature "
+            f"loss{'es' if len(dropped) > 1 else ''} {', '.join(dropped)} left out; distilling with "
+            f"{distill.describe()}")
+    return dataclasses.replace(cfg, distill=distill), line

@@ -146,10 +146,13 @@ def effective_floor(share: float, budget: Budget, space: SearchSpace, input_shap
 
 
 def budget_warning(budget: Budget, teachers: list[str], input_shape: tuple[int, int, int],
-                   num_classes: int) -> str | None:
+                   num_classes: int, others: dict[str, Cost] | None = None) -> str | None:
     """One line when the budget admits students larger than the largest teacher (then some
-    students would not compress it), naming both costs; None when every student is smaller."""
-    costs = {name: teacher_cost(name, input_shape, num_classes) for name in teachers}
+    students would not compress it), naming both costs; None when every student is smaller.
+    `others`: the costs of teachers outside the zoo (files), by name."""
+    costs = {name: teacher_cost(name, input_shape, num_classes) for name in teachers} | (others or {})
+    if not costs:
+        return None
     over = []
     for kind, limit in (("macs", budget.macs), ("params", budget.params)):
         name = max(costs, key=lambda n: getattr(costs[n], kind))

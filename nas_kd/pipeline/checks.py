@@ -24,6 +24,7 @@ from nas_kd.teaching.ensemble import (
     check_weighting,
     teacher_names,
 )
+from nas_kd.teaching.files import INPUTS
 from nas_kd.training.train import resolve_device
 
 PARETO_COSTS = ("macs", "latency_ms")  # the Cost fields --objective pareto can minimise
@@ -60,8 +61,12 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         require_runtime()
     resolve_device(cfg.device)
     names = teacher_names(cfg)
-    if not names:
-        raise InputError("no teachers: pass --teachers, e.g. --teachers resnet20")
+    if not names and not cfg.teacher_files:
+        raise InputError("no teachers: pass --teachers, e.g. --teachers resnet20, or --teacher PATH (ONNX, torch.export)")
+    if cfg.teacher_input not in INPUTS:
+        raise InputError(f"teacher_input must be one of {', '.join(INPUTS)}, got {cfg.teacher_input!r}")
+    if len(set(cfg.teacher_files)) != len(cfg.teacher_files):
+        raise InputError(f"--teacher names a file twice: {', '.join(cfg.teacher_files)}")
     for name in names:
         if name not in TEACHERS:
             raise InputError(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}")

@@ -22,7 +22,7 @@ from nas_kd.data.batches import BatchIterator, seeded_subset
 from nas_kd.data.datasets import load_dataset
 from nas_kd.device.latency import latency_meter
 from nas_kd.distill.blockwise import BlockwiseScorer, most_accurate
-from nas_kd.distill.losses import recipe_features, recipe_uses_teachers
+from nas_kd.distill.losses import logits_only, recipe_features, recipe_uses_teachers
 from nas_kd.distill.student import retrain_augments, retrain_recipe_text
 from nas_kd.nas.budget import Budget, budget_warning, check_reachable, effective_floor
 from nas_kd.nas.objective import run_trial, trial_context, trial_score_named
@@ -70,6 +70,7 @@ from nas_kd.teaching.ensemble import (
     CachedTargets,
     ensemble_from_config,
     ensemble_summary,
+    file_teachers,
     teacher_names,
 )
 from nas_kd.training.train import resolve_device
@@ -115,6 +116,7 @@ def run_search(cfg: SearchConfig, progress: bool, clock: RunClock, session: Sess
     log(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test "
         f"images of {'x'.join(map(str, dataset.input_shape))}, {dataset.num_classes} classes; device {device}")
     dataset = dataset.to(device)
+    files = file_teachers(cfg, dataset)  # each checked before the study is opened: a bad file writes nothing
     log(f"search space {describe(space)}; budget {budget}")
     log(schedule_text)
     if cfg.final_epochs > 0 and not cfg.worker:
@@ -123,7 +125,8 @@ def run_search(cfg: SearchConfig, progress: bool, clock: RunClock, session: Sess
     log(latency_text)
     if floor_text:
         log(floor_text)
-    if (warning := budget_warning(budget, teacher_names(cfg), dataset.input_shape, dataset.num_classes)):
+    if (warning := budget_warning(budget, teacher_names(cfg), dataset.input_shape, dataset.num_classes,
+                                  {t.name: t.cost for t in files})):
         log(warning)
 
     keys = guarded(cfg, space_id(space), space.fingerprint())
@@ -154,7 +157,10 @@ def run_search(cfg: SearchConfig, progress: bool, clock: RunClock, session: Sess
     for line in starts_skipped:
         log(line)
 
-    ensemble = ensemble_from_config(cfg, dataset, progress, log)
+    ensemble = ensemble_from_config(cfg, dataset, progress, log, files)
+    cfg, recipe_line = logits_only(cfg, ensemble)
+    if recipe_line:
+        log(recipe_line)
     check_same_teachers(study, ensemble_summary(ensemble))
     ensemble_val = ensemble.accuracy(dataset.val, dataset)
     compression_teacher = ensemble.largest_member()

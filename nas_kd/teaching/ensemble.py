@@ -7,6 +7,7 @@ mean_m softmax(z_m / T); its prediction is the argmax of that mean at T = 1.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from nas_kd.data.batches import Batch, BatchIterator, forward_batch
 from nas_kd.data.datasets import Dataset, Split
 from nas_kd.nets.cost import Cost
 from nas_kd.teaching.cache import Teacher, load_or_train
+from nas_kd.teaching.files import load_file_teacher
 from nas_kd.training.train import accuracy, predict
 
 # Which teacher feature maps a recipe needs: none, each member's deepest stage, or every stage.
@@ -41,10 +43,12 @@ class Targets:
     """What the teachers say about one batch of B images."""
 
     logits: torch.Tensor  # (M, B, num_classes), one row per ensemble member
-    # per member, per stage shallow to deep, (B, C, H, W): every stage, or only the deepest one
-    # (then each inner list has one map); index [-1] is the deepest either way
+    # per member that exposes feature maps (`feature_members`), per stage shallow to deep,
+    # (B, C, H, W): every stage, or only the deepest one (then each inner list has one map); index
+    # [-1] is the deepest either way
     features: list[list[torch.Tensor]] | None
     weights: torch.Tensor | None = None  # (M,) member weights summing to 1; None = equal
+    feature_members: tuple[int, ...] | None = None  # the members `features` are of; None = every member
 
 
 def member_weights(targets: Targets) -> torch.Tensor:
@@ -52,6 +56,20 @@ def member_weights(targets: Targets) -> torch.Tensor:
     if targets.weights is None:
         return torch.full((m,), 1.0 / m, device=targets.logits.device)
     return targets.weights.to(targets.logits.device)
+
+
+def feature_weights(targets: Targets) -> torch.Tensor:
+    """The weights of the members whose feature maps `targets.features` holds, summing to 1."""
+    weights = member_weights(targets)
+    if targets.feature_members is None:
+        return weights
+    chosen = weights[list(targets.feature_members)]
+    return chosen / chosen.sum()
+
+
+def member_device(model: torch.nn.Module) -> torch.device:
+    """Where a member runs: its first parameter's or buffer's device (a file teacher has only buffers)."""
+    return next(itertools.chain(model.parameters(), model.buffers())).device
 
 
 def soft_targets(logits: torch.Tensor, temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,7 +110,9 @@ class Ensemble:
         check_weighting(weighting)
         self.members = members
         self.weighting = weighting
-        device = next(members[0].model.parameters()).device
+        # the members that expose feature maps (the zoo's networks); a file teacher gives logits only
+        self.feature_members = tuple(i for i, t in enumerate(members) if hasattr(t.model, "forward_features"))
+        device = member_device(members[0].model)
         accuracies = torch.tensor([max(t.val_acc, 1e-6) for t in members], dtype=torch.float32, device=device)
         self.weights = ENSEMBLE_WEIGHTINGS[weighting](accuracies)  # (M,)
         for t in members:
@@ -100,8 +120,8 @@ class Ensemble:
 
     @property
     def feature_channels(self) -> list[list[int]]:
-        """Per member, the widths of its stages, shallow to deep."""
-        return [list(t.model.stage_channels) for t in self.members]
+        """Per member that exposes feature maps (`feature_members`), the widths of its stages, shallow to deep."""
+        return [list(self.members[i].model.stage_channels) for i in self.feature_members]
 
     def largest_member(self) -> Teacher:
         """The member of most MACs: the reference named for compression in MACs, and the teacher the
@@ -116,11 +136,14 @@ class Ensemble:
     @torch.no_grad()  # not inference_mode: live targets enter the student's autograd graph
     def __call__(self, x: torch.Tensor, features: FeatureSet = "last") -> Targets:
         logits, feats = [], []
-        for t in self.members:
+        for i, t in enumerate(self.members):
+            if i not in self.feature_members:
+                logits.append(t.model(x).float())
+                continue
             stages = t.model.forward_features(x)
             logits.append(t.model.forward_head(stages[-1]).float())
             feats.append([f.float() for f in (stages if features == "all" else stages[-1:])])
-        return Targets(torch.stack(logits), feats if features else None, self.weights)
+        return Targets(torch.stack(logits), feats if features else None, self.weights, self.feature_members)
 
     def accuracy(self, split: Split, dataset: Dataset) -> float:
         """Accuracy of the weighted mean of the members' probabilities (their stored logits for the
@@ -167,6 +190,7 @@ class CachedTargets:
         self.slot = batches.rows()  # position in the split -> row of the cache (-1: not cached)
         self.views = views
         self.weights = ensemble.weights
+        self.feature_members = ensemble.feature_members
         self.feature_set = features
         n = len(positions)
         self.logits: torch.Tensor | None = None
@@ -193,7 +217,7 @@ class CachedTargets:
              limit_gb: float) -> bool:
         """Whether a cache of `positions` images x `views` stays within `limit_gb` (1 GB = 1e9 bytes);
         its size is measured on one image."""
-        device = next(ensemble.members[0].model.parameters()).device
+        device = member_device(ensemble.members[0].model)
         out = ensemble(torch.zeros(1, *input_shape, device=device), features)
         per_image = out.logits.numel() * 4
         if features:
@@ -218,7 +242,7 @@ class CachedTargets:
         view = batch.view % self.views
         logits = self.logits[view][:, rows]
         feats = [[f[view][rows].float() for f in member] for member in self.features] if self.features else None
-        return Targets(logits, feats, self.weights)
+        return Targets(logits, feats, self.weights, self.feature_members)
 
 
 def ensemble_summary(ensemble: Ensemble) -> list[dict[str, float | str | int]]:
@@ -231,10 +255,17 @@ def teacher_names(cfg: SearchConfig) -> list[str]:
     return list(cfg.teachers) + [a for a, _ in cfg.teacher_ckpts if a not in cfg.teachers]
 
 
+def file_teachers(cfg: SearchConfig, dataset: Dataset) -> list[Teacher]:
+    """The teachers of cfg.teacher_files (`--teacher PATH`), each checked on the data (`files`)."""
+    device = dataset.train.x.device
+    return [load_file_teacher(path, dataset, device, cfg.teacher_input) for path in cfg.teacher_files]
+
+
 def ensemble_from_config(cfg: SearchConfig, dataset: Dataset, progress: bool = True,
-                         log: Callable[[str], None] = print) -> Ensemble:
-    """The ensemble of cfg.teachers plus any teacher given only by --teacher-ckpt; member i is
-    trained (if not cached) with seed cfg.seed + i."""
+                         log: Callable[[str], None] = print, files: list[Teacher] | None = None) -> Ensemble:
+    """The ensemble of cfg.teachers plus any teacher given only by --teacher-ckpt (member i is
+    trained, if not cached, with seed cfg.seed + i), then the teachers from files (`files`, already
+    loaded, or loaded here from cfg.teacher_files)."""
     ckpts = dict(cfg.teacher_ckpts)
     members = []
     for i, name in enumerate(teacher_names(cfg)):
@@ -243,5 +274,9 @@ def ensemble_from_config(cfg: SearchConfig, dataset: Dataset, progress: bool = T
                           dataset.train.x.device, path, progress, log, cfg.shipped_teachers, cfg.teacher_min_gain)
         log(f"teacher {name}: {format_count(t.cost.macs)} MACs, {format_count(t.cost.params)} params, "
             f"val acc {t.val_acc:.4f} ({t.source}: {t.path})")
+        members.append(t)
+    for t in file_teachers(cfg, dataset) if files is None else files:
+        log(f"teacher {t.name}: {format_count(t.cost.macs)} MACs, {format_count(t.cost.params)} params, "
+            f"val acc {t.val_acc:.4f} ({t.source}: {t.path}; logits only)")
         members.append(t)
     return Ensemble(members, cfg.distill.ensemble_weighting)
