@@ -73,6 +73,7 @@ from nas_kd.teaching.ensemble import (
     file_teachers,
     teacher_names,
 )
+from nas_kd.teaching.stored import stored_targets
 from nas_kd.training.train import resolve_device
 
 
@@ -192,9 +193,10 @@ def run_search(cfg: SearchConfig, progress: bool, clock: RunClock, session: Sess
             ensemble, dataset.input_shape, len(dataset.train), views, features, cfg.target_cache_gb)
         cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
                               augment=cfg.train.augment, indices=None if whole else subset)
-        targets = CachedTargets(ensemble, cover, features, progress=progress)
+        targets, how = stored_targets(ensemble, dataset, cover, features, cfg.cache_path() / "targets", log, progress,
+                                      cfg.target_cache_gb)
         log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
-            f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}")
+            f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}: {how}")
     ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer, latency, floor)
     log(trial_text(cfg, len(subset)))
     time_plan = None

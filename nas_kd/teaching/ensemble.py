@@ -212,6 +212,16 @@ class CachedTargets:
                     for store, f in zip(stores, member):
                         store[v, rows] = f.half()
 
+    @classmethod
+    def of(cls, ensemble: Ensemble, batches: BatchIterator, features: FeatureSet, logits: torch.Tensor,
+           feature_maps: list[list[torch.Tensor]] | None) -> CachedTargets:
+        """The targets an earlier computation left (`teaching.stored`), without running a teacher."""
+        targets = cls.__new__(cls)
+        targets.slot, targets.views = batches.rows(), batches.views
+        targets.weights, targets.feature_members = ensemble.weights, ensemble.feature_members
+        targets.feature_set, targets.logits, targets.features = features, logits, feature_maps
+        return targets
+
     @staticmethod
     def fits(ensemble: Ensemble, input_shape: tuple[int, int, int], positions: int, views: int, features: FeatureSet,
              limit_gb: float) -> bool:
