@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--memory-budget", metavar="BYTES", help="peak int8 activation memory, e.g. 48K")
     b.add_argument("--latency-table", metavar="JSON", help="price latencies a trial did not record with this table "
                    "(default: the search's, if it had one)")
+    parser.add_argument("--teacher", action="append", metavar="PATH", dest="teacher_file",
+                        help="where the study's teacher files (--teacher of the search) are now, in the search's "
+                             "order; repeatable. Each must be the file the study distilled from (its digest is "
+                             "checked). Default: the paths the search recorded")
     parser.add_argument("--no-onnx", action="store_true", help="export the weights only, no ONNX models")
     parser.add_argument("--int8-target", choices=TARGET_NAMES, metavar="CPU",
                         help=f"the CPU model.int8.onnx is quantized for (default: the search's): {target_help()}")
@@ -148,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             overrides["onnx"] = False
         if args.int8_target is not None:
             overrides["int8_target"] = args.int8_target
+        if args.teacher_file:
+            if len(args.teacher_file) != len(cfg.teacher_files):
+                raise InputError(f"--teacher: study {study.study_name!r} distilled from {len(cfg.teacher_files)} teacher "
+                                 f"file(s) ({', '.join(cfg.teacher_files) or 'none'}); give where each is now, in order")
+            overrides["teacher_files"] = [str(Path(p).resolve()) for p in args.teacher_file]
         cfg = from_dict(SearchConfig, {**cfg.to_dict(), **overrides})
         if cfg.onnx:
             require_runtime()  # before any training

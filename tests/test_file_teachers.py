@@ -92,6 +92,15 @@ def test_an_ensemble_of_a_zoo_teacher_and_an_onnx_teacher_runs_end_to_end(files:
     assert "teacher wrn16_2.onnx: " in result.stderr and "(ONNX model file: " in result.stderr
     assert "ensemble of 2: val acc" in result.stderr
     assert "no teacher exposes feature maps" not in result.stderr  # resnet8 serves the hint loss
+    # the retrain command reloads the teacher from where it is now
+    moved = tmp_path / "elsewhere.onnx"
+    moved.write_bytes(files["onnx"].read_bytes())
+    args = ("--study-name", "f", "--final-epochs", "1", "--no-onnx", "--quiet")
+    result = run_cli("nas_kd.retrain", *args, "--teacher", str(moved), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"(ONNX model file: {moved}; logits only)" in result.stderr
+    refused = run_cli("nas_kd.retrain", *args, "--teacher", str(moved), "--teacher", str(moved), cwd=tmp_path)
+    assert refused.returncode == 2 and "distilled from 1 teacher file(s)" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_only_file_teachers_leave_the_feature_losses_out_in_one_line(files: dict[str, Path], tmp_path: Path,
