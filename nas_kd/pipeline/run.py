@@ -193,10 +193,10 @@ def run_search(cfg: SearchConfig, progress: bool, clock: RunClock, session: Sess
             ensemble, dataset.input_shape, len(dataset.train), views, features, cfg.target_cache_gb)
         cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
                               augment=cfg.train.augment, indices=None if whole else subset)
-        targets, how = stored_targets(ensemble, dataset, cover, features, cfg.cache_path() / "targets", log, progress,
+        targets, kept = stored_targets(ensemble, dataset, cover, features, cfg.cache_path() / "targets", log, progress,
                                       cfg.target_cache_gb)
         log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
-            f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}: {how}")
+            f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}: {kept}")
     ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer, latency, floor)
     log(trial_text(cfg, len(subset)))
     time_plan = None
