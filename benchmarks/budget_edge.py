@@ -54,6 +54,9 @@ from nas_kd.nets.space import load_space
 
 CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB": Budget(params=250_000, memory=48_000)}
 METHODS = ("edge", "random-edge", "off", "largest", "hand-made")
+# how a search at the edge draws a shape's widths: "proportions" (each stage's against the one before,
+# SearchSpace.sample(shape=True)); the picks of the first cell, widths drawn apart, have no suffix
+SHAPES = "proportions"
 ADOPT_FROM = ("search_vs_baselines.json", "device_budgets.json", "headroom.json")
 
 
@@ -79,6 +82,12 @@ def adopt(results: ResultsFile, sid: str) -> None:
         for key, entry in other.data.get("retrains", {}).items():
             if key.endswith(f"|{sid}") and results.get("retrains", key) is None:
                 results.put("retrains", key, entry)
+
+
+def pick_key(name: str, method: str, seed: int, sid: str) -> str:
+    """A pick's key in the results; the searches at the edge are keyed by how their shapes' widths
+    are drawn (SHAPES), so that a pick made before a change is kept beside, not read as, the new one."""
+    return f"{name}|{method}|{seed}|{sid}" + (f"|{SHAPES}" if method in ("edge", "random-edge") else "")
 
 
 def cost_of(spec: Spec, dataset: Dataset) -> Cost:
@@ -120,7 +129,7 @@ def main() -> int:
         retrained = Retrains(results, dataclasses.replace(cell_config(CELLS[name], 0), onnx=True), sid, with_cost=True)
         for seed in [] if args.table_only else args.seeds:
             for method in args.methods:
-                key = f"{name}|{method}|{seed}|{sid}"
+                key = pick_key(name, method, seed, sid)
                 if results.get("picks", key) is None:
                     started = time.perf_counter()
                     spec, extra = pick(method, name, seed, dataset, args.work)
@@ -143,7 +152,7 @@ def print_table(name: str, seeds: list[int], methods: list[str], results: Result
     for method in methods:
         rows = []
         for seed in seeds:
-            p = results.get("picks", f"{name}|{method}|{seed}|{sid}")
+            p = results.get("picks", pick_key(name, method, seed, sid))
             r = p and results.get("retrains", f"{p['spec']}|{seed}|{sid}")
             if r:
                 rows.append((r["val_acc"], r["test_acc"], budget.use(cost_of(Spec.parse(p["spec"]), dataset)),

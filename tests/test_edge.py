@@ -21,7 +21,7 @@ from nas_kd.nas.records import AT_LARGEST_ATTR, EDGE_FACTOR_ATTR, SHAPE_ATTR, SP
 from nas_kd.nas.study import STUDY_ATTR, guarded, open_storage, open_study
 from nas_kd.nets.arch import Spec, build
 from nas_kd.nets.cost import Cost, count
-from nas_kd.nets.space import load_space
+from nas_kd.nets.space import SHAPE_STEM, STAGE_RATIOS, STAGE_RATIOS_FIRST, load_space
 from tests.conftest import AT_THE_EDGE, search_cli
 
 INPUT, CLASSES = (1, 28, 28), 10
@@ -150,6 +150,27 @@ def test_a_study_of_before_the_edge_resumes_only_as_it_was_made(tmp_path: Path) 
         open_study(storage, "new", False, 0, {**new, "space_fingerprint": "bbbbbbbbbbbb"})
 
 
+def test_at_the_edge_a_ranged_space_asks_the_widths_proportions() -> None:
+    space = load_space("resnet")
+    params = {"s0_block": "basic", "s0_depth": 3, "s0_ratio": 0.75, "s1_block": "basic", "s1_depth": 3,
+              "s1_ratio": 2.5, "s1_kernel": 3, "s1_se": False, "s2_block": "bottleneck", "s2_depth": 2,
+              "s2_ratio": 1.75, "s2_kernel": 5, "s2_expand": 4, "s2_se": True}
+    shape = space.sample(optuna.trial.FixedTrial(params), shape=True)
+    # 32 x 0.75 = 24, x 2.5 = 60, x 1.75 = 105 -> 104 on the grid of 4 (from the unrounded product)
+    assert str(shape) == "c32|basic_d3_w24_s1_k3_e1|basic_d3_w60_s2_k3_e1|bottleneck_d2_w104_s2_k5_e4_se"
+    assert 1.0 in STAGE_RATIOS_FIRST and 2.0 in STAGE_RATIOS  # the ResNet's proportions are shapes
+    # proportions far out are kept to the space's ranges, not built past them
+    wide = space.sample(optuna.trial.FixedTrial({**params, "s0_ratio": 2.0, "s1_ratio": 3.0, "s2_ratio": 3.0}),
+                        shape=True)
+    assert [s.width for s in wide.stages] == [64, 192, 512]
+    # a space of listed widths has no grid for proportions: its widths are asked, at the edge too
+    listed = load_space("resnet-v1")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    listed.sample(trial, shape=True)
+    assert "s0_width" in trial.params and not any("ratio" in k for k in trial.params)
+
+
 def test_a_search_trains_only_students_at_the_edge(e2e_run: dict, tmp_path: Path) -> None:
     study, out = search_cli(tmp_path, e2e_run["out"] / "cache", e2e_run["data_dir"], *AT_THE_EDGE, "--flops-budget", "5M",
                             "--teachers", "resnet8", "--trials", "3", "--trial-epochs", "1", "--subset", "200",
@@ -162,6 +183,9 @@ def test_a_search_trains_only_students_at_the_edge(e2e_run: dict, tmp_path: Path
         shape, spec = Spec.parse(t.user_attrs[SHAPE_ATTR]), Spec.parse(t.user_attrs[SPEC_ATTR])
         assert [s.depth for s in shape.stages] == [s.depth for s in spec.stages]
         assert t.user_attrs[EDGE_FACTOR_ATTR] > 0 and AT_LARGEST_ATTR not in t.user_attrs
+        # Optuna modelled the widths' proportions, not the widths
+        assert {"s0_ratio", "s1_ratio", "s2_ratio"} <= set(t.params) and not any("width" in k for k in t.params)
+        assert shape.stem == SHAPE_STEM and shape.stages[0].width == round(SHAPE_STEM * t.params["s0_ratio"])
     assert json.loads(json.dumps(study.user_attrs[STUDY_ATTR]["guarded"]))["budget_edge"] == "on"
 
 

@@ -190,7 +190,7 @@ def release_memory() -> None:
 
 def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, float]:
     trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-    spec = trial_spec(ctx.space, trial)
+    spec = trial_spec(ctx.space, trial, ctx.edge)
     priced: float | None = None  # the latency the repair judged the spec by, not measured again
     if ctx.edge and START_SPEC_ATTR not in trial.user_attrs:  # a start point is trained as it was given
         spec, priced = at_edge(ctx, trial, spec)

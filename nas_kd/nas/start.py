@@ -252,12 +252,13 @@ def start_points(names: tuple[str, ...], space: SearchSpace, budget: Budget, inp
     return points, skipped
 
 
-def trial_spec(space: SearchSpace, trial: optuna.Trial) -> Spec:
+def trial_spec(space: SearchSpace, trial: optuna.Trial, edge: bool = False) -> Spec:
     """The trial's spec: its start point's, when it is one outside the space; else sampled from
-    the space (a start point in the space gets its own spec back from its enqueued params)."""
+    the space (a start point in the space gets its own spec back from its enqueued params; at the
+    budget's `edge` any other trial's widths are asked as proportions, `SearchSpace.sample`)."""
     a = trial.user_attrs
     if START_SPEC_ATTR in a and not a.get(START_IN_SPACE_ATTR):
         return Spec.parse(a[START_SPEC_ATTR])
-    spec = space.sample(trial)
+    spec = space.sample(trial, shape=edge and START_SPEC_ATTR not in a)
     assert START_SPEC_ATTR not in a or str(spec) == a[START_SPEC_ATTR], (spec, a[START_SPEC_ATTR])
     return spec

@@ -45,6 +45,13 @@ _STAGE_FIELDS = {"block": str, "depth": int, "width": int, "stride": int, "kerne
 _STAGE_DEFAULTS = {"stride": 1, "kernel": 3, "expand": 1, "se": False}
 _TOP_FIELDS = {"name", "description", "stem", "head", "stages"}
 
+# a shape's widths at the budget's edge (SearchSpace.sample(shape=True)), as proportions: the
+# first stage's width against the stem's, then each stage's against the one before (a ResNet's
+# doubling is 2, MobileNet-like stages 1.25-1.75); the repair scales them all to the budget
+SHAPE_STEM = 32
+STAGE_RATIOS_FIRST = (0.5, 0.75, 1.0, 1.5, 2.0)
+STAGE_RATIOS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+
 
 # a network's parts as `arch.Network` builds them, each with what follows it up to the next part:
 # (input channels, the part's argument, classes) -> module; the head part pools and classifies
@@ -84,6 +91,11 @@ def _ask_width(trial: optuna.Trial, name: str, widths: tuple[int, ...], step: in
     return trial.suggest_categorical(name, list(widths))
 
 
+def _on_grid(width: float, widths: tuple[int, ...], step: int) -> int:
+    """The width of a range's grid nearest `width`, within the range."""
+    return min(widths[-1], max(widths[0], widths[0] + round((width - widths[0]) / step) * step))
+
+
 def _least_widths(widths: tuple[int, ...], step: int, cin: int) -> tuple[int, ...]:
     """The widths the cheapest spec can have at a stage fed `cin` channels: a list's every one; a
     range's least, and `cin` itself (a stage as wide as its input needs no shortcut convolution)."""
@@ -104,19 +116,40 @@ class SearchSpace:
 
     # ------------------------------------------------------------ sampling
 
-    def sample(self, trial: optuna.Trial) -> Spec:
-        """One spec, every choice asked of `trial` (conditional: expand only for blocks that use it)."""
+    @property
+    def ranged(self) -> bool:
+        """Every width (the stem's and each stage's) is a range, so any proportions are on its grid."""
+        return bool(self.stem_step) and all(st.width_step for st in self.stages)
+
+    def sample(self, trial: optuna.Trial, shape: bool = False) -> Spec:
+        """One spec, every choice asked of `trial` (conditional: expand only for blocks that use it).
+
+        `shape` (a search at the budget's edge, whose repair scales every width by one factor): in a
+        `ranged` space the widths are asked as their proportions, `s0_ratio` (the first stage's
+        width against the stem's, STAGE_RATIOS_FIRST) and `s<i>_ratio` (a stage's against the one
+        before, STAGE_RATIOS), from a stem of SHAPE_STEM: Optuna models a handful of sensible
+        proportions instead of widths drawn apart from 4 to 512 channels, where a 4-channel stage
+        between wide ones is as likely as a ResNet's doubling. Elsewhere the widths are asked."""
         def pick(name: str, choices: tuple[Any, ...]) -> Any:
             return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
 
+        proportions = shape and self.ranged
+        wide = float(SHAPE_STEM)  # the previous width, unrounded, when asked as proportions
         stages = []
         for i, st in enumerate(self.stages):
             block = pick(f"s{i}_block", st.block)
             expand = pick(f"s{i}_expand", st.expand) if BLOCKS[block].uses_expand else 1
-            stages.append(StageSpec(block, pick(f"s{i}_depth", st.depth), _ask_width(trial, f"s{i}_width", st.width,
-                                                                                     st.width_step),
-                                    st.stride, pick(f"s{i}_kernel", st.kernel), expand, pick(f"s{i}_se", st.se)))
-        return Spec(_ask_width(trial, "stem", self.stem, self.stem_step), tuple(stages), pick("head", self.head))
+            depth = pick(f"s{i}_depth", st.depth)
+            if proportions:
+                wide *= pick(f"s{i}_ratio", STAGE_RATIOS_FIRST if i == 0 else STAGE_RATIOS)
+                width = _on_grid(wide, st.width, st.width_step)
+            else:
+                width = _ask_width(trial, f"s{i}_width", st.width, st.width_step)
+            stages.append(StageSpec(block, depth, width, st.stride, pick(f"s{i}_kernel", st.kernel), expand,
+                                    pick(f"s{i}_se", st.se)))
+        stem = (_on_grid(SHAPE_STEM, self.stem, self.stem_step) if proportions
+                else _ask_width(trial, "stem", self.stem, self.stem_step))
+        return Spec(stem, tuple(stages), pick("head", self.head))
 
     def width_bounds(self) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
         """(least, greatest) width of the stem and of each stage."""
