@@ -45,9 +45,8 @@ _STAGE_FIELDS = {"block": str, "depth": int, "width": int, "stride": int, "kerne
 _STAGE_DEFAULTS = {"stride": 1, "kernel": 3, "expand": 1, "se": False}
 _TOP_FIELDS = {"name", "description", "stem", "head", "stages"}
 
-# a shape's widths at the budget's edge (SearchSpace.sample(shape=True)), as proportions: the
-# first stage's width against the stem's, then each stage's against the one before (a ResNet's
-# doubling is 2, MobileNet-like stages 1.25-1.75); the repair scales them all to the budget
+# a shape's widths at the edge as proportions: the first stage's width against the stem's, then each
+# stage's against the one before (a ResNet doubles: 2); the repair scales them all to the budget
 SHAPE_STEM = 32
 STAGE_RATIOS_FIRST = (0.5, 0.75, 1.0, 1.5, 2.0)
 STAGE_RATIOS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
@@ -117,24 +116,18 @@ class SearchSpace:
     # ------------------------------------------------------------ sampling
 
     @property
-    def ranged(self) -> bool:
-        """Every width (the stem's and each stage's) is a range, so any proportions are on its grid."""
+    def ranged(self) -> bool:  # every width (the stem's, each stage's) a range: any proportions fit its grid
         return bool(self.stem_step) and all(st.width_step for st in self.stages)
 
     def sample(self, trial: optuna.Trial, shape: bool = False) -> Spec:
         """One spec, every choice asked of `trial` (conditional: expand only for blocks that use it).
-
-        `shape` (a search at the budget's edge, whose repair scales every width by one factor): in a
-        `ranged` space the widths are asked as their proportions, `s0_ratio` (the first stage's
-        width against the stem's, STAGE_RATIOS_FIRST) and `s<i>_ratio` (a stage's against the one
-        before, STAGE_RATIOS), from a stem of SHAPE_STEM: Optuna models a handful of sensible
-        proportions instead of widths drawn apart from 4 to 512 channels, where a 4-channel stage
-        between wide ones is as likely as a ResNet's doubling. Elsewhere the widths are asked."""
+        `shape` (at the budget's edge, whose repair scales all widths by one factor): a `ranged`
+        space's widths are asked as proportions (`s<i>_ratio`, from a stem of SHAPE_STEM), so Optuna
+        models a few sensible ones instead of widths drawn apart from 4 to 512 channels."""
         def pick(name: str, choices: tuple[Any, ...]) -> Any:
             return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
 
-        proportions = shape and self.ranged
-        wide = float(SHAPE_STEM)  # the previous width, unrounded, when asked as proportions
+        proportions, wide = shape and self.ranged, float(SHAPE_STEM)  # wide: the last width, unrounded
         stages = []
         for i, st in enumerate(self.stages):
             block = pick(f"s{i}_block", st.block)
@@ -296,14 +289,8 @@ class SearchSpace:
 
     def random_specs(self, n: int, seed: int) -> list[Spec]:
         """`n` specs drawn uniformly with `seed` (for tests and benchmarks)."""
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-        study = optuna.create_study(sampler=sampler)
-        specs = []
-        for _ in range(n):
-            trial = study.ask()
-            specs.append(self.sample(trial))
-            study.tell(trial, 0.0)
-        return specs
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        return [self.sample(study.ask()) for _ in range(n)]  # the random sampler reads no history
 
 
 # ---------------------------------------------------------------- loading
