@@ -54,9 +54,11 @@ from nas_kd.nets.space import load_space
 
 CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB": Budget(params=250_000, memory=48_000)}
 METHODS = ("edge", "random-edge", "off", "largest", "hand-made")
-# how a search at the edge draws a shape's widths: "proportions" (each stage's against the one before,
-# SearchSpace.sample(shape=True)); the picks of the first cell, widths drawn apart, have no suffix
-SHAPES = "proportions"
+# how a search at the edge draws a shape's widths and fills them to the budget: "proportions-lag"
+# (each stage's width against the one before, SearchSpace.sample(shape=True); single raises of the
+# width furthest behind them). Picks of before are kept under theirs: none (widths drawn apart,
+# raises by the budget alone), "proportions" (proportions, raises by the budget alone)
+SHAPES = "proportions-lag"
 ADOPT_FROM = ("search_vs_baselines.json", "device_budgets.json", "headroom.json")
 
 

@@ -150,6 +150,23 @@ def test_a_study_of_before_the_edge_resumes_only_as_it_was_made(tmp_path: Path) 
         open_study(storage, "new", False, 0, {**new, "space_fingerprint": "bbbbbbbbbbbb"})
 
 
+def test_the_single_width_raises_keep_the_shapes_proportions() -> None:
+    space, budget = load_space("resnet"), Budget(macs=50_000_000)
+    # raised by the budget alone, the first stage of this shape went from 24 to 32 channels, past the
+    # second (24): the full-resolution widths buy the most MACs a raise
+    shape = Spec.parse("c32|basic_d1_w24_s1_k3_e1|basic_d5_w28_s2_k5_e1_se|basic_d4_w44_s2_k3_e1")
+    fixed = repair(shape, space, budget, pricer(budget))
+    assert fixed.share >= EDGE_SHARE
+    widths = [fixed.spec.stem, *(s.width for s in fixed.spec.stages)]
+    drawn = [shape.stem, *(s.width for s in shape.stages)]
+    assert widths[1] <= widths[2] <= widths[3]  # the stages' order of widths is the shape's
+    scales = [w / d for w, d in zip(widths, drawn)]
+    assert max(scales) - min(scales) <= 0.35, scales  # within a few raises of one factor
+    # the hand-made ResNet-20's proportions repair to the hand-made network of the budget
+    resnet20 = Spec.parse("c32|basic_d3_w32_s1_k3_e1|basic_d3_w64_s2_k3_e1|basic_d3_w128_s2_k3_e1")
+    assert repair(resnet20, space, budget, pricer(budget)).spec == start.hand_made(budget, INPUT, CLASSES)[0]
+
+
 def test_at_the_edge_a_ranged_space_asks_the_widths_proportions() -> None:
     space = load_space("resnet")
     params = {"s0_block": "basic", "s0_depth": 3, "s0_ratio": 0.75, "s1_block": "basic", "s1_depth": 3,

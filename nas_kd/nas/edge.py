@@ -10,8 +10,8 @@ shape keeps), and `repair` scales every width by one factor (widths rounded to m
 then to the greatest width the space allows at or under it: a range's grid, or a listed width) to
 the largest that meets every bound
 (MACs, params, peak int8 memory, latency measured or from a table), then raises single widths by
-one step (4 channels on a grid, the next listed width), the raise that uses most of the budget
-first, while one fits and the student uses less than
+one step (4 channels on a grid, the next listed width), the width furthest behind the shape's
+proportions first, while one fits and the student uses less than
 `EDGE_SHARE` of its binding bound (few raises, so the shape's proportions stay). Optuna models the shape; the repaired spec is the trial's.
 
 A shape that cannot reach the budget even at the space's greatest widths is trained there and
@@ -101,15 +101,28 @@ def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spe
         spec = scaled(shape, STEP, widths)
         return Repair(spec, cost(spec), STEP, budget.use(cost(spec)), False)
     spec = scaled(shape, lo * STEP, widths)
+    drawn = _widths(shape)
     while fill and (budget.use(cost(spec)) or 0.0) < EDGE_SHARE:
         raised = [r for r in widened(spec, widths) if budget.fits(cost(r))]
         if not raised:
             break
-        spec = max(raised, key=lambda r: (budget.use(cost(r)) or 0.0, str(r)))
+        # the width furthest behind the shape's proportions first (its raised width over the drawn
+        # one least), then the raise that uses most of the budget: a raise by the budget alone
+        # widened the full-resolution stem or first stage again and again, past the stages after it
+        spec = min(raised, key=lambda r: (_raised_scale(r, spec, drawn), -(budget.use(cost(r)) or 0.0), str(r)))
     share = budget.use(cost(spec))
     # every factor up to the widest fitted, and the student is still short of the edge
     at_largest = hi > top and (share or 0.0) < EDGE_SHARE
     return Repair(spec, cost(spec), round(lo * STEP, 2), share, at_largest)
+
+
+def _widths(spec: Spec) -> list[int]:
+    return [spec.stem, *(s.width for s in spec.stages)]
+
+
+def _raised_scale(raised: Spec, spec: Spec, drawn: list[int]) -> float:
+    """The one width `raised` changed from `spec`, over that width in the shape drawn."""
+    return next(w / d for w, was, d in zip(_widths(raised), _widths(spec), drawn) if w != was)
 
 
 def widest_factor(shape: Spec, widths: tuple[tuple[int, ...], ...]) -> float:
