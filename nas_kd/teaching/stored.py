@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def _write(path: Path, targets: CachedTargets) -> None:
         for s, f in enumerate(member):
             tensors[f"features.{m}.{s}"] = f.detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # workers sharing the folder write their own
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     tmp.chmod(usual_mode())
     tmp.replace(path)
