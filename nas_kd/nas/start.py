@@ -252,13 +252,21 @@ def start_points(names: tuple[str, ...], space: SearchSpace, budget: Budget, inp
     return points, skipped
 
 
+def enqueued_widths(trial: optuna.Trial) -> bool:
+    """Whether `trial` was enqueued with widths (`study.enqueue_trial(space.params_of(spec))`, as a
+    benchmark's fixed students are): those are asked as widths at the edge too, so that they count."""
+    frozen = trial.study.get_trials(deepcopy=False)[trial.number]
+    return any(k == "stem" or k.endswith("_width") for k in frozen.system_attrs.get("fixed_params", {}))
+
+
 def trial_spec(space: SearchSpace, trial: optuna.Trial, edge: bool = False) -> Spec:
     """The trial's spec: its start point's, when it is one outside the space; else sampled from
     the space (a start point in the space gets its own spec back from its enqueued params; at the
-    budget's `edge` any other trial's widths are asked as proportions, `SearchSpace.sample`)."""
+    budget's `edge` any other trial's widths are asked as proportions, `SearchSpace.sample`, unless
+    it was enqueued with widths)."""
     a = trial.user_attrs
     if START_SPEC_ATTR in a and not a.get(START_IN_SPACE_ATTR):
         return Spec.parse(a[START_SPEC_ATTR])
-    spec = space.sample(trial, shape=edge and START_SPEC_ATTR not in a)
+    spec = space.sample(trial, shape=edge and START_SPEC_ATTR not in a and not enqueued_widths(trial))
     assert START_SPEC_ATTR not in a or str(spec) == a[START_SPEC_ATTR], (spec, a[START_SPEC_ATTR])
     return spec
