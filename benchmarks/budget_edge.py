@@ -56,8 +56,8 @@ CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB
 METHODS = ("edge", "random-edge", "off", "largest", "hand-made")
 # how a search at the edge draws a shape's widths and fills them to the budget: "proportions-lag"
 # (each stage's width against the one before, SearchSpace.sample(shape=True); single raises of the
-# width furthest behind them). Picks of before are kept under theirs: none (widths drawn apart,
-# raises by the budget alone), "proportions" (proportions, raises by the budget alone)
+# width furthest behind them). The first cell's pick (widths drawn apart, raises by the budget
+# alone) is kept under a key without this suffix
 SHAPES = "proportions-lag"
 ADOPT_FROM = ("search_vs_baselines.json", "device_budgets.json", "headroom.json")
 
