@@ -127,7 +127,7 @@ def _raised_scale(raised: Spec, spec: Spec, drawn: list[int]) -> float:
 
 def widest_factor(shape: Spec, widths: tuple[tuple[int, ...], ...]) -> float:
     """The factor at which every width of `shape` has reached its greatest allowed width."""
-    return max(c[-1] / w for w, c in zip([shape.stem, *(s.width for s in shape.stages)], widths))
+    return max(c[-1] / w for w, c in zip(_widths(shape), widths))
 
 
 def widened(spec: Spec, widths: tuple[tuple[int, ...], ...]) -> list[Spec]:

@@ -255,7 +255,9 @@ def start_points(names: tuple[str, ...], space: SearchSpace, budget: Budget, inp
 def enqueued_widths(trial: optuna.Trial) -> bool:
     """Whether `trial` was enqueued with widths (`study.enqueue_trial(space.params_of(spec))`, as a
     benchmark's fixed students are): those are asked as widths at the edge too, so that they count."""
-    frozen = trial.study.get_trials(deepcopy=False)[trial.number]
+    # the running trials only: reading every trial of the study, per trial, grows with the study
+    running = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    frozen = next(t for t in running if t.number == trial.number)
     return any(k == "stem" or k.endswith("_width") for k in frozen.system_attrs.get("fixed_params", {}))
 
 
