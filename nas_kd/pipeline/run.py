@@ -1,6 +1,7 @@
-"""The whole run, in order: check the settings, load the data and the search space, check the
-budget, open the study, build or load the teachers and cache their targets, run the trials, write
-the report, retrain the winner (and the baselines asked for), and print the summary.
+"""The whole run, in its phases: `prepare` (every check of the settings, the data, the search space,
+the budget), `open_run` (the study, and this command's run in it), `teach` (the teachers and their
+cached targets), `search_trials` (the time plan and the trials, then the report), `final_retrain`
+(the winner retrained, tested and exported, and the baselines asked for), then the summary.
 
 `search` is what `python -m nas_kd.search` runs; `run` is the same job as a Python API, returning
 the study and its retrained winner (`RunResult`).
@@ -15,66 +16,22 @@ import optuna
 from optuna.trial import FrozenTrial
 from tqdm.auto import tqdm
 
-from nas_kd.core.config import SearchConfig, adapt_schedule
+from nas_kd.core.config import SearchConfig
 from nas_kd.core.progress import RunClock, bars_shown, budget_status, log
 from nas_kd.core.units import format_count, format_duration
-from nas_kd.data.batches import BatchIterator, seeded_subset
-from nas_kd.data.datasets import load_dataset
-from nas_kd.device.latency import latency_meter
-from nas_kd.distill.blockwise import BlockwiseScorer, most_accurate
-from nas_kd.distill.losses import logits_only, recipe_features, recipe_uses_teachers
-from nas_kd.distill.student import retrain_augments, retrain_recipe_text
-from nas_kd.nas.budget import Budget, budget_warning, check_reachable, effective_floor
-from nas_kd.nas.objective import run_trial, trial_context, trial_score_named
+from nas_kd.nas.objective import run_trial, trial_context
 from nas_kd.nas.picks import enqueue_start_points
-from nas_kd.nas.records import (
-    stored_blockwise_scores,
-    training_done,
-    trial_score,
-    was_trained,
-)
-from nas_kd.nas.start import start_points
-from nas_kd.nas.study import (
-    COMPRESSION_TEACHER_KEY,
-    STUDY_ATTR,
-    WINNER_ATTR,
-    check_same_teachers,
-    check_url,
-    default_study_name,
-    guarded,
-    open_storage,
-    open_study,
-    shares_its_study,
-    space_id,
-    storage_url,
-    study_training,
-    update_study_attr,
-)
+from nas_kd.nas.records import training_done, trial_score, was_trained
+from nas_kd.nas.study import WINNER_ATTR, study_training
 from nas_kd.nas.study import run as run_trials
-from nas_kd.nets.space import describe, load_space
-from nas_kd.pipeline.checks import trial_text, validate
-from nas_kd.pipeline.plan import (
-    plan_retrain,
-    plan_search,
-    record_split,
-    refuse_too_small,
-    retrain_end,
-    stored_plan,
-)
-from nas_kd.pipeline.resume import Interrupted, Session, begin, session_text
+from nas_kd.pipeline.checks import trial_text
+from nas_kd.pipeline.phases import Opened, Prepared, Taught, open_run, prepare, teach
+from nas_kd.pipeline.plan import Plan, plan_retrain, plan_search, record_split, retrain_end, stored_plan
+from nas_kd.pipeline.resume import Interrupted, Session, session_text
 from nas_kd.reporting.html import write_report
 from nas_kd.reporting.summary import summary_table, trial_line
-from nas_kd.retraining.baselines import check_prunable, pruned_baseline
+from nas_kd.retraining.baselines import pruned_baseline
 from nas_kd.retraining.retrain import finish_retrain
-from nas_kd.teaching.ensemble import (
-    CachedTargets,
-    ensemble_from_config,
-    ensemble_summary,
-    file_teachers,
-    teacher_names,
-)
-from nas_kd.teaching.stored import stored_targets
-from nas_kd.training.train import resolve_device
 
 
 def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
@@ -91,120 +48,52 @@ def search(cfg: SearchConfig, progress: bool = True) -> optuna.Study:
 
 
 def run_search(cfg: SearchConfig, progress: bool, clock: RunClock, session: Session | None = None) -> optuna.Study:
-    """`search`'s phases in order; `session` is told the run, study and outputs as soon as they are known,
-    so that an interrupted run can store how far it got (`resume.Session`)."""
+    """`search`'s phases in order, each handed what the one before made; `session` is told the run,
+    study and outputs as soon as they are known, so that an interrupted run can store how far it got
+    (`resume.Session`)."""
     session = Session() if session is None else session
-    asked = cfg  # the command's settings, before the schedule and the plan adapt them
-    validate(cfg)
-    # every check of the user's input comes before the first progress line and any training
-    space = load_space(cfg.search_space)
-    budget = Budget.from_config(cfg)
-    if cfg.storage:
-        check_url(cfg.storage)
-    dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
-    cfg, schedule_text = adapt_schedule(cfg, len(dataset.train))
-    latency, latency_text = latency_meter(cfg, space, dataset.input_shape, dataset.num_classes)
-    check_reachable(budget, space, dataset.input_shape, dataset.num_classes, latency, cfg.seed,
-                    bool(cfg.latency_table), cfg.latency_precision)
-    floor, floor_text = effective_floor(cfg.budget_floor, budget, space, dataset.input_shape, dataset.num_classes)
-    starts, starts_skipped = start_points(cfg.start_from, space, budget, dataset.input_shape, dataset.num_classes,
-                                          floor, latency if cfg.latency_table else None,
-                                          None if cfg.latency_table else latency)
-    if cfg.pruned_baseline:
-        check_prunable(cfg, dataset.input_shape, dataset.num_classes, latency)
-    refuse_too_small(cfg, space, budget, dataset, clock)
-    device = resolve_device(cfg.device)
-    log(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test "
-        f"images of {'x'.join(map(str, dataset.input_shape))}, {dataset.num_classes} classes; device {device}")
-    dataset = dataset.to(device)
-    files = file_teachers(cfg, dataset)  # each checked before the study is opened: a bad file writes nothing
-    log(f"search space {describe(space)}; budget {budget}")
-    log(schedule_text)
-    if cfg.final_epochs > 0 and not cfg.worker:
-        log(f"retrain: {'planned by the time budget' if cfg.time_budget is not None else f'{cfg.final_epochs} epochs'}"
-            f", recipe {cfg.distill.describe()}, {retrain_recipe_text(cfg, cfg.final_epochs)}")
-    log(latency_text)
-    if floor_text:
-        log(floor_text)
-    if (warning := budget_warning(budget, teacher_names(cfg), dataset.input_shape, dataset.num_classes,
-                                  {t.name: t.cost for t in files})):
-        log(warning)
-
-    keys = guarded(cfg, space_id(space), space.fingerprint())
-    name = cfg.study_name or default_study_name(keys)
-    url = storage_url(cfg.storage, name, Path(cfg.out_dir))
-    study = open_study(open_storage(url, interval=cfg.heartbeat), name, cfg.objective == "pareto", cfg.seed, keys, cfg.pruner,
-                       cfg.trial_reports, cfg.sampler, shared=shares_its_study(cfg))
-    if cfg.objective == "pareto" and cfg.pruner != "none":
-        log("--objective pareto: trials are not pruned (Optuna cannot prune multi-objective studies); "
-            "every trial trains to its end")
-    log(f"study {name} in {url} ({len(study.trials)} trials already)")
-    out = Path(cfg.out_dir) / name
-    run, how = (None, "new") if cfg.worker else begin(study, asked)
-    if run is not None and how == "finished":
-        log(f"this command's run in study {name} is done ({run.asked}, {run.progress(study)}, retrained); nothing "
-            f"is left to do. --more starts a new run in the study")
-        print(f"\nnas_kd search finished\n{summary_table(study, cfg, url, run.elapsed)}")
-        return study
-    if run is not None and how == "resumed":
-        clock.resume(run.elapsed)
-        log(f"resuming this command's run ({run.asked}): {run.progress(study)}, {format_duration(run.elapsed)} "
-            f"spent in {run.sessions - 1} earlier session{'s' if run.sessions > 2 else ''}; "
-            + ("the search is done, the retrain goes on" if run.phase == "retrain" else "the search goes on"))
-    elif run is not None and cfg.more:
-        log(f"--more: a new run in study {name}, after the one it holds")
-    if run is not None:  # stored once its search is planned, or when it is interrupted before
-        session.run, session.study, session.out = run, study, out
-    for line in starts_skipped:
+    prep = prepare(cfg, clock)
+    opened = open_run(prep, clock, session)
+    if opened.how == "finished":
+        run = opened.run
+        log(f"this command's run in study {opened.name} is done ({run.asked}, {run.progress(opened.study)}, "
+            f"retrained); nothing is left to do. --more starts a new run in the study")
+        print(f"\nnas_kd search finished\n{summary_table(opened.study, prep.cfg.out_dir, opened.url, run.elapsed)}")
+        return opened.study
+    for line in prep.starts_skipped:
         log(line)
+    taught = teach(prep, opened, progress)
+    cfg, time_plan, trained, marks = search_trials(prep, opened, taught, clock, progress)
+    if cfg.final_epochs > 0 and not cfg.worker:
+        cfg = final_retrain(cfg, prep, opened, taught, clock, progress, marks, time_plan is not None)
+    run = opened.run
+    if time_plan is not None:
+        marks["end"] = clock.elapsed()
+        log(record_split(opened.study, time_plan, marks, trained, cfg.final_epochs))
+    if run is not None:
+        run.elapsed = clock.elapsed()
+        run.done(opened.study, opened.out)
+    resumed = f" ({session_text(run)})" if run is not None and run.sessions > 1 else ""
+    print(f"\nnas_kd search finished{resumed}\n{summary_table(opened.study, cfg.out_dir, opened.url, clock.elapsed())}")
+    return opened.study
 
-    ensemble = ensemble_from_config(cfg, dataset, progress, log, files)
-    cfg, recipe_line = logits_only(cfg, ensemble)
-    if recipe_line:
-        log(recipe_line)
-    check_same_teachers(study, ensemble_summary(ensemble))
-    ensemble_val = ensemble.accuracy(dataset.val, dataset)
-    compression_teacher = ensemble.largest_member()
-    update_study_attr(study, STUDY_ATTR, {
-        "config": cfg.to_dict(), "space": space.name,
-        "budget": {"macs": budget.macs, "params": budget.params, "latency_ms": budget.latency_ms, "memory": budget.memory},
-        "budget_text": str(budget), "budget_floor": floor, "teachers": ensemble_summary(ensemble), "ensemble": {"val_acc": ensemble_val},
-        COMPRESSION_TEACHER_KEY: f"{compression_teacher.name} for MACs, "
-                          f"{max(ensemble.members, key=lambda t: t.cost.params).name} for params",
-        "recipe": cfg.distill.describe(), "input_shape": list(dataset.input_shape)})
-    log(f"ensemble of {len(ensemble.members)}: val acc {ensemble_val:.4f}")
 
-    subset = seeded_subset(len(dataset.train), cfg.subset, cfg.seed)
-    views = min(cfg.ensemble_views, cfg.trial_epochs) if cfg.train.augment else 1
-    batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
-                            augment=cfg.train.augment, indices=subset)
-    features = recipe_features(cfg.distill.weights())
-    targets, scorer = None, None
-    if trial_score_named(cfg.trial_score).blockwise:
-        best = most_accurate(ensemble.members)
-        # no BatchNorm recalibration here: measured, it left the block-wise ranking as it was
-        # (Spearman -0.40 without, -0.38 with, 20 students under 5M MACs; BENCHMARKS.md)
-        scorer = BlockwiseScorer(best, dataset, batches, cfg.train, cfg.trial_epochs, cfg.seed)
-        scorer.preload(stored_blockwise_scores(study))
-        log(f"block-wise scores against teacher {best.name}; {len(scorer.scores)} stage scores from earlier trials")
-    elif recipe_uses_teachers(cfg.distill.weights()):
-        # without augmentation the retrain sees the same pixels every epoch: cache its targets too
-        whole = cfg.final_epochs > 0 and not cfg.worker and not retrain_augments(cfg, cfg.final_epochs) and CachedTargets.fits(
-            ensemble, dataset.input_shape, len(dataset.train), views, features, cfg.target_cache_gb)
-        cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
-                              augment=cfg.train.augment, indices=None if whole else subset)
-        targets, kept = stored_targets(ensemble, dataset, cover, features, cfg.cache_path() / "targets", log, progress,
-                                      cfg.target_cache_gb)
-        log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
-            f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}: {kept}")
-    ctx = trial_context(space, dataset, ensemble, budget, batches, targets, cfg, progress, scorer, latency, floor)
-    log(trial_text(cfg, len(subset)))
+def search_trials(prep: Prepared, opened: Opened, taught: Taught, clock: RunClock,
+                  progress: bool) -> tuple[SearchConfig, Plan | None, int, dict[str, float]]:
+    """The trials: the time plan (a time budget's trials and epochs), the run's target, the start points,
+    then Optuna's loop and the report. Returns the config as planned, the plan, the trials trained (over
+    every session of the run) and the clock's marks of the setup and the search."""
+    cfg, study, run = taught.cfg, opened.study, opened.run
+    ctx = trial_context(prep.space, prep.dataset, taught.ensemble, prep.budget, taught.batches, taught.targets, cfg,
+                        progress, taught.scorer, prep.latency, prep.floor)
+    log(trial_text(cfg, len(taught.subset)))
     time_plan = None
     searching = run is None or run.phase == "search"
     if cfg.time_budget is not None and searching:
-        cfg, time_plan = plan_search(cfg, study, space, budget, dataset, ensemble, batches, targets, clock)
+        cfg, time_plan = plan_search(cfg, study, prep.space, prep.budget, prep.dataset, taught.ensemble,
+                                     taught.batches, taught.targets, clock)
         log(time_plan.line(cfg.trials) + (f" (what was left of it: {format_duration(run.elapsed)} were spent before)"
-                                          if how == "resumed" else ""))
+                                          if opened.how == "resumed" else ""))
     elif cfg.time_budget is not None:
         time_plan = stored_plan(study)
     if run is not None and (run.target is None or run.planned) and searching:
@@ -236,7 +125,7 @@ def run_search(cfg: SearchConfig, progress: bool, clock: RunClock, session: Sess
     # the start points go in only now, when this run trains (a run refused above, or one with
     # nothing to train, leaves the study as it was)
     if cfg.trials > 0 if target is None else study_training(study) < target:
-        for line in enqueue_start_points(study, starts):
+        for line in enqueue_start_points(study, prep.starts):
             log(line)
     try:
         trained = run_trials(study, lambda trial: run_trial(ctx, trial), cfg.trials, cfg.timeout, on_trial,
@@ -244,46 +133,46 @@ def run_search(cfg: SearchConfig, progress: bool, clock: RunClock, session: Sess
     finally:
         bar.close()
         if not cfg.worker:  # workers leave the report to the one retrain after them
-            write_report(study, out)
+            write_report(study, opened.out)
     done = f" ({len(pruned)} pruned, {trained - len(pruned) + sum(pruned):.2f} trials' worth of training)" if pruned else ""
     if cfg.worker:
         log(f"{trained} trials trained by this worker{done}; the study holds "
             f"{study_training(study):.2f} trials' worth. When every worker is done, run once: "
-            f"python -m nas_kd.retrain --study-name {name} --storage '{url}'")
+            f"python -m nas_kd.retrain --study-name {opened.name} --storage '{opened.url}'")
     else:
-        log(f"{trained} trials trained in this run{done}; report {out / 'report.html'}")
+        log(f"{trained} trials trained in this run{done}; report {opened.out / 'report.html'}")
         if cfg.final_epochs == 0:
             finalists = f" its {cfg.finalists} best trials" if cfg.finalists > 1 else " its winner"
             log(f"--final-epochs 0: nothing retrained; to retrain{finalists}: python -m nas_kd.retrain "
-                f"--study-name {name} --storage '{url}'")
+                f"--study-name {opened.name} --storage '{opened.url}'")
     marks["search"] = clock.elapsed()
     if run is not None:
         run.phase, run.elapsed = ("retrain" if cfg.final_epochs > 0 else "done"), clock.elapsed()
         run.save(study)
         trained = max(trained, round(run.trained(study)))  # over every session of the run
-    if time_plan is not None and cfg.final_epochs > 0 and not cfg.worker:
-        cfg, line = plan_retrain(cfg, study, dataset, ensemble, batches, targets, clock)
+    return cfg, time_plan, trained, marks
+
+
+def final_retrain(cfg: SearchConfig, prep: Prepared, opened: Opened, taught: Taught, clock: RunClock, progress: bool,
+                  marks: dict[str, float], planned: bool) -> SearchConfig:
+    """The winner (or the finalists) retrained, tested and exported, and the pruned baseline when asked;
+    under a time budget (`planned`) the epochs come from what is left of it. Returns the config with the
+    epochs as trained; `marks` gets the retrain's end."""
+    study, dataset, ensemble, run = opened.study, prep.dataset, taught.ensemble, opened.run
+    if planned:
+        cfg, line = plan_retrain(cfg, study, dataset, ensemble, taught.batches, taught.targets, clock)
         log(line)
-    if cfg.final_epochs > 0 and not cfg.worker:
-        started = clock.elapsed()
-        end = retrain_end(cfg, started) if time_plan is not None else None
-        retrained = finish_retrain(study, dataset, ensemble, cfg, progress, log, targets, end,
-                                   None if run is None else run.checkpoints(out))
-        cfg = replace(cfg, final_epochs=retrained["final_epochs"])  # as trained, re-planned or not
-        # the retrain ends where its test pass ends; the export and the report come after
-        marks["retrain"] = min(clock.elapsed(), started + retrained["retrain_seconds"])
-        if cfg.pruned_baseline:
-            pruned_baseline(study, dataset, ensemble, cfg, out, progress, log, targets, latency)
-            write_report(study, out)
-    if time_plan is not None:
-        marks["end"] = clock.elapsed()
-        log(record_split(study, time_plan, marks, trained, cfg.final_epochs))
-    if run is not None:
-        run.elapsed = clock.elapsed()
-        run.done(study, out)
-    resumed = f" ({session_text(run)})" if run is not None and run.sessions > 1 else ""
-    print(f"\nnas_kd search finished{resumed}\n{summary_table(study, cfg, url, clock.elapsed())}")
-    return study
+    started = clock.elapsed()
+    end = retrain_end(cfg, started) if planned else None
+    retrained = finish_retrain(study, dataset, ensemble, cfg, progress, log, taught.targets, end,
+                               None if run is None else run.checkpoints(opened.out))
+    cfg = replace(cfg, final_epochs=retrained["final_epochs"])  # as trained, re-planned or not
+    # the retrain ends where its test pass ends; the export and the report come after
+    marks["retrain"] = min(clock.elapsed(), started + retrained["retrain_seconds"])
+    if cfg.pruned_baseline:
+        pruned_baseline(study, dataset, ensemble, cfg, opened.out, progress, log, taught.targets, prep.latency)
+        write_report(study, opened.out)
+    return cfg
 
 
 @dataclass(frozen=True)

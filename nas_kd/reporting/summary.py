@@ -7,7 +7,6 @@ from pathlib import Path
 
 import optuna
 
-from nas_kd.core.config import SearchConfig
 from nas_kd.core.units import format_count
 from nas_kd.device.int8 import int8_line
 from nas_kd.nas.records import (
@@ -51,7 +50,9 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     return ": ".join([parts[0], ", ".join(p for p in parts[1:] if p)])
 
 
-def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: float) -> str:
+def summary_table(study: optuna.Study, out_dir: str | Path, url: str, seconds: float) -> str:
+    """The table printed at the end of a search: the study, its budget, trials, teachers and winner;
+    `out_dir` is the run's OUT_DIR, which holds the study's folder."""
     info = study.user_attrs.get(STUDY_ATTR, {})
     winner = study.user_attrs.get(WINNER_ATTR)
     trials = study.get_trials(deepcopy=False)
@@ -87,7 +88,7 @@ def summary_table(study: optuna.Study, cfg: SearchConfig, url: str, seconds: flo
                 rows.append(("winner int8", line))
     for b in study.user_attrs.get(BASELINE_ATTR, {}).get("methods", []):
         rows.append((b["method"], f"{format_count(b['macs'])} MACs, test {b['test_acc']:.4f} after {b['final_epochs']} epochs"))
-    out = Path(cfg.out_dir) / study.study_name
+    out = Path(out_dir) / study.study_name
     rows += [("report", str(out / "report.html")), ("dashboard", f"optuna-dashboard {url}"),
              ("wall time", f"{seconds / 60:.1f} min")]
     width = max(len(k) for k, _ in rows)
