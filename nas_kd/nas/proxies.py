@@ -38,9 +38,12 @@ class _ActivationCodes(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if func in RECTIFIERS and isinstance(out, torch.Tensor) and out.dim() > 1:
-            c = (out.detach().flatten(1) > 0).to(torch.float64)  # (N, units) binary code of each image
+            c = (out.detach().flatten(1) > 0).to(torch.float32)  # (N, units) binary code of each image
             # K[i, j] += units where i and j agree = c_i . c_j + (1 - c_i) . (1 - c_j)
-            self.kernel += c @ c.T + (1 - c) @ (1 - c).T
+            #          = units - |c_i| - |c_j| + 2 c_i . c_j: one product of 0/1 codes, its sums whole
+            # numbers that float32 holds exactly below 2^24 units, added to the float64 kernel
+            active = c.sum(1).to(torch.float64)
+            self.kernel += (2 * (c @ c.T)).to(torch.float64) + (c.shape[1] - active[:, None] - active[None, :])
             self.units += c.shape[1]
         return out
 
