@@ -219,8 +219,8 @@ def test_a_memory_budget_is_met_too() -> None:
 def test_a_pruned_baseline_the_budget_cannot_hold_is_refused_before_training(bounds: dict) -> None:
     """resnet8 at 1x28x28, most pruned: 667K MACs and 25.9K bytes of peak int8 activations; a
     memory bound below that is refused as a MACs bound below it is (it was not checked at all)."""
-    cfg = SearchConfig(teachers=("resnet8",), **bounds)
+    budget = Budget.from_config(SearchConfig(teachers=("resnet8",), **bounds))
     with pytest.raises(InputError, match="--pruned-baseline: the largest teacher resnet8 pruned") as e:
-        check_prunable(cfg, (1, 28, 28), 10)
+        check_prunable(["resnet8"], budget, (1, 28, 28), 10)
     assert ("memory 25.87K > 25K" if "memory_budget" in bounds else "macs 667K > 600K") in str(e.value)
-    check_prunable(SearchConfig(teachers=("resnet8",), flops_budget=50_000_000, memory_budget=26_000), (1, 28, 28), 10)
+    check_prunable(["resnet8"], Budget(macs=50_000_000, memory=26_000), (1, 28, 28), 10)

@@ -124,7 +124,7 @@ def prepare(cfg: SearchConfig, clock: RunClock) -> Prepared:
                                           floor, latency if cfg.latency_table else None,
                                           None if cfg.latency_table else latency)
     if cfg.pruned_baseline:
-        check_prunable(cfg, dataset.input_shape, dataset.num_classes, latency)
+        check_prunable(teacher_names(cfg), budget, dataset.input_shape, dataset.num_classes, latency)
     refuse_too_small(cfg, space, budget, dataset, clock)
     device = resolve_device(cfg.device)
     log(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test "

@@ -170,7 +170,8 @@ def final_retrain(cfg: SearchConfig, prep: Prepared, opened: Opened, taught: Tau
     # the retrain ends where its test pass ends; the export and the report come after
     marks["retrain"] = min(clock.elapsed(), started + retrained["retrain_seconds"])
     if cfg.pruned_baseline:
-        pruned_baseline(study, dataset, ensemble, cfg, opened.out, progress, log, taught.targets, prep.latency)
+        pruned_baseline(study, dataset, ensemble, cfg, prep.budget, opened.out, progress, log, taught.targets,
+                        prep.latency)
         write_report(study, opened.out)
     return cfg
 

@@ -31,25 +31,24 @@ from nas_kd.nas.study import BASELINE_ATTR
 from nas_kd.nets.arch import Network, Spec
 from nas_kd.nets.zoo import teacher_cost, teacher_spec
 from nas_kd.retraining.prune import min_pruned_cost, prune_to_budget
-from nas_kd.teaching.ensemble import CachedTargets, Ensemble, teacher_names
+from nas_kd.teaching.ensemble import CachedTargets, Ensemble
 from nas_kd.training.train import evaluate
 
 FINE_TUNE = DistillConfig(losses=(("ce", 1.0),))
 
 
-def largest_teacher_name(cfg: SearchConfig, input_shape: tuple[int, int, int], num_classes: int) -> str:
-    """The ensemble member of most MACs, from the specs alone (before any teacher is trained)."""
-    names = teacher_names(cfg)
+def largest_teacher_name(names: list[str], input_shape: tuple[int, int, int], num_classes: int) -> str:
+    """The member of most MACs of the ensemble of zoo teachers `names`, from their specs alone (before
+    any teacher is trained)."""
     macs = {n: teacher_cost(n, input_shape, num_classes).macs for n in names}
     return max(names, key=lambda n: macs[n])
 
 
-def check_prunable(cfg: SearchConfig, input_shape: tuple[int, int, int], num_classes: int,
+def check_prunable(teachers: list[str], budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
                    latency: Callable[[Spec], float] | None = None) -> None:
-    """Refuse --pruned-baseline, before any training, when the largest teacher cannot be pruned
-    into the budget: every bound of it, the latency one when `latency` can tell (`prune.priced`)."""
-    name = largest_teacher_name(cfg, input_shape, num_classes)
-    budget = Budget.from_config(cfg)
+    """Refuse --pruned-baseline, before any training, when the largest of the zoo `teachers` cannot be
+    pruned into `budget`: every bound of it, the latency one when `latency` can tell (`prune.priced`)."""
+    name = largest_teacher_name(teachers, input_shape, num_classes)
     floor = min_pruned_cost(teacher_spec(name), input_shape, num_classes, budget, latency)
     if not budget.fits(floor):
         raise InputError(f"--pruned-baseline: the largest teacher {name} pruned to one filter per prunable layer "
@@ -66,15 +65,14 @@ def train_pruned(pruned: Network, dataset: Dataset, ensemble: Ensemble, cfg: Sea
 
 
 def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
-                    out_dir: Path, progress: bool = True, log: Callable[[str], None] = print,
+                    budget: Budget, out_dir: Path, progress: bool = True, log: Callable[[str], None] = print,
                     cached: CachedTargets | None = None,
                     latency: Callable[[Spec], float] | None = None) -> dict[str, Any]:
-    """Prune the largest teacher to the budget (every bound of it; the latency one when `latency`
+    """Prune the largest teacher to `budget` (every bound of it; the latency one when `latency`
     can tell), then distil it and fine-tune it for cfg.final_epochs; test and export both under
     out_dir/pruned-kd and out_dir/pruned-finetune, and store the figures in the study (when given)
     for the report."""
     teacher = ensemble.largest_member()
-    budget = Budget.from_config(cfg)
     pruned, keep, cost = prune_to_budget(teacher.model, dataset.input_shape, budget, latency)
     before = evaluate(pruned, dataset.val, dataset)
     log(f"pruned teacher {teacher.name}: keep {keep:.3f} of each prunable layer -> {format_count(cost.macs)} MACs, "
