@@ -16,7 +16,9 @@ Methods, each picking one student per cell and seed:
 - off: today's search before the edge, `--budget-edge off --search-space resnet-v1`, its winner;
 - largest: of 200 seeded random specs of `resnet-v1` that fit, the one with the most MACs (the
   rule as `search_vs_baselines` measured it);
-- hand-made: `nas_kd.nas.start.hand_made` (the deepest ResNet at half width or more, scaled to fit).
+- hand-made: `nas_kd.nas.start.hand_made` (the deepest ResNet at half width or more, scaled to fit);
+- edge-min16: the edge search with `--edge-min-width 16` (a stage narrower than 16 channels gives up
+  blocks for width), its winner.
 
 Every pick is retrained with the fixed recipe of `benchmarks.search_vs_baselines` (3 epochs, every
 training image, the shipped ensemble, seed S) and tested once; the table reads validation first,
@@ -53,7 +55,7 @@ from nas_kd.nets.cost import Cost
 from nas_kd.nets.space import load_space
 
 CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB": Budget(params=250_000, memory=48_000)}
-METHODS = ("edge", "random-edge", "off", "largest", "hand-made")
+METHODS = ("edge", "random-edge", "off", "largest", "hand-made", "edge-min16")
 # how a search at the edge draws a shape's widths and fills them to the budget: "proportions-lag"
 # (each stage's width against the one before, SearchSpace.sample(shape=True); single raises of the
 # width furthest behind them). The first cell's pick (widths drawn apart, raises by the budget
@@ -89,7 +91,7 @@ def adopt(results: ResultsFile, sid: str) -> None:
 def pick_key(name: str, method: str, seed: int, sid: str) -> str:
     """A pick's key in the results; the searches at the edge are keyed by how their shapes' widths
     are drawn (SHAPES), so that a pick made before a change is kept beside, not read as, the new one."""
-    return f"{name}|{method}|{seed}|{sid}" + (f"|{SHAPES}" if method in ("edge", "random-edge") else "")
+    return f"{name}|{method}|{seed}|{sid}" + (f"|{SHAPES}" if method in ("edge", "random-edge", "edge-min16") else "")
 
 
 def cost_of(spec: Spec, dataset: Dataset) -> Cost:
@@ -106,6 +108,8 @@ def pick(method: str, name: str, seed: int, dataset: Dataset, work: Path) -> tup
         return hand_made(budget, dataset), {}
     if method == "off":
         cfg = dataclasses.replace(cfg, budget_edge="off", search_space="resnet-v1")
+    if method == "edge-min16":
+        cfg = dataclasses.replace(cfg, edge_min_width=16)
     return search_pick("random" if method == "random-edge" else "search", cfg, work / name / method)
 
 

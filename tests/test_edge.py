@@ -64,6 +64,51 @@ def test_the_repair_puts_every_shape_at_the_edge(budget: Budget) -> None:
         assert repair(shape, space, budget, price) == fixed  # the same shape and budget: the same spec
 
 
+def test_with_a_minimum_width_a_narrow_stage_gives_up_depth() -> None:
+    budget = Budget(macs=5_000_000)
+    space, price, least = load_space("resnet"), pricer(budget), 1
+    deep = Spec.parse("c32|basic_d2_w16_s1_k3_e1|basic_d5_w32_s2_k3_e1|basic_d5_w64_s2_k5_e1_se")
+    for shape in [deep, *space.random_specs(1, seed=5)]:
+        fixed = repair(shape, space, budget, price, min_width=16)
+        assert budget.fits(fixed.cost) and (fixed.share >= EDGE_SHARE or fixed.at_largest), (shape, fixed)
+        # blocks, kernels, expansions and SE as drawn; depths at most as drawn, the blocks given up counted
+        assert [(s.block, s.kernel, s.expand, s.se) for s in fixed.spec.stages] == \
+               [(s.block, s.kernel, s.expand, s.se) for s in shape.stages]
+        assert all(s.depth <= d.depth for s, d in zip(fixed.spec.stages, shape.stages))
+        assert sum(d.depth - s.depth for s, d in zip(fixed.spec.stages, shape.stages)) == fixed.depth_given > 0
+        # no stage narrower than the minimum is deeper than the space's least depth
+        assert all(s.width >= 16 or s.depth == least for s in fixed.spec.stages), fixed.spec
+        space.params_of(fixed.spec)
+    # the deep shape: its first stages come out 4-8 channels wide without it; the same spec every time
+    plain = repair(deep, space, budget, price)
+    assert min(s.width for s in plain.spec.stages) < 16 and plain.depth_given == 0
+    assert repair(deep, space, budget, price, min_width=0) == plain
+    fixed = repair(deep, space, budget, price, min_width=16)
+    assert repair(deep, space, budget, price, min_width=16) == fixed
+    # the blocks given up widened a stage that had given them
+    assert any(s.width > p.width and s.depth < p.depth for s, p in zip(fixed.spec.stages, plain.spec.stages))
+
+
+def test_the_minimum_width_is_guarded_and_a_bad_one_is_one_line(capsys, tmp_path: Path, monkeypatch) -> None:
+    from nas_kd import search
+
+    space = load_space("resnet")
+    assert "edge_min_width" not in guarded(SearchConfig(flops_budget=5_000_000), "resnet", space.fingerprint())
+    assert guarded(SearchConfig(flops_budget=5_000_000, edge_min_width=16), "resnet")["edge_min_width"] == 16
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as bad:
+        search.main(["--flops-budget", "5M", "--edge-min-width", "-4"])
+    assert bad.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "--edge-min-width" in lines[-1] and "Traceback" not in "".join(lines)
+    for value, line in (("2.5", "edge_min_width: expected int, got 2.5"),
+                        ("-8", "edge_min_width must be a whole number of channels >= 0 (0: off), got -8")):
+        (tmp_path / "c.yaml").write_text(f"flops_budget: 5000000\nedge_min_width: {value}\n")
+        assert search.main(["--config", "c.yaml"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(line)
+    assert not (tmp_path / "studies").exists()
+
+
 def test_a_shape_that_cannot_reach_the_budget_stays_at_the_spaces_greatest_widths() -> None:
     space = load_space("resnet")
     shape = Spec.parse("c8|basic_d1_w8_s1_k3_e1|basic_d1_w8_s2_k3_e1|basic_d1_w8_s2_k3_e1")

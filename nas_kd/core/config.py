@@ -119,6 +119,9 @@ class SearchConfig:
     # "on": every sampled shape's widths are scaled to the largest that fit the budget (nas_kd.nas.edge),
     # so trials compare designs at equal cost; "off": trained as sampled (studies made before it)
     budget_edge: str = "on"
+    # at the edge: a shape whose repaired stages are narrower than this many channels gives up blocks
+    # of its deepest stage for width (nas_kd.nas.edge); 0: depths stay as drawn
+    edge_min_width: int = 0
     # students trained first, before the sampler proposes any (nas_kd.nas.start): "hand-made" (the
     # deepest of ResNet-20/14/8 scaled to the budget) and/or spec strings; each counts towards
     # `trials`, and a resumed study does not train one it holds again

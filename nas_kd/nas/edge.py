@@ -17,6 +17,15 @@ proportions first, while one fits and the student uses less than
 A shape that cannot reach the budget even at the space's greatest widths is trained there and
 recorded as such (`Repair.at_largest`); one that does not fit even at the least widths is left
 to the budget check, which rejects it.
+
+Depth for width (`min_width`, `--edge-min-width`): under a small budget a deep shape scaled to the
+edge comes out a few channels wide (at 5M MACs, stages of 4-12 channels with 3-5 blocks each:
+most of the shapes drawn). With a minimum width, a stage that comes out narrower than it gives up
+one block (the deepest such stage; of equal ones, the first) and the shape is repaired again, until
+no stage narrower than the minimum is deeper than the space's least depth: a narrow stage is a
+shallow one, and the MACs its blocks freed widen the whole shape, as compound scaling (Tan & Le,
+EfficientNet, ICML 2019) keeps depth and width in step. The stem is not held to it. Optuna still
+models the shape drawn; the trial records the blocks given up (`Repair.depth_given`).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ class Repair:
     factor: float  # the widths' scale against the shape drawn
     share: float | None  # budget.use(cost): its largest share of a bound
     at_largest: bool  # the shape reached the space's greatest widths before the budget
+    depth_given: int = 0  # blocks the shape gave up for width (`min_width`)
 
 
 def allowed(space: SearchSpace) -> tuple[tuple[int, ...], ...]:
@@ -65,18 +75,39 @@ def scaled(shape: Spec, factor: float, widths: tuple[tuple[int, ...], ...]) -> S
                 shape.head)
 
 
-def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spec], Cost], fill: bool = True) -> Repair:
+def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spec], Cost], fill: bool = True,
+           min_width: int = 0) -> Repair:
     """`shape` scaled to the budget's edge (see the module's docstring). `price(spec)` gives every
     figure the budget bounds; it is called once per distinct spec. The same shape, budget and
     prices always give the same spec. `fill`: raise single widths after the common scaling (off
-    where each price is a latency measured here, seconds each)."""
-    widths = allowed(space)
+    where each price is a latency measured here, seconds each). `min_width`: a shape whose repaired
+    stages are narrower gives up depth for width (0: never)."""
     prices: dict[Spec, Cost] = {}
 
     def cost(spec: Spec) -> Cost:
         if spec not in prices:
             prices[spec] = price(spec)
         return prices[spec]
+
+    least = [min(st.depth) for st in space.stages]
+    given = 0
+    while True:
+        fixed = _scale_to_edge(shape, space, budget, cost, fill)
+        # the stages that came out narrower than min_width and can give up a block (a shape too deep to
+        # fit even at the least widths gives up depth too: its stages are at the least widths)
+        narrow = [i for i, (s, d) in enumerate(zip(fixed.spec.stages, least)) if s.width < min_width and s.depth > d]
+        if not narrow:
+            return dataclasses.replace(fixed, depth_given=given)
+        i = max(narrow, key=lambda k: (shape.stages[k].depth, -k))  # the deepest; of equal ones, the first
+        shape = Spec(shape.stem, shape.stages[:i] + (dataclasses.replace(shape.stages[i], depth=shape.stages[i].depth - 1),)
+                     + shape.stages[i + 1:], shape.head)
+        given += 1
+
+
+def _scale_to_edge(shape: Spec, space: SearchSpace, budget: Budget, cost: Callable[[Spec], Cost],
+                   fill: bool) -> Repair:
+    """`repair` of one shape, its depths as drawn."""
+    widths = allowed(space)
 
     def fits(k: int) -> bool:
         return budget.fits(cost(scaled(shape, k * STEP, widths)))

@@ -30,6 +30,7 @@ from nas_kd.nas.records import (
     BLOCKWISE_NEW_ATTR,
     BLOCKWISE_STAGES_ATTR,
     CURVE_ATTR,
+    DEPTH_GIVEN_ATTR,
     EDGE_FACTOR_ATTR,
     EVAL_SECONDS_ATTR,
     FAIL_ATTR,
@@ -96,6 +97,7 @@ class TrialContext:
     floor: float = 0.0  # the budget floor in force (budget.effective_floor): a lesser budget.use is not trained
     edge: bool = False  # scale every sampled shape's widths to the budget's edge (nas_kd.nas.edge)
     edge_fill: bool = True  # let the repair raise single widths too (off when every latency is measured here)
+    edge_min_width: int = 0  # a shape whose repaired stages are narrower gives up depth for width (0: never)
 
 
 def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budget: Budget, batches: BatchIterator,
@@ -118,7 +120,7 @@ def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budg
     return TrialContext(space, dataset, ensemble, budget, batches, targets, cfg.distill, cfg.train, cfg.trial_epochs,
                         cfg.objective == "pareto", cfg.seed, progress, cfg.trial_score, scorer, calibration,
                         cfg.trial_reports, report_val, proxy_images, latency, cfg.pareto_cost, floor,
-                        cfg.budget_edge == "on", not measured)
+                        cfg.budget_edge == "on", not measured, cfg.edge_min_width)
 
 
 REPORT_IMAGES = 2000  # validation images read by a trial's intermediate reports (the last reads them all)
@@ -240,9 +242,11 @@ def at_edge(ctx: TrialContext, trial: optuna.Trial, shape: Spec) -> tuple[Spec, 
             cost = replace(cost, latency_ms=ctx.latency(spec))
         return cost
 
-    fixed = repair(shape, ctx.space, ctx.budget, price, ctx.edge_fill)
+    fixed = repair(shape, ctx.space, ctx.budget, price, ctx.edge_fill, ctx.edge_min_width)
     trial.set_user_attr(SHAPE_ATTR, str(shape))
     trial.set_user_attr(EDGE_FACTOR_ATTR, fixed.factor)
+    if fixed.depth_given:
+        trial.set_user_attr(DEPTH_GIVEN_ATTR, fixed.depth_given)
     if fixed.at_largest:
         trial.set_user_attr(AT_LARGEST_ATTR, True)
     return fixed.spec, fixed.cost.latency_ms

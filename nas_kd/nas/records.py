@@ -22,6 +22,7 @@ WORKER_ATTR = "worker"  # "host:pid" of the process that ran the trial (many wor
 USE_ATTR = "budget_use"  # Budget.use of the trial's spec: its largest share of a bound
 SHAPE_ATTR = "shape"  # at the budget's edge (nas_kd.nas.edge): the spec as sampled, before its widths were scaled
 EDGE_FACTOR_ATTR = "edge_factor"  # the common scale of its widths that the repair found
+DEPTH_GIVEN_ATTR = "depth_given"  # blocks the shape gave up for width at the edge (--edge-min-width)
 AT_LARGEST_ATTR = "at_largest_widths"  # True: the shape could not reach the budget within the space's widths
 LATENCY_ATTR = "latency_ms"  # measured or table-predicted, of specs within the cheaper bounds only
 PEAK_INT8_ATTR = "peak_memory_int8"  # bytes of peak int8 activations (nas_kd.device.memory.memory_facts)

@@ -41,7 +41,7 @@ GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "tea
                 "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed",
                 "trial_score", "shipped_teachers", "bn_recalibration", "latency_budget_ms", "memory_budget",
                 "latency_precision", "latency_threads", "latency_table", "pareto_cost", "budget_floor", "budget_edge",
-                "space_fingerprint")
+                "edge_min_width", "space_fingerprint")
 # keys added later: recorded only when not at their default, so older studies keep their names
 LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "memory_budget", "latency_precision",
                      "latency_threads", "latency_table", "pareto_cost")
@@ -49,7 +49,7 @@ LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "me
 # studies get new default names); a study recorded before such a key had this value
 # (`budget_floor` is recorded only when not 0, its default, so studies made before it keep their names;
 # `budget_edge` always, so a study of before it resumes only with --budget-edge off)
-LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0, "budget_edge": "off"}
+LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0, "budget_edge": "off", "edge_min_width": 0}
 # a study made before spaces' choices were recorded names the shipped space it used as it was then:
 # "resnet" then is "resnet-v1" now, so such a study resumes with --search-space resnet-v1 --budget-edge off
 LEGACY_SPACES = {"resnet": "resnet-v1"}
@@ -75,8 +75,9 @@ def guarded(cfg: SearchConfig, space_source: str, fingerprint: str | None = None
     for key in ("two_stage", "ensemble_weighting"):
         if getattr(cfg.distill, key) != getattr(_DEFAULTS.distill, key):
             d["distill"][key] = getattr(cfg.distill, key)
-    if not d["budget_floor"]:  # off: not recorded, so studies made before the floor keep their names
-        del d["budget_floor"]
+    for key in ("budget_floor", "edge_min_width"):
+        if not d[key]:  # off: not recorded, so studies made before it keep their names
+            del d[key]
     if fingerprint is not None:  # what the space samples: a shipped space's choices change between versions
         d["space_fingerprint"] = fingerprint
     return {k: d[k] for k in GUARDED_KEYS if k in d and (k not in LATE_GUARDED_KEYS or d[k] != getattr(_DEFAULTS, k))}

@@ -88,6 +88,8 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         raise InputError(f"budget_floor must be a share in [0, 1), got {cfg.budget_floor}")
     if cfg.budget_edge not in ("on", "off"):
         raise InputError(f"budget_edge must be 'on' or 'off', got {cfg.budget_edge!r}")
+    if not isinstance(cfg.edge_min_width, int) or isinstance(cfg.edge_min_width, bool) or cfg.edge_min_width < 0:
+        raise InputError(f"edge_min_width must be a whole number of channels >= 0 (0: off), got {cfg.edge_min_width!r}")
     if cfg.budget_floor and cfg.budget_edge == "on":
         raise InputError(f"--budget-floor {cfg.budget_floor:g} applies only with --budget-edge off: at the budget's "
                          "edge every trial already uses 95% of the budget; drop it, or add --budget-edge off")
