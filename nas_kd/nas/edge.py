@@ -19,7 +19,7 @@ recorded as such (`Repair.at_largest`); one that does not fit even at the least 
 to the budget check, which rejects it.
 
 Depth for width (`min_width`, `--edge-min-width`): under a small budget a deep shape scaled to the
-edge comes out a few channels wide (at 5M MACs, stages of 4-12 channels with 3-5 blocks each:
+edge comes out a few channels wide (at 5M MACs, stages of 4-8 channels with 3-5 blocks each:
 most of the shapes drawn). With a minimum width, a stage that comes out narrower than it gives up
 one block (the deepest such stage; of equal ones, the first) and the shape is repaired again, until
 no stage narrower than the minimum is deeper than the space's least depth: a narrow stage is a
@@ -99,8 +99,7 @@ def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spe
         if not narrow:
             return dataclasses.replace(fixed, depth_given=given)
         i = max(narrow, key=lambda k: (shape.stages[k].depth, -k))  # the deepest; of equal ones, the first
-        shape = Spec(shape.stem, shape.stages[:i] + (dataclasses.replace(shape.stages[i], depth=shape.stages[i].depth - 1),)
-                     + shape.stages[i + 1:], shape.head)
+        shape = _with_stage(shape, i, depth=shape.stages[i].depth - 1)
         given += 1
 
 
@@ -147,6 +146,12 @@ def _scale_to_edge(shape: Spec, space: SearchSpace, budget: Budget, cost: Callab
     return Repair(spec, cost(spec), round(lo * STEP, 2), share, at_largest)
 
 
+def _with_stage(spec: Spec, i: int, **changes: int) -> Spec:
+    """`spec` with stage `i`'s fields changed."""
+    return Spec(spec.stem, spec.stages[:i] + (dataclasses.replace(spec.stages[i], **changes),) + spec.stages[i + 1:],
+                spec.head)
+
+
 def _widths(spec: Spec) -> list[int]:
     return [spec.stem, *(s.width for s in spec.stages)]
 
@@ -169,6 +174,5 @@ def widened(spec: Spec, widths: tuple[tuple[int, ...], ...]) -> list[Spec]:
     out = [Spec(stem, spec.stages, spec.head)] if (stem := up(spec.stem, widths[0])) is not None else []
     for i, (s, c) in enumerate(zip(spec.stages, widths[1:])):
         if (w := up(s.width, c)) is not None:
-            out.append(Spec(spec.stem, spec.stages[:i] + (dataclasses.replace(s, width=w),) + spec.stages[i + 1:],
-                            spec.head))
+            out.append(_with_stage(spec, i, width=w))
     return out
