@@ -18,7 +18,10 @@ Methods, each picking one student per cell and seed:
   rule as `search_vs_baselines` measured it);
 - hand-made: `nas_kd.nas.start.hand_made` (the deepest ResNet at half width or more, scaled to fit);
 - edge-min16: the edge search with `--edge-min-width 16` (a stage narrower than 16 channels gives up
-  blocks for width), its winner.
+  blocks for width), its winner;
+- edge-v1: the edge search in the `resnet-v1` space (`--search-space resnet-v1`; widths 16-128 from
+  three listed values a stage, depths of at most 2, 3 and 3), its winner: the edge without the ranged
+  space's narrow and deep shapes.
 
 Every pick is retrained with the fixed recipe of `benchmarks.search_vs_baselines` (3 epochs, every
 training image, the shipped ensemble, seed S) and tested once; the table reads validation first,
@@ -55,12 +58,13 @@ from nas_kd.nets.cost import Cost
 from nas_kd.nets.space import load_space
 
 CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB": Budget(params=250_000, memory=48_000)}
-METHODS = ("edge", "random-edge", "off", "largest", "hand-made", "edge-min16")
+METHODS = ("edge", "random-edge", "off", "largest", "hand-made", "edge-min16", "edge-v1")
 # how a search at the edge draws a shape's widths and fills them to the budget: "proportions-lag"
 # (each stage's width against the one before, SearchSpace.sample(shape=True); single raises of the
 # width furthest behind them). The first cell's pick (widths drawn apart, raises by the budget
 # alone) is kept under a key without this suffix
 SHAPES = "proportions-lag"
+EDGE_METHODS = ("edge", "random-edge", "edge-min16", "edge-v1")
 ADOPT_FROM = ("search_vs_baselines.json", "device_budgets.json", "headroom.json")
 
 
@@ -91,7 +95,7 @@ def adopt(results: ResultsFile, sid: str) -> None:
 def pick_key(name: str, method: str, seed: int, sid: str) -> str:
     """A pick's key in the results; the searches at the edge are keyed by how their shapes' widths
     are drawn (SHAPES), so that a pick made before a change is kept beside, not read as, the new one."""
-    return f"{name}|{method}|{seed}|{sid}" + (f"|{SHAPES}" if method in ("edge", "random-edge", "edge-min16") else "")
+    return f"{name}|{method}|{seed}|{sid}" + (f"|{SHAPES}" if method in EDGE_METHODS else "")
 
 
 def cost_of(spec: Spec, dataset: Dataset) -> Cost:
@@ -110,6 +114,8 @@ def pick(method: str, name: str, seed: int, dataset: Dataset, work: Path) -> tup
         cfg = dataclasses.replace(cfg, budget_edge="off", search_space="resnet-v1")
     if method == "edge-min16":
         cfg = dataclasses.replace(cfg, edge_min_width=16)
+    if method == "edge-v1":
+        cfg = dataclasses.replace(cfg, search_space="resnet-v1")
     return search_pick("random" if method == "random-edge" else "search", cfg, work / name / method)
 
 

@@ -14,7 +14,7 @@ import optuna
 
 from nas_kd.core.config import SearchConfig
 from nas_kd.data.datasets import Dataset
-from nas_kd.nas import start
+from nas_kd.nas import edge, start
 from nas_kd.nas.budget import Budget
 from nas_kd.nas.picks import pick_winner
 from nas_kd.nas.records import SPEC_ATTR, was_trained
@@ -91,6 +91,28 @@ def search_pick(method: str, cfg: SearchConfig, work: Path) -> tuple[Spec, dict[
 
 
 def draw_specs(space: SearchSpace, budget: Budget, n: int, seed: int, input_shape: tuple[int, int, int],
-               num_classes: int) -> list[tuple[Spec, Cost]]:
-    """The trial-score students: `n` distinct seeded random specs that fit `budget`, in the order drawn."""
+               num_classes: int, at_edge: bool = False) -> list[tuple[Spec, Cost]]:
+    """The trial-score students: `n` distinct seeded random specs that fit `budget`, in the order
+    drawn; `at_edge`: random shapes repaired to the budget's edge, as the default search's trials are."""
+    if at_edge:
+        return edge_specs(space, budget, n, seed, counter(input_shape, num_classes))
     return fitting_specs(space, budget, n, seed, counter(input_shape, num_classes))
+
+
+def edge_specs(space: SearchSpace, budget: Budget, n: int, seed: int, cost: Callable[[Spec], Cost],
+               max_draws: int = 2000) -> list[tuple[Spec, Cost]]:
+    """The first `n` distinct students that seeded random shapes (`SearchSpace.sample(shape=True)`,
+    Optuna's random sampler) become when repaired to the budget's edge (`nas_kd.nas.edge.repair`,
+    the search's defaults), in the order drawn, with their cost; a shape that does not fit even at
+    the least widths is skipped."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    found: dict[str, tuple[Spec, Cost]] = {}
+    for _ in range(max_draws):
+        if len(found) == n:
+            return list(found.values())
+        trial = study.ask()
+        fixed = edge.repair(space.sample(trial, shape=True), space, budget, cost)
+        study.tell(trial, 0.0)
+        if budget.fits(fixed.cost) and str(fixed.spec) not in found:
+            found[str(fixed.spec)] = (fixed.spec, fixed.cost)
+    raise SystemExit(f"found only {len(found)} students of {space.name} at the edge of {budget} in {max_draws} shapes")

@@ -2,9 +2,11 @@
 
     python -m benchmarks.trial_scores --budget 50M --specs 30
     python -m benchmarks.trial_scores --budget 5M --specs 20
+    python -m benchmarks.trial_scores --budget 5M --specs 16 --edge --reference-images 0
 
 It draws `--specs` seeded random students of the default search space (or `--search-space`) under
-`--budget` MACs and,
+`--budget` MACs (with `--edge`, random shapes repaired to the budget's edge, as the default search's
+trials are: students of equal cost) and,
 for each, its **reference**: validation accuracy after the search's final retrain (the default
 `--final-epochs` and recipe, from the default teachers) on `--reference-images` training images
 (the whole training split with 0). Then it computes every trial score of the search on the same
@@ -97,6 +99,8 @@ def main() -> None:
                         help="the search's --budget-floor whose effect on these students is printed")
     parser.add_argument("--choices", action="store_true", help="with --table-only: what each design choice (squeeze-"
                         "excite, kernel 5, bottleneck blocks, depth, stem) is worth at equal MACs and params")
+    parser.add_argument("--edge", action="store_true", help="students at the budget's edge: random shapes repaired "
+                        "to the budget as the default search's trials are (default: random specs that fit)")
     parser.add_argument("--search-space", default=SearchConfig().search_space, metavar="NAME|YAML",
                         help="the space the students are drawn from (default: the search's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -124,8 +128,9 @@ def main() -> None:
     budget = Budget.from_config(cfg)
     ensemble = ensemble_from_config(cfg, dataset, progress=False, log=lambda m: log("  " + m))
     bench = Bench(cfg, dataset, space, budget, ensemble, ResultsFile(args.results))
-    specs = draw_specs(space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes)
-    log(f"{len(specs)} random specs of {space.name} under {budget} (seed {args.seed}); reference: "
+    specs = draw_specs(space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes, args.edge)
+    drawn = "students at the edge" if args.edge else "random specs"
+    log(f"{len(specs)} {drawn} of {space.name} under {budget} (seed {args.seed}); reference: "
         f"{cfg.final_epochs} epochs on {args.reference_images or len(dataset.train)} images, recipe "
         f"{cfg.distill.describe()}; {machine()}")
     priors = tuple(args.capacity_prior)
