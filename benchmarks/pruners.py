@@ -35,9 +35,9 @@ from benchmarks.rules import draw_specs
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.units import format_count, parse_count
 from nas_kd.data.datasets import load_dataset
-from nas_kd.nas.budget import Budget
 from nas_kd.nas.study import PRUNERS, make_pruner
 from nas_kd.nets.space import load_space
+from nas_kd.pipeline.phases import budget_of
 from nas_kd.teaching.ensemble import ensemble_from_config
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     cfg = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir)
     epochs, images = (map(int, args.schedule.split("x")) if args.schedule else (cfg.trial_epochs, cfg.subset))
     dataset = load_dataset(cfg.dataset)
-    budget = Budget.from_config(cfg)
+    budget = budget_of(cfg)
     ensemble = ensemble_from_config(cfg, dataset, progress=False, log=lambda m: None)
     bench = Bench(cfg, dataset, load_space(cfg.search_space), budget, ensemble, ResultsFile(args.results))
     drawn = draw_specs(bench.space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes)

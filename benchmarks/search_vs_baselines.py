@@ -59,12 +59,12 @@ from benchmarks.stats import mean_sd
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.units import format_count, parse_count
 from nas_kd.data.datasets import Dataset, load_dataset
-from nas_kd.nas.budget import Budget
 from nas_kd.nas.picks import retrain_candidates
 from nas_kd.nas.records import SPEC_ATTR
 from nas_kd.nas.study import study_training
 from nas_kd.nets.arch import Spec
 from nas_kd.nets.space import load_space
+from nas_kd.pipeline.phases import budget_of
 
 METHODS = ("search", "random", "largest", "hand-made", "params", "finalists")
 
@@ -135,7 +135,7 @@ def pick_key(budget: int, method: str, seed: int, sid: str, searching: str = "",
 
 
 def pick(method: str, cfg: SearchConfig, dataset: Dataset, work: Path) -> tuple[Spec, dict[str, Any]]:
-    budget = Budget.from_config(cfg)
+    budget = budget_of(cfg)
     assert method != "finalists", "picked by pick_finalists"
     if method == "largest":
         cost = counter(dataset.input_shape, dataset.num_classes)

@@ -28,6 +28,7 @@ from nas_kd.nas.objective import PROXY_BATCH, TRIAL_SCORES, TrialContext, proxy_
 from nas_kd.nas.records import CURVE_ATTR
 from nas_kd.nets.arch import Spec
 from nas_kd.nets.cost import Cost
+from nas_kd.pipeline.phases import trial_recipe
 from nas_kd.retraining.retrain import retrain
 from nas_kd.teaching.ensemble import CachedTargets
 from nas_kd.training.train import evaluate
@@ -110,7 +111,8 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
         sub = dataclasses.replace(cfg, subset=images, trial_epochs=epochs)
         batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=1,
                                 augment=cfg.train.augment, indices=seeded_subset(len(dataset.train), images, cfg.seed))
-        return trial_context(bench.space, dataset, bench.ensemble, bench.budget, batches, targets, sub, False, scorer)
+        return trial_context(bench.space, dataset, bench.ensemble, bench.budget, batches, targets,
+                             trial_recipe(sub, bench.budget), False, scorer)
 
     def fresh_trial() -> tuple[optuna.Study, optuna.Trial]:
         study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())

@@ -59,8 +59,8 @@ from benchmarks.trial_score_runs import (
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.units import parse_count
 from nas_kd.data.datasets import load_dataset
-from nas_kd.nas.budget import Budget
 from nas_kd.nets.space import load_space
+from nas_kd.pipeline.phases import budget_of
 from nas_kd.teaching.ensemble import ensemble_from_config
 
 
@@ -125,7 +125,7 @@ def main() -> None:
     cfg = SearchConfig(flops_budget=args.budget, cache_dir=args.cache_dir, search_space=args.search_space)
     dataset = load_dataset(cfg.dataset)
     space = load_space(cfg.search_space)
-    budget = Budget.from_config(cfg)
+    budget = budget_of(cfg)
     ensemble = ensemble_from_config(cfg, dataset, progress=False, log=lambda m: log("  " + m))
     bench = Bench(cfg, dataset, space, budget, ensemble, ResultsFile(args.results))
     specs = draw_specs(space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes, args.edge)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or args.checkpoint.parent
         metrics = {**meta.get("metrics", {}), **student_metrics(model, dataset), **memory_facts(model, dataset.input_shape)}
         target = args.int8_target or cfg.int8_target
-        metrics.update(export_onnx(model, dataset, student_metadata(model, dataset, cfg), out, cfg.seed,
+        metrics.update(export_onnx(model, dataset, student_metadata(model, dataset, cfg.to_json()), out, cfg.seed,
                                    not args.no_int8, args.latency_threads, target))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     except InputError as e:

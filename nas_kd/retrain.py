@@ -21,7 +21,7 @@ from nas_kd.core.units import parse_bytes, parse_count, parse_latency
 from nas_kd.data.datasets import load_dataset
 from nas_kd.device.convert import require_runtime
 from nas_kd.device.int8 import TARGET_NAMES, target_help
-from nas_kd.device.latency import latency_meter
+from nas_kd.device.latency import LatencySettings, latency_meter
 from nas_kd.distill.student import FINAL_AUGMENT
 from nas_kd.nas.budget import Budget
 from nas_kd.nas.picks import pick_at_budget, stored_cost
@@ -55,9 +55,9 @@ def budget_price(cfg: SearchConfig, budget: Budget, table: str | None, input_sha
     or one measured here."""
     if budget.latency_ms is None:
         return stored_cost
-    meter, _ = latency_meter(replace(cfg, latency_table=table or cfg.latency_table, onnx=True),
-                             load_space(cfg.search_space), input_shape, num_classes)
-    assert meter is not None  # onnx=True: measured when there is no table
+    settings = LatencySettings(cfg.latency_precision, cfg.latency_threads, table or cfg.latency_table, measure=True)
+    meter, _ = latency_meter(settings, load_space(cfg.search_space), input_shape, num_classes)
+    assert meter is not None  # measured when there is no table
 
     def price(trial: FrozenTrial) -> Cost:
         cost = stored_cost(trial)

@@ -21,7 +21,6 @@ from nas_kd.core.config import SearchConfig, TrainConfig
 from nas_kd.core.errors import InputError
 from nas_kd.data.batches import BatchIterator, seeded_subset
 from nas_kd.nas import objective
-from nas_kd.nas.budget import Budget
 from nas_kd.nas.objective import run_trial, trial_context
 from nas_kd.nas.records import FAIL_ATTR, FAIL_TRACE_ATTR, trial_score, was_trained
 from nas_kd.nas.study import MAX_FAILURES_IN_A_ROW, TooManyFailures, check_study_name, run
@@ -30,6 +29,7 @@ from nas_kd.nets.cost import count
 from nas_kd.nets.space import load_space
 from nas_kd.nets.weights import read_metadata
 from nas_kd.nets.zoo import teacher_spec
+from nas_kd.pipeline.phases import budget_of, trial_recipe
 from nas_kd.reporting import fronts
 from nas_kd.teaching.cache import Teacher, load_or_train
 from nas_kd.teaching.ensemble import Ensemble
@@ -51,7 +51,8 @@ def context(mini_dataset):
                        trial_score="macs")
     batches = BatchIterator(mini_dataset.train, mini_dataset, 64, 0, views=1,
                             indices=seeded_subset(len(mini_dataset.train), cfg.subset, 0))
-    return trial_context(load_space("resnet"), mini_dataset, ensemble, Budget.from_config(cfg), batches, None, cfg,
+    budget = budget_of(cfg)
+    return trial_context(load_space("resnet"), mini_dataset, ensemble, budget, batches, None, trial_recipe(cfg, budget),
                          progress=False)
 
 

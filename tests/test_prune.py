@@ -15,6 +15,7 @@ from nas_kd.device.memory import peak_activations
 from nas_kd.nas.budget import Budget
 from nas_kd.nets.arch import Network, Spec, SqueezeExcite, build
 from nas_kd.nets.cost import count
+from nas_kd.pipeline.phases import budget_of
 from nas_kd.retraining.baselines import check_prunable
 from nas_kd.retraining.prune import STEPS, min_pruned_cost, prune, prune_to_budget, pruned_spec
 
@@ -219,7 +220,7 @@ def test_a_memory_budget_is_met_too() -> None:
 def test_a_pruned_baseline_the_budget_cannot_hold_is_refused_before_training(bounds: dict) -> None:
     """resnet8 at 1x28x28, most pruned: 667K MACs and 25.9K bytes of peak int8 activations; a
     memory bound below that is refused as a MACs bound below it is (it was not checked at all)."""
-    budget = Budget.from_config(SearchConfig(teachers=("resnet8",), **bounds))
+    budget = budget_of(SearchConfig(teachers=("resnet8",), **bounds))
     with pytest.raises(InputError, match="--pruned-baseline: the largest teacher resnet8 pruned") as e:
         check_prunable(["resnet8"], budget, (1, 28, 28), 10)
     assert ("memory 25.87K > 25K" if "memory_budget" in bounds else "macs 667K > 600K") in str(e.value)

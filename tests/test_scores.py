@@ -3,6 +3,7 @@ through a real trial, repeated specs, and the pruners' decisions on known interm
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from nas_kd.core.errors import InputError
 from nas_kd.data.batches import BatchIterator, eval_batches, seeded_subset
 from nas_kd.distill.blockwise import BlockwiseScorer
 from nas_kd.distill.losses import recipe_features
-from nas_kd.nas.budget import Budget
 from nas_kd.nas.objective import TRIAL_SCORES, report_steps, run_trial, trial_context, trial_score_named
 from nas_kd.nas.proxies import naswot, synflow
 from nas_kd.nas.records import CURVE_ATTR, REPEAT_ATTR, SCORE_ATTR, SCORE_KIND_ATTR, was_trained
@@ -27,6 +27,7 @@ from nas_kd.nets.space import load_space
 from nas_kd.nets.weights import load_state
 from nas_kd.nets.zoo import teacher_spec
 from nas_kd.pipeline.checks import trial_text
+from nas_kd.pipeline.phases import budget_of, trial_recipe
 from nas_kd.teaching.cache import SHIPPED_TEACHERS, Teacher
 from nas_kd.teaching.ensemble import CachedTargets, Ensemble
 from nas_kd.training.train import evaluate, recalibrate_bn, recalibrated
@@ -142,8 +143,9 @@ def small_context(mini_dataset):
     space = load_space("resnet")
 
     def make(score: str):
-        return trial_context(space, mini_dataset, ensemble, Budget.from_config(cfg), batches, targets,
-                             SearchConfig(**{**cfg.__dict__, "trial_score": score}), False, scorer)
+        budget = budget_of(cfg)
+        return trial_context(space, mini_dataset, ensemble, budget, batches, targets,
+                             trial_recipe(dataclasses.replace(cfg, trial_score=score), budget), False, scorer)
     return make, space
 
 

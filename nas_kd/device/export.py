@@ -31,6 +31,7 @@ Files of one export (OUT = the winner's, a baseline's or an online student's fol
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +74,30 @@ def teachers_test_metrics(dataset: Dataset, ensemble: Ensemble) -> dict[str, Any
     }
 
 
-def student_metadata(model: Network, dataset: Dataset, cfg: SearchConfig) -> dict[str, str]:
-    """What every exported file says about itself (strings, as safetensors and ONNX store them)."""
+@dataclass(frozen=True)
+class ExportSettings:
+    """What an export writes: the run's settings (JSON, recorded in every file), whether the ONNX
+    models are written, the seed of the int8 calibration images, ONNX Runtime's threads for the
+    latencies, and the CPU the int8 model is quantized for."""
+
+    config: str
+    onnx: bool = True
+    seed: int = 0
+    threads: int = 1
+    int8_target: str = DEFAULT_TARGET
+
+    @classmethod
+    def of(cls, cfg: SearchConfig) -> ExportSettings:
+        return cls(cfg.to_json(), cfg.onnx, cfg.seed, cfg.latency_threads, cfg.int8_target)
+
+
+def student_metadata(model: Network, dataset: Dataset, config: str) -> dict[str, str]:
+    """What every exported file says about itself (strings, as safetensors and ONNX store them);
+    `config`: the run's settings as JSON."""
     return {"format": STUDENT_FORMAT, "spec": str(model.spec), "spec_json": model.spec.to_json(),
             "input_shape": json.dumps(list(dataset.input_shape)), "num_classes": str(dataset.num_classes),
             "classes": json.dumps(list(dataset.classes)), "mean": json.dumps(dataset.mean),
-            "std": json.dumps(dataset.std), "config": cfg.to_json(), "versions": json.dumps(versions())}
+            "std": json.dumps(dataset.std), "config": config, "versions": json.dumps(versions())}
 
 
 def split_inputs(dataset: Dataset, split: str = "test", n: int | None = None) -> np.ndarray:
@@ -136,15 +155,15 @@ def export_onnx(model: Network, dataset: Dataset, meta: dict[str, str], out_dir:
     return facts
 
 
-def export(model: Network, dataset: Dataset, cfg: SearchConfig, metrics: dict[str, Any], out_dir: Path,
-           onnx: bool | None = None) -> tuple[Path, Path]:
-    """`model.safetensors`, with `onnx` (default `cfg.onnx`) `model.onnx` and `model.int8.onnx`, and
+def export(model: Network, dataset: Dataset, settings: ExportSettings, metrics: dict[str, Any],
+           out_dir: Path) -> tuple[Path, Path]:
+    """`model.safetensors`, with `settings.onnx` `model.onnx` and `model.int8.onnx`, and
     `metrics.json` in out_dir; `metrics` gains the memory and ONNX figures."""
-    meta = student_metadata(model, dataset, cfg)
+    meta = student_metadata(model, dataset, settings.config)
     metrics.update(memory_facts(model, dataset.input_shape))
-    if cfg.onnx if onnx is None else onnx:
-        metrics.update(export_onnx(model, dataset, meta, out_dir, cfg.seed, threads=cfg.latency_threads,
-                                   int8_target=cfg.int8_target))
+    if settings.onnx:
+        metrics.update(export_onnx(model, dataset, meta, out_dir, settings.seed, threads=settings.threads,
+                                   int8_target=settings.int8_target))
     weights = out_dir / "model.safetensors"
     save_model(model, weights, {**meta, "metrics": json.dumps(metrics)})
     metrics_path = out_dir / "metrics.json"

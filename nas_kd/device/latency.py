@@ -82,26 +82,44 @@ def measure_latency(spec: Spec, input_shape: tuple[int, int, int], num_classes: 
     return time_blocks.latency_ms(time_blocks.make_session(data, threads), warmup, runs, passes)
 
 
-def latency_meter(cfg: SearchConfig, space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int,
+@dataclass(frozen=True)
+class LatencySettings:
+    """How a run times its students: the model's precision, ONNX Runtime's threads, the table that
+    predicts latencies instead (None: none), and whether to measure here at all when there is none."""
+
+    precision: str = "fp32"
+    threads: int = 1
+    table: str | None = None
+    measure: bool = True
+
+    @classmethod
+    def of(cls, cfg: SearchConfig) -> LatencySettings:
+        """A run's: measured when it exports ONNX, has a latency bound or minimises latency."""
+        return cls(cfg.latency_precision, cfg.latency_threads, cfg.latency_table,
+                   cfg.onnx or cfg.latency_budget_ms is not None or cfg.pareto_cost == "latency_ms")
+
+
+def latency_meter(settings: LatencySettings, space: SearchSpace, input_shape: tuple[int, int, int], num_classes: int,
                   calibration: np.ndarray | None = None) -> tuple[Callable[[Spec], float] | None, str]:
-    """How a search gets a spec's latency: predicted from `cfg.latency_table`, measured here, or
-    not at all (`cfg.onnx` off and no latency setting); and a line that says which."""
-    check_precision(cfg.latency_precision)
-    if cfg.latency_table:
-        table = LatencyTable.load(cfg.latency_table, space, input_shape, num_classes, cfg.latency_precision)
+    """How a search gets a spec's latency: predicted from `settings.table`, measured here, or not at
+    all (`settings.measure` off and no table); and a line that says which."""
+    precision, threads = settings.precision, settings.threads
+    check_precision(precision)
+    if settings.table:
+        table = LatencyTable.load(settings.table, space, input_shape, num_classes, precision)
         where = table.device.get("cpu") or table.device.get("machine") or "unknown device"
-        return table.predict, (f"latency ({cfg.latency_precision}) predicted from {cfg.latency_table} ({where}; "
+        return table.predict, (f"latency ({precision}) predicted from {settings.table} ({where}; "
                                f"{table.calibration_line()})")
-    if not (cfg.onnx or cfg.latency_budget_ms is not None or cfg.pareto_cost == "latency_ms"):
+    if not settings.measure:
         return None, "latency not measured (--no-onnx)"
     require_runtime()
 
     @functools.cache  # a spec proposed again is not exported and timed again
     def measure(spec: Spec) -> float:
-        return measure_latency(spec, input_shape, num_classes, cfg.latency_precision, cfg.latency_threads, calibration)
+        return measure_latency(spec, input_shape, num_classes, precision, threads, calibration)
 
-    return measure, (f"latency ({cfg.latency_precision}) measured here with ONNX Runtime, batch 1, "
-                     f"{cfg.latency_threads} thread(s), fastest of {PASSES} medians of {RUNS} runs")
+    return measure, (f"latency ({precision}) measured here with ONNX Runtime, batch 1, "
+                     f"{threads} thread(s), fastest of {PASSES} medians of {RUNS} runs")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,12 @@
-"""Budgets: upper bounds on what a student may cost, built once from the config, and the checks
-a search makes of a budget before any training (can the space meet it, how far below it is the
-floor, does it admit students larger than the teachers)."""
+"""Budgets: upper bounds on what a student may cost (a run's is built once, by
+`pipeline.phases.budget_of`), and the checks a search makes of a budget before any training (can
+the space meet it, how far below it is the floor, does it admit students larger than the teachers)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nas_kd.core.config import SearchConfig
 from nas_kd.core.errors import InputError
 from nas_kd.core.units import format_count
 from nas_kd.device.memory import peak_activations
@@ -26,12 +25,6 @@ class Budget:
     params: int | None = None
     latency_ms: float | None = None
     memory: int | None = None
-
-    @classmethod
-    def from_config(cls, cfg: SearchConfig) -> Budget:
-        """The budget a search, its trials, its retrain and its baselines are held to: every bound
-        the config gives (--flops-budget, --params-budget, --latency-budget, --memory-budget)."""
-        return cls(cfg.flops_budget, cfg.params_budget, cfg.latency_budget_ms, cfg.memory_budget)
 
     def violations(self, cost: Cost) -> dict[str, float]:
         """Relative excess per bound, Optuna's convention: <= 0 is feasible, 0.25 is 25% over."""

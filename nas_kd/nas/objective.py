@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import optuna
 import torch
 
-from nas_kd.core.config import DistillConfig, SearchConfig, TrainConfig
+from nas_kd.core.config import DistillConfig, TrainConfig
 from nas_kd.core.errors import InputError
 from nas_kd.data.batches import BatchIterator, seeded_subset
 from nas_kd.data.datasets import Dataset, Split
@@ -68,9 +68,28 @@ from nas_kd.training.train import evaluate, recalibrated
 LEGACY_CONSTRAINTS_KEY = "constraints"
 
 
+@dataclass(frozen=True)
+class TrialRecipe:
+    """How a search trains and scores each trial: its part of the run's settings
+    (`pipeline.phases.trial_recipe` reads it off them)."""
+
+    distill: DistillConfig
+    train: TrainConfig
+    epochs: int
+    seed: int = 0
+    score: str = "distill"  # a key of TRIAL_SCORES
+    reports: int = 1  # validation passes of a distill trial, at equal fractions of its steps
+    recalibration: int = 0  # batches of training images BatchNorm's statistics are recalibrated on (0: none)
+    pareto: bool = False  # objectives (accuracy, pareto_cost) instead of accuracy alone
+    pareto_cost: str = "macs"  # the Cost field minimised beside accuracy when `pareto`
+    edge: bool = True  # scale every shape drawn to the budget's edge (nas_kd.nas.edge)
+    edge_fill: bool = True  # let the repair raise single widths too (off when every latency is measured here)
+    edge_min_width: int = 0  # a shape whose repaired stages are narrower gives up depth for width (0: never)
+
+
 @dataclass
 class TrialContext:
-    """Everything a trial needs, built once per search by the run (`pipeline.run`)."""
+    """Everything a trial needs, built once per search (`pipeline.phases.teach`)."""
 
     space: SearchSpace
     dataset: Dataset  # on the training device
@@ -78,49 +97,36 @@ class TrialContext:
     budget: Budget
     batches: BatchIterator  # the trial subset, with the cached views
     targets: TargetSource | None  # None when the recipe uses no teacher
-    recipe: DistillConfig
-    train: TrainConfig
-    epochs: int
-    pareto: bool  # objectives (accuracy, MACs) instead of accuracy alone
-    seed: int
+    recipe: TrialRecipe
     progress: bool = True
-    trial_score: str = "distill"  # a key of TRIAL_SCORES
     scorer: BlockwiseScorer | None = None  # with a TrialScore.blockwise trial score
     # batches of training images whose statistics replace BatchNorm's running ones before every
     # validation pass (train.recalibrate_bn); empty = no recalibration
     calibration: list[torch.Tensor] = field(default_factory=list)
-    reports: int = 1  # validation passes of a distill trial, at equal fractions of its steps
     report_val: Split | None = None  # what the passes before the last read (None: all of dataset.val)
     proxy_images: torch.Tensor | None = None  # NASWOT's batch; None = proxies not computed
     latency: Callable[[Spec], float] | None = None  # spec -> ms (latency.latency_meter); None = not known
-    pareto_cost: str = "macs"  # the Cost field minimised beside accuracy when `pareto`
     floor: float = 0.0  # the budget floor in force (budget.effective_floor): a lesser budget.use is not trained
-    edge: bool = False  # scale every sampled shape's widths to the budget's edge (nas_kd.nas.edge)
-    edge_fill: bool = True  # let the repair raise single widths too (off when every latency is measured here)
-    edge_min_width: int = 0  # a shape whose repaired stages are narrower gives up depth for width (0: never)
 
 
 def trial_context(space: SearchSpace, dataset: Dataset, ensemble: Ensemble, budget: Budget, batches: BatchIterator,
-                  targets: TargetSource | None, cfg: SearchConfig, progress: bool = True,
+                  targets: TargetSource | None, recipe: TrialRecipe, progress: bool = True,
                   scorer: BlockwiseScorer | None = None,
                   latency: Callable[[Spec], float] | None = None, floor: float = 0.0) -> TrialContext:
-    """The context of a search's trials, from its config: the calibration batches (a seeded draw
-    of `cfg.bn_recalibration` batches of the trial subset, view 0), the seeded validation subset of
-    the intermediate reports and NASWOT's seeded batch of training images."""
-    g = torch.Generator().manual_seed(cfg.seed + 1)
+    """The context of a search's trials: the calibration batches (a seeded draw of
+    `recipe.recalibration` batches of the trial subset, view 0), the seeded validation subset of the
+    intermediate reports and NASWOT's seeded batch of training images."""
+    g = torch.Generator().manual_seed(recipe.seed + 1)
     positions = batches.indices[torch.randperm(len(batches.indices), generator=g)]
-    size = cfg.train.batch_size
+    size = recipe.train.batch_size
     calibration = [batches.images(positions[i * size:(i + 1) * size], 0)
-                   for i in range(min(cfg.bn_recalibration, -(-len(positions) // size)))]
+                   for i in range(min(recipe.recalibration, -(-len(positions) // size)))]
     report_val = None
-    if cfg.trial_reports > 1 and REPORT_IMAGES < len(dataset.val):
-        report_val = dataset.val.subset(seeded_subset(len(dataset.val), REPORT_IMAGES, cfg.seed).to(dataset.val.y.device))
+    if recipe.reports > 1 and REPORT_IMAGES < len(dataset.val):
+        report_val = dataset.val.subset(seeded_subset(len(dataset.val), REPORT_IMAGES, recipe.seed).to(dataset.val.y.device))
     proxy_images = batches.images(positions[:PROXY_BATCH], 0)
-    measured = budget.latency_ms is not None and not cfg.latency_table
-    return TrialContext(space, dataset, ensemble, budget, batches, targets, cfg.distill, cfg.train, cfg.trial_epochs,
-                        cfg.objective == "pareto", cfg.seed, progress, cfg.trial_score, scorer, calibration,
-                        cfg.trial_reports, report_val, proxy_images, latency, cfg.pareto_cost, floor,
-                        cfg.budget_edge == "on", not measured, cfg.edge_min_width)
+    return TrialContext(space, dataset, ensemble, budget, batches, targets, recipe, progress, scorer, calibration,
+                        report_val, proxy_images, latency, floor)
 
 
 REPORT_IMAGES = 2000  # validation images read by a trial's intermediate reports (the last reads them all)
@@ -157,14 +163,14 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, fl
     except (optuna.TrialPruned, InputError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - a trial's failure must not end the study
-        reason = failure_reason(e, ctx.train.lr)
+        reason = failure_reason(e, ctx.recipe.train.lr)
         trace = "".join(traceback.format_exception(e)[-TRACEBACK_LINES:])
     # out of the except block the traceback, and the frames that held the model, are gone
     release_memory()
     trial.set_user_attr(FAIL_ATTR, reason)
     trial.set_user_attr(FAIL_TRACE_ATTR, trace)
     nan = float("nan")
-    return (nan, nan) if ctx.pareto else nan
+    return (nan, nan) if ctx.recipe.pareto else nan
 
 
 TRACEBACK_LINES = 12
@@ -192,9 +198,9 @@ def release_memory() -> None:
 
 def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, float]:
     trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-    spec = trial_spec(ctx.space, trial, ctx.edge)
+    spec = trial_spec(ctx.space, trial, ctx.recipe.edge)
     priced: float | None = None  # the latency the repair judged the spec by, not measured again
-    if ctx.edge and START_SPEC_ATTR not in trial.user_attrs:  # a start point is trained as it was given
+    if ctx.recipe.edge and START_SPEC_ATTR not in trial.user_attrs:  # a start point is trained as it was given
         spec, priced = at_edge(ctx, trial, spec)
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes)
     memory = memory_facts(model, ctx.dataset.input_shape)
@@ -215,15 +221,15 @@ def score_trial(ctx: TrialContext, trial: optuna.Trial) -> float | tuple[float, 
         # the spec's score is known: the stored one is returned (so the sampler sees the spec
         # again) and nothing is trained; the trial does not count towards --trials
         trial.set_user_attr(REPEAT_ATTR, earlier.number)
-        return tuple(earlier.values) if ctx.pareto else earlier.values[0]
+        return tuple(earlier.values) if ctx.recipe.pareto else earlier.values[0]
     if ctx.proxy_images is not None:
         for name, value in proxy_scores(ctx, spec, cost).items():
             if name not in ("macs", "params"):  # stored by record_cost, as integers
                 trial.set_user_attr(name, value)
-    score = trial_score_named(ctx.trial_score).compute(ctx, trial, spec)
+    score = trial_score_named(ctx.recipe.score).compute(ctx, trial, spec)
     trial.set_user_attr(SCORE_ATTR, score)
-    trial.set_user_attr(SCORE_KIND_ATTR, ctx.trial_score)
-    return (score, float(getattr(cost, ctx.pareto_cost))) if ctx.pareto else score
+    trial.set_user_attr(SCORE_KIND_ATTR, ctx.recipe.score)
+    return (score, float(getattr(cost, ctx.recipe.pareto_cost))) if ctx.recipe.pareto else score
 
 
 def at_edge(ctx: TrialContext, trial: optuna.Trial, shape: Spec) -> tuple[Spec, float | None]:
@@ -242,7 +248,7 @@ def at_edge(ctx: TrialContext, trial: optuna.Trial, shape: Spec) -> tuple[Spec, 
             cost = replace(cost, latency_ms=ctx.latency(spec))
         return cost
 
-    fixed = repair(shape, ctx.space, ctx.budget, price, ctx.edge_fill, ctx.edge_min_width)
+    fixed = repair(shape, ctx.space, ctx.budget, price, ctx.recipe.edge_fill, ctx.recipe.edge_min_width)
     trial.set_user_attr(SHAPE_ATTR, str(shape))
     trial.set_user_attr(EDGE_FACTOR_ATTR, fixed.factor)
     if fixed.depth_given:
@@ -257,7 +263,7 @@ def proxy_scores(ctx: TrialContext, spec: Spec, cost: Cost) -> dict[str, float]:
     out: dict[str, float] = {"macs": float(cost.macs), "params": float(cost.params)}
     for name, fn in ((NASWOT, lambda m: naswot(m, ctx.proxy_images)),
                      (SYNFLOW, lambda m: synflow(m, ctx.dataset.input_shape))):
-        torch.manual_seed(ctx.seed)
+        torch.manual_seed(ctx.recipe.seed)
         model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes).to(ctx.proxy_images.device)
         out[name] = round(fn(model), 6)
     return out
@@ -272,23 +278,23 @@ def report_steps(total: int, reports: int, start: int = 0) -> list[int]:
 
 
 def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
-    """Validation accuracy after `ctx.epochs` of whole-network distillation, BatchNorm statistics
+    """Validation accuracy after `ctx.recipe.epochs` of whole-network distillation, BatchNorm statistics
     recalibrated (`ctx.calibration`), the score of the search by default.
 
-    It is also measured `ctx.reports` - 1 times during training, on `ctx.report_val`, and each
+    It is also measured `ctx.recipe.reports` - 1 times during training, on `ctx.report_val`, and each
     measurement is reported to the pruner with the report's number (1, 2, ...) as its step. The
     last is on the whole validation split and is the score; the accuracy without recalibration
     is measured there too and stored as `val_acc_raw`."""
-    torch.manual_seed(ctx.seed * 100_003 + trial.number)
+    torch.manual_seed(ctx.recipe.seed * 100_003 + trial.number)
     device = ctx.dataset.train.x.device
     model = build(spec, ctx.dataset.input_shape, ctx.dataset.num_classes).to(device)
-    criterion = criterion_for(model, ctx.recipe, ctx.ensemble.feature_channels)
-    trial.set_user_attr(RECIPE_ATTR, ctx.recipe.describe())
+    criterion = criterion_for(model, ctx.recipe.distill, ctx.ensemble.feature_channels)
+    trial.set_user_attr(RECIPE_ATTR, ctx.recipe.distill.describe())
     # in two-stage training the head is untrained until stage two: stage one is not validated
-    align_epochs, _ = criterion_stages(criterion, ctx.epochs, ctx.recipe.two_stage)
+    align_epochs, _ = criterion_stages(criterion, ctx.recipe.epochs, ctx.recipe.distill.two_stage)
     per_epoch = len(ctx.batches)
-    total = ctx.epochs * per_epoch
-    steps = report_steps(total, max(1, ctx.reports), align_epochs * per_epoch)
+    total = ctx.recipe.epochs * per_epoch
+    steps = report_steps(total, max(1, ctx.recipe.reports), align_epochs * per_epoch)
     curve: list[list[float]] = []  # [epochs trained, recalibrated val accuracy]
     eval_seconds = 0.0
 
@@ -311,7 +317,7 @@ def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
         curve.append([round(step / per_epoch, 4), measure(split)])
         eval_seconds += time.perf_counter() - start
         trial.set_user_attr(CURVE_ATTR, curve)
-        if not ctx.pareto:  # Trial.report raises in multi-objective studies
+        if not ctx.recipe.pareto:  # Trial.report raises in multi-objective studies
             trial.report(curve[-1][1], len(curve))
             # pruning after the last report would only throw finished work away
             if not last and may_prune(trial):
@@ -320,8 +326,8 @@ def distill_score(ctx: TrialContext, trial: optuna.Trial, spec: Spec) -> float:
 
     start = time.perf_counter()
     try:
-        distill(model, ctx.batches, ctx.targets, criterion, ctx.train, ctx.epochs, desc=f"trial {trial.number}",
-                progress=ctx.progress, two_stage=ctx.recipe.two_stage, on_step=on_step)
+        distill(model, ctx.batches, ctx.targets, criterion, ctx.recipe.train, ctx.recipe.epochs, desc=f"trial {trial.number}",
+                progress=ctx.progress, two_stage=ctx.recipe.distill.two_stage, on_step=on_step)
     finally:
         trial.set_user_attr(TRAIN_SECONDS_ATTR, round(time.perf_counter() - start - eval_seconds, 3))
         trial.set_user_attr(EVAL_SECONDS_ATTR, round(eval_seconds, 3))

@@ -3,8 +3,8 @@
 - `prepare`: every check of the user's input, the data, the search space, the budget, the latency
   meter, the start points and the teacher files, before any training and before the study opens;
 - `open_run`: the study, and this command's run in it (new, resumed, or already finished);
-- `teach`: the teachers' ensemble, the trial batches, and the cached soft targets (or the
-  block-wise scorer) that every trial reads.
+- `teach`: the teachers' ensemble, the trial batches, the cached soft targets (or the
+  block-wise scorer) that every trial reads, and the trials' context with the budget.
 
 `pipeline.run` follows them with the trials, the retrain and the summary.
 """
@@ -23,12 +23,12 @@ from nas_kd.core.progress import RunClock, log
 from nas_kd.core.units import format_duration
 from nas_kd.data.batches import BatchIterator, seeded_subset
 from nas_kd.data.datasets import Dataset, load_dataset
-from nas_kd.device.latency import latency_meter
+from nas_kd.device.latency import LatencySettings, latency_meter
 from nas_kd.distill.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.distill.losses import logits_only, recipe_features, recipe_uses_teachers
 from nas_kd.distill.student import retrain_augments, retrain_recipe_text
 from nas_kd.nas.budget import Budget, budget_warning, check_reachable, effective_floor
-from nas_kd.nas.objective import trial_score_named
+from nas_kd.nas.objective import TrialContext, TrialRecipe, trial_context, trial_score_named
 from nas_kd.nas.records import stored_blockwise_scores
 from nas_kd.nas.start import StartPoint, start_points
 from nas_kd.nas.study import (
@@ -103,6 +103,22 @@ class Taught:
     batches: BatchIterator  # the trials' batches
     targets: TargetSource | None  # the cached soft targets (and features), when the recipe reads teachers
     scorer: BlockwiseScorer | None  # the block-wise trial score's scorer, when that score is asked
+    trials: TrialContext  # what every trial reads: the above, the space, the budget and the trial recipe
+
+
+def budget_of(cfg: SearchConfig) -> Budget:
+    """The budget a search, its trials, its start points, its retrain and its baselines are held to:
+    every bound the settings give (--flops-budget, --params-budget, --latency-budget, --memory-budget)."""
+    return Budget(cfg.flops_budget, cfg.params_budget, cfg.latency_budget_ms, cfg.memory_budget)
+
+
+def trial_recipe(cfg: SearchConfig, budget: Budget) -> TrialRecipe:
+    """The trials' part of the settings. The repair raises single widths unless every latency is
+    measured here (seconds a spec, with no table to read)."""
+    measured = budget.latency_ms is not None and not cfg.latency_table
+    return TrialRecipe(cfg.distill, cfg.train, cfg.trial_epochs, cfg.seed, cfg.trial_score, cfg.trial_reports,
+                       cfg.bn_recalibration, cfg.objective == "pareto", cfg.pareto_cost, cfg.budget_edge == "on",
+                       not measured, cfg.edge_min_width)
 
 
 def prepare(cfg: SearchConfig, clock: RunClock) -> Prepared:
@@ -111,12 +127,12 @@ def prepare(cfg: SearchConfig, clock: RunClock) -> Prepared:
     asked = cfg
     validate(cfg)
     space = load_space(cfg.search_space)
-    budget = Budget.from_config(cfg)
+    budget = budget_of(cfg)
     if cfg.storage:
         check_url(cfg.storage)
     dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
     cfg, schedule_text = adapt_schedule(cfg, len(dataset.train))
-    latency, latency_text = latency_meter(cfg, space, dataset.input_shape, dataset.num_classes)
+    latency, latency_text = latency_meter(LatencySettings.of(cfg), space, dataset.input_shape, dataset.num_classes)
     check_reachable(budget, space, dataset.input_shape, dataset.num_classes, latency, cfg.seed,
                     bool(cfg.latency_table), cfg.latency_precision)
     floor, floor_text = effective_floor(cfg.budget_floor, budget, space, dataset.input_shape, dataset.num_classes)
@@ -217,4 +233,6 @@ def teach(prep: Prepared, opened: Opened, progress: bool) -> Taught:
                                        cfg.target_cache_gb)
         log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
             f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}: {kept}")
-    return Taught(cfg, ensemble, subset, batches, targets, scorer)
+    trials = trial_context(prep.space, dataset, ensemble, budget, batches, targets, trial_recipe(cfg, budget), progress,
+                           scorer, prep.latency, prep.floor)
+    return Taught(cfg, ensemble, subset, batches, targets, scorer, trials)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.progress import RunClock, bars_shown, budget_status, log
 from nas_kd.core.units import format_count, format_duration
-from nas_kd.nas.objective import run_trial, trial_context
+from nas_kd.nas.objective import run_trial
 from nas_kd.nas.picks import enqueue_start_points
 from nas_kd.nas.records import training_done, trial_score, was_trained
 from nas_kd.nas.study import WINNER_ATTR, study_training
@@ -84,8 +84,6 @@ def search_trials(prep: Prepared, opened: Opened, taught: Taught, clock: RunCloc
     then Optuna's loop and the report. Returns the config as planned, the plan, the trials trained (over
     every session of the run) and the clock's marks of the setup and the search."""
     cfg, study, run = taught.cfg, opened.study, opened.run
-    ctx = trial_context(prep.space, prep.dataset, taught.ensemble, prep.budget, taught.batches, taught.targets, cfg,
-                        progress, taught.scorer, prep.latency, prep.floor)
     log(trial_text(cfg, len(taught.subset)))
     time_plan = None
     searching = run is None or run.phase == "search"
@@ -128,7 +126,7 @@ def search_trials(prep: Prepared, opened: Opened, taught: Taught, clock: RunCloc
         for line in enqueue_start_points(study, prep.starts):
             log(line)
     try:
-        trained = run_trials(study, lambda trial: run_trial(ctx, trial), cfg.trials, cfg.timeout, on_trial,
+        trained = run_trials(study, lambda trial: run_trial(taught.trials, trial), cfg.trials, cfg.timeout, on_trial,
                              study_target=target)
     finally:
         bar.close()

@@ -23,7 +23,7 @@ from nas_kd.core.config import DistillConfig, SearchConfig
 from nas_kd.core.errors import InputError
 from nas_kd.core.units import format_count
 from nas_kd.data.datasets import Dataset
-from nas_kd.device.export import export, student_metrics
+from nas_kd.device.export import ExportSettings, export, student_metrics
 from nas_kd.distill.student import retrain_student
 from nas_kd.nas.budget import Budget
 from nas_kd.nas.records import cost_facts
@@ -90,7 +90,8 @@ def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ense
                "final_epochs": cfg.final_epochs,
                "recipe": recipe.describe(), "train_seconds": round(seconds, 2),
                "retrain_seconds": round(time.perf_counter() - start, 2)}
-        weights, metrics_path = export(model, dataset, dataclasses.replace(cfg, distill=recipe), row, out_dir / folder)
+        weights, metrics_path = export(model, dataset, ExportSettings.of(dataclasses.replace(cfg, distill=recipe)), row,
+                                       out_dir / folder)
         row["weights"] = str(weights)
         methods.append(row)
         log(f"{method}: test acc {row['test_acc']:.4f} (val {row['val_acc']:.4f})")

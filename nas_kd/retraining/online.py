@@ -34,7 +34,7 @@ from nas_kd.core.config import DistillConfig, SearchConfig
 from nas_kd.core.errors import InputError
 from nas_kd.data.batches import Batch
 from nas_kd.data.datasets import Dataset
-from nas_kd.device.export import export, student_metrics, teachers_test_metrics
+from nas_kd.device.export import ExportSettings, export, student_metrics, teachers_test_metrics
 from nas_kd.distill.losses import LOSSES, Criterion, StudentOutput, loss_class
 from nas_kd.distill.student import retrain_targets, seeded_student
 from nas_kd.nas.picks import completed
@@ -213,7 +213,7 @@ def retrain_online(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
                    "search_val_acc": trial.values[0], "final_epochs": cfg.final_epochs,
                    **student_metrics(model, dataset), **teachers, "train_seconds": round(seconds, 2),
                    "recipe": recipe, "with_teachers": with_teachers, "temperature": cfg.distill.temperature}
-        weights, metrics_path = export(model, dataset, cfg, metrics, out_dir / f"student{i}-trial{trial.number}")
+        weights, metrics_path = export(model, dataset, ExportSettings.of(cfg), metrics, out_dir / f"student{i}-trial{trial.number}")
         metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)
         log(f"student {i}: trial {trial.number} test acc {metrics['test_acc']:.4f}")
         exported.append(metrics)

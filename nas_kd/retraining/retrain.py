@@ -23,7 +23,7 @@ from nas_kd.core.config import SearchConfig, from_dict
 from nas_kd.core.errors import InputError
 from nas_kd.core.progress import log
 from nas_kd.data.datasets import Dataset
-from nas_kd.device.export import export, student_metrics, teachers_test_metrics
+from nas_kd.device.export import ExportSettings, export, student_metrics, teachers_test_metrics
 from nas_kd.distill.student import (
     criterion_for,
     retrain_augments,
@@ -150,7 +150,7 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
                "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature,
                "augmented": retrain_augments(cfg, cfg.final_epochs),  # decided before it trained
                **({"finalists": rows} if many else {})}
-    weights, metrics_path = export(model, dataset, cfg, metrics, out_dir)
+    weights, metrics_path = export(model, dataset, ExportSettings.of(cfg), metrics, out_dir)
     metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)
     if record:
         study.set_user_attr(WINNER_ATTR, metrics)
