@@ -140,7 +140,7 @@ def trial_scores(bench: Bench, specs: list[tuple[Spec, Cost]], log: Callable[[st
                 targets = CachedTargets(bench.ensemble, cover, features, progress=False)
             ctx = context(epochs, images)
             _, trial = fresh_trial()
-            value = TRIAL_SCORES["distill"](ctx, trial, spec)
+            value = TRIAL_SCORES["distill"].compute(ctx, trial, spec)
             a = trial.user_attrs
             bench.results.put("scores", f"{spec}|{sid}", {
                 "spec": str(spec), "schedule": f"{epochs}x{images}", "recalibrated": value, "raw": a["val_acc_raw"],
