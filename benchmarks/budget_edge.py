@@ -29,7 +29,10 @@ Methods, each picking one student per cell and seed:
   widths, resnet-v1's depths), its winner: which of the two the ranged space loses by;
 - edge-params: the edge search with `--trial-score params` and PARAMS_TRIALS trials (no training:
   at equal MACs the parameter count ranked 13 students at the edge of 5M better than any trial
-  score, Spearman 0.78 against 0.22 for the default; BENCHMARKS.md), its winner.
+  score, Spearman 0.83 against 0.08 for the default; BENCHMARKS.md), its winner;
+- edge-raw: the edge search with `--bn-recalibration 0` (its trials scored with BatchNorm's running
+  statistics as trained, which ranked 16 students at the edge of 5M at Spearman 0.56 against the
+  recalibrated default's 0.08), its winner.
 
 Every pick is retrained with the fixed recipe of `benchmarks.search_vs_baselines` (3 epochs, every
 training image, the shipped ensemble, seed S) and tested once; the table reads validation first,
@@ -68,13 +71,13 @@ from nas_kd.nets.space import load_space
 
 CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB": Budget(params=250_000, memory=48_000)}
 METHODS = ("edge", "random-edge", "off", "largest", "hand-made", "hand-made-best", "edge-min16", "edge-v1",
-           "edge-shallow", "edge-params")
+           "edge-shallow", "edge-params", "edge-raw")
 # how a search at the edge draws a shape's widths and fills them to the budget: "proportions-lag"
 # (each stage's width against the one before, SearchSpace.sample(shape=True); single raises of the
 # width furthest behind them). The first cell's pick (widths drawn apart, raises by the budget
 # alone) is kept under a key without this suffix
 SHAPES = "proportions-lag"
-EDGE_METHODS = ("edge", "random-edge", "edge-min16", "edge-v1", "edge-shallow", "edge-params")
+EDGE_METHODS = ("edge", "random-edge", "edge-min16", "edge-v1", "edge-shallow", "edge-params", "edge-raw")
 PARAMS_TRIALS = 100  # a params trial trains nothing: about a second each at 5M
 SHALLOW = Path(__file__).resolve().parent / "spaces" / "resnet-shallow.yaml"
 ADOPT_FROM = ("search_vs_baselines.json", "device_budgets.json", "headroom.json")
@@ -139,6 +142,8 @@ def pick(method: str, name: str, seed: int, dataset: Dataset, work: Path,
         cfg = dataclasses.replace(cfg, search_space="resnet-v1")
     if method == "edge-shallow":
         cfg = dataclasses.replace(cfg, search_space=str(SHALLOW))
+    if method == "edge-raw":
+        cfg = dataclasses.replace(cfg, bn_recalibration=0)
     if method == "edge-params":
         return search_pick("params", dataclasses.replace(cfg, trials=PARAMS_TRIALS), work / name / method)
     return search_pick("random" if method == "random-edge" else "search", cfg, work / name / method)
