@@ -28,7 +28,7 @@ Methods, each picking one student per cell and seed:
 - edge-shallow: the edge search in `benchmarks/spaces/resnet-shallow.yaml` (the ranged space's
   widths, resnet-v1's depths), its winner: which of the two the ranged space loses by;
 - edge-params: the edge search with `--trial-score params` and PARAMS_TRIALS trials (no training:
-  at equal MACs the parameter count ranked 13 students at the edge of 5M better than any trial
+  at equal MACs the parameter count ranked 16 students at the edge of 5M better than any trial
   score, Spearman 0.83 against 0.08 for the default; BENCHMARKS.md), its winner;
 - edge-raw: the edge search with `--bn-recalibration 0` (its trials scored with BatchNorm's running
   statistics as trained, which ranked 16 students at the edge of 5M at Spearman 0.56 against the

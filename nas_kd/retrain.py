@@ -55,7 +55,7 @@ def budget_price(cfg: SearchConfig, budget: Budget, table: str | None, input_sha
     or one measured here."""
     if budget.latency_ms is None:
         return stored_cost
-    settings = LatencySettings(cfg.latency_precision, cfg.latency_threads, table or cfg.latency_table, measure=True)
+    settings = replace(LatencySettings.of(cfg), table=table or cfg.latency_table, measure=True)
     meter, _ = latency_meter(settings, load_space(cfg.search_space), input_shape, num_classes)
     assert meter is not None  # measured when there is no table
 
