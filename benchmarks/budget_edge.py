@@ -17,8 +17,12 @@ Methods, each picking one student per cell and seed:
 - largest: of 200 seeded random specs of `resnet-v1` that fit, the one with the most MACs (the
   rule as `search_vs_baselines` measured it);
 - hand-made: `nas_kd.nas.start.hand_made` (the deepest ResNet at half width or more, scaled to fit);
-- edge-min16: the edge search with `--edge-min-width 16` (a stage narrower than 16 channels gives up
-  blocks for width), its winner;
+- edge-min16: the edge search with `--edge-min-width 16` as it first was (a stage narrower than 16
+  channels gave up blocks for width, but not a stage already one block deep, nor for a narrow
+  stem), its winner; its picks are kept, the rule that made them is gone;
+- edge-width16: the edge search with `--edge-min-width 16` as it is (no width, the stem's included,
+  under 16 channels while any stage can give up a block; a narrow stage gives first, else the
+  deepest stage), its winner;
 - hand-made-best: the hand-made family's best on validation: ResNet-20, -14 and -8 each scaled to
   the largest width that fits (`nas_kd.nas.start.family`, at any width), each retrained with the fixed recipe, the
   one of best validation accuracy kept (a person who trains all three);
@@ -71,13 +75,14 @@ from nas_kd.nets.space import load_space
 
 CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB": Budget(params=250_000, memory=48_000)}
 METHODS = ("edge", "random-edge", "off", "largest", "hand-made", "hand-made-best", "edge-min16", "edge-v1",
-           "edge-shallow", "edge-params", "edge-raw")
+           "edge-shallow", "edge-params", "edge-raw", "edge-width16")
 # how a search at the edge draws a shape's widths and fills them to the budget: "proportions-lag"
 # (each stage's width against the one before, SearchSpace.sample(shape=True); single raises of the
 # width furthest behind them). The first cell's pick (widths drawn apart, raises by the budget
 # alone) is kept under a key without this suffix
 SHAPES = "proportions-lag"
-EDGE_METHODS = ("edge", "random-edge", "edge-min16", "edge-v1", "edge-shallow", "edge-params", "edge-raw")
+EDGE_METHODS = ("edge", "random-edge", "edge-min16", "edge-v1", "edge-shallow", "edge-params", "edge-raw",
+                "edge-width16")
 PARAMS_TRIALS = 100  # a params trial trains nothing: about a second each at 5M
 SHALLOW = Path(__file__).resolve().parent / "spaces" / "resnet-shallow.yaml"
 ADOPT_FROM = ("search_vs_baselines.json", "device_budgets.json", "headroom.json")
@@ -136,7 +141,7 @@ def pick(method: str, name: str, seed: int, dataset: Dataset, work: Path,
         return hand_made(budget, dataset), {}
     if method == "off":
         cfg = dataclasses.replace(cfg, budget_edge="off", search_space="resnet-v1")
-    if method == "edge-min16":
+    if method in ("edge-min16", "edge-width16"):
         cfg = dataclasses.replace(cfg, edge_min_width=16)
     if method == "edge-v1":
         cfg = dataclasses.replace(cfg, search_space="resnet-v1")

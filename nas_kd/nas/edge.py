@@ -20,12 +20,13 @@ to the budget check, which rejects it.
 
 Depth for width (`min_width`, `--edge-min-width`): under a small budget a deep shape scaled to the
 edge comes out a few channels wide (at 5M MACs, stages of 4-8 channels with 3-5 blocks each:
-most of the shapes drawn). With a minimum width, a stage that comes out narrower than it gives up
-one block (the deepest such stage; of equal ones, the first) and the shape is repaired again, until
-no stage narrower than the minimum is deeper than the space's least depth: a narrow stage is a
-shallow one, and the MACs its blocks freed widen the whole shape, as compound scaling (Tan & Le,
-EfficientNet, ICML 2019) keeps depth and width in step. The stem is not held to it. Optuna still
-models the shape drawn; the trial records the blocks given up (`Repair.depth_given`).
+most of the shapes drawn). With a minimum width, a student whose stem or any stage comes out
+narrower gives up one block and the shape is repaired again: a narrow stage gives it if it can
+(the deepest such stage; of equal ones, the first), else the deepest stage of all, since one
+factor scales every width and a block given up anywhere widens them all. That ends when no width
+is under the minimum or every stage is at the space's least depth: a narrow student is a shallow
+one, as compound scaling (Tan & Le, EfficientNet, ICML 2019) keeps depth and width in step.
+Optuna still models the shape drawn; the trial records the blocks given up (`Repair.depth_given`).
 """
 
 from __future__ import annotations
@@ -93,12 +94,13 @@ def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spe
     given = 0
     while True:
         fixed = _scale_to_edge(shape, space, budget, cost, fill)
-        # the stages that came out narrower than min_width and can give up a block (a shape too deep to
-        # fit even at the least widths gives up depth too: its stages are at the least widths)
-        narrow = [i for i, (s, d) in enumerate(zip(fixed.spec.stages, least)) if s.width < min_width and s.depth > d]
-        if not narrow:
+        # the stages that can give up a block; a narrow one gives first (a shape too deep to fit even at
+        # the least widths gives up depth too: its widths are the least)
+        givers = [i for i, (s, d) in enumerate(zip(fixed.spec.stages, least)) if s.depth > d]
+        if not givers or min(_widths(fixed.spec)) >= min_width:
             return dataclasses.replace(fixed, depth_given=given)
-        i = max(narrow, key=lambda k: (shape.stages[k].depth, -k))  # the deepest; of equal ones, the first
+        narrow = [i for i in givers if fixed.spec.stages[i].width < min_width]
+        i = max(narrow or givers, key=lambda k: (shape.stages[k].depth, -k))  # the deepest; of equal ones, the first
         shape = _with_stage(shape, i, depth=shape.stages[i].depth - 1)
         given += 1
 
