@@ -41,6 +41,7 @@ from nas_kd.core.errors import InputError
 from nas_kd.core.units import format_count
 from nas_kd.data.batches import BatchIterator, seeded_subset
 from nas_kd.data.datasets import Split, load_dataset
+from nas_kd.distill.student import RetrainRecipe
 from nas_kd.nas.budget import Budget
 from nas_kd.nets.arch import Spec, build
 from nas_kd.nets.cost import count
@@ -118,11 +119,11 @@ def main() -> None:
         start = time.perf_counter()
         if method.startswith("pruned"):
             torch.manual_seed(seed)
-            models = [train_pruned(pruned, dataset, ensemble, cfg, recipe, args.epochs, False, cached)[0]]
+            models = [train_pruned(pruned, dataset, ensemble, RetrainRecipe.of(cfg), args.epochs, False, cached)[0]]
         elif method.startswith("online"):
-            models, _ = train_online([spec] * 3, dataset, ensemble, cfg, args.epochs, False, False)
+            models, _ = train_online([spec] * 3, dataset, ensemble, RetrainRecipe.of(cfg), args.epochs, False, False)
         else:
-            models = [retrain(spec, dataset, ensemble, cfg, args.epochs, False, cached)[0]]
+            models = [retrain(spec, dataset, ensemble, RetrainRecipe.of(cfg), args.epochs, False, cached)[0]]
         seconds = time.perf_counter() - start
         # online: each student is a deliverable; their mean accuracy is the method's figure
         val = statistics.mean(evaluate(m, dataset.val, dataset) for m in models)

@@ -18,7 +18,6 @@ instruction set, so runs on CPUs with and without VNNI sit side by side in one f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import optuna
@@ -33,6 +32,7 @@ from nas_kd.device.export import calibration_images, split_inputs
 from nas_kd.device.int8 import SETTINGS, instruction_set
 from nas_kd.device.time_blocks import latency_ms, make_session
 from nas_kd.distill.losses import recipe_features
+from nas_kd.distill.student import RetrainRecipe
 from nas_kd.nets.arch import Spec
 from nas_kd.retraining.retrain import retrain
 from nas_kd.teaching.ensemble import CachedTargets, ensemble_from_config
@@ -101,8 +101,7 @@ def main() -> int:
     batches = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=1)
     targets = CachedTargets(ensemble, batches, recipe_features(cfg.distill.weights()), progress=False)
     for spec in args.students:
-        model, _ = retrain(Spec.parse(spec), dataset, ensemble, dataclasses.replace(cfg, final_epochs=args.epochs),
-                           args.epochs, False, targets)
+        model, _ = retrain(Spec.parse(spec), dataset, ensemble, RetrainRecipe.of(cfg), args.epochs, False, targets)
         measure(f"student {spec} ({args.epochs} epoch(s))", model.eval(), dataset, results, isa)
     return 0
 

@@ -46,7 +46,7 @@ from nas_kd.data.batches import BatchIterator
 from nas_kd.data.datasets import Dataset, Split, load_dataset
 from nas_kd.device.export import student_metrics
 from nas_kd.distill.losses import recipe_features
-from nas_kd.distill.student import distill, retrain_student, seeded_student
+from nas_kd.distill.student import RetrainRecipe, distill, retrain_student, seeded_student
 from nas_kd.nas.budget import Budget
 from nas_kd.nets.arch import Spec, build
 from nas_kd.nets.cost import count
@@ -118,7 +118,8 @@ class Runner:
         started = time.perf_counter()
         ensemble, cache_seconds = self.ensemble, None
         if recipe.views is None:  # the retrain's own choice: live teachers when augmenting, else cached once
-            model, seconds = retrain_student(make, dataset, ensemble, cfg, epochs, losses, progress=False,
+            retrain = dataclasses.replace(RetrainRecipe.of(cfg), distill=losses)
+            model, seconds = retrain_student(make, dataset, ensemble, retrain, epochs, progress=False,
                                              epoch_lines=True, checkpoint=checkpoint)
         else:
             model, criterion = seeded_student(make, seed, losses, ensemble.feature_channels)

@@ -12,6 +12,7 @@ from nas_kd.data.batches import BatchIterator
 from nas_kd.data.datasets import Dataset
 from nas_kd.device.export import student_metrics
 from nas_kd.distill.losses import recipe_features
+from nas_kd.distill.student import RetrainRecipe
 from nas_kd.nas.budget import Budget
 from nas_kd.nas.objective import REPORT_IMAGES
 from nas_kd.nets.arch import Spec, build
@@ -46,7 +47,7 @@ class Retrains:
             batches = BatchIterator(dataset.train, dataset, base.train.batch_size, base.seed, views=1)
             self.targets = CachedTargets(self.ensemble, batches, recipe_features(base.distill.weights()), progress=False)
         cfg = dataclasses.replace(base, seed=seed)
-        model, seconds = retrain(spec, dataset, self.ensemble, cfg, cfg.final_epochs, False, self.targets)
+        model, seconds = retrain(spec, dataset, self.ensemble, RetrainRecipe.of(cfg), progress=False, cached=self.targets)
         entry = {"spec": str(spec), "seed": seed, **student_metrics(model, dataset)}
         if self.with_cost:
             cost = count(build(spec, dataset.input_shape, dataset.num_classes), dataset.input_shape)

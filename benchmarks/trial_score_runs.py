@@ -24,6 +24,7 @@ from nas_kd.data.batches import BatchIterator, seeded_subset
 from nas_kd.data.datasets import Split
 from nas_kd.distill.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.distill.losses import recipe_features
+from nas_kd.distill.student import RetrainRecipe
 from nas_kd.nas.objective import PROXY_BATCH, TRIAL_SCORES, TrialContext, proxy_scores, trial_context
 from nas_kd.nas.records import CURVE_ATTR
 from nas_kd.nets.arch import Spec
@@ -74,7 +75,7 @@ def references(bench: Bench, specs: list[tuple[Spec, Cost]], images: int, log: C
             bench.results.refresh()
             if bench.results.get("references", f"{spec}|{sid}") is not None:
                 continue
-            model, seconds = retrain(spec, data, bench.ensemble, cfg, cfg.final_epochs, False, targets)
+            model, seconds = retrain(spec, data, bench.ensemble, RetrainRecipe.of(cfg), progress=False, cached=targets)
             acc = evaluate(model, dataset.val, dataset)
             bench.results.put("references", f"{spec}|{sid}", {
                 "spec": str(spec), "macs": cost.macs, "params": cost.params, "val_acc": round(acc, 6),

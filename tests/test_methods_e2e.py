@@ -14,6 +14,7 @@ import torch
 from nas_kd.core.config import DistillConfig, SearchConfig, from_dict
 from nas_kd.data.datasets import load_dataset
 from nas_kd.device.export import load_student
+from nas_kd.distill.student import RetrainRecipe
 from nas_kd.retraining.retrain import retrain
 from nas_kd.teaching.ensemble import ensemble_from_config
 from nas_kd.training.train import resolve_device
@@ -76,7 +77,8 @@ def test_each_recipe_runs_and_is_recorded(flags: tuple[str, ...], recipe: str, t
         plain_cfg = replace(cfg, teachers=("resnet8",), distill=PLAIN_KD)
         dataset = load_dataset(cfg.dataset, mini_fashion_dir).to(resolve_device(cfg.device))
         ensemble = ensemble_from_config(plain_cfg, dataset, progress=False, log=lambda _: None)
-        student, _ = retrain(model.spec, dataset, ensemble, plain_cfg, meta["metrics"]["final_epochs"], progress=False)
+        student, _ = retrain(model.spec, dataset, ensemble, RetrainRecipe.of(plain_cfg), meta["metrics"]["final_epochs"],
+                             progress=False)
         winners[plain] = float_weights(student)
     weights = float_weights(model)
     for (spec, other), theirs in winners.items():

@@ -19,6 +19,7 @@ from nas_kd.core.errors import InputError
 from nas_kd.data.datasets import load_dataset
 from nas_kd.device.export import load_student
 from nas_kd.distill.losses import Criterion, StudentOutput
+from nas_kd.distill.student import RetrainRecipe
 from nas_kd.nets.arch import Spec, build
 from nas_kd.nets.cost import count
 from nas_kd.retraining.online import (
@@ -171,8 +172,8 @@ def tiny_ensemble(mini_dataset) -> Ensemble:
 
 def test_train_online_with_and_without_teachers(mini_dataset, tiny_ensemble: Ensemble) -> None:
     cfg = SearchConfig(train=TrainConfig(batch_size=128), distill=DistillConfig(), seed=5)
-    alone, _ = train_online(SPECS, mini_dataset, tiny_ensemble, cfg, 1, with_teachers=False, progress=False)
-    taught, seconds = train_online(SPECS, mini_dataset, tiny_ensemble, cfg, 1, with_teachers=True, progress=False)
+    alone, _ = train_online(SPECS, mini_dataset, tiny_ensemble, RetrainRecipe.of(cfg), 1, with_teachers=False, progress=False)
+    taught, seconds = train_online(SPECS, mini_dataset, tiny_ensemble, RetrainRecipe.of(cfg), 1, with_teachers=True, progress=False)
     assert seconds > 0 and [s.spec for s in taught] == SPECS and not any(s.training for s in taught)
     for k, (a, b) in enumerate(zip(alone, taught)):
         torch.manual_seed(cfg.seed + k)

@@ -189,7 +189,7 @@ def test_a_subset_iterator_reads_the_whole_split_cache(mini_dataset) -> None:
 def test_retrain_targets(mini_dataset, augment: bool, limit_gb: float, pass_cache: bool, recipe: str,
                          expected: str) -> None:
     from nas_kd.core.config import DistillConfig, SearchConfig, TrainConfig, parse_distill
-    from nas_kd.distill.student import criterion_for, retrain_targets
+    from nas_kd.distill.student import RetrainRecipe, criterion_for, retrain_targets
 
     ensemble = two_member_ensemble(mini_dataset)
     cfg = SearchConfig(train=TrainConfig(augment=augment), target_cache_gb=limit_gb,
@@ -197,15 +197,15 @@ def test_retrain_targets(mini_dataset, augment: bool, limit_gb: float, pass_cach
     if expected == "views":
         criterion = criterion_for(build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), cfg.distill,
                                   ensemble.feature_channels)
-        batches, source = retrain_targets(ensemble, mini_dataset, cfg, criterion, None, progress=False)
+        batches, source = retrain_targets(ensemble, mini_dataset, RetrainRecipe.of(cfg), criterion, None, progress=False)
         assert isinstance(source, CachedTargets) and source.views == batches.views == 3
         return
     criterion = criterion_for(build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), cfg.distill,
                               ensemble.feature_channels)
     whole = BatchIterator(mini_dataset.train, mini_dataset, 128, cfg.seed, views=1, augment=False)
     search_cache = CachedTargets(ensemble, whole, criterion.features, progress=False)
-    batches, source = retrain_targets(ensemble, mini_dataset, cfg, criterion, search_cache if pass_cache else None,
-                                      progress=False)
+    batches, source = retrain_targets(ensemble, mini_dataset, RetrainRecipe.of(cfg), criterion,
+                                      search_cache if pass_cache else None, progress=False)
     kind = "none" if source is None else "cached" if isinstance(source, CachedTargets) else "live"
     assert kind == expected
     assert (source is search_cache) == (kind == "cached" and pass_cache)
@@ -219,23 +219,18 @@ def test_the_long_retrain_recipe_augments_the_batches_it_says(mini_dataset, fina
     and, when it augments, shifted or flipped views from the second on, with the teachers' outputs
     cached for exactly the views it shows."""
     from nas_kd.core.config import SearchConfig
-    from nas_kd.distill.student import (
-        LONG_RETRAIN_EPOCHS,
-        criterion_for,
-        retrain_augments,
-        retrain_recipe_text,
-        retrain_targets,
-    )
+    from nas_kd.distill.student import LONG_RETRAIN_EPOCHS, RetrainRecipe, criterion_for, retrain_targets
 
     long = LONG_RETRAIN_EPOCHS is not None and epochs >= LONG_RETRAIN_EPOCHS
     augmented = final_augment == "on" or (final_augment == "auto" and long)
     ensemble = two_member_ensemble(mini_dataset)
     cfg = SearchConfig(final_augment=final_augment, final_epochs=epochs)
-    assert retrain_augments(cfg, epochs) == augmented
-    assert ("padding-crop and flips" in retrain_recipe_text(cfg, epochs)) == augmented
+    recipe = RetrainRecipe.of(cfg)
+    assert recipe.epochs == epochs and recipe.augments() == recipe.augments(epochs) == augmented
+    assert ("padding-crop and flips" in recipe.describe()) == augmented
     criterion = criterion_for(build(teacher_spec("resnet8"), mini_dataset.input_shape, 10), cfg.distill,
                               ensemble.feature_channels)
-    batches, targets = retrain_targets(ensemble, mini_dataset, cfg, criterion, None, progress=False)
+    batches, targets = retrain_targets(ensemble, mini_dataset, recipe, criterion, None, progress=False)
     # 3 views: 4 of the mini split would fit, but no more than min(--ensemble-views 4, epochs)
     assert isinstance(targets, CachedTargets) and targets.views == batches.views == (min(4, epochs) if augmented else 1)
     plain = BatchIterator(mini_dataset.train, mini_dataset, 128, cfg.seed, views=1, augment=False)
@@ -250,10 +245,10 @@ def test_the_long_retrain_recipe_augments_the_batches_it_says(mini_dataset, fina
 
 def test_a_bad_final_augment_is_named() -> None:
     from nas_kd.core.config import SearchConfig
-    from nas_kd.distill.student import retrain_augments
+    from nas_kd.distill.student import RetrainRecipe
 
     with pytest.raises(InputError, match="final_augment must be one of auto, on, off, got 'maybe'"):
-        retrain_augments(SearchConfig(final_augment="maybe"), 3)
+        RetrainRecipe.of(SearchConfig(final_augment="maybe")).augments(3)
 
 
 def test_the_search_refuses_a_bad_final_augment_before_any_work() -> None:

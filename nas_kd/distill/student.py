@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -98,59 +99,81 @@ LONG_RETRAIN_EPOCHS: int | None = None
 FINAL_AUGMENT = ("auto", "on", "off")
 
 
-def retrain_augments(cfg: SearchConfig, epochs: int) -> bool:
-    """Whether a retrain of `epochs` uses padding-crop and flips (`cfg.final_augment`)."""
-    if cfg.final_augment not in FINAL_AUGMENT:
-        raise InputError(f"final_augment must be one of {', '.join(FINAL_AUGMENT)}, got {cfg.final_augment!r}")
-    if cfg.final_augment == "auto":
-        return cfg.train.augment or (LONG_RETRAIN_EPOCHS is not None and epochs >= LONG_RETRAIN_EPOCHS)
-    return cfg.final_augment == "on"
+@dataclass(frozen=True)
+class RetrainRecipe:
+    """What a full-schedule training (the retrain, a finalist, a baseline, the online ensemble)
+    takes from the settings: the distillation and optimizer recipes, its epochs, its seed, whether
+    it augments (`augment`: the settings' final_augment, "auto", "on" or "off"), and how many of the
+    teachers' views it may cache (`views`) in how many GB (`cache_gb`)."""
+
+    distill: DistillConfig
+    train: TrainConfig
+    epochs: int
+    seed: int
+    augment: str = "auto"
+    views: int = 4
+    cache_gb: float = 4.0
+
+    @classmethod
+    def of(cls, cfg: SearchConfig) -> RetrainRecipe:
+        """A run's, from its settings."""
+        return cls(cfg.distill, cfg.train, cfg.final_epochs, cfg.seed, cfg.final_augment, cfg.ensemble_views,
+                   cfg.target_cache_gb)
+
+    def augments(self, epochs: int | None = None) -> bool:
+        """Whether a retrain of `epochs` (default: the recipe's) uses padding-crop and flips."""
+        if self.augment not in FINAL_AUGMENT:
+            raise InputError(f"final_augment must be one of {', '.join(FINAL_AUGMENT)}, got {self.augment!r}")
+        epochs = self.epochs if epochs is None else epochs
+        if self.augment == "auto":
+            return self.train.augment or (LONG_RETRAIN_EPOCHS is not None and epochs >= LONG_RETRAIN_EPOCHS)
+        return self.augment == "on"
+
+    def describe(self, epochs: int | None = None) -> str:
+        """How a retrain of `epochs` (default: the recipe's) is trained, for its first line."""
+        epochs = self.epochs if epochs is None else epochs
+        if not self.augments(epochs):
+            return "no augmentation"
+        why = f" (from {LONG_RETRAIN_EPOCHS} epochs on)" if self.augment == "auto" and not self.train.augment else ""
+        views = min(self.views, epochs)
+        teachers = f"teachers' outputs for up to {views} views" if views > 1 else "teachers live on a fresh view every epoch"
+        return f"padding-crop and flips{why}, {teachers}"
 
 
-def retrain_recipe_text(cfg: SearchConfig, epochs: int) -> str:
-    """How a retrain of `epochs` is trained, for its first line."""
-    if not retrain_augments(cfg, epochs):
-        return "no augmentation"
-    why = f" (from {LONG_RETRAIN_EPOCHS} epochs on)" if cfg.final_augment == "auto" and not cfg.train.augment else ""
-    views = min(cfg.ensemble_views, epochs)
-    teachers = f"teachers' outputs for up to {views} views" if views > 1 else "teachers live on a fresh view every epoch"
-    return f"padding-crop and flips{why}, {teachers}"
-
-
-def retrain_views(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion, epochs: int) -> int:
+def retrain_views(ensemble: Ensemble, dataset: Dataset, recipe: RetrainRecipe, criterion: Criterion, epochs: int) -> int:
     """How many views an augmented retrain caches the teachers' outputs for: the most, up to
-    min(cfg.ensemble_views, epochs), that fit cfg.target_cache_gb (4 views of Fashion-MNIST through
-    the shipped teachers' logits and last stages take 4.06 GB: 3 fit the default 4 GB); under 2,
-    the teachers run live."""
-    for views in range(min(cfg.ensemble_views, epochs), 1, -1):
+    min(recipe.views, epochs), that fit recipe.cache_gb (4 views of Fashion-MNIST through the
+    shipped teachers' logits and last stages take 4.06 GB: 3 fit the default 4 GB); under 2, the
+    teachers run live."""
+    for views in range(min(recipe.views, epochs), 1, -1):
         if CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), views, criterion.features,
-                              cfg.target_cache_gb):
+                              recipe.cache_gb):
             return views
     return 1
 
 
-def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, criterion: Criterion | None,
+def retrain_targets(ensemble: Ensemble, dataset: Dataset, recipe: RetrainRecipe, criterion: Criterion | None,
                     cached: CachedTargets | None = None, progress: bool = True,
                     epochs: int | None = None) -> tuple[BatchIterator, TargetSource | None]:
-    """Batches over the whole training split for a retrain of `epochs` (default cfg.final_epochs)
+    """Batches over the whole training split for a retrain of `epochs` (default: the recipe's)
     and where their targets come from (nowhere when `criterion` is None or reads no teacher).
 
     Without augmentation every epoch shows the same pixels, so the teachers' outputs are computed
     once (or taken from the search's cache) and reused by every epoch. With augmentation
-    (`retrain_augments`) epoch e shows view e mod V (`retrain_views`), view 0 the images as they
+    (`RetrainRecipe.augments`) epoch e shows view e mod V (`retrain_views`), view 0 the images as they
     are, and the teachers' outputs for the V views are computed once; without teachers every
-    epoch is a fresh view. When even 2 views would not fit in `cfg.target_cache_gb` (or
-    ensemble_views is 1), the teachers run live on a fresh view every epoch.
+    epoch is a fresh view. When even 2 views would not fit in `recipe.cache_gb` (or `recipe.views`
+    is 1), the teachers run live on a fresh view every epoch.
     """
-    epochs = cfg.final_epochs if epochs is None else epochs
-    augment = retrain_augments(cfg, epochs)
+    epochs = recipe.epochs if epochs is None else epochs
+    augment = recipe.augments(epochs)
 
     def iterator(views: int | None) -> BatchIterator:
-        return BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views, augment=augment)
+        return BatchIterator(dataset.train, dataset, recipe.train.batch_size, recipe.seed, views=views, augment=augment)
 
     if criterion is None or not criterion.uses_teachers:
         return iterator(None), None
-    views = retrain_views(ensemble, dataset, cfg, criterion, epochs) if augment else 1
+    views = retrain_views(ensemble, dataset, recipe, criterion, epochs) if augment else 1
     if augment and views < 2:
         return iterator(None), LiveTargets(ensemble, criterion.features)
     batches = iterator(views)
@@ -159,7 +182,7 @@ def retrain_targets(ensemble: Ensemble, dataset: Dataset, cfg: SearchConfig, cri
     if cached is not None and cached.covers(batches.indices) and cached.serves(criterion.features):
         return batches, cached
     if not CachedTargets.fits(ensemble, dataset.input_shape, len(dataset.train), 1, criterion.features,
-                              cfg.target_cache_gb):
+                              recipe.cache_gb):
         return iterator(None), LiveTargets(ensemble, criterion.features)
     return batches, CachedTargets(ensemble, batches, criterion.features, progress=progress)
 
@@ -177,21 +200,21 @@ def seeded_student(make: Callable[[], Network], seed: int, recipe: DistillConfig
     return model, None if recipe is None else criterion_for(model, recipe, teacher_channels)
 
 
-def retrain_student(make: Callable[[], Network], dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
-                    epochs: int, recipe: DistillConfig | None = None, desc: str = "retrain", progress: bool = True,
+def retrain_student(make: Callable[[], Network], dataset: Dataset, ensemble: Ensemble, recipe: RetrainRecipe,
+                    epochs: int | None = None, desc: str = "retrain", progress: bool = True,
                     cached: CachedTargets | None = None, epoch_lines: bool = False,
                     checkpoint: Checkpoint | None = None,
                     replan: Callable[[int, float], int] | None = None) -> tuple[Network, float]:
-    """The retrain recipe: `seeded_student` (seed cfg.seed), its targets over the whole training
-    split (`retrain_targets`, the search's cache when it covers them), then `epochs` of
-    distillation with `recipe` (default: the study's, cfg.distill), saved to `checkpoint` every
-    epoch when given, its length re-planned after each epoch by `replan` when given (a time
-    budget's `train.Deadline`). Returns the network in eval mode and the training seconds."""
-    recipe = cfg.distill if recipe is None else recipe
-    model, criterion = seeded_student(make, cfg.seed, recipe, ensemble.feature_channels)
-    batches, targets = retrain_targets(ensemble, dataset, cfg, criterion, cached, progress, epochs)
-    seconds = distill(model, batches, targets, criterion, cfg.train, epochs, desc=desc, progress=progress,
-                      two_stage=recipe.two_stage, epoch_lines=epoch_lines, checkpoint=checkpoint, replan=replan)
+    """The retrain: `seeded_student` (seed recipe.seed), its targets over the whole training split
+    (`retrain_targets`, the search's cache when it covers them), then `epochs` (default: the
+    recipe's) of distillation with recipe.distill, saved to `checkpoint` every epoch when given,
+    its length re-planned after each epoch by `replan` when given (a time budget's
+    `train.Deadline`). Returns the network in eval mode and the training seconds."""
+    epochs = recipe.epochs if epochs is None else epochs
+    model, criterion = seeded_student(make, recipe.seed, recipe.distill, ensemble.feature_channels)
+    batches, targets = retrain_targets(ensemble, dataset, recipe, criterion, cached, progress, epochs)
+    seconds = distill(model, batches, targets, criterion, recipe.train, epochs, desc=desc, progress=progress,
+                      two_stage=recipe.distill.two_stage, epoch_lines=epoch_lines, checkpoint=checkpoint, replan=replan)
     return model.eval(), seconds
 
 

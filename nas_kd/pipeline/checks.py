@@ -9,7 +9,7 @@ from nas_kd.device.convert import require_runtime
 from nas_kd.device.int8 import check_target
 from nas_kd.device.latency import check_precision
 from nas_kd.distill.losses import Criterion, loss_class
-from nas_kd.distill.student import check_two_stage, retrain_augments
+from nas_kd.distill.student import RetrainRecipe, check_two_stage
 from nas_kd.nas.objective import trial_score_named
 from nas_kd.nas.study import (
     PRUNERS,
@@ -101,7 +101,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
             raise InputError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.train.batch_size < 1 or cfg.train.lr <= 0:
         raise InputError(f"batch size and learning rate must be positive, got {cfg.train.batch_size}, {cfg.train.lr}")
-    retrain_augments(cfg, cfg.final_epochs)  # a bad final_augment from YAML is named here
+    RetrainRecipe.of(cfg).augments()  # a bad final_augment from YAML is named here
     return cfg
 
 

@@ -26,7 +26,7 @@ from nas_kd.data.datasets import Dataset, load_dataset
 from nas_kd.device.latency import LatencySettings, latency_meter
 from nas_kd.distill.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.distill.losses import logits_only, recipe_features, recipe_uses_teachers
-from nas_kd.distill.student import retrain_augments, retrain_recipe_text
+from nas_kd.distill.student import RetrainRecipe
 from nas_kd.nas.budget import Budget, budget_warning, check_reachable, effective_floor
 from nas_kd.nas.objective import TrialContext, TrialRecipe, trial_context, trial_score_named
 from nas_kd.nas.records import stored_blockwise_scores
@@ -151,7 +151,7 @@ def prepare(cfg: SearchConfig, clock: RunClock) -> Prepared:
     log(schedule_text)
     if cfg.final_epochs > 0 and not cfg.worker:
         log(f"retrain: {'planned by the time budget' if cfg.time_budget is not None else f'{cfg.final_epochs} epochs'}"
-            f", recipe {cfg.distill.describe()}, {retrain_recipe_text(cfg, cfg.final_epochs)}")
+            f", recipe {cfg.distill.describe()}, {RetrainRecipe.of(cfg).describe()}")
     log(latency_text)
     if floor_text:
         log(floor_text)
@@ -225,7 +225,7 @@ def teach(prep: Prepared, opened: Opened, progress: bool) -> Taught:
         log(f"block-wise scores against teacher {best.name}; {len(scorer.scores)} stage scores from earlier trials")
     elif recipe_uses_teachers(cfg.distill.weights()):
         # without augmentation the retrain sees the same pixels every epoch: cache its targets too
-        whole = cfg.final_epochs > 0 and not cfg.worker and not retrain_augments(cfg, cfg.final_epochs) and CachedTargets.fits(
+        whole = cfg.final_epochs > 0 and not cfg.worker and not RetrainRecipe.of(cfg).augments() and CachedTargets.fits(
             ensemble, dataset.input_shape, len(dataset.train), views, features, cfg.target_cache_gb)
         cover = BatchIterator(dataset.train, dataset, cfg.train.batch_size, cfg.seed, views=views,
                               augment=cfg.train.augment, indices=None if whole else subset)

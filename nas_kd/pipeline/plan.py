@@ -33,9 +33,8 @@ from nas_kd.data.datasets import Dataset
 from nas_kd.distill.losses import recipe_features, recipe_uses_teachers
 from nas_kd.distill.student import (
     LONG_RETRAIN_EPOCHS,
+    RetrainRecipe,
     criterion_for,
-    retrain_augments,
-    retrain_recipe_text,
     step_seconds,
 )
 from nas_kd.nas.budget import Budget
@@ -243,19 +242,20 @@ def plan_retrain(cfg: SearchConfig, study: optuna.Study, dataset: Dataset, ensem
     epoch = (spec_step_seconds(winner, dataset, ensemble, cfg, batches, targets)
              * steps_per_epoch(len(dataset.train), cfg.train.batch_size) * cfg.finalists)
     epochs = epochs_left(cfg.time_budget, clock.elapsed(), epoch, export_seconds(cfg))
-    if retrain_augments(cfg, epochs) and recipe_uses_teachers(cfg.distill.weights()):
+    recipe = RetrainRecipe.of(cfg)
+    if recipe.augments(epochs) and recipe_uses_teachers(cfg.distill.weights()):
         # an augmented retrain first runs the teachers over its views (distill.retrain_targets)
         views = min(cfg.ensemble_views, epochs)
         cache = views * teacher_pass_seconds(ensemble, dataset, recipe_features(cfg.distill.weights()))
         augmented = epochs_left(cfg.time_budget, clock.elapsed() + cache, epoch, export_seconds(cfg))
-        if retrain_augments(cfg, augmented):
+        if recipe.augments(augmented):
             epochs = augmented
         else:  # only "auto" with a threshold: the views' cost leaves too few epochs, so none, under it
             assert LONG_RETRAIN_EPOCHS is not None
             epochs = min(epochs, LONG_RETRAIN_EPOCHS - 1)
     return dataclasses.replace(cfg, final_epochs=epochs), (
         f"retrain: {epochs} epochs of ~{epoch:.0f}s fit the ~{format_duration(cfg.time_budget - clock.elapsed())} "
-        f"left of the time budget ({format_duration(clock.elapsed())} spent); {retrain_recipe_text(cfg, epochs)}")
+        f"left of the time budget ({format_duration(clock.elapsed())} spent); {recipe.describe(epochs)}")
 
 
 def retrain_end(cfg: SearchConfig, elapsed: float, now: Callable[[], float] = time.perf_counter) -> float | None:

@@ -24,7 +24,7 @@ from nas_kd.core.errors import InputError
 from nas_kd.core.units import format_count
 from nas_kd.data.datasets import Dataset
 from nas_kd.device.export import ExportSettings, export, student_metrics
-from nas_kd.distill.student import retrain_student
+from nas_kd.distill.student import RetrainRecipe, retrain_student
 from nas_kd.nas.budget import Budget
 from nas_kd.nas.records import cost_facts
 from nas_kd.nas.study import BASELINE_ATTR
@@ -57,11 +57,13 @@ def check_prunable(teachers: list[str], budget: Budget, input_shape: tuple[int, 
                          "--pruned-baseline")
 
 
-def train_pruned(pruned: Network, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, recipe: DistillConfig,
-                 epochs: int, progress: bool = True, cached: CachedTargets | None = None) -> tuple[Network, float]:
-    """A copy of `pruned`, trained for `epochs` with `recipe` (its weights as the starting point)."""
-    return retrain_student(lambda: copy.deepcopy(pruned).requires_grad_(True).train(), dataset, ensemble, cfg,
-                           epochs, recipe, desc="pruned baseline", progress=progress, cached=cached)
+def train_pruned(pruned: Network, dataset: Dataset, ensemble: Ensemble, recipe: RetrainRecipe,
+                 epochs: int | None = None, progress: bool = True,
+                 cached: CachedTargets | None = None) -> tuple[Network, float]:
+    """A copy of `pruned`, trained for `epochs` (default: the recipe's) with `recipe` (its weights as
+    the starting point)."""
+    return retrain_student(lambda: copy.deepcopy(pruned).requires_grad_(True).train(), dataset, ensemble, recipe,
+                           epochs, desc="pruned baseline", progress=progress, cached=cached)
 
 
 def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig,
@@ -83,7 +85,8 @@ def pruned_baseline(study: optuna.Study | None, dataset: Dataset, ensemble: Ense
     for method, folder, recipe in (("pruned teacher + KD", "pruned-kd", cfg.distill),
                                    ("pruned teacher + fine-tuning", "pruned-finetune", FINE_TUNE)):
         start = time.perf_counter()
-        model, seconds = train_pruned(pruned, dataset, ensemble, cfg, recipe, cfg.final_epochs, progress, cached)
+        model, seconds = train_pruned(pruned, dataset, ensemble, dataclasses.replace(RetrainRecipe.of(cfg), distill=recipe),
+                                      progress=progress, cached=cached)
         row = {"method": method, "teacher": teacher.name, "spec": str(model.spec), "keep": round(keep, 4),
                **facts, "val_acc_before_training": before,
                **student_metrics(model, dataset),  # the teachers' figures are the winner's

@@ -36,7 +36,7 @@ from nas_kd.data.batches import Batch
 from nas_kd.data.datasets import Dataset
 from nas_kd.device.export import ExportSettings, export, student_metrics, teachers_test_metrics
 from nas_kd.distill.losses import LOSSES, Criterion, StudentOutput, loss_class
-from nas_kd.distill.student import retrain_targets, seeded_student
+from nas_kd.distill.student import RetrainRecipe, retrain_targets, seeded_student
 from nas_kd.nas.picks import completed
 from nas_kd.nas.records import SPEC_ATTR, cost_facts, is_feasible, pareto_front
 from nas_kd.nas.study import ONLINE_ATTR
@@ -148,25 +148,28 @@ def teacher_recipe(recipe: DistillConfig) -> DistillConfig:
 # ---------------------------------------------------------------- training
 
 
-def train_online(specs: list[Spec], dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
-                 with_teachers: bool = False, progress: bool = True) -> tuple[list[Network], float]:
-    """Train fresh networks of `specs` together (student k seeded with cfg.seed + k) on the whole
-    training split for `epochs`, one optimiser and schedule over all of them and their adapters.
-    Returns the students in eval mode and the training seconds."""
+def train_online(specs: list[Spec], dataset: Dataset, ensemble: Ensemble, recipe: RetrainRecipe,
+                 epochs: int | None = None, with_teachers: bool = False,
+                 progress: bool = True) -> tuple[list[Network], float]:
+    """Train fresh networks of `specs` together (student k seeded with recipe.seed + k) on the whole
+    training split for `epochs` (default: the recipe's), one optimiser and schedule over all of them
+    and their adapters; with the teachers, through `teacher_recipe(recipe.distill)`. Returns the
+    students in eval mode and the training seconds."""
     device = dataset.train.x.device
-    recipe = teacher_recipe(cfg.distill) if with_teachers else None
+    epochs = recipe.epochs if epochs is None else epochs
+    taught = teacher_recipe(recipe.distill) if with_teachers else None
     students: list[Network] = []
     criteria: list[Criterion] = []
     for k, spec in enumerate(specs):
         make = lambda spec=spec: build(spec, dataset.input_shape, dataset.num_classes).to(device)  # noqa: E731
-        student, criterion = seeded_student(make, cfg.seed + k, recipe, ensemble.feature_channels)
+        student, criterion = seeded_student(make, recipe.seed + k, taught, ensemble.feature_channels)
         students.append(student)
         if criterion is not None:
             criteria.append(criterion)
-    loss = OnlineEnsembleLoss(len(specs), cfg.distill.temperature, criteria or None)
+    loss = OnlineEnsembleLoss(len(specs), recipe.distill.temperature, criteria or None)
     # every criterion reads the same teacher outputs: the first one decides the source (labels
     # only, without teachers: a fresh augmented view every epoch)
-    batches, targets = retrain_targets(ensemble, dataset, cfg, criteria[0] if criteria else None, progress=progress,
+    batches, targets = retrain_targets(ensemble, dataset, recipe, criteria[0] if criteria else None, progress=progress,
                                        epochs=epochs)
 
     def step(batch: Batch) -> torch.Tensor:
@@ -177,7 +180,7 @@ def train_online(specs: list[Spec], dataset: Dataset, ensemble: Ensemble, cfg: S
         return loss(outputs, targets(batch) if targets is not None else None, batch.y)
 
     modules = nn.ModuleDict({"students": nn.ModuleList(students), "loss": loss})
-    seconds = fit(modules, batches, step, cfg.train, epochs, desc=f"online x{len(specs)}", progress=progress)
+    seconds = fit(modules, batches, step, recipe.train, epochs, desc=f"online x{len(specs)}", progress=progress)
     return [s.eval() for s in students], seconds
 
 
@@ -203,7 +206,8 @@ def retrain_online(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
         recipe += f" + offline teachers {teacher_recipe(cfg.distill).describe()}"
     log(f"training trials {', '.join(str(t.number) for t in trials)} together for {cfg.final_epochs} epochs: {recipe}")
     start = time.perf_counter()
-    students, seconds = train_online(specs, dataset, ensemble, cfg, cfg.final_epochs, with_teachers, progress)
+    students, seconds = train_online(specs, dataset, ensemble, RetrainRecipe.of(cfg), with_teachers=with_teachers,
+                                     progress=progress)
     compression_teacher = ensemble.compression_reference()
     teachers = teachers_test_metrics(dataset, ensemble)  # once, not per student
     exported = []

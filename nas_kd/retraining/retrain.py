@@ -24,13 +24,7 @@ from nas_kd.core.errors import InputError
 from nas_kd.core.progress import log
 from nas_kd.data.datasets import Dataset
 from nas_kd.device.export import ExportSettings, export, student_metrics, teachers_test_metrics
-from nas_kd.distill.student import (
-    criterion_for,
-    retrain_augments,
-    retrain_recipe_text,
-    retrain_student,
-    retrain_targets,
-)
+from nas_kd.distill.student import RetrainRecipe, criterion_for, retrain_student, retrain_targets
 from nas_kd.nas.budget import Budget
 from nas_kd.nas.picks import (
     budget_tag,
@@ -51,15 +45,15 @@ from nas_kd.teaching.ensemble import CachedTargets, Ensemble
 from nas_kd.training.train import Checkpoint, Deadline, evaluate
 
 
-def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, cfg: SearchConfig, epochs: int,
+def retrain(spec: Spec, dataset: Dataset, ensemble: Ensemble, recipe: RetrainRecipe, epochs: int | None = None,
             progress: bool = True, cached: CachedTargets | None = None,
             deadline: Deadline | None = None, checkpoint: Checkpoint | None = None) -> tuple[Network, float]:
-    """Distil a fresh `spec` network for `epochs` with the study's recipe (re-planned to end by
+    """Distil a fresh `spec` network for `epochs` (default: the recipe's) with `recipe` (re-planned to end by
     `deadline` when given; saved to `checkpoint` after every epoch and resumed from it when given);
     returns it and the seconds."""
     device = dataset.train.x.device
     return retrain_student(lambda: build(spec, dataset.input_shape, dataset.num_classes).to(device), dataset,
-                           ensemble, cfg, epochs, progress=progress, cached=cached, epoch_lines=True, replan=deadline,
+                           ensemble, recipe, epochs, progress=progress, cached=cached, epoch_lines=True, replan=deadline,
                            checkpoint=checkpoint)
 
 
@@ -88,6 +82,7 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     after every one to end by its share of what is left (`train.Deadline`), and the figures give
     the epochs it trained. With `checkpoints`, each retrain saves every epoch there and resumes
     from what it finds (`retrain_checkpoint`): a run stopped mid-retrain goes on where it stopped."""
+    recipe = RetrainRecipe.of(cfg)
     if cfg.retrain_trial is None:
         best = finalists(study, cfg.finalists)
         if cfg.finalists > 1 and len(best) < cfg.finalists:
@@ -107,7 +102,7 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
         # when it covers the split, else computed here (each retrain would compute its own); when
         # they run live (augmentation, or too big to cache) each retrain runs them
         first = build(Spec.parse(candidates[0].user_attrs[SPEC_ATTR]), dataset.input_shape, dataset.num_classes)
-        _, shared = retrain_targets(ensemble, dataset, cfg, criterion_for(first, cfg.distill, ensemble.feature_channels),
+        _, shared = retrain_targets(ensemble, dataset, recipe, criterion_for(first, recipe.distill, ensemble.feature_channels),
                                     cached, progress)
         cached = shared if isinstance(shared, CachedTargets) else cached
     rows: list[dict[str, Any]] = []
@@ -115,18 +110,17 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
     for rank, trial in enumerate(candidates, 1):
         now = time.perf_counter()
         # two-stage training keeps its planned length (distill.distill)
-        deadline = (None if end is None or cfg.distill.two_stage
+        deadline = (None if end is None or recipe.distill.two_stage
                     else Deadline(now + (end - now) / (len(candidates) - rank + 1)))
         spec = Spec.parse(trial.user_attrs[SPEC_ATTR])
         start_point = names.get(str(spec))
         label = f" ({start_point} start point)" if start_point else ""
         which = f"finalist {rank} of {len(candidates)}{label}: " if many else ""
-        planned = f"~{cfg.final_epochs} epochs, re-planned after each" if deadline else f"{cfg.final_epochs} epochs"
-        log(f"retraining {which}trial {trial.number} ({spec}) for {planned}: "
-            f"{retrain_recipe_text(cfg, cfg.final_epochs)}")
-        model, seconds = retrain(spec, dataset, ensemble, cfg, cfg.final_epochs, progress, cached, deadline,
-                                 retrain_checkpoint(checkpoints, trial.number, log))
-        epochs = cfg.final_epochs if deadline is None or deadline.epochs is None else deadline.epochs
+        planned = f"~{recipe.epochs} epochs, re-planned after each" if deadline else f"{recipe.epochs} epochs"
+        log(f"retraining {which}trial {trial.number} ({spec}) for {planned}: {recipe.describe()}")
+        model, seconds = retrain(spec, dataset, ensemble, recipe, progress=progress, cached=cached, deadline=deadline,
+                                 checkpoint=retrain_checkpoint(checkpoints, trial.number, log))
+        epochs = recipe.epochs if deadline is None or deadline.epochs is None else deadline.epochs
         val = evaluate(model, dataset.val, dataset) if many else 0.0
         if many:
             rows.append({"trial": trial.number, "spec": str(spec), "search_val_acc": trial.values[0], "val_acc": val,
@@ -147,8 +141,8 @@ def retrain_winner(study: optuna.Study, dataset: Dataset, ensemble: Ensemble, cf
                "latency_ms": trial.user_attrs.get(LATENCY_ATTR),
                "search_val_acc": trial.values[0], "final_epochs": epochs, **metrics,
                "train_seconds": round(seconds, 2), "retrain_seconds": round(time.perf_counter() - start, 2),
-               "recipe": cfg.distill.describe(), "temperature": cfg.distill.temperature,
-               "augmented": retrain_augments(cfg, cfg.final_epochs),  # decided before it trained
+               "recipe": recipe.distill.describe(), "temperature": recipe.distill.temperature,
+               "augmented": recipe.augments(),  # decided before it trained
                **({"finalists": rows} if many else {})}
     weights, metrics_path = export(model, dataset, ExportSettings.of(cfg), metrics, out_dir)
     metrics["weights"], metrics["metrics_file"] = str(weights), str(metrics_path)
