@@ -23,6 +23,9 @@ Methods, each picking one student per cell and seed:
 - edge-width16: the edge search with `--edge-min-width 16` as it is (no width, the stem's included,
   under 16 channels while any stage can give up a block; a narrow stage gives first, else the
   deepest stage), its winner;
+- edge-width16-finalists: the 3 best students by trial score of edge-width16's study (run first,
+  in the same `--work`), each retrained with the fixed recipe, the one of best validation accuracy
+  kept: `--finalists 3`, retrain for retrain what hand-made-best spends;
 - hand-made-best: the hand-made family's best on validation: ResNet-20, -14 and -8 each scaled to
   the largest width that fits (`nas_kd.nas.start.family`, at any width), each retrained with the fixed recipe, the
   one of best validation accuracy kept (a person who trains all three);
@@ -69,20 +72,23 @@ from nas_kd.data.datasets import Dataset, load_dataset
 from nas_kd.device.memory import peak_activations
 from nas_kd.nas import start
 from nas_kd.nas.budget import Budget
+from nas_kd.nas.picks import finalists
+from nas_kd.nas.records import SPEC_ATTR
 from nas_kd.nets.arch import Spec, build
 from nas_kd.nets.cost import Cost
 from nas_kd.nets.space import load_space
 
 CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB": Budget(params=250_000, memory=48_000)}
 METHODS = ("edge", "random-edge", "off", "largest", "hand-made", "hand-made-best", "edge-min16", "edge-v1",
-           "edge-shallow", "edge-params", "edge-raw", "edge-width16")
+           "edge-shallow", "edge-params", "edge-raw", "edge-width16", "edge-width16-finalists")
 # how a search at the edge draws a shape's widths and fills them to the budget: "proportions-lag"
 # (each stage's width against the one before, SearchSpace.sample(shape=True); single raises of the
 # width furthest behind them). The first cell's pick (widths drawn apart, raises by the budget
 # alone) is kept under a key without this suffix
 SHAPES = "proportions-lag"
 EDGE_METHODS = ("edge", "random-edge", "edge-min16", "edge-v1", "edge-shallow", "edge-params", "edge-raw",
-                "edge-width16")
+                "edge-width16", "edge-width16-finalists")
+FINALISTS = 3  # the -finalists methods: as many retrains as hand-made-best's family
 PARAMS_TRIALS = 100  # a params trial trains nothing: about a second each at 5M
 SHALLOW = Path(__file__).resolve().parent / "spaces" / "resnet-shallow.yaml"
 ADOPT_FROM = ("search_vs_baselines.json", "device_budgets.json", "headroom.json")
@@ -127,6 +133,16 @@ def cost_of(spec: Spec, dataset: Dataset) -> Cost:
 def pick(method: str, name: str, seed: int, dataset: Dataset, work: Path,
          retrained: Retrains) -> tuple[Spec, dict[str, Any]]:
     budget, cfg = CELLS[name], cell_config(CELLS[name], seed)
+    if method.endswith("-finalists"):
+        searched = method.removesuffix("-finalists")
+        db = work / name / searched / f"search-seed{seed}.db"
+        if not db.exists():
+            raise SystemExit(f"{method}: no study of {searched} for seed {seed} in {db.parent}; run {searched} first")
+        study = optuna.load_study(study_name=f"search-seed{seed}", storage=f"sqlite:///{db}")
+        specs = [Spec.parse(t.user_attrs[SPEC_ATTR]) for t in finalists(study, FINALISTS)]
+        val = {str(spec): retrained(spec, seed, dataset, f"{name} seed {seed} {method}")["val_acc"] for spec in specs}
+        best = max(specs, key=lambda spec: val[str(spec)])  # ties: the better trial score (finalists' order)
+        return best, {"finalists_val_acc": val}
     if method == "hand-made-best":
         members = {member: found for member, found in start.family(budget, dataset.input_shape,
                                                                    dataset.num_classes).items()
