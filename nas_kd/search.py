@@ -90,6 +90,10 @@ def build_parser() -> OneLineParser:
     g.add_argument("--edge-min-width", type=_positive(int, 0), default=DEFAULTS.edge_min_width, metavar="CHANNELS",
                    help="at the budget's edge: a shape whose stages come out narrower than this gives up blocks of "
                         f"its deepest stage for width (default {DEFAULTS.edge_min_width}; 0: depths stay as drawn)")
+    g.add_argument("--edge-depth", choices=["free", "family"], default=DEFAULTS.edge_depth,
+                   help="at the budget's edge: free (default): depths drawn as the space allows; family: no deeper "
+                        "than the deepest of ResNet-20/14/8 that keeps 8 channels or more at the budget (2 blocks a "
+                        "stage at 5M MACs, no cap at 50M)")
     g.add_argument("--budget-floor", type=fraction(), metavar="SHARE",
                    help="with --budget-edge off only (the edge replaces it): students using less than this share "
                         "of every bound of the budget are not trained (default 0: off; applies with a MACs or "
@@ -312,7 +316,7 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> SearchConfig:
                  "final_epochs", "retrain_trial", "seed", "device", "out_dir", "cache_dir", "trial_score",
                  "bn_recalibration", "trial_reports", "pruner", "sampler", "latency_precision", "latency_threads",
                  "latency_table", "memory_budget", "pareto_cost", "min_steps", "teacher_min_gain", "study_trials",
-                 "heartbeat", "budget_floor", "budget_edge", "edge_min_width", "finalists", "time_budget", "final_augment", "search_share"):
+                 "heartbeat", "budget_floor", "budget_edge", "edge_min_width", "edge_depth", "finalists", "time_budget", "final_augment", "search_share"):
         flag(name)
     if "time_budget" in given:  # the counts given explicitly keep their part of the plan
         base["time_fixed"] = [k for k in ("trials", "final_epochs") if k in given]

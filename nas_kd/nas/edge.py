@@ -27,6 +27,11 @@ factor scales every width and a block given up anywhere widens them all. That en
 is under the minimum or every stage is at the space's least depth: a narrow student is a shallow
 one, as compound scaling (Tan & Le, EfficientNet, ICML 2019) keeps depth and width in step.
 Optuna still models the shape drawn; the trial records the blocks given up (`Repair.depth_given`).
+
+Depth drawn with the budget in view (`capped`, `--edge-depth family`): before the repair, each
+stage's depth drawn is mapped onto the space's depths up to a cap, the k-th of the space's n
+depths onto the (k * m // n)-th of the m at or under the cap, so that every depth under the cap
+stays about as likely. The cap comes from the hand-made family (`nas_kd.nas.start.depth_cap`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from nas_kd.nets.space import SearchSpace
 EDGE_SHARE = 0.95  # a repaired student uses at least this share of its binding bound (DESIGN: the budget edge)
 STEP = 0.01  # of the factor the widths are scaled by
 WIDTH_GRID = 4  # widths are multiples of this
+EDGE_DEPTHS = ("free", "family")  # --edge-depth: depths as the space allows, or capped by the hand-made family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +152,17 @@ def _scale_to_edge(shape: Spec, space: SearchSpace, budget: Budget, cost: Callab
     # every factor up to the widest fitted, and the student is still short of the edge
     at_largest = hi > top and (share or 0.0) < EDGE_SHARE
     return Repair(spec, cost(spec), round(lo * STEP, 2), share, at_largest)
+
+
+def capped(shape: Spec, space: SearchSpace, cap: int) -> Spec:
+    """`shape` with each stage's depth mapped onto the space's depths at or under `cap` (see the
+    module's docstring); a stage whose depths are all over the cap keeps its least."""
+    stages = []
+    for s, st in zip(shape.stages, space.stages):
+        depths = sorted(st.depth)
+        under = [d for d in depths if d <= cap] or depths[:1]
+        stages.append(dataclasses.replace(s, depth=under[depths.index(s.depth) * len(under) // len(depths)]))
+    return Spec(shape.stem, tuple(stages), shape.head)
 
 
 def _with_stage(spec: Spec, i: int, **changes: int) -> Spec:

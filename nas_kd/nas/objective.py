@@ -21,7 +21,7 @@ from nas_kd.device.memory import memory_facts
 from nas_kd.distill.blockwise import BlockwiseScorer, stage_key
 from nas_kd.distill.student import criterion_for, criterion_stages, distill
 from nas_kd.nas.budget import Budget, floor_shortfall
-from nas_kd.nas.edge import repair
+from nas_kd.nas.edge import capped, repair
 from nas_kd.nas.proxies import naswot, synflow
 from nas_kd.nas.records import (
     AT_LARGEST_ATTR,
@@ -85,6 +85,7 @@ class TrialRecipe:
     edge: bool = True  # scale every shape drawn to the budget's edge (nas_kd.nas.edge)
     edge_fill: bool = True  # let the repair raise single widths too (off when every latency is measured here)
     edge_min_width: int = 0  # a shape whose repaired stages are narrower gives up depth for width (0: never)
+    edge_depth: int = 0  # the most blocks a stage of a shape drawn may have (edge.capped; 0: as the space allows)
 
 
 @dataclass
@@ -248,7 +249,8 @@ def at_edge(ctx: TrialContext, trial: optuna.Trial, shape: Spec) -> tuple[Spec, 
             cost = replace(cost, latency_ms=ctx.latency(spec))
         return cost
 
-    fixed = repair(shape, ctx.space, ctx.budget, price, ctx.recipe.edge_fill, ctx.recipe.edge_min_width)
+    drawn = capped(shape, ctx.space, ctx.recipe.edge_depth) if ctx.recipe.edge_depth else shape
+    fixed = repair(drawn, ctx.space, ctx.budget, price, ctx.recipe.edge_fill, ctx.recipe.edge_min_width)
     trial.set_user_attr(SHAPE_ATTR, str(shape))
     trial.set_user_attr(EDGE_FACTOR_ATTR, fixed.factor)
     if fixed.depth_given:

@@ -41,6 +41,7 @@ from nas_kd.nets.zoo import teacher_spec
 HAND_MADE = "hand-made"
 HAND_MADE_BASES = ("resnet20", "resnet14", "resnet8")  # deepest first
 WIDTH_STEPS = 300  # width factors 0.01, 0.02, ... 3.00
+DEPTH_WIDTH = 8  # `depth_cap`: the narrowest width (channels) a member's depth may cost
 # the hand-made family: the ResNets above and MobileNetV2 with CIFAR strides
 # (Sandler et al. 2018), each with the width step it is scaled by; MobileNetV2's coarser step
 # (0.05, up to 2.00) keeps the layers a latency table must hold for it at about 400
@@ -144,6 +145,24 @@ def family(budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
         if factor > 0:
             found[name] = (scaled(teacher_spec(name), factor), factor)
     return found
+
+
+def depth_cap(budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
+              latency: Callable[[Spec], float] | None = None) -> int:
+    """The most blocks a stage of a shape drawn at the budget's edge may have (`--edge-depth
+    family`): the depth of the deepest of ResNet-20, -14 and -8 (3, 2 and 1 blocks a stage) whose
+    every width, the stem's too, is DEPTH_WIDTH channels or more at the largest scale that fits; 0
+    (no cap) when ResNet-20's is, or when the family cannot be scaled to the budget; 1 when none
+    is. At 5M MACs on 28x28 images: 2 (ResNet-14 at x0.46, 8-28 channels); at 50M: none."""
+    members = family(budget, input_shape, num_classes, latency)
+    if not members:
+        return 0
+    for name in HAND_MADE_BASES:  # deepest first
+        if name in members:
+            spec = members[name][0]
+            if min(spec.stem, *(s.width for s in spec.stages)) >= DEPTH_WIDTH:
+                return 0 if name == HAND_MADE_BASES[0] else spec.stages[0].depth
+    return 1
 
 
 def hand_made(budget: Budget, input_shape: tuple[int, int, int], num_classes: int,

@@ -41,9 +41,9 @@ GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "tea
                 "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed",
                 "trial_score", "shipped_teachers", "bn_recalibration", "latency_budget_ms", "memory_budget",
                 "latency_precision", "latency_threads", "latency_table", "pareto_cost", "budget_floor", "budget_edge",
-                "edge_min_width", "space_fingerprint")
+                "edge_min_width", "edge_depth", "space_fingerprint")
 # keys added later: recorded only when not at their default, so older studies keep their names
-LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "memory_budget", "latency_precision",
+LATE_GUARDED_KEYS = ("edge_depth", "trial_score", "shipped_teachers", "latency_budget_ms", "memory_budget", "latency_precision",
                      "latency_threads", "latency_table", "pareto_cost")
 # keys added later that change what a trial's score means, so they are always recorded (and new
 # studies get new default names); a study recorded before such a key had this value

@@ -30,7 +30,7 @@ from nas_kd.distill.student import RetrainRecipe
 from nas_kd.nas.budget import Budget, budget_warning, check_reachable, effective_floor
 from nas_kd.nas.objective import TrialContext, TrialRecipe, trial_context, trial_score_named
 from nas_kd.nas.records import stored_blockwise_scores
-from nas_kd.nas.start import StartPoint, start_points
+from nas_kd.nas.start import DEPTH_WIDTH, StartPoint, depth_cap, start_points
 from nas_kd.nas.study import (
     COMPRESSION_TEACHER_KEY,
     STUDY_ATTR,
@@ -112,13 +112,14 @@ def budget_of(cfg: SearchConfig) -> Budget:
     return Budget(cfg.flops_budget, cfg.params_budget, cfg.latency_budget_ms, cfg.memory_budget)
 
 
-def trial_recipe(cfg: SearchConfig, budget: Budget) -> TrialRecipe:
+def trial_recipe(cfg: SearchConfig, budget: Budget, depth_cap: int = 0) -> TrialRecipe:
     """The trials' part of the settings. The repair raises single widths unless every latency is
-    measured here (seconds a spec, with no table to read)."""
+    measured here (seconds a spec, with no table to read). `depth_cap`: with --edge-depth family,
+    `start.depth_cap` of the budget (0: none)."""
     measured = budget.latency_ms is not None and not cfg.latency_table
     return TrialRecipe(cfg.distill, cfg.train, cfg.trial_epochs, cfg.seed, cfg.trial_score, cfg.trial_reports,
                        cfg.bn_recalibration, cfg.objective == "pareto", cfg.pareto_cost, cfg.budget_edge == "on",
-                       not measured, cfg.edge_min_width)
+                       not measured, cfg.edge_min_width, depth_cap if cfg.edge_depth == "family" else 0)
 
 
 def prepare(cfg: SearchConfig, clock: RunClock) -> Prepared:
@@ -233,6 +234,11 @@ def teach(prep: Prepared, opened: Opened, progress: bool) -> Taught:
                                        cfg.target_cache_gb)
         log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
             f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}: {kept}")
-    trials = trial_context(prep.space, dataset, ensemble, budget, batches, targets, trial_recipe(cfg, budget), progress,
-                           scorer, prep.latency, prep.floor)
+    cap = 0
+    if cfg.budget_edge == "on" and cfg.edge_depth == "family":
+        cap = depth_cap(budget, dataset.input_shape, dataset.num_classes, prep.latency)
+        log(f"depths drawn at the edge: {f'at most {cap} blocks a stage' if cap else 'as the space allows'} "
+            f"(--edge-depth family: the deepest hand-made ResNet with {DEPTH_WIDTH} channels or more at this budget)")
+    trials = trial_context(prep.space, dataset, ensemble, budget, batches, targets, trial_recipe(cfg, budget, cap),
+                           progress, scorer, prep.latency, prep.floor)
     return Taught(cfg, ensemble, subset, batches, targets, scorer, trials)
