@@ -16,7 +16,7 @@ from nas_kd.device.latency import LatencyTable
 from nas_kd.device.memory import peak_activations
 from nas_kd.nas import start
 from nas_kd.nas.budget import Budget
-from nas_kd.nas.edge import EDGE_SHARE, allowed, repair, scaled, widened
+from nas_kd.nas.edge import EDGE_SHARE, allowed, capped, repair, scaled, widened
 from nas_kd.nas.records import AT_LARGEST_ATTR, EDGE_FACTOR_ATTR, SHAPE_ATTR, SPEC_ATTR, USE_ATTR, was_trained
 from nas_kd.nas.study import STUDY_ATTR, guarded, open_storage, open_study
 from nas_kd.nets.arch import Spec, build
@@ -274,3 +274,62 @@ def test_the_floor_is_refused_at_the_edge(capsys, tmp_path: Path, monkeypatch) -
     assert search.main(["--flops-budget", "5M", "--budget-floor", "0.5"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--budget-floor 0.5 applies only with --budget-edge off" in lines[0]
+
+
+def test_the_family_caps_depth_by_what_the_budget_affords() -> None:
+    # ResNet-14 keeps 8 channels at 5M (x0.46), ResNet-20 does not; at 50M ResNet-20 does: no cap
+    assert start.depth_cap(Budget(macs=5_000_000), INPUT, CLASSES) == 2
+    assert start.depth_cap(Budget(macs=50_000_000), INPUT, CLASSES) == 0
+    assert start.depth_cap(Budget(macs=2_000_000), INPUT, CLASSES) == 1
+    assert start.depth_cap(Budget(latency_ms=1.0), INPUT, CLASSES) == 0  # nothing to scale the family to
+
+
+def test_capped_depths_keep_every_depth_under_the_cap_about_as_likely() -> None:
+    space = load_space("resnet")  # depths 1-5 a stage
+    shape = Spec.parse("c32|basic_d1_w16_s1_k3_e1|basic_d3_w32_s2_k3_e1|basic_d5_w64_s2_k3_e1")
+    assert [s.depth for s in capped(shape, space, 2).stages] == [1, 1, 2]
+    assert [s.depth for s in capped(shape, space, 3).stages] == [1, 2, 3]
+    assert capped(shape, space, 5) == shape
+    for cap in (1, 2, 3, 4):
+        drawn = [capped(Spec.parse(f"c32|basic_d{d}_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1|basic_d1_w64_s2_k3_e1"),
+                        space, cap).stages[0].depth for d in range(1, 6)]
+        assert sorted(set(drawn)) == list(range(1, cap + 1)) and drawn == sorted(drawn)
+        assert max(drawn.count(d) for d in set(drawn)) - min(drawn.count(d) for d in set(drawn)) <= 1
+
+
+def test_a_trial_at_the_edge_with_the_family_cap_trains_no_deeper_stage(mini_dataset) -> None:
+    from types import SimpleNamespace
+
+    from nas_kd.core.config import DistillConfig, TrainConfig
+    from nas_kd.nas.objective import TrialRecipe, at_edge
+
+    budget, space = Budget(macs=5_000_000), load_space("resnet")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for cap in (2, 0):
+        recipe = TrialRecipe(DistillConfig(), TrainConfig(), 1, edge_depth=cap)
+        ctx = SimpleNamespace(dataset=mini_dataset, budget=budget, latency=None, space=space, recipe=recipe)
+        depths = []
+        for _ in range(6):
+            trial = study.ask()
+            shape = space.sample(trial, shape=True)
+            spec, _ = at_edge(ctx, trial, shape)
+            assert trial.user_attrs[SHAPE_ATTR] == str(shape)  # Optuna models the shape drawn
+            depths += [s.depth for s in spec.stages]
+            study.tell(trial, 0.0)
+        assert (max(depths) <= 2) if cap else (max(depths) > 2), depths
+
+
+def test_the_depth_setting_is_guarded_and_a_bad_one_is_one_line(capsys, tmp_path: Path, monkeypatch) -> None:
+    from nas_kd import search
+
+    assert "edge_depth" not in guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+    assert guarded(SearchConfig(flops_budget=5_000_000, edge_depth="family"), "resnet")["edge_depth"] == "family"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("flops_budget: 5000000\nedge_depth: shallow\n")
+    assert search.main(["--config", "c.yaml"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "edge_depth must be one of free, family, got 'shallow'")
+    with pytest.raises(SystemExit) as bad:
+        search.main(["--flops-budget", "5M", "--edge-depth", "deep"])
+    assert bad.value.code == 2 and "--edge-depth" in capsys.readouterr().err
+    assert not (tmp_path / "studies").exists()
