@@ -32,7 +32,7 @@ def search_settings_id(base: SearchConfig, device: str) -> str:
     first CPU runs saw the default device, and keep their key)."""
     kept = {k: v for k, v in dataclasses.replace(base, device=SearchConfig.device).to_dict().items()
             if k not in ("seed", "cache_dir", "time_budget", "time_fixed", "final_augment", "search_share",
-                         "int8_target", "budget_edge", "edge_min_width")}
+                         "int8_target", "budget_edge", "edge_min_width", "edge_depth")}
     return settings_id({"config": json.dumps(kept, sort_keys=True), "v": 1, **({"device": device} if device != "cpu" else {})})
 
 

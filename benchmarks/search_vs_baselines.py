@@ -81,7 +81,7 @@ LATER_KEYS = ("more", "latency_budget_ms", "memory_budget", "latency_precision",
               "time_budget", "time_fixed",  # issue 26: off, the counts decide
               "final_augment",  # issue 26: auto, which leaves their 3-epoch retrains unaugmented
               "int8_target",  # issue 33: what the export quantizes for, not what is trained
-              "budget_edge", "edge_min_width",  # issue 32: what a search proposes, not how a pick is retrained
+              "budget_edge", "edge_min_width", "edge_depth",  # issue 32: what a search proposes, not how a pick is retrained
               "teacher_files", "teacher_input")  # issue 35: none at their defaults, the zoo's teachers alone
 # keys that change only what a search picks, not a retrain or an untrained pick: in the pick's key
 # of the three searching methods instead, and only when not 0 (the value before the key existed)
