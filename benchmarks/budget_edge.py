@@ -98,8 +98,10 @@ ADOPT_FROM = ("search_vs_baselines.json", "device_budgets.json", "headroom.json"
 
 
 def cell_config(budget: Budget, seed: int) -> SearchConfig:
+    """The cell's search settings; depths drawn free (`--edge-depth free`, the default before the
+    family's cap) for every method but edge-family and random-family, as their picks were made."""
     return SearchConfig(flops_budget=budget.macs, params_budget=budget.params, memory_budget=budget.memory, seed=seed,
-                        cache_dir=search_vs_baselines.CACHE_DIR, onnx=False)
+                        cache_dir=search_vs_baselines.CACHE_DIR, onnx=False, edge_depth="free")
 
 
 def retrain_sid(name: str, dataset: Dataset) -> str:

@@ -91,9 +91,9 @@ def build_parser() -> OneLineParser:
                    help="at the budget's edge: a shape whose stages come out narrower than this gives up blocks of "
                         f"its deepest stage for width (default {DEFAULTS.edge_min_width}; 0: depths stay as drawn)")
     g.add_argument("--edge-depth", choices=["free", "family"], default=DEFAULTS.edge_depth,
-                   help="at the budget's edge: free (default): depths drawn as the space allows; family: no deeper "
-                        "than the deepest of ResNet-20/14/8 that keeps 8 channels or more at the budget (2 blocks a "
-                        "stage at 5M MACs, no cap at 50M)")
+                   help="at the budget's edge: family (default): depths drawn no deeper than the deepest of "
+                        "ResNet-20/14/8 that keeps 8 channels or more at the budget (2 blocks a stage at 5M MACs, no "
+                        "cap at 50M); free: as the space allows")
     g.add_argument("--budget-floor", type=fraction(), metavar="SHARE",
                    help="with --budget-edge off only (the edge replaces it): students using less than this share "
                         "of every bound of the budget are not trained (default 0: off; applies with a MACs or "

@@ -192,7 +192,7 @@ def test_a_study_of_before_the_edge_resumes_only_as_it_was_made(tmp_path: Path) 
     storage = open_storage(f"sqlite:///{tmp_path / 'old.db'}", heartbeat=False)
     cfg = SearchConfig(flops_budget=5_000_000)
     old = guarded(cfg, "resnet")
-    del old["budget_edge"]
+    del old["budget_edge"], old["edge_depth"]
     study = optuna.create_study(storage=storage, study_name="old", direction="maximize")
     study.set_user_attr(STUDY_ATTR, {"guarded": old})
     with pytest.raises(InputError, match="created with search_space='resnet-v1', this run has search_space='resnet'"):
@@ -204,6 +204,16 @@ def test_a_study_of_before_the_edge_resumes_only_as_it_was_made(tmp_path: Path) 
     off = guarded(SearchConfig(flops_budget=5_000_000, search_space="resnet-v1", budget_edge="off"), "resnet-v1",
                   load_space("resnet-v1").fingerprint())
     assert open_study(storage, "old", False, 0, off).study_name == "old"
+    # a study at the edge made before the family's depth cap resumes only with --edge-depth free
+    space = load_space("resnet")
+    edge_before = guarded(cfg, "resnet", space.fingerprint())
+    del edge_before["edge_depth"]
+    optuna.create_study(storage=storage, study_name="edge", direction="maximize").set_user_attr(
+        STUDY_ATTR, {"guarded": edge_before})
+    with pytest.raises(InputError, match="created with edge_depth='free', this run has edge_depth='family'"):
+        open_study(storage, "edge", False, 0, guarded(cfg, "resnet", space.fingerprint()))
+    free = guarded(SearchConfig(flops_budget=5_000_000, edge_depth="free"), "resnet", space.fingerprint())
+    assert open_study(storage, "edge", False, 0, free).study_name == "edge"
     # a study made now records its space's choices: a space file changed since is refused
     new = guarded(cfg, "/x/space.yaml", "aaaaaaaaaaaa")
     open_study(storage, "new", False, 0, new)
@@ -259,12 +269,15 @@ def test_a_search_trains_only_students_at_the_edge(e2e_run: dict, tmp_path: Path
         assert 0.95 * 5_000_000 <= t.user_attrs["macs"] <= 5_000_000, (t.number, t.user_attrs["macs"])
         assert t.user_attrs[USE_ATTR] >= 0.95
         shape, spec = Spec.parse(t.user_attrs[SHAPE_ATTR]), Spec.parse(t.user_attrs[SPEC_ATTR])
-        assert [s.depth for s in shape.stages] == [s.depth for s in spec.stages]
+        # the depths drawn, capped by the family (the default --edge-depth: 2 blocks a stage at 5M)
+        assert [s.depth for s in capped(shape, load_space("resnet"), 2).stages] == [s.depth for s in spec.stages]
+        assert max(s.depth for s in spec.stages) <= 2
         assert t.user_attrs[EDGE_FACTOR_ATTR] > 0 and AT_LARGEST_ATTR not in t.user_attrs
         # Optuna modelled the widths' proportions, not the widths
         assert {"s0_ratio", "s1_ratio", "s2_ratio"} <= set(t.params) and not any("width" in k for k in t.params)
         assert shape.stem == SHAPE_STEM and shape.stages[0].width == round(SHAPE_STEM * t.params["s0_ratio"])
-    assert json.loads(json.dumps(study.user_attrs[STUDY_ATTR]["guarded"]))["budget_edge"] == "on"
+    recorded = json.loads(json.dumps(study.user_attrs[STUDY_ATTR]["guarded"]))
+    assert recorded["budget_edge"] == "on" and recorded["edge_depth"] == "family"
 
 
 def test_the_floor_is_refused_at_the_edge(capsys, tmp_path: Path, monkeypatch) -> None:
@@ -322,8 +335,9 @@ def test_a_trial_at_the_edge_with_the_family_cap_trains_no_deeper_stage(mini_dat
 def test_the_depth_setting_is_guarded_and_a_bad_one_is_one_line(capsys, tmp_path: Path, monkeypatch) -> None:
     from nas_kd import search
 
-    assert "edge_depth" not in guarded(SearchConfig(flops_budget=5_000_000), "resnet")
-    assert guarded(SearchConfig(flops_budget=5_000_000, edge_depth="family"), "resnet")["edge_depth"] == "family"
+    # always recorded: a study made before the cap (read as "free") resumes only with --edge-depth free
+    assert guarded(SearchConfig(flops_budget=5_000_000), "resnet")["edge_depth"] == "family"
+    assert guarded(SearchConfig(flops_budget=5_000_000, edge_depth="free"), "resnet")["edge_depth"] == "free"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.yaml").write_text("flops_budget: 5000000\nedge_depth: shallow\n")
     assert search.main(["--config", "c.yaml"]) == 2

@@ -124,7 +124,7 @@ class SearchConfig:
     edge_min_width: int = 0
     # at the edge: "family": a shape's depths are drawn no deeper than the deepest hand-made ResNet that
     # keeps 8 channels or more at this budget affords (nas_kd.nas.start.depth_cap); "free": as the space allows
-    edge_depth: str = "free"
+    edge_depth: str = "family"
     # students trained first, before the sampler proposes any (nas_kd.nas.start): "hand-made" (the
     # deepest of ResNet-20/14/8 scaled to the budget) and/or spec strings; each counts towards
     # `trials`, and a resumed study does not train one it holds again

@@ -43,13 +43,16 @@ GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "tea
                 "latency_precision", "latency_threads", "latency_table", "pareto_cost", "budget_floor", "budget_edge",
                 "edge_min_width", "edge_depth", "space_fingerprint")
 # keys added later: recorded only when not at their default, so older studies keep their names
-LATE_GUARDED_KEYS = ("edge_depth", "trial_score", "shipped_teachers", "latency_budget_ms", "memory_budget", "latency_precision",
+LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "memory_budget", "latency_precision",
                      "latency_threads", "latency_table", "pareto_cost")
 # keys added later that change what a trial's score means, so they are always recorded (and new
 # studies get new default names); a study recorded before such a key had this value
 # (`budget_floor` is recorded only when not 0, its default, so studies made before it keep their names;
-# `budget_edge` always, so a study of before it resumes only with --budget-edge off)
-LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0, "budget_edge": "off", "edge_min_width": 0}
+# `budget_edge` always, so a study of before it resumes only with --budget-edge off; `edge_depth`
+# always at the edge, so a study of the edge made before the family's cap resumes only with
+# --edge-depth free)
+LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0, "budget_edge": "off", "edge_min_width": 0,
+                 "edge_depth": "free"}
 # a study made before spaces' choices were recorded names the shipped space it used as it was then:
 # "resnet" then is "resnet-v1" now, so such a study resumes with --search-space resnet-v1 --budget-edge off
 LEGACY_SPACES = {"resnet": "resnet-v1"}
@@ -78,6 +81,8 @@ def guarded(cfg: SearchConfig, space_source: str, fingerprint: str | None = None
     for key in ("budget_floor", "edge_min_width"):
         if not d[key]:  # off: not recorded, so studies made before it keep their names
             del d[key]
+    if cfg.budget_edge == "off":  # depths are capped only at the edge: studies without it keep their names
+        del d["edge_depth"]
     if fingerprint is not None:  # what the space samples: a shipped space's choices change between versions
         d["space_fingerprint"] = fingerprint
     return {k: d[k] for k in GUARDED_KEYS if k in d and (k not in LATE_GUARDED_KEYS or d[k] != getattr(_DEFAULTS, k))}
