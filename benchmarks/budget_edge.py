@@ -11,7 +11,8 @@ holds layers no table can list in full, so those cells are not run here (see BEN
 
 Methods, each picking one student per cell and seed:
 
-- edge: `nas_kd.search` at its defaults (the `resnet` space, `--budget-edge on`), its winner;
+- edge: `nas_kd.search` at its defaults (the `resnet` space, `--budget-edge on`) as they were before
+  the family's depth cap (`--edge-depth free`: every method here but edge-family and random-family), its winner;
 - random-edge: the same with `--sampler random` (random shapes at the edge: same trials, same score);
 - off: today's search before the edge, `--budget-edge off --search-space resnet-v1`, its winner;
 - largest: of 200 seeded random specs of `resnet-v1` that fit, the one with the most MACs (the

@@ -93,7 +93,8 @@ def search_pick(method: str, cfg: SearchConfig, work: Path) -> tuple[Spec, dict[
 def draw_specs(space: SearchSpace, budget: Budget, n: int, seed: int, input_shape: tuple[int, int, int],
                num_classes: int, at_edge: bool = False) -> list[tuple[Spec, Cost]]:
     """The trial-score students: `n` distinct seeded random specs that fit `budget`, in the order
-    drawn; `at_edge`: random shapes repaired to the budget's edge, as the default search's trials are."""
+    drawn; `at_edge`: random shapes repaired to the budget's edge as the search's trials are, their
+    depths drawn free (`--edge-depth free`)."""
     if at_edge:
         return edge_specs(space, budget, n, seed, counter(input_shape, num_classes))
     return fitting_specs(space, budget, n, seed, counter(input_shape, num_classes))
@@ -103,7 +104,7 @@ def edge_specs(space: SearchSpace, budget: Budget, n: int, seed: int, cost: Call
                max_draws: int = 2000) -> list[tuple[Spec, Cost]]:
     """The first `n` distinct students that seeded random shapes (`SearchSpace.sample(shape=True)`,
     Optuna's random sampler) become when repaired to the budget's edge (`nas_kd.nas.edge.repair`,
-    the search's defaults), in the order drawn, with their cost; a shape that does not fit even at
+    the search's defaults but depths drawn free, `--edge-depth free`), in the order drawn, with their cost; a shape that does not fit even at
     the least widths is skipped."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     found: dict[str, tuple[Spec, Cost]] = {}

@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--choices", action="store_true", help="with --table-only: what each design choice (squeeze-"
                         "excite, kernel 5, bottleneck blocks, depth, stem) is worth at equal MACs and params")
     parser.add_argument("--edge", action="store_true", help="students at the budget's edge: random shapes repaired "
-                        "to the budget as the default search's trials are (default: random specs that fit)")
+                        "to the budget as the search's trials are, depths drawn free (default: random specs that fit)")
     parser.add_argument("--search-space", default=SearchConfig().search_space, metavar="NAME|YAML",
                         help="the space the students are drawn from (default: the search's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
