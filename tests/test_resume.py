@@ -199,3 +199,16 @@ def test_ctrl_c_in_the_search_command_says_what_is_left_and_the_same_command_fin
     assert "resuming this command's run (--trials 3)" in result.stderr
     study = optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path / 'studies' / 'c.db'}")
     assert study_training(study) == 3 and "winner" in study.user_attrs
+
+
+def test_a_run_recorded_before_the_depth_cap_keeps_its_id() -> None:
+    import hashlib
+    import json
+
+    from nas_kd.core.config import SearchConfig
+    from nas_kd.pipeline.resume import run_id
+
+    cfg = SearchConfig(flops_budget=5_000_000)
+    before = {k: v for k, v in cfg.to_dict().items() if k not in ("more", "edge_depth")}
+    assert run_id(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert run_id(SearchConfig(flops_budget=5_000_000, edge_depth="free")) != run_id(cfg)

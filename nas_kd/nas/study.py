@@ -49,8 +49,8 @@ LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "me
 # studies get new default names); a study recorded before such a key had this value
 # (`budget_floor` is recorded only when not 0, its default, so studies made before it keep their names;
 # `budget_edge` always, so a study of before it resumes only with --budget-edge off; `edge_depth`
-# always at the edge, so a study of the edge made before the family's cap resumes only with
-# --edge-depth free)
+# at the edge unless "free", so a study of the edge made before the family's cap resumes, under its
+# name, only with --edge-depth free)
 LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0, "budget_edge": "off", "edge_min_width": 0,
                  "edge_depth": "free"}
 # a study made before spaces' choices were recorded names the shipped space it used as it was then:
@@ -81,7 +81,7 @@ def guarded(cfg: SearchConfig, space_source: str, fingerprint: str | None = None
     for key in ("budget_floor", "edge_min_width"):
         if not d[key]:  # off: not recorded, so studies made before it keep their names
             del d[key]
-    if cfg.budget_edge == "off":  # depths are capped only at the edge: studies without it keep their names
+    if cfg.budget_edge == "off" or cfg.edge_depth == "free":  # as before the cap: studies keep their names
         del d["edge_depth"]
     if fingerprint is not None:  # what the space samples: a shipped space's choices change between versions
         d["space_fingerprint"] = fingerprint

@@ -19,6 +19,7 @@ import optuna
 import torch
 
 from nas_kd.core.config import SearchConfig, adapt_schedule
+from nas_kd.core.errors import InputError
 from nas_kd.core.progress import RunClock, log
 from nas_kd.core.units import format_duration
 from nas_kd.data.batches import BatchIterator, seeded_subset
@@ -236,9 +237,14 @@ def teach(prep: Prepared, opened: Opened, progress: bool) -> Taught:
             f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}: {kept}")
     cap = 0
     if cfg.budget_edge == "on" and cfg.edge_depth == "family":
-        cap = depth_cap(budget, dataset.input_shape, dataset.num_classes, prep.latency)
+        try:  # a latency only from a table: one measured here would time the family width by width
+            cap = depth_cap(budget, dataset.input_shape, dataset.num_classes,
+                            prep.latency if cfg.latency_table else None)
+            why = f"the deepest hand-made ResNet with {DEPTH_WIDTH} channels or more at this budget"
+        except InputError as e:  # a latency table without the family's layers
+            why = f"the hand-made family cannot be priced: {e}"
         log(f"depths drawn at the edge: {f'at most {cap} blocks a stage' if cap else 'as the space allows'} "
-            f"(--edge-depth family: the deepest hand-made ResNet with {DEPTH_WIDTH} channels or more at this budget)")
+            f"(--edge-depth family: {why})")
     trials = trial_context(prep.space, dataset, ensemble, budget, batches, targets, trial_recipe(cfg, budget, cap),
                            progress, scorer, prep.latency, prep.floor)
     return Taught(cfg, ensemble, subset, batches, targets, scorer, trials)

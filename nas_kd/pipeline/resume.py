@@ -28,6 +28,9 @@ from nas_kd.training.train import Checkpoint
 RUN_ATTR = "run"  # study user attribute: the record of the last run a command made in it
 PHASES = ("search", "retrain", "done")
 FREE_KEYS = ("more",)  # settings that say how to start a run, not what it is
+# settings added after runs were first recorded: left out at their defaults, so that an unfinished
+# run of before them keeps its id (the study's own guard says whether its trials still match)
+LATER_KEYS = ("edge_depth",)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -40,7 +43,8 @@ class Interrupted(KeyboardInterrupt):
 
 def run_id(cfg: SearchConfig) -> str:
     """The settings of one command, as a short id: the same command gives the same id."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in FREE_KEYS}
+    settings = {k: v for k, v in cfg.to_dict().items()
+                if k not in FREE_KEYS and not (k in LATER_KEYS and v == getattr(SearchConfig, k))}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
