@@ -23,6 +23,7 @@ from nas_kd.device.int8 import TARGET_NAMES, target_help
 from nas_kd.device.latency import PRECISIONS
 from nas_kd.distill.losses import LOSSES
 from nas_kd.distill.student import FINAL_AUGMENT, LONG_RETRAIN_EPOCHS
+from nas_kd.nas.edge import EDGE_DEPTHS
 from nas_kd.nas.objective import TRIAL_SCORES
 from nas_kd.nas.study import PRUNERS, SAMPLERS
 from nas_kd.nets.zoo import TEACHERS
@@ -90,7 +91,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--edge-min-width", type=_positive(int, 0), default=DEFAULTS.edge_min_width, metavar="CHANNELS",
                    help="at the budget's edge: a shape whose stages come out narrower than this gives up blocks of "
                         f"its deepest stage for width (default {DEFAULTS.edge_min_width}; 0: depths stay as drawn)")
-    g.add_argument("--edge-depth", choices=["free", "family"], default=DEFAULTS.edge_depth,
+    g.add_argument("--edge-depth", choices=list(EDGE_DEPTHS), default=DEFAULTS.edge_depth,
                    help="at the budget's edge: family (default): depths drawn no deeper than the deepest of "
                         "ResNet-20/14/8 that keeps 8 channels or more at the budget (2 blocks a stage at 5M MACs, no "
                         "cap at 50M); free: as the space allows")

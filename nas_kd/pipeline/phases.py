@@ -113,14 +113,14 @@ def budget_of(cfg: SearchConfig) -> Budget:
     return Budget(cfg.flops_budget, cfg.params_budget, cfg.latency_budget_ms, cfg.memory_budget)
 
 
-def trial_recipe(cfg: SearchConfig, budget: Budget, depth_cap: int = 0) -> TrialRecipe:
+def trial_recipe(cfg: SearchConfig, budget: Budget, cap: int = 0) -> TrialRecipe:
     """The trials' part of the settings. The repair raises single widths unless every latency is
-    measured here (seconds a spec, with no table to read). `depth_cap`: with --edge-depth family,
-    `start.depth_cap` of the budget (0: none)."""
+    measured here (seconds a spec, with no table to read). `cap`: the most blocks a stage of a
+    shape drawn may have (`teach` prices it with --edge-depth family; 0: none)."""
     measured = budget.latency_ms is not None and not cfg.latency_table
     return TrialRecipe(cfg.distill, cfg.train, cfg.trial_epochs, cfg.seed, cfg.trial_score, cfg.trial_reports,
                        cfg.bn_recalibration, cfg.objective == "pareto", cfg.pareto_cost, cfg.budget_edge == "on",
-                       not measured, cfg.edge_min_width, depth_cap if cfg.edge_depth == "family" else 0)
+                       not measured, cfg.edge_min_width, cap)
 
 
 def prepare(cfg: SearchConfig, clock: RunClock) -> Prepared:

@@ -245,7 +245,7 @@ def plan_retrain(cfg: SearchConfig, study: optuna.Study, dataset: Dataset, ensem
     recipe = RetrainRecipe.of(cfg)
     if recipe.augments(epochs) and recipe_uses_teachers(cfg.distill.weights()):
         # an augmented retrain first runs the teachers over its views (distill.retrain_targets)
-        views = min(cfg.ensemble_views, epochs)
+        views = min(recipe.views, epochs)
         cache = views * teacher_pass_seconds(ensemble, dataset, recipe_features(cfg.distill.weights()))
         augmented = epochs_left(cfg.time_budget, clock.elapsed() + cache, epoch, export_seconds(cfg))
         if recipe.augments(augmented):
