@@ -17,7 +17,9 @@ Methods, each picking one student per cell and seed:
 - off: today's search before the edge, `--budget-edge off --search-space resnet-v1`, its winner;
 - largest: of 200 seeded random specs of `resnet-v1` that fit, the one with the most MACs (the
   rule as `search_vs_baselines` measured it);
-- hand-made: `nas_kd.nas.start.hand_made` (the deepest ResNet at half width or more, scaled to fit);
+- hand-made: `nas_kd.nas.start.hand_made` (the deepest ResNet with 8 channels or more in every layer,
+  scaled to fit; the 5M picks of before 2026-12-08, ResNet-8 at x0.68 by the deepest at half width
+  or more, are kept under `picks-superseded`);
 - edge-min16: the edge search with `--edge-min-width 16` as it first was (a stage narrower than 16
   channels gave up blocks for width, but not a stage already one block deep, nor for a narrow
   stem), its winner; its picks are kept, the rule that made them is gone;

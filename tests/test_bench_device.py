@@ -20,6 +20,7 @@ from benchmarks.device_budgets import (
     table_path,
 )
 from nas_kd.device.latency import LatencyTable
+from nas_kd.nas.start import hand_made as start_hand_made
 from nas_kd.nas.start import scaled
 from nas_kd.nets.space import load_space
 from nas_kd.nets.zoo import teacher_spec
@@ -46,5 +47,9 @@ def test_every_hand_made_row_meets_its_budget_by_the_judged_costs(name: str) -> 
     assert {"hand-made mobilenetv2"} < set(rows)  # a ResNet row and MobileNetV2
     for row, spec in rows.items():
         assert budget.fits(cost_of(spec, table)), (row, str(spec), cost_of(spec, table))
+    # the ResNet row is the tool's own hand-made pick (`--start-from hand-made`) by the same table
+    (resnet,) = (spec for row, spec in rows.items() if row != "hand-made mobilenetv2")
+    found = start_hand_made(budget, INPUT, CLASSES, table.predict if budget.latency_ms is not None else None)
+    assert found is not None and resnet == found[0]
     if name == "latency-full":  # the budget is ResNet-20 at x1.00 by the table: it fits at full width
         assert rows["hand-made resnet20"] == scaled(teacher_spec("resnet20"), 1.0)
