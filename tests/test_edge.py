@@ -16,7 +16,7 @@ from nas_kd.device.latency import LatencyTable
 from nas_kd.device.memory import peak_activations
 from nas_kd.nas import start
 from nas_kd.nas.budget import Budget
-from nas_kd.nas.edge import EDGE_SHARE, allowed, capped, repair, scaled, widened
+from nas_kd.nas.edge import EDGE_SHARE, MIN_WIDTH_RULE, allowed, capped, repair, scaled, widened
 from nas_kd.nas.records import AT_LARGEST_ATTR, EDGE_FACTOR_ATTR, SHAPE_ATTR, SPEC_ATTR, USE_ATTR, was_trained
 from nas_kd.nas.study import STUDY_ATTR, guarded, open_storage, open_study
 from nas_kd.nets.arch import Spec, build
@@ -105,12 +105,37 @@ def test_a_narrow_stage_already_shallowest_widens_through_the_deepest() -> None:
     assert budget.fits(fixed.cost) and (fixed.share >= EDGE_SHARE or fixed.at_largest)
 
 
+def test_a_minimum_above_what_the_space_allows_is_met_at_its_greatest_width() -> None:
+    # resnet-v1's stem is 16 or 24 channels: a minimum of 32 cannot widen it, so a shape whose stages
+    # all reach 32 keeps its depths (the stem at 24) instead of giving up every block for nothing
+    budget = Budget(macs=50_000_000)
+    space, price = load_space("resnet-v1"), pricer(budget)
+    shape = Spec.parse("c24|bottleneck_d1_w32_s1_k3_e4|basic_d3_w48_s2_k3_e1_se|basic_d3_w128_s2_k3_e1_se")
+    assert allowed(space)[0][-1] == 24
+    fixed = repair(shape, space, budget, price, min_width=32)
+    assert fixed == repair(shape, space, budget, price) and fixed.depth_given == 0
+    assert fixed.spec.stem == 24 and min(s.width for s in fixed.spec.stages) >= 32
+    assert [s.depth for s in fixed.spec.stages] == [1, 3, 3] and fixed.share >= EDGE_SHARE
+
+
 def test_the_minimum_width_is_guarded_and_a_bad_one_is_one_line(capsys, tmp_path: Path, monkeypatch) -> None:
     from nas_kd import search
 
     space = load_space("resnet")
     assert "edge_min_width" not in guarded(SearchConfig(flops_budget=5_000_000), "resnet", space.fingerprint())
-    assert guarded(SearchConfig(flops_budget=5_000_000, edge_min_width=16), "resnet")["edge_min_width"] == 16
+    assert "edge_min_width_rule" not in guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+    made = guarded(SearchConfig(flops_budget=5_000_000, edge_min_width=16), "resnet", space.fingerprint())
+    assert made["edge_min_width"] == 16 and made["edge_min_width_rule"] == MIN_WIDTH_RULE
+    # a study made with a minimum width under the first rule (no rule recorded) is refused, not resumed
+    storage = open_storage(f"sqlite:///{tmp_path / 'old.db'}", heartbeat=False)
+    before = {k: v for k, v in made.items() if k != "edge_min_width_rule"}
+    optuna.create_study(storage=storage, study_name="w16", direction="maximize").set_user_attr(
+        STUDY_ATTR, {"guarded": before})
+    with pytest.raises(InputError, match=f"made under version 1 of --edge-min-width's rule, this run has version "
+                                         f"{MIN_WIDTH_RULE}: its trials would not match; use another --study-name"):
+        open_study(storage, "w16", False, 0, made)
+    open_study(storage, "now", False, 0, made)
+    assert open_study(storage, "now", False, 0, made).study_name == "now"
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as bad:
         search.main(["--flops-budget", "5M", "--edge-min-width", "-4"])

@@ -25,7 +25,9 @@ narrower gives up one block and the shape is repaired again: a narrow stage give
 (the deepest such stage; of equal ones, the first), else the deepest stage of all, since one
 factor scales every width and a block given up anywhere widens them all. That ends when no width
 is under the minimum or every stage is at the space's least depth: a narrow student is a shallow
-one, as compound scaling (Tan & Le, EfficientNet, ICML 2019) keeps depth and width in step.
+one, as compound scaling (Tan & Le, EfficientNet, ICML 2019) keeps depth and width in step. A
+width the space cannot reach (a minimum above the greatest the stem or a stage allows) counts as
+met at that greatest width: no block given up would widen it further.
 Optuna still models the shape drawn; the trial records the blocks given up (`Repair.depth_given`).
 
 Depth drawn with the budget in view (`capped`, `--edge-depth family`): before the repair, each
@@ -48,6 +50,11 @@ EDGE_SHARE = 0.95  # a repaired student uses at least this share of its binding 
 STEP = 0.01  # of the factor the widths are scaled by
 WIDTH_GRID = 4  # widths are multiples of this
 EDGE_DEPTHS = ("free", "family")  # --edge-depth: depths as the space allows, or capped by the hand-made family
+# the version of `repair`'s depth for width, recorded with a study made with a minimum width (its
+# trials would not match another's): 1, only a narrow stage gave up blocks, and not one already at
+# its least depth, nor for a narrow stem; 2, the stem counted, and the deepest stage gave when no
+# narrow one could; 3, a minimum above a width's greatest allowed met there
+MIN_WIDTH_RULE = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,15 +104,16 @@ def repair(shape: Spec, space: SearchSpace, budget: Budget, price: Callable[[Spe
         return prices[spec]
 
     least = [min(st.depth) for st in space.stages]
+    floors = [min(min_width, c[-1]) for c in allowed(space)]  # the minimum, where the space can reach it
     given = 0
     while True:
         fixed = _scale_to_edge(shape, space, budget, cost, fill)
         # the stages that can give up a block; a narrow one gives first (a shape too deep to fit even at
         # the least widths gives up depth too: its widths are the least)
         givers = [i for i, (s, d) in enumerate(zip(fixed.spec.stages, least)) if s.depth > d]
-        if not givers or min(_widths(fixed.spec)) >= min_width:
+        if not givers or all(w >= f for w, f in zip(_widths(fixed.spec), floors)):
             return dataclasses.replace(fixed, depth_given=given)
-        narrow = [i for i in givers if fixed.spec.stages[i].width < min_width]
+        narrow = [i for i in givers if fixed.spec.stages[i].width < floors[i + 1]]
         i = max(narrow or givers, key=lambda k: (shape.stages[k].depth, -k))  # the deepest; of equal ones, the first
         shape = _with_stage(shape, i, depth=shape.stages[i].depth - 1)
         given += 1

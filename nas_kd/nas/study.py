@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.errors import InputError
+from nas_kd.nas.edge import MIN_WIDTH_RULE
 from nas_kd.nas.records import (
     FAIL_ATTR,
     REPEAT_ATTR,
@@ -41,7 +42,7 @@ GUARDED_KEYS = ("dataset", "flops_budget", "params_budget", "search_space", "tea
                 "teacher_ckpts", "subset", "trial_epochs", "objective", "distill", "train", "ensemble_views", "seed",
                 "trial_score", "shipped_teachers", "bn_recalibration", "latency_budget_ms", "memory_budget",
                 "latency_precision", "latency_threads", "latency_table", "pareto_cost", "budget_floor", "budget_edge",
-                "edge_min_width", "edge_depth", "space_fingerprint")
+                "edge_min_width", "edge_min_width_rule", "edge_depth", "space_fingerprint")
 # keys added later: recorded only when not at their default, so older studies keep their names
 LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "memory_budget", "latency_precision",
                      "latency_threads", "latency_table", "pareto_cost")
@@ -50,9 +51,10 @@ LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "me
 # (`budget_floor` is recorded only when not 0, its default, so studies made before it keep their names;
 # `budget_edge` always, so a study of before it resumes only with --budget-edge off; `edge_depth`
 # at the edge unless "free", so a study of the edge made before the family's cap resumes, under its
-# name, only with --edge-depth free)
+# name, only with --edge-depth free; `edge_min_width_rule`, edge.MIN_WIDTH_RULE, with a minimum width,
+# so that a study made under an earlier rule is refused rather than resumed under another)
 LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0, "budget_edge": "off", "edge_min_width": 0,
-                 "edge_depth": "free"}
+                 "edge_depth": "free", "edge_min_width_rule": 1}
 # a study made before spaces' choices were recorded names the shipped space it used as it was then:
 # "resnet" then is "resnet-v1" now, so such a study resumes with --search-space resnet-v1 --budget-edge off
 LEGACY_SPACES = {"resnet": "resnet-v1"}
@@ -81,6 +83,8 @@ def guarded(cfg: SearchConfig, space_source: str, fingerprint: str | None = None
     for key in ("budget_floor", "edge_min_width"):
         if not d[key]:  # off: not recorded, so studies made before it keep their names
             del d[key]
+    if cfg.edge_min_width:
+        d["edge_min_width_rule"] = MIN_WIDTH_RULE
     if cfg.budget_edge == "off" or cfg.edge_depth == "free":  # as before the cap: studies keep their names
         del d["edge_depth"]
     if fingerprint is not None:  # what the space samples: a shipped space's choices change between versions
@@ -282,6 +286,9 @@ def open_study(storage: RDBStorage, name: str, pareto: bool, seed: int, guarded:
                 raise InputError(f"study {name!r} was created with another {recorded.get('search_space')!r} space "
                                  f"(fingerprint {was}, this one {is_}): its trials would not match; use the space it "
                                  "was made with, or another --study-name")
+            if key == "edge_min_width_rule" and was != is_:
+                raise InputError(f"study {name!r} was made under version {was} of --edge-min-width's rule, this run "
+                                 f"has version {is_}: its trials would not match; use another --study-name")
             if was != is_:
                 raise InputError(f"study {name!r} was created with {key}={was!r}, this run has {key}={is_!r}; use "
                                  "the same settings to resume, or another --study-name")
