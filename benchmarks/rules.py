@@ -91,28 +91,30 @@ def search_pick(method: str, cfg: SearchConfig, work: Path) -> tuple[Spec, dict[
 
 
 def draw_specs(space: SearchSpace, budget: Budget, n: int, seed: int, input_shape: tuple[int, int, int],
-               num_classes: int, at_edge: bool = False) -> list[tuple[Spec, Cost]]:
+               num_classes: int, at_edge: bool = False, cap: int = 0) -> list[tuple[Spec, Cost]]:
     """The trial-score students: `n` distinct seeded random specs that fit `budget`, in the order
     drawn; `at_edge`: random shapes repaired to the budget's edge as the search's trials are, their
-    depths drawn free (`--edge-depth free`)."""
+    depths capped at `cap` blocks a stage as `--edge-depth family` does (0: drawn free)."""
     if at_edge:
-        return edge_specs(space, budget, n, seed, counter(input_shape, num_classes))
+        return edge_specs(space, budget, n, seed, counter(input_shape, num_classes), cap=cap)
     return fitting_specs(space, budget, n, seed, counter(input_shape, num_classes))
 
 
 def edge_specs(space: SearchSpace, budget: Budget, n: int, seed: int, cost: Callable[[Spec], Cost],
-               max_draws: int = 2000) -> list[tuple[Spec, Cost]]:
+               max_draws: int = 2000, cap: int = 0) -> list[tuple[Spec, Cost]]:
     """The first `n` distinct students that seeded random shapes (`SearchSpace.sample(shape=True)`,
     Optuna's random sampler) become when repaired to the budget's edge (`nas_kd.nas.edge.repair`,
-    the search's defaults but depths drawn free, `--edge-depth free`), in the order drawn, with their cost; a shape that does not fit even at
-    the least widths is skipped."""
+    the search's defaults; depths mapped under `cap` by `nas_kd.nas.edge.capped` first, 0: drawn
+    free), in the order drawn, with their cost; a shape that does not fit even at the least widths
+    is skipped."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     found: dict[str, tuple[Spec, Cost]] = {}
     for _ in range(max_draws):
         if len(found) == n:
             return list(found.values())
         trial = study.ask()
-        fixed = edge.repair(space.sample(trial, shape=True), space, budget, cost)
+        shape = space.sample(trial, shape=True)
+        fixed = edge.repair(edge.capped(shape, space, cap) if cap else shape, space, budget, cost)
         study.tell(trial, 0.0)
         if budget.fits(fixed.cost) and str(fixed.spec) not in found:
             found[str(fixed.spec)] = (fixed.spec, fixed.cost)

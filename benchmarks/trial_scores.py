@@ -6,7 +6,8 @@
 
 It draws `--specs` seeded random students of the default search space (or `--search-space`) under
 `--budget` MACs (with `--edge`, random shapes repaired to the budget's edge, as the default search's
-trials are: students of equal cost) and,
+trials are: students of equal cost; their depths drawn free, or with `--edge-depth family` capped
+as the search's default caps them) and,
 for each, its **reference**: validation accuracy after the search's final retrain (the default
 `--final-epochs` and recipe, from the default teachers) on `--reference-images` training images
 (the whole training split with 0). Then it computes every trial score of the search on the same
@@ -59,6 +60,8 @@ from benchmarks.trial_score_runs import (
 from nas_kd.core.config import SearchConfig
 from nas_kd.core.units import parse_count
 from nas_kd.data.datasets import load_dataset
+from nas_kd.nas import start
+from nas_kd.nas.edge import EDGE_DEPTHS
 from nas_kd.nets.space import load_space
 from nas_kd.pipeline.phases import budget_of
 from nas_kd.teaching.ensemble import ensemble_from_config
@@ -100,7 +103,10 @@ def main() -> None:
     parser.add_argument("--choices", action="store_true", help="with --table-only: what each design choice (squeeze-"
                         "excite, kernel 5, bottleneck blocks, depth, stem) is worth at equal MACs and params")
     parser.add_argument("--edge", action="store_true", help="students at the budget's edge: random shapes repaired "
-                        "to the budget as the search's trials are, depths drawn free (default: random specs that fit)")
+                        "to the budget as the search's trials are (default: random specs that fit)")
+    parser.add_argument("--edge-depth", choices=list(EDGE_DEPTHS), default="free",
+                        help="with --edge: depths drawn as the space allows (free, the default here: the students "
+                             "of the recorded tables) or capped as the search's default does (family)")
     parser.add_argument("--search-space", default=SearchConfig().search_space, metavar="NAME|YAML",
                         help="the space the students are drawn from (default: the search's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -109,6 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.baselines and args.scores_only:
         parser.error("--baselines computes references, --scores-only none: pass one of them")
+    if args.edge_depth == "family" and not args.edge:
+        parser.error("--edge-depth caps the depths of students at the edge: add --edge")
     if args.ceiling and not args.table_only:
         parser.error("--ceiling simulates searches from what the results file holds: add --table-only")
     if args.half_cost and args.table_only:
@@ -128,8 +136,9 @@ def main() -> None:
     budget = budget_of(cfg)
     ensemble = ensemble_from_config(cfg, dataset, progress=False, log=lambda m: log("  " + m))
     bench = Bench(cfg, dataset, space, budget, ensemble, ResultsFile(args.results))
-    specs = draw_specs(space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes, args.edge)
-    drawn = "students at the edge" if args.edge else "random specs"
+    cap = start.depth_cap(budget, dataset.input_shape, dataset.num_classes) if args.edge_depth == "family" else 0
+    specs = draw_specs(space, budget, args.specs, args.seed, dataset.input_shape, dataset.num_classes, args.edge, cap)
+    drawn = ("students at the edge" + (f", at most {cap} blocks a stage" if cap else "")) if args.edge else "random specs"
     log(f"{len(specs)} {drawn} of {space.name} under {budget} (seed {args.seed}); reference: "
         f"{cfg.final_epochs} epochs on {args.reference_images or len(dataset.train)} images, recipe "
         f"{cfg.distill.describe()}; {machine()}")

@@ -19,3 +19,13 @@ def test_students_at_the_edge_are_distinct_at_the_edge_and_the_same_every_time()
         space.params_of(spec)  # a student of the space
     assert [str(s) for s, _ in edge_specs(space, budget, 4, seed=0, cost=cost)] == [str(s) for s, _ in drawn]
     assert [str(s) for s, _ in edge_specs(space, budget, 4, seed=1, cost=cost)] != [str(s) for s, _ in drawn]
+
+
+def test_students_at_the_edge_under_the_familys_cap_are_no_deeper_than_it() -> None:
+    space, budget = load_space("resnet"), Budget(macs=5_000_000)
+    cost = counter((1, 28, 28), 10)
+    free = edge_specs(space, budget, 6, seed=0, cost=cost)
+    capped = edge_specs(space, budget, 6, seed=0, cost=cost, cap=2)
+    assert max(s.depth for spec, _ in free for s in spec.stages) > 2  # drawn free, some stage is deeper
+    for spec, c in capped:
+        assert max(s.depth for s in spec.stages) <= 2 and budget.use(c) >= EDGE_SHARE, spec
