@@ -89,8 +89,9 @@ def build_parser() -> OneLineParser:
                         "widths' proportions) and its widths are scaled to the largest that fit every bound, so "
                         "trials compare designs at equal cost; off: students are trained as sampled, as before")
     g.add_argument("--edge-min-width", type=_positive(int, 0), default=DEFAULTS.edge_min_width, metavar="CHANNELS",
-                   help="at the budget's edge: a shape whose stages come out narrower than this gives up blocks of "
-                        f"its deepest stage for width (default {DEFAULTS.edge_min_width}; 0: depths stay as drawn)")
+                   help="at the budget's edge: a shape whose stem or a stage comes out narrower than this (or than "
+                        "the greatest width the space allows there) gives up blocks for width, a narrow stage's "
+                        f"first, else the deepest stage's (default {DEFAULTS.edge_min_width}; 0: depths stay as drawn)")
     g.add_argument("--edge-depth", choices=list(EDGE_DEPTHS), default=DEFAULTS.edge_depth,
                    help="at the budget's edge: family (default): depths drawn no deeper than the deepest of "
                         "ResNet-20/14/8 that keeps 8 channels or more at the budget (2 blocks a stage at 5M MACs, no "

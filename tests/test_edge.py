@@ -124,6 +124,8 @@ def test_the_minimum_width_is_guarded_and_a_bad_one_is_one_line(capsys, tmp_path
     space = load_space("resnet")
     assert "edge_min_width" not in guarded(SearchConfig(flops_budget=5_000_000), "resnet", space.fingerprint())
     assert "edge_min_width_rule" not in guarded(SearchConfig(flops_budget=5_000_000), "resnet")
+    assert "edge_min_width_rule" not in guarded(  # no repair, no rule: the study keeps its name
+        SearchConfig(flops_budget=5_000_000, edge_min_width=16, budget_edge="off"), "resnet")
     made = guarded(SearchConfig(flops_budget=5_000_000, edge_min_width=16), "resnet", space.fingerprint())
     assert made["edge_min_width"] == 16 and made["edge_min_width_rule"] == MIN_WIDTH_RULE
     # a study made with a minimum width under the first rule (no rule recorded) is refused, not resumed
@@ -131,8 +133,9 @@ def test_the_minimum_width_is_guarded_and_a_bad_one_is_one_line(capsys, tmp_path
     before = {k: v for k, v in made.items() if k != "edge_min_width_rule"}
     optuna.create_study(storage=storage, study_name="w16", direction="maximize").set_user_attr(
         STUDY_ATTR, {"guarded": before})
-    with pytest.raises(InputError, match=f"made under version 1 of --edge-min-width's rule, this run has version "
-                                         f"{MIN_WIDTH_RULE}: its trials would not match; use another --study-name"):
+    with pytest.raises(InputError, match=f"made under version 1 or 2 of --edge-min-width's rule, this run has "
+                                         f"version {MIN_WIDTH_RULE}: its trials would not match; use another "
+                                         "--study-name"):
         open_study(storage, "w16", False, 0, made)
     open_study(storage, "now", False, 0, made)
     assert open_study(storage, "now", False, 0, made).study_name == "now"
@@ -320,6 +323,18 @@ def test_the_family_caps_depth_by_what_the_budget_affords() -> None:
     assert start.depth_cap(Budget(macs=50_000_000), INPUT, CLASSES) == 0
     assert start.depth_cap(Budget(macs=2_000_000), INPUT, CLASSES) == 1
     assert start.depth_cap(Budget(latency_ms=1.0), INPUT, CLASSES) == 0  # nothing to scale the family to
+    # the cap is the hand-made pick's depth, so a latency table need price only the ResNets (not
+    # MobileNetV2); one that cannot price them is an InputError, which the run reports as no cap
+    def resnets_only(spec: Spec) -> float:
+        if any(s.block != "basic" for s in spec.stages):
+            raise InputError("the table has no layer for it")
+        return fake_latency(spec)
+
+    at_half = Budget(latency_ms=round(fake_latency(start.scaled(start.teacher_spec("resnet20"), 0.4)), 4))
+    assert start.depth_cap(at_half, INPUT, CLASSES, resnets_only) == 2  # ResNet-14 at x0.62
+    assert start.hand_made(at_half, INPUT, CLASSES, resnets_only)[1] == "ResNet-14 at x0.62 widths"
+    with pytest.raises(InputError):
+        start.depth_cap(at_half, INPUT, CLASSES, lambda spec: resnets_only(Spec.parse("c8|bottleneck_d1_w8_s1_k3_e2")))
 
 
 def test_capped_depths_keep_every_depth_under_the_cap_about_as_likely() -> None:

@@ -48,8 +48,10 @@ GIVEN = "c16|basic_d1_w16_s1_k3_e1|basic_d1_w32_s2_k3_e1|basic_d1_w64_s2_k3_e1"
     # ResNet-14 below half its widths: every layer keeps 8 channels (the rule of half widths or
     # more picked ResNet-8 at x0.68, 12/20/44, which was worse on each of 3 seeds)
     (Budget(5_000_000), "c8|basic_d2_w8_s1_k3_e1|basic_d2_w16_s2_k3_e1|basic_d2_w28_s2_k3_e1", "ResNet-14 at x0.46"),
-    # at 2M no deeper ResNet keeps 8 channels in every layer
+    # at 2M no deeper ResNet keeps 8 channels in every layer; at 1M not even ResNet-8 does: it is
+    # taken narrower still
     (Budget(2_000_000), "c8|basic_d1_w8_s1_k3_e1|basic_d1_w12_s2_k3_e1|basic_d1_w28_s2_k3_e1", "ResNet-8 at x0.43"),
+    (Budget(1_000_000), "c4|basic_d1_w4_s1_k3_e1|basic_d1_w12_s2_k3_e1|basic_d1_w24_s2_k3_e1", "ResNet-8 at x0.37"),
     (Budget(12_000_000), "c8|basic_d3_w8_s1_k3_e1|basic_d3_w20_s2_k3_e1|basic_d3_w40_s2_k3_e1", "ResNet-20 at x0.62"),
     (Budget(None, 100_000), "c8|basic_d3_w8_s1_k3_e1|basic_d3_w20_s2_k3_e1|basic_d3_w36_s2_k3_e1", "ResNet-20 at x0.59"),
 ])
@@ -221,6 +223,13 @@ def test_a_search_trains_its_start_points_first_and_once_per_study(e2e_run: dict
     assert enqueue_start_points(study, points) == [f"start point hand-made: {made} is already in the study",
                                       f"start point given: {GIVEN} is already in the study"]
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 0
+    # resumed after the hand-made pick changed (a rule of another version, a latency timed again): the
+    # study keeps the one it has and trains no second
+    other = dataclasses.replace(points[0], spec=Spec.parse("c8|basic_d2_w8_s1_k3_e1|basic_d2_w16_s2_k3_e1"))
+    assert enqueue_start_points(study, [other]) == [
+        f"start point hand-made: the study has {made} already (picked when it was made); {other.spec} is not added"]
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 0
+    assert study.user_attrs[START_POINTS_ATTR] == {made: HAND_MADE, GIVEN: "given"}
 
 
 def _family_table() -> LatencyTable:

@@ -119,8 +119,8 @@ class SearchConfig:
     # "on": every sampled shape's widths are scaled to the largest that fit the budget (nas_kd.nas.edge),
     # so trials compare designs at equal cost; "off": trained as sampled (studies made before it)
     budget_edge: str = "on"
-    # at the edge: a shape whose repaired stages are narrower than this many channels gives up blocks
-    # of its deepest stage for width (nas_kd.nas.edge); 0: depths stay as drawn
+    # at the edge: a shape whose repaired stem or a stage is narrower than this many channels (or than
+    # the greatest width the space allows there) gives up blocks for width (nas_kd.nas.edge); 0: depths stay as drawn
     edge_min_width: int = 0
     # at the edge: "family": a shape's depths are drawn no deeper than the deepest hand-made ResNet that
     # keeps 8 channels or more at this budget affords (nas_kd.nas.start.depth_cap); "free": as the space allows

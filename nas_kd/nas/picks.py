@@ -21,7 +21,7 @@ from nas_kd.nas.records import (
     is_feasible,
     was_trained,
 )
-from nas_kd.nas.start import StartPoint
+from nas_kd.nas.start import HAND_MADE, StartPoint
 from nas_kd.nets.cost import Cost
 
 
@@ -65,7 +65,9 @@ def enqueue_start_points(study: optuna.Study, points: list[StartPoint]) -> list[
     trial of its spec counts as the start point whoever proposed it); one log line per point. A
     spec is held when a trial of it is waiting, running, or completed and scored; one that was
     only rejected, pruned before this version exempted start points, or failed is enqueued again.
-    Workers that start at the same moment may each enqueue it: give --start-from to one of them."""
+    A study holds one hand-made network: one resumed after its pick changed (a latency timed again,
+    or the rule of an earlier version) keeps the one it has. Workers that start at the same moment
+    may each enqueue it: give --start-from to one of them."""
     held: set[str] = set()
     for t in study.get_trials(deepcopy=False):
         spec = t.user_attrs.get(SPEC_ATTR, t.user_attrs.get(START_SPEC_ATTR))
@@ -74,6 +76,11 @@ def enqueue_start_points(study: optuna.Study, points: list[StartPoint]) -> list[
     recorded = dict(study.user_attrs.get(START_POINTS_ATTR, {}))
     lines = []
     for p in points:
+        made = [spec for spec, name in recorded.items() if name == HAND_MADE and spec != str(p.spec)]
+        if p.name == HAND_MADE and made:
+            lines.append(f"start point {p.name}: the study has {made[0]} already (picked when it was made); "
+                         f"{p.spec} is not added")
+            continue
         recorded.setdefault(str(p.spec), p.name)
         if str(p.spec) in held:
             lines.append(f"start point {p.name}: {p.spec} is already in the study")

@@ -51,10 +51,11 @@ LATE_GUARDED_KEYS = ("trial_score", "shipped_teachers", "latency_budget_ms", "me
 # (`budget_floor` is recorded only when not 0, its default, so studies made before it keep their names;
 # `budget_edge` always, so a study of before it resumes only with --budget-edge off; `edge_depth`
 # at the edge unless "free", so a study of the edge made before the family's cap resumes, under its
-# name, only with --edge-depth free; `edge_min_width_rule`, edge.MIN_WIDTH_RULE, with a minimum width,
-# so that a study made under an earlier rule is refused rather than resumed under another)
+# name, only with --edge-depth free; `edge_min_width_rule`, edge.MIN_WIDTH_RULE, with a minimum width
+# at the edge, so that a study made under an earlier rule, 1 or 2 (neither recorded), is refused
+# rather than resumed under another, and the default name of such a run is new)
 LEGACY_VALUES = {"bn_recalibration": 0, "budget_floor": 0.0, "budget_edge": "off", "edge_min_width": 0,
-                 "edge_depth": "free", "edge_min_width_rule": 1}
+                 "edge_depth": "free", "edge_min_width_rule": "1 or 2"}
 # a study made before spaces' choices were recorded names the shipped space it used as it was then:
 # "resnet" then is "resnet-v1" now, so such a study resumes with --search-space resnet-v1 --budget-edge off
 LEGACY_SPACES = {"resnet": "resnet-v1"}
@@ -83,7 +84,7 @@ def guarded(cfg: SearchConfig, space_source: str, fingerprint: str | None = None
     for key in ("budget_floor", "edge_min_width"):
         if not d[key]:  # off: not recorded, so studies made before it keep their names
             del d[key]
-    if cfg.edge_min_width:
+    if cfg.edge_min_width and cfg.budget_edge == "on":  # off, no repair: the rule plays no part
         d["edge_min_width_rule"] = MIN_WIDTH_RULE
     if cfg.budget_edge == "off" or cfg.edge_depth == "free":  # as before the cap: studies keep their names
         del d["edge_depth"]

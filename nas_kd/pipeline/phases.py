@@ -241,7 +241,7 @@ def teach(prep: Prepared, opened: Opened, progress: bool) -> Taught:
             cap = depth_cap(budget, dataset.input_shape, dataset.num_classes,
                             prep.latency if cfg.latency_table else None)
             why = f"the deepest hand-made ResNet with {DEPTH_WIDTH} channels or more at this budget"
-        except InputError as e:  # a latency table without the family's layers
+        except InputError as e:  # a latency table without the ResNets' layers
             why = f"the hand-made family cannot be priced: {e}"
         log(f"depths drawn at the edge: {f'at most {cap} blocks a stage' if cap else 'as the space allows'} "
             f"(--edge-depth family: {why})")
