@@ -31,9 +31,10 @@ Methods, each picking one student of the default space (`resnet`) per budget and
 - hand-made: the hand-made family (`nas_kd.nas.start.family`: ResNet-20, -14, -8 and MobileNetV2,
   each at the largest width that meets the budget) narrowed as `nas_kd.nas.start.hand_made` does for
   the ResNets (the deepest with 8 channels or more in every layer; the picks recorded before
-  2026-12-08 took the deepest at half width or more, which picked ResNet-14 x0.50 at latency-half
-  where ResNet-20 x0.50 now), every member retrained and the best on validation kept: `hand-made
-  resnet` and `hand-made mobilenetv2` are its two rows.
+  2026-12-08 took the deepest at half width or more, ResNet-14 at x0.56, 8/16/36 channels, at
+  latency-half where ResNet-20 at x0.43, 8/12/28, now: those picks are kept under
+  `picks-superseded`), every member retrained and the best on validation kept: `hand-made resnet`
+  and `hand-made mobilenetv2` are its two rows.
 
 Every pick is retrained like `benchmarks.search_vs_baselines` (3 epochs, every training image,
 the shipped ensemble, seed S) and tested once. Each pick's latency is measured here too (fp32,
