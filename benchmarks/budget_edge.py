@@ -17,9 +17,9 @@ Methods, each picking one student per cell and seed:
 - off: today's search before the edge, `--budget-edge off --search-space resnet-v1`, its winner;
 - largest: of 200 seeded random specs of `resnet-v1` that fit, the one with the most MACs (the
   rule as `search_vs_baselines` measured it);
-- hand-made: `nas_kd.nas.start.hand_made` (the deepest ResNet with 8 channels or more in every layer,
-  scaled to fit; the 5M picks of before 2026-12-08, ResNet-8 at x0.68 by the deepest at half width
-  or more, are kept under `picks-superseded`);
+- hand-made: `nas_kd.nas.start.hand_made` (the deepest ResNet at 0.45 of its widths or more, scaled
+  to fit; the 5M picks of before 2026-12-08, ResNet-8 at x0.68 by the deepest at half width or
+  more, are kept under `picks-superseded`);
 - edge-min16: the edge search with `--edge-min-width 16` as it first was (a stage narrower than 16
   channels gave up blocks for width, but not a stage already one block deep, nor for a narrow
   stem), its winner; its picks are kept, the rule that made them is gone;
@@ -30,8 +30,8 @@ Methods, each picking one student per cell and seed:
   in the same `--work`), each retrained with the fixed recipe, the one of best validation accuracy
   kept: `--finalists 3`, retrain for retrain what hand-made-best spends;
 - edge-family / random-family: the edge search, and random shapes at the edge, with `--edge-depth
-  family` (depths drawn no deeper than the deepest hand-made ResNet with 8 channels or more at the
-  budget affords: 2 blocks a stage at 5M), their winners;
+  family` (depths drawn no deeper than the hand-made ResNet's: 2 blocks a stage at 5M, by the rule
+  of then, the deepest with 8 channels or more, and by today's), their winners;
 - hand-made-best: the hand-made family's best on validation: ResNet-20, -14 and -8 each scaled to
   the largest width that fits (`nas_kd.nas.start.family`, at any width), each retrained with the fixed recipe, the
   one of best validation accuracy kept (a person who trains all three);

@@ -30,11 +30,9 @@ Methods, each picking one student of the default space (`resnet`) per budget and
 - largest: of 200 seeded specs of the space that meet the budget, the one with the most MACs;
 - hand-made: the hand-made family (`nas_kd.nas.start.family`: ResNet-20, -14, -8 and MobileNetV2,
   each at the largest width that meets the budget) narrowed as `nas_kd.nas.start.hand_made` does for
-  the ResNets (the deepest with 8 channels or more in every layer; the picks recorded before
-  2026-12-08 took the deepest at half width or more, ResNet-14 at x0.56, 8/16/36 channels, at
-  latency-half where ResNet-20 at x0.43, 8/12/28, now: those picks are kept under
-  `picks-superseded`), every member retrained and the best on validation kept: `hand-made resnet`
-  and `hand-made mobilenetv2` are its two rows.
+  the ResNets (the deepest at 0.45 of its widths or more; before 2026-12-08, at half or more: the
+  same picks on these three budgets, ResNet-14 at x0.56 at latency-half), every member retrained
+  and the best on validation kept: `hand-made resnet` and `hand-made mobilenetv2` are its two rows.
 
 Every pick is retrained like `benchmarks.search_vs_baselines` (3 epochs, every training image,
 the shipped ensemble, seed S) and tested once. Each pick's latency is measured here too (fp32,
@@ -137,12 +135,12 @@ def cost_of(spec: Spec, table: LatencyTable) -> Cost:
 
 
 def hand_made(budget: Budget, table: LatencyTable) -> dict[str, Spec]:
-    """The hand-made family's rows: the ResNet `nas_kd.nas.start.hand_made` picks (the deepest with
-    8 channels or more in every layer, ResNet-8 narrower if none), and MobileNetV2, each at the
-    largest width that meets the budget by the table."""
+    """The hand-made family's rows: the ResNet `nas_kd.nas.start.hand_made` picks (the deepest at
+    0.45 of its widths or more, ResNet-8 narrower if none), and MobileNetV2, each at the largest
+    width that meets the budget by the table."""
     members = start.family(budget, INPUT, CLASSES, table.predict if budget.latency_ms is not None else None)
     resnets = [name for name in start.HAND_MADE_BASES if name in members]
-    deep = next((n for n in resnets if start.wide_enough(members[n][0])), resnets[-1] if resnets else None)
+    deep = next((n for n in resnets if members[n][1] >= start.DEPTH_FACTOR), resnets[-1] if resnets else None)
     rows = {f"hand-made {name}": members[name][0] for name in (deep, "mobilenetv2") if name in members}
     if not rows:
         raise SystemExit(f"no member of the hand-made family meets {budget}")

@@ -55,7 +55,7 @@ def largest(space: SearchSpace, budget: Budget, seed: int, cost: Callable[[Spec]
 
 def hand_made(budget: Budget, dataset: Dataset) -> Spec:
     """What a person would pick without a search (`nas_kd.nas.start.hand_made`): the deepest of
-    ResNet-20, -14 and -8 with 8 channels or more in every layer, scaled to fit."""
+    ResNet-20, -14 and -8 that fits the budget at 0.45 of its widths or more, scaled to fit."""
     found = start.hand_made(budget, dataset.input_shape, dataset.num_classes)
     if found is None:
         raise SystemExit(f"no width of ResNet-8 fits {budget}")

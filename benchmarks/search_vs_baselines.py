@@ -15,9 +15,10 @@ At each budget and seed, five methods each pick one student of the default searc
   score), its winner;
 - largest: no training: of 200 seeded random specs that fit the budget, the one with the most MACs;
 - hand-made: `nas_kd.nas.start.hand_made`, the deepest of ResNet-20, -14 and -8 (He et al. 2016)
-  with 8 channels or more in every layer, every width scaled by the largest factor (step 0.01,
+  that fits at 0.45 of its widths or more, every width scaled by the largest factor (step 0.01,
   widths rounded to multiples of 4) that fits; the picks recorded before 2026-12-08 took the
-  deepest at half its widths or more (at 5M: ResNet-8 at x0.68, where ResNet-14 at x0.46 now);
+  deepest at half its widths or more (at 5M: ResNet-8 at x0.68, where ResNet-14 at x0.46 now;
+  those are kept under `picks-superseded`);
 - params: the default search scoring by parameter count (`--trial-score params`: nothing
   trained, the same number of trials), what a user would run after reading that the count ranks
   students under a wide budget better than a brief training does;

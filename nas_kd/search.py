@@ -93,9 +93,9 @@ def build_parser() -> OneLineParser:
                         "the greatest width the space allows there) gives up blocks for width, a narrow stage's "
                         f"first, else the deepest stage's (default {DEFAULTS.edge_min_width}; 0: depths stay as drawn)")
     g.add_argument("--edge-depth", choices=list(EDGE_DEPTHS), default=DEFAULTS.edge_depth,
-                   help="at the budget's edge: family (default): depths drawn no deeper than the deepest of "
-                        "ResNet-20/14/8 that keeps 8 channels or more at the budget (2 blocks a stage at 5M MACs, no "
-                        "cap at 50M); free: as the space allows")
+                   help="at the budget's edge: family (default): depths drawn no deeper than the hand-made "
+                        "network's (--start-from hand-made: the deepest of ResNet-20/14/8 at 0.45 of its widths or "
+                        "more; 2 blocks a stage at 5M MACs, no cap at 50M); free: as the space allows")
     g.add_argument("--budget-floor", type=fraction(), metavar="SHARE",
                    help="with --budget-edge off only (the edge replaces it): students using less than this share "
                         "of every bound of the budget are not trained (default 0: off; applies with a MACs or "

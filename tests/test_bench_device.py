@@ -51,5 +51,7 @@ def test_every_hand_made_row_meets_its_budget_by_the_judged_costs(name: str) -> 
     (resnet,) = (spec for row, spec in rows.items() if row != "hand-made mobilenetv2")
     found = start_hand_made(budget, INPUT, CLASSES, table.predict if budget.latency_ms is not None else None)
     assert found is not None and resnet == found[0]
+    if name == "latency-half":  # ResNet-20 fits only at x0.43, under 0.45: ResNet-14 (better on 3 seeds)
+        assert resnet == scaled(teacher_spec("resnet14"), 0.56)
     if name == "latency-full":  # the budget is ResNet-20 at x1.00 by the table: it fits at full width
         assert rows["hand-made resnet20"] == scaled(teacher_spec("resnet20"), 1.0)

@@ -318,7 +318,7 @@ def test_the_floor_is_refused_at_the_edge(capsys, tmp_path: Path, monkeypatch) -
 
 
 def test_the_family_caps_depth_by_what_the_budget_affords() -> None:
-    # ResNet-14 keeps 8 channels at 5M (x0.46), ResNet-20 does not; at 50M ResNet-20 does: no cap
+    # the hand-made pick's depth: ResNet-14 at 5M (x0.46), ResNet-8 at 2M; ResNet-20 at 50M: no cap
     assert start.depth_cap(Budget(macs=5_000_000), INPUT, CLASSES) == 2
     assert start.depth_cap(Budget(macs=50_000_000), INPUT, CLASSES) == 0
     assert start.depth_cap(Budget(macs=2_000_000), INPUT, CLASSES) == 1

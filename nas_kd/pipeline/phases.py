@@ -31,7 +31,7 @@ from nas_kd.distill.student import RetrainRecipe
 from nas_kd.nas.budget import Budget, budget_warning, check_reachable, effective_floor
 from nas_kd.nas.objective import TrialContext, TrialRecipe, trial_context, trial_score_named
 from nas_kd.nas.records import stored_blockwise_scores
-from nas_kd.nas.start import DEPTH_WIDTH, StartPoint, depth_cap, start_points
+from nas_kd.nas.start import DEPTH_FACTOR, StartPoint, depth_cap, start_points
 from nas_kd.nas.study import (
     COMPRESSION_TEACHER_KEY,
     STUDY_ATTR,
@@ -240,7 +240,7 @@ def teach(prep: Prepared, opened: Opened, progress: bool) -> Taught:
         try:  # a latency only from a table: one measured here would time the family width by width
             cap = depth_cap(budget, dataset.input_shape, dataset.num_classes,
                             prep.latency if cfg.latency_table else None)
-            why = f"the deepest hand-made ResNet with {DEPTH_WIDTH} channels or more at this budget"
+            why = f"the depth of the hand-made ResNet, the deepest at x{DEPTH_FACTOR} widths or more at this budget"
         except InputError as e:  # a latency table without the ResNets' layers
             why = f"the hand-made family cannot be priced: {e}"
         log(f"depths drawn at the edge: {f'at most {cap} blocks a stage' if cap else 'as the space allows'} "
