@@ -32,6 +32,8 @@ Methods, each picking one student per cell and seed:
 - edge-family / random-family: the edge search, and random shapes at the edge, with `--edge-depth
   family` (depths drawn no deeper than the hand-made ResNet's: 2 blocks a stage at 5M, by the rule
   of then, the deepest with 8 channels or more, and by today's), their winners;
+- edge-depth3: the edge search with `--edge-depth 3` (at most 3 blocks a stage, the depth of
+  ResNet-20, the hand-made pick at 50M, where the family sets no cap), its winner;
 - hand-made-best: the hand-made family's best on validation: ResNet-20, -14 and -8 each scaled to
   the largest width that fits (`nas_kd.nas.start.family`, at any width), each retrained with the fixed recipe, the
   one of best validation accuracy kept (a person who trains all three);
@@ -86,14 +88,15 @@ from nas_kd.nets.space import load_space
 
 CELLS = {"5M": Budget(macs=5_000_000), "50M": Budget(macs=50_000_000), "mcu-48KB": Budget(params=250_000, memory=48_000)}
 METHODS = ("edge", "random-edge", "off", "largest", "hand-made", "hand-made-best", "edge-min16", "edge-v1",
-           "edge-shallow", "edge-params", "edge-raw", "edge-width16", "edge-width16-finalists", "edge-family", "random-family")
+           "edge-shallow", "edge-params", "edge-raw", "edge-width16", "edge-width16-finalists", "edge-family", "random-family",
+           "edge-depth3")
 # how a search at the edge draws a shape's widths and fills them to the budget: "proportions-lag"
 # (each stage's width against the one before, SearchSpace.sample(shape=True); single raises of the
 # width furthest behind them). The first cell's pick (widths drawn apart, raises by the budget
 # alone) is kept under a key without this suffix
 SHAPES = "proportions-lag"
 EDGE_METHODS = ("edge", "random-edge", "edge-min16", "edge-v1", "edge-shallow", "edge-params", "edge-raw",
-                "edge-width16", "edge-width16-finalists", "edge-family", "random-family")
+                "edge-width16", "edge-width16-finalists", "edge-family", "random-family", "edge-depth3")
 FINALISTS = 3  # the -finalists methods: as many retrains as hand-made-best's family
 PARAMS_TRIALS = 100  # a params trial trains nothing: about a second each at 5M
 SHALLOW = Path(__file__).resolve().parent / "spaces" / "resnet-shallow.yaml"
@@ -169,6 +172,8 @@ def pick(method: str, name: str, seed: int, dataset: Dataset, work: Path,
         cfg = dataclasses.replace(cfg, edge_min_width=16)
     if method in ("edge-family", "random-family"):
         cfg = dataclasses.replace(cfg, edge_depth="family")
+    if method == "edge-depth3":
+        cfg = dataclasses.replace(cfg, edge_depth="3")
     if method == "edge-v1":
         cfg = dataclasses.replace(cfg, search_space="resnet-v1")
     if method == "edge-shallow":

@@ -23,7 +23,7 @@ from nas_kd.device.int8 import TARGET_NAMES, target_help
 from nas_kd.device.latency import PRECISIONS
 from nas_kd.distill.losses import LOSSES
 from nas_kd.distill.student import FINAL_AUGMENT, LONG_RETRAIN_EPOCHS
-from nas_kd.nas.edge import EDGE_DEPTHS
+from nas_kd.nas.edge import depth_setting
 from nas_kd.nas.objective import TRIAL_SCORES
 from nas_kd.nas.study import PRUNERS, SAMPLERS
 from nas_kd.nets.zoo import TEACHERS
@@ -43,6 +43,14 @@ def _duration_or_off(text: str, flag: str) -> float | None:
 
 def _count(flag: str) -> Callable[[str], int]:
     return typed(parse_count, flag)
+
+
+def _edge_depth(value: str) -> str:
+    try:
+        depth_setting(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _positive(kind: type, minimum: float = 1) -> Callable[[str], Any]:
@@ -92,10 +100,11 @@ def build_parser() -> OneLineParser:
                    help="at the budget's edge: a shape whose stem or a stage comes out narrower than this (or than "
                         "the greatest width the space allows there) gives up blocks for width, a narrow stage's "
                         f"first, else the deepest stage's (default {DEFAULTS.edge_min_width}; 0: depths stay as drawn)")
-    g.add_argument("--edge-depth", choices=list(EDGE_DEPTHS), default=DEFAULTS.edge_depth,
+    g.add_argument("--edge-depth", type=_edge_depth, default=DEFAULTS.edge_depth, metavar="family|free|N",
                    help="at the budget's edge: family (default): depths drawn no deeper than the hand-made "
                         "network's (--start-from hand-made: the deepest of ResNet-20/14/8 at 0.45 of its widths or "
-                        "more; 2 blocks a stage at 5M MACs, no cap at 50M); free: as the space allows")
+                        "more; 2 blocks a stage at 5M MACs, no cap at 50M); free: as the space allows; N: at most N "
+                        "blocks a stage")
     g.add_argument("--budget-floor", type=fraction(), metavar="SHARE",
                    help="with --budget-edge off only (the edge replaces it): students using less than this share "
                         "of every bound of the budget are not trained (default 0: off; applies with a MACs or "

@@ -22,6 +22,7 @@ from nas_kd.nas.study import STUDY_ATTR, guarded, open_storage, open_study
 from nas_kd.nets.arch import Spec, build
 from nas_kd.nets.cost import Cost, count
 from nas_kd.nets.space import SHAPE_STEM, STAGE_RATIOS, STAGE_RATIOS_FIRST, load_space
+from nas_kd.pipeline.phases import edge_cap
 from tests.conftest import AT_THE_EDGE, search_cli
 
 INPUT, CLASSES = (1, 28, 28), 10
@@ -384,8 +385,31 @@ def test_the_depth_setting_is_guarded_and_a_bad_one_is_one_line(capsys, tmp_path
     (tmp_path / "c.yaml").write_text("flops_budget: 5000000\nedge_depth: shallow\n")
     assert search.main(["--config", "c.yaml"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        "edge_depth must be one of free, family, got 'shallow'")
-    with pytest.raises(SystemExit) as bad:
-        search.main(["--flops-budget", "5M", "--edge-depth", "deep"])
-    assert bad.value.code == 2 and "--edge-depth" in capsys.readouterr().err
+        "edge_depth must be free, family or a whole number of blocks >= 1, got 'shallow'")
+    for value in ("deep", "0", "-2", "2.5"):
+        with pytest.raises(SystemExit) as bad:
+            search.main(["--flops-budget", "5M", "--edge-depth", value])
+        assert bad.value.code == 2 and "--edge-depth" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("flops_budget: 5000000\nedge_depth: 3\n")  # a number, not a string
+    assert search.main(["--config", "c.yaml"]) == 2
+    assert "edge_depth" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "studies").exists()
+    # a given cap is recorded as given: a study made with one resumes only with it
+    assert guarded(SearchConfig(flops_budget=50_000_000, edge_depth="3"), "resnet")["edge_depth"] == "3"
+
+
+def test_the_cap_a_run_uses_is_given_priced_or_none() -> None:
+    lines: list[str] = []
+    five, fifty = Budget(macs=5_000_000), Budget(macs=50_000_000)
+    cfg = SearchConfig(flops_budget=50_000_000)
+    assert edge_cap(cfg, fifty, INPUT, CLASSES, None, lines.append) == 0  # the family's: ResNet-20, no cap
+    assert edge_cap(cfg, five, INPUT, CLASSES, None, lines.append) == 2
+    assert edge_cap(SearchConfig(edge_depth="3"), fifty, INPUT, CLASSES, None, lines.append) == 3
+    assert edge_cap(SearchConfig(edge_depth="3", budget_edge="off"), fifty, INPUT, CLASSES, None, lines.append) == 0
+    assert edge_cap(SearchConfig(edge_depth="free"), five, INPUT, CLASSES, None, lines.append) == 0
+    assert lines == [
+        "depths drawn at the edge: as the space allows (--edge-depth family: the depth of the hand-made ResNet, the "
+        "deepest at x0.45 widths or more at this budget)",
+        "depths drawn at the edge: at most 2 blocks a stage (--edge-depth family: the depth of the hand-made ResNet, "
+        "the deepest at x0.45 widths or more at this budget)",
+        "depths drawn at the edge: at most 3 blocks a stage (--edge-depth 3)"]

@@ -123,7 +123,8 @@ class SearchConfig:
     # the greatest width the space allows there) gives up blocks for width (nas_kd.nas.edge); 0: depths stay as drawn
     edge_min_width: int = 0
     # at the edge: "family": a shape's depths are drawn no deeper than the hand-made ResNet's at this
-    # budget (nas_kd.nas.start.depth_cap); "free": as the space allows
+    # budget (nas_kd.nas.start.depth_cap); "free": as the space allows; "N" (a whole number): at most N
+    # blocks a stage
     edge_depth: str = "family"
     # students trained first, before the sampler proposes any (nas_kd.nas.start): "hand-made" (the
     # deepest of ResNet-20/14/8 scaled to the budget) and/or spec strings; each counts towards

@@ -33,7 +33,8 @@ Optuna still models the shape drawn; the trial records the blocks given up (`Rep
 Depth drawn with the budget in view (`capped`, `--edge-depth family`): before the repair, each
 stage's depth drawn is mapped onto the space's depths up to a cap, the k-th of the space's n
 depths onto the (k * m // n)-th of the m at or under the cap, so that every depth under the cap
-stays about as likely. The cap comes from the hand-made family (`nas_kd.nas.start.depth_cap`).
+stays about as likely. The cap comes from the hand-made family (`nas_kd.nas.start.depth_cap`),
+or is given (`--edge-depth N`: N blocks a stage).
 """
 
 from __future__ import annotations
@@ -160,6 +161,16 @@ def _scale_to_edge(shape: Spec, space: SearchSpace, budget: Budget, cost: Callab
     # every factor up to the widest fitted, and the student is still short of the edge
     at_largest = hi > top and (share or 0.0) < EDGE_SHARE
     return Repair(spec, cost(spec), round(lo * STEP, 2), share, at_largest)
+
+
+def depth_setting(value: str) -> int | None:
+    """`--edge-depth N`'s cap, N blocks a stage; None for "free" and "family" (the family's cap is
+    priced at the budget). Raises ValueError for anything else."""
+    if value in EDGE_DEPTHS:
+        return None
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"edge_depth must be {', '.join(EDGE_DEPTHS)} or a whole number of blocks >= 1, got {value!r}")
 
 
 def capped(shape: Spec, space: SearchSpace, cap: int) -> Spec:

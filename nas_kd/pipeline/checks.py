@@ -10,7 +10,7 @@ from nas_kd.device.int8 import check_target
 from nas_kd.device.latency import check_precision
 from nas_kd.distill.losses import Criterion, loss_class
 from nas_kd.distill.student import RetrainRecipe, check_two_stage
-from nas_kd.nas.edge import EDGE_DEPTHS
+from nas_kd.nas.edge import depth_setting
 from nas_kd.nas.objective import trial_score_named
 from nas_kd.nas.study import (
     PRUNERS,
@@ -91,8 +91,10 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         raise InputError(f"budget_edge must be 'on' or 'off', got {cfg.budget_edge!r}")
     if not isinstance(cfg.edge_min_width, int) or isinstance(cfg.edge_min_width, bool) or cfg.edge_min_width < 0:
         raise InputError(f"edge_min_width must be a whole number of channels >= 0 (0: off), got {cfg.edge_min_width!r}")
-    if cfg.edge_depth not in EDGE_DEPTHS:
-        raise InputError(f"edge_depth must be one of {', '.join(EDGE_DEPTHS)}, got {cfg.edge_depth!r}")
+    try:
+        depth_setting(cfg.edge_depth if isinstance(cfg.edge_depth, str) else repr(cfg.edge_depth))
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if cfg.budget_floor and cfg.budget_edge == "on":
         raise InputError(f"--budget-floor {cfg.budget_floor:g} applies only with --budget-edge off: at the budget's "
                          "edge every trial already uses 95% of the budget; drop it, or add --budget-edge off")

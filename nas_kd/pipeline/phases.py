@@ -29,6 +29,7 @@ from nas_kd.distill.blockwise import BlockwiseScorer, most_accurate
 from nas_kd.distill.losses import logits_only, recipe_features, recipe_uses_teachers
 from nas_kd.distill.student import RetrainRecipe
 from nas_kd.nas.budget import Budget, budget_warning, check_reachable, effective_floor
+from nas_kd.nas.edge import depth_setting
 from nas_kd.nas.objective import TrialContext, TrialRecipe, trial_context, trial_score_named
 from nas_kd.nas.records import stored_blockwise_scores
 from nas_kd.nas.start import DEPTH_FACTOR, StartPoint, depth_cap, start_points
@@ -111,6 +112,27 @@ def budget_of(cfg: SearchConfig) -> Budget:
     """The budget a search, its trials, its start points, its retrain and its baselines are held to:
     every bound the settings give (--flops-budget, --params-budget, --latency-budget, --memory-budget)."""
     return Budget(cfg.flops_budget, cfg.params_budget, cfg.latency_budget_ms, cfg.memory_budget)
+
+
+def edge_cap(cfg: SearchConfig, budget: Budget, input_shape: tuple[int, int, int], num_classes: int,
+             table: Callable[[Spec], float] | None, log: Callable[[str], None]) -> int:
+    """The most blocks a stage of a shape drawn at the edge may have (0: as the space allows), and
+    one log line saying so: `--edge-depth N`'s N, or the family's cap priced at `budget` (latency
+    only by a `table`: one measured here would time the family width by width)."""
+    if cfg.budget_edge != "on" or cfg.edge_depth == "free":
+        return 0
+    if (given := depth_setting(cfg.edge_depth)) is not None:
+        log(f"depths drawn at the edge: at most {given} blocks a stage (--edge-depth {given})")
+        return given
+    cap = 0
+    try:
+        cap = depth_cap(budget, input_shape, num_classes, table)
+        why = f"the depth of the hand-made ResNet, the deepest at x{DEPTH_FACTOR} widths or more at this budget"
+    except InputError as e:  # a latency table without the ResNets' layers
+        why = f"the hand-made family cannot be priced: {e}"
+    log(f"depths drawn at the edge: {f'at most {cap} blocks a stage' if cap else 'as the space allows'} "
+        f"(--edge-depth family: {why})")
+    return cap
 
 
 def trial_recipe(cfg: SearchConfig, budget: Budget, cap: int = 0) -> TrialRecipe:
@@ -235,16 +257,8 @@ def teach(prep: Prepared, opened: Opened, progress: bool) -> Taught:
                                        cfg.target_cache_gb)
         log(f"cached ensemble targets for {len(cover.indices)} images x {views} views "
             f"({targets.nbytes() / 1e6:.0f} MB){' (trials and retrain)' if whole else ''}: {kept}")
-    cap = 0
-    if cfg.budget_edge == "on" and cfg.edge_depth == "family":
-        try:  # a latency only from a table: one measured here would time the family width by width
-            cap = depth_cap(budget, dataset.input_shape, dataset.num_classes,
-                            prep.latency if cfg.latency_table else None)
-            why = f"the depth of the hand-made ResNet, the deepest at x{DEPTH_FACTOR} widths or more at this budget"
-        except InputError as e:  # a latency table without the ResNets' layers
-            why = f"the hand-made family cannot be priced: {e}"
-        log(f"depths drawn at the edge: {f'at most {cap} blocks a stage' if cap else 'as the space allows'} "
-            f"(--edge-depth family: {why})")
+    cap = edge_cap(cfg, budget, dataset.input_shape, dataset.num_classes, prep.latency if cfg.latency_table else None,
+                   log)
     trials = trial_context(prep.space, dataset, ensemble, budget, batches, targets, trial_recipe(cfg, budget, cap),
                            progress, scorer, prep.latency, prep.floor)
     return Taught(cfg, ensemble, subset, batches, targets, scorer, trials)
