@@ -22,6 +22,7 @@ from nas_kd.nas.study import STUDY_ATTR, guarded, open_storage, open_study
 from nas_kd.nets.arch import Spec, build
 from nas_kd.nets.cost import Cost, count
 from nas_kd.nets.space import SHAPE_STEM, STAGE_RATIOS, STAGE_RATIOS_FIRST, load_space
+from nas_kd.pipeline.checks import validate
 from nas_kd.pipeline.phases import edge_cap
 from tests.conftest import AT_THE_EDGE, search_cli
 
@@ -394,6 +395,9 @@ def test_the_depth_setting_is_guarded_and_a_bad_one_is_one_line(capsys, tmp_path
     assert search.main(["--config", "c.yaml"]) == 2
     assert "edge_depth" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "studies").exists()
+    # from the Python API a number must be a string too, or it is refused before any work
+    with pytest.raises(InputError, match="edge_depth must be free, family or a whole number of blocks >= 1, got 3"):
+        validate(SearchConfig(flops_budget=5_000_000, edge_depth=3))
     # a given cap is recorded as given: a study made with one resumes only with it
     assert guarded(SearchConfig(flops_budget=50_000_000, edge_depth="3"), "resnet")["edge_depth"] == "3"
 

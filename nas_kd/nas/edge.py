@@ -165,10 +165,10 @@ def _scale_to_edge(shape: Spec, space: SearchSpace, budget: Budget, cost: Callab
 
 def depth_setting(value: str) -> int | None:
     """`--edge-depth N`'s cap, N blocks a stage; None for "free" and "family" (the family's cap is
-    priced at the budget). Raises ValueError for anything else."""
+    priced at the budget). Raises ValueError for anything else, a number not given as a string too."""
     if value in EDGE_DEPTHS:
         return None
-    if value.isdigit() and int(value) >= 1:
+    if isinstance(value, str) and value.isdigit() and int(value) >= 1:
         return int(value)
     raise ValueError(f"edge_depth must be {', '.join(EDGE_DEPTHS)} or a whole number of blocks >= 1, got {value!r}")
 

@@ -92,7 +92,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     if not isinstance(cfg.edge_min_width, int) or isinstance(cfg.edge_min_width, bool) or cfg.edge_min_width < 0:
         raise InputError(f"edge_min_width must be a whole number of channels >= 0 (0: off), got {cfg.edge_min_width!r}")
     try:
-        depth_setting(cfg.edge_depth if isinstance(cfg.edge_depth, str) else repr(cfg.edge_depth))
+        depth_setting(cfg.edge_depth)
     except ValueError as e:
         raise InputError(str(e)) from None
     if cfg.budget_floor and cfg.budget_edge == "on":
